@@ -1,0 +1,152 @@
+"""params.yaml: every knob, loaded through one typed schema.
+
+An unknown key, a wrong type or an out-of-range value raises ConfigError with one line naming the
+key, e.g. ``params.yaml: split.val_fraction: Input should be less than 1 (got 1.5)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+LABELS = ("NORMAL", "PNEUMONIA")
+SUBTYPES = ("bacteria", "virus", "none")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassCounts(Strict):
+    """Images per class in one synthetic split."""
+
+    normal: int = Field(ge=0)
+    bacteria: int = Field(ge=0)
+    virus: int = Field(ge=0)
+
+
+class SyntheticParams(Strict):
+    seed: int = 7
+    image_size: int = Field(128, ge=32, le=1024)
+    max_images_per_patient: int = Field(3, ge=1, le=10)
+    counts: dict[Literal["train", "val", "test"], ClassCounts]
+
+
+class KaggleParams(Strict):
+    dataset: str = "paultimothymooney/chest-xray-pneumonia"
+    download_dir: str = "data/downloads"
+    url: str = "https://www.kaggle.com/api/v1/datasets/download"
+
+
+class DataParams(Strict):
+    source: Literal["synthetic", "local", "kaggle"] = "synthetic"
+    root: str = "data/raw"
+    local_path: str | None = None
+    flat_layout_split: Literal["train", "val", "test"] = "train"
+    synthetic: SyntheticParams
+    kaggle: KaggleParams = KaggleParams()
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> DataParams:
+        if self.source == "local" and not self.local_path:
+            raise ValueError("local_path: must be set when data.source is 'local'")
+        return self
+
+
+class IndexParams(Strict):
+    path: str = "data/index.parquet"
+    quarantine: str = "reports/quarantine.csv"
+    workers: int = Field(0, ge=0, description="0: one per CPU core, times two")
+
+
+class SplitParams(Strict):
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 42
+    pool: list[Literal["train", "val"]] = ["train", "val"]
+
+
+class Range(Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError(f"min: {self.min} must not exceed max ({self.max})")
+        return self
+
+
+class ValidationParams(Strict):
+    min_images_per_class: dict[Literal["train", "val", "test"], int]
+    width: Range
+    height: Range
+    modes: list[str] = ["L", "RGB"]
+    pneumonia_fraction: Range
+    max_undecodable_fraction: float = Field(0.01, ge=0, lt=1)
+    report: str = "reports/validation.json"
+    data_docs: str = "reports/data_docs"
+    examples: int = Field(5, ge=1, le=100)
+
+
+class Params(Strict):
+    data: DataParams
+    index: IndexParams = IndexParams()
+    split: SplitParams = SplitParams()
+    validation: ValidationParams
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "value_error" and re.match(r"^\w+: ", msg):  # a cross-field check names its key
+        sub, _, msg = msg.partition(": ")
+        key = f"{key}.{sub}" if first["loc"] else sub
+    elif first["type"] != "missing" and not isinstance(first.get("input"), dict | list):
+        msg += f" (got {first.get('input')!r})"
+    more = len(err.errors()) - 1
+    return f"{source}: {key}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested params dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. split.seed=3")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (run from the project root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(path))) from None

@@ -1,0 +1,65 @@
+"""Download the Kaggle archive with the user's API credentials (the real path; not reachable in CI)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.atomic import staged_file
+from pipeline.config import KaggleParams
+from pipeline.errors import DataError
+
+HOW_TO = (
+    "set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json from kaggle.com -> Settings -> API "
+    "-> Create New Token as ~/.kaggle/kaggle.json"
+)
+
+
+def credentials() -> tuple[str, str]:
+    """(username, key) from the environment or kaggle.json, as the official client looks for them."""
+    user, key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+    if user and key:
+        return user, key
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    path = config_dir / "kaggle.json"
+    if not path.is_file():
+        raise DataError(f"kaggle: no credentials found: {HOW_TO}")
+    try:
+        data = json.loads(path.read_text())
+        return data["username"], data["key"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"kaggle: {path} must be JSON with 'username' and 'key'") from None
+
+
+def download(params: KaggleParams, timeout: float = 30.0) -> Path:
+    """Fetch the data set's zip into params.download_dir (resumes nothing; atomic on success)."""
+    user, key = credentials()
+    target = Path(params.download_dir) / (params.dataset.replace("/", "__") + ".zip")
+    if target.is_file():
+        return target
+    url = f"{params.url.rstrip('/')}/{params.dataset}"
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, staged_file(target) as tmp:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="kaggle") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as exc:
+        hint = "credentials rejected" if exc.code in (401, 403) else "request failed"
+        raise DataError(f"kaggle: {hint} (HTTP {exc.code}) for {url}: {HOW_TO}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(
+            f"kaggle: cannot download {url} ({reason}); without network use data.source=local "
+            "with the archive downloaded by hand"
+        ) from None
+    return target

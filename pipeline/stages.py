@@ -1,0 +1,84 @@
+"""The pipeline's DAG, written once.
+
+Each stage names its step function and what DVC must know about it (code and data deps, params
+sections, outputs, metrics). ``dvc.yaml`` is generated from this list (``pneumo dvc-yaml``) and a
+test fails if the committed file drifts; the Prefect flow runs the same step functions in the
+same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pipeline import dataset_index, ingest, splits, validation
+from pipeline.config import Params
+from pipeline.errors import DataError
+
+
+def run_ingest(params: Params) -> str:
+    return ingest.ingest(params.data).summary()
+
+
+def run_index(params: Params) -> str:
+    index = dataset_index.build_index(params.data.root, params.index.workers)
+    index = splits.assign_splits(index, params.split)
+    dataset_index.write_index(index, params.index.path, params.index.quarantine)
+    usable = index[index["decodable"]]
+    by_split = usable.groupby("split").agg(images=("path", "size"), patients=("patient_id", "nunique"))
+    lines = [f"index: {len(index)} images, {int((~index['decodable']).sum())} quarantined -> {params.index.path}"]
+    lines += [f"  {s:<5} {int(r.images)} images, {int(r.patients)} patients" for s, r in by_split.iterrows()]
+    return "\n".join(lines)
+
+
+def run_validate(params: Params) -> str:
+    report = validation.validate(dataset_index.read_index(params.index.path), params.validation)
+    if not report.success:
+        print(report.summary())
+        names = "; ".join(f"{c.check} ({c.unexpected} rows)" for c in report.failures)
+        raise DataError(f"validation failed: {names}; see {params.validation.report}")
+    return report.summary()
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Params], str]
+    deps: list[str]
+    params: list[str]
+    outs: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    uncached_outs: list[str] = field(default_factory=list)
+
+
+def stages(params: Params) -> list[Stage]:
+    p = params
+    return [
+        Stage("ingest", run_ingest,
+              deps=["pipeline/ingest.py", "pipeline/synthetic.py", "pipeline/kaggle_download.py"],
+              params=["data"], outs=[p.data.root]),
+        Stage("index", run_index,
+              deps=[p.data.root, "pipeline/dataset_index.py", "pipeline/splits.py", "pipeline/naming.py"],
+              params=["index", "split"], outs=[p.index.path], uncached_outs=[p.index.quarantine]),
+        Stage("validate", run_validate,
+              deps=[p.index.path, "pipeline/validation.py"],
+              params=["validation"], metrics=[p.validation.report], uncached_outs=[p.validation.data_docs]),
+    ]  # fmt: skip
+
+
+def dvc_yaml(params: Params) -> str:
+    """The dvc.yaml text for `stages(params)`: each stage runs ``pneumo <name>``."""
+    out: dict[str, Any] = {}
+    for s in stages(params):
+        spec: dict[str, Any] = {"cmd": f"pneumo {s.name}", "deps": s.deps, "params": s.params}
+        outs: list[Any] = list(s.outs) + [{o: {"cache": False}} for o in s.uncached_outs]
+        if outs:
+            spec["outs"] = outs
+        if s.metrics:
+            spec["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+        out[s.name] = spec
+    header = "# Generated from pipeline/stages.py by `pneumo dvc-yaml --write`; edit that list, not this file.\n"
+    return header + yaml.safe_dump({"stages": out}, sort_keys=False, default_flow_style=False)

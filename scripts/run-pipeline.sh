@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (scripts/bootstrap.sh) and run the whole pipeline with DVC on the data params.yaml names
+# (the embedded synthetic data set by default). Extra arguments go to `dvc repro`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+dvc repro "$@"
+echo
+dvc metrics show
+echo "data version (DVC): $(pneumo data-version)"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (scripts/bootstrap.sh), lint, and run the whole test suite. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check pipeline flows tests benchmarks
+ruff format --check pipeline flows tests benchmarks
+exec python -m pytest "$@"

@@ -1,0 +1,81 @@
+"""Shared fixtures: params rooted in a temporary folder, and copies of the real images in ../shared/data."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_224 = SHARED_DATA / "chest_xray_224"
+REAL_FULLRES = SHARED_DATA / "chest_xray_fullres_sample"
+
+# Small synthetic data set for fast end-to-end checks (validation minimums still hold).
+SMALL_SYNTHETIC = [
+    "data.synthetic.image_size=64",
+    "data.synthetic.counts.train={normal: 60, bacteria: 40, virus: 30}",
+    "data.synthetic.counts.val={normal: 4, bacteria: 2, virus: 2}",
+    "data.synthetic.counts.test={normal: 20, bacteria: 15, virus: 10}",
+]
+
+
+def rooted_params(tmp: Path, *overrides: str) -> Params:
+    """The repository's params.yaml with every output path moved under `tmp`."""
+    paths = [
+        f"data.root={tmp / 'data' / 'raw'}",
+        f"data.kaggle.download_dir={tmp / 'data' / 'downloads'}",
+        f"index.path={tmp / 'data' / 'index.parquet'}",
+        f"index.quarantine={tmp / 'reports' / 'quarantine.csv'}",
+        f"validation.report={tmp / 'reports' / 'validation.json'}",
+        f"validation.data_docs={tmp / 'reports' / 'data_docs'}",
+    ]
+    return load_params(REPO / "params.yaml", [*paths, *overrides])
+
+
+@pytest.fixture
+def params_in(tmp_path: Path) -> Callable[..., Params]:
+    return lambda *overrides: rooted_params(tmp_path, *overrides)
+
+
+def require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_224() -> Path:
+    return require(REAL_224)
+
+
+@pytest.fixture(scope="session")
+def real_fullres() -> Path:
+    return require(REAL_FULLRES)
+
+
+SUBSET = {"train": {"NORMAL": 40, "PNEUMONIA": 60}, "val": {"NORMAL": 8, "PNEUMONIA": 8},
+          "test": {"NORMAL": 20, "PNEUMONIA": 30}}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def real_subset(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred real images in the Kaggle layout (first files of each folder, sorted)."""
+    root = tmp_path_factory.mktemp("real_subset")
+    for split, per_class in SUBSET.items():
+        for label, n in per_class.items():
+            target = root / split / label
+            target.mkdir(parents=True)
+            for f in sorted((real_224 / split / label).iterdir())[:n]:
+                shutil.copy2(f, target / f.name)
+    return root
+
+
+@pytest.fixture
+def real_copy(real_subset: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of `real_subset` to plant faults in."""
+    return Path(shutil.copytree(real_subset, tmp_path / "source"))

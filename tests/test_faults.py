@@ -1,0 +1,123 @@
+"""Faults planted in a copy of real data are caught, quarantined or reported by name."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import ingest, stages, validation
+from pipeline.config import Params
+from pipeline.dataset_index import read_index
+from pipeline.errors import DataError
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.realdata
+
+
+def _pipeline(source: Path, params_in: Callable[..., Params], *overrides: str) -> tuple[Params, pd.DataFrame]:
+    params = params_in("data.source=local", f"data.local_path={source}", *overrides)
+    ingest.ingest(params.data)
+    stages.run_index(params)
+    return params, read_index(params.index.path)
+
+
+def _check(report: validation.ValidationReport, name: str) -> validation.CheckResult:
+    return next(c for c in report.checks if c.check == name)
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+@pytest.mark.parametrize(
+    ("plant", "error"),
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]), "truncated"),
+        (lambda f: f.write_bytes(b""), "empty file (0 bytes)"),
+        (lambda f: f.write_text("this is not an X-ray\n"), "UnidentifiedImageError"),
+    ],
+    ids=["truncated_jpeg", "zero_bytes", "text_named_jpeg"],
+)
+def test_broken_file_is_quarantined_and_named(real_copy: Path, params_in: Callable[..., Params],
+                                              plant: Callable[[Path], object], error: str) -> None:  # fmt: skip
+    victim = _first(real_copy / "train" / "PNEUMONIA")
+    plant(victim)
+    rel = f"train/PNEUMONIA/{victim.name}"
+    params, index = _pipeline(real_copy, params_in)  # ingest and index do not crash
+    row = index.set_index("path").loc[rel]
+    assert not row["decodable"] and error in row["error"]
+    assert rel in Path(params.index.quarantine).read_text()
+    # Within the tolerance the run goes on, the file is reported and kept out (training filters decodable).
+    report = validation.validate(index, params.validation)
+    assert report.success and report.quarantined == [{"path": rel, "error": row["error"]}]
+    assert f"quarantined: {rel}" in report.summary()
+    # With no tolerance the same file fails validation, by name.
+    strict = params_in("validation.max_undecodable_fraction=0")
+    report = validation.validate(index, strict.validation)
+    check = _check(report, "every file decodes")
+    assert not report.success and not check.success and check.examples == [rel]
+
+
+def test_same_image_in_train_and_test(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    src = _first(real_copy / "test" / "NORMAL")
+    shutil.copy2(src, real_copy / "train" / "NORMAL" / "IM-9999-0001.jpeg")  # new patient, same bytes
+    params, index = _pipeline(real_copy, params_in)
+    report = validation.validate(index, params.validation)
+    check = _check(report, "no image (sha256) in two splits")
+    assert not check.success and check.unexpected == 2
+    assert set(check.examples) == {"train/NORMAL/IM-9999-0001.jpeg", f"test/NORMAL/{src.name}"}
+
+
+def test_one_patient_in_two_splits(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    src = _first(real_copy / "test" / "PNEUMONIA")
+    patient = src.name.split("_")[0]
+    buf = io.BytesIO()
+    Image.open(src).rotate(3).save(buf, "JPEG")  # a different image of the same patient
+    planted = real_copy / "train" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg"
+    planted.write_bytes(buf.getvalue())
+    params, index = _pipeline(real_copy, params_in)
+    report = validation.validate(index, params.validation)
+    check = _check(report, "no patient in two splits")
+    assert not check.success
+    assert f"train/PNEUMONIA/{planted.name}" in check.examples and f"test/PNEUMONIA/{src.name}" in check.examples
+    assert _check(report, "no image (sha256) in two splits").success
+
+
+def test_empty_class_folder(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    shutil.rmtree(real_copy / "test" / "NORMAL")
+    (real_copy / "test" / "NORMAL").mkdir()
+    params, index = _pipeline(real_copy, params_in)
+    report = validation.validate(index, params.validation)
+    check = _check(report, "minimum images per class per split")
+    assert not report.success and check.examples == ["test/NORMAL"]
+    assert not _check(report, "class ratio within bounds").success  # test is now 100% pneumonia
+    with pytest.raises(DataError, match=r"^validation failed: minimum images per class per split \(1 rows\)"):
+        stages.run_validate(params)
+    saved = json.loads(Path(params.validation.report).read_text())
+    assert saved["success"] is False and saved["counts"]["test"]["NORMAL"] == 0
+
+
+def test_cli_stops_on_failed_validation(real_copy: Path, tmp_path: Path) -> None:
+    shutil.rmtree(real_copy / "test" / "PNEUMONIA")
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(REPO / "params.yaml", work)
+    cli = [sys.executable, "-m", "pipeline.cli", "-S", "data.source=local", "-S", f"data.local_path={real_copy}"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    for stage in ("ingest", "index"):
+        subprocess.run([*cli, stage], cwd=work, check=True, capture_output=True, env=env)
+    proc = subprocess.run([*cli, "validate"], cwd=work, capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: validation failed: ") and "class ratio within bounds" in last
+    assert "x minimum images per class per split: 1 rows, e.g. test/PNEUMONIA" in proc.stdout
+    assert last.endswith("see reports/validation.json") and (work / "reports" / "data_docs" / "index.html").is_file()

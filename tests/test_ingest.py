@@ -1,0 +1,129 @@
+"""Ingest from local folders and archives, real data included."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline import dataset_index, ingest, splits, stages, validation
+from pipeline.config import Params
+from pipeline.errors import DataError
+
+pytestmark = pytest.mark.realdata
+
+
+def _folder_counts(root: Path) -> dict[tuple[str, str], int]:
+    return {(s.name, c.name): len(list(c.iterdir())) for s in root.iterdir() if s.is_dir() for c in s.iterdir()}
+
+
+def test_real_224_ingest_index_validate(real_224: Path, params_in: Callable[..., Params]) -> None:
+    params = params_in("data.source=local", f"data.local_path={real_224}")
+    result = ingest.ingest(params.data)
+    assert dict(result.counts) == _folder_counts(real_224)
+    assert result.counts[("train", "NORMAL")] == 1165 and result.counts[("test", "PNEUMONIA")] == 614
+    stages.run_index(params)
+    index = dataset_index.read_index(params.index.path)
+    assert len(index) == 5232 and index["decodable"].all()
+    official = index.groupby(["official_split", "label"]).size().to_dict()
+    assert official == {("train", "NORMAL"): 1165, ("train", "PNEUMONIA"): 3261, ("val", "NORMAL"): 8,
+                        ("val", "PNEUMONIA"): 8, ("test", "NORMAL"): 176, ("test", "PNEUMONIA"): 614}  # fmt: skip
+    assert (index.loc[index["split"] == "test", "official_split"] == "test").all()
+    patients = index.groupby("patient_id")["split"].nunique()
+    assert patients.max() == 1, "a patient is in two splits"
+    val_share = (index["split"] == "val").sum() / index["official_split"].isin(["train", "val"]).sum()
+    assert 0.12 < val_share < 0.18  # 15% of patients, carved by patient
+    report = validation.validate(index, params.validation)
+    assert report.success, report.summary()
+    assert report.counts["test"] == {"NORMAL": 176, "PNEUMONIA": 614}
+    assert Path(params.validation.data_docs, "index.html").is_file()
+
+
+def test_fullres_sample_ingest_and_index(real_fullres: Path, params_in: Callable[..., Params]) -> None:
+    params = params_in("data.source=local", f"data.local_path={real_fullres}", "data.flat_layout_split=test")
+    result = ingest.ingest(params.data)
+    assert result.counts == {("test", "NORMAL"): 24, ("test", "PNEUMONIA"): 24}
+    index = dataset_index.build_index(params.data.root)
+    assert index["decodable"].all()
+    assert set(index["mode"]) == {"L", "RGB"}
+    assert index["width"].max() >= 2000 and index["height"].min() < 224
+    assert index["patient_id"].str.match(r"^(NORMAL2-)?IM-\d+$|^person\d+$").all()
+
+
+def _kaggle_like_zip(src: Path, archive: Path) -> None:
+    """What the real Kaggle archive holds: chest_xray/ plus a nested copy, macOS junk, odd cases and suffixes."""
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(src.rglob("*.jpeg")):
+            rel = f.relative_to(src)
+            split, label = rel.parts[0], rel.parts[1]
+            name = f.name
+            if split == "val":
+                split, label = "VAL", label.lower()  # any letter case
+            if f.name.startswith("IM-0"):
+                name = f.stem + ".jpg"
+            z.write(f, f"chest_xray/{split}/{label}/{name}")
+            z.write(f, f"chest_xray/chest_xray/{rel.as_posix()}")  # the nested duplicate
+            z.writestr(f"__MACOSX/chest_xray/{rel.parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07junk")
+        z.writestr("chest_xray/.DS_Store", b"\x00\x00\x00\x01Bud1")
+        z.writestr("chest_xray/train/NORMAL/.DS_Store", b"\x00\x00\x00\x01Bud1")
+        z.writestr("chest_xray/train/NORMAL/notes.txt", b"not an image")
+
+
+def test_kaggle_archive_quirks_zip(real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]) -> None:
+    archive = tmp_path / "chest-xray-pneumonia.zip"
+    _kaggle_like_zip(real_subset, archive)
+    params = params_in("data.source=local", f"data.local_path={archive}")
+    result = ingest.ingest(params.data)
+    assert dict(result.counts) == _folder_counts(real_subset)
+    assert result.skipped == ["chest_xray/train/NORMAL/notes.txt"]
+    root = Path(params.data.root)
+    assert not list(root.rglob("._*")) and not list(root.rglob(".DS_Store"))
+    assert any(p.suffix == ".jpg" for p in root.glob("train/NORMAL/*"))
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train", "val"]
+
+
+def test_png_and_uppercase_folders(real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]) -> None:
+    from PIL import Image
+
+    src = tmp_path / "mixed"
+    shutil.copytree(real_subset, src / "Chest_Xray")
+    (src / "Chest_Xray" / "train").rename(src / "Chest_Xray" / "TRAIN")
+    jpeg = next((src / "Chest_Xray" / "TRAIN" / "NORMAL").iterdir())
+    Image.open(jpeg).save(jpeg.with_suffix(".png"))
+    jpeg.unlink()
+    params = params_in("data.source=local", f"data.local_path={src}")
+    ingest.ingest(params.data)
+    index = dataset_index.build_index(params.data.root)
+    assert index["decodable"].all()
+    assert (index["path"].str.endswith(".png")).sum() == 1
+    assert set(index["official_split"]) == {"train", "val", "test"}
+
+
+def test_failed_ingest_keeps_previous_data(params_in: Callable[..., Params], tmp_path: Path) -> None:
+    params = params_in("data.synthetic.counts={train: {normal: 3, bacteria: 2, virus: 1}}")
+    ingest.ingest(params.data)
+    before = sorted(p.name for p in Path(params.data.root).rglob("*.jpeg"))
+    bad = params_in("data.source=local", f"data.local_path={tmp_path / 'missing'}")
+    with pytest.raises(DataError, match="missing: no such file or folder"):
+        ingest.ingest(bad.data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty: no images in a"):
+        ingest.ingest(params_in("data.source=local", f"data.local_path={empty}").data)
+    assert sorted(p.name for p in Path(params.data.root).rglob("*.jpeg")) == before
+    assert not [p for p in Path(params.data.root).parent.iterdir() if p.name.startswith(".")]
+
+
+def test_split_is_grouped_and_deterministic(real_subset: Path) -> None:
+    index = dataset_index.build_index(real_subset)
+    from pipeline.config import SplitParams
+
+    a = splits.assign_splits(index, SplitParams(val_fraction=0.3, seed=1))
+    b = splits.assign_splits(index, SplitParams(val_fraction=0.3, seed=1))
+    c = splits.assign_splits(index, SplitParams(val_fraction=0.3, seed=2))
+    assert a["split"].tolist() == b["split"].tolist() != c["split"].tolist()
+    assert a.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(a.loc[a["split"] == "val", "label"]) == {"NORMAL", "PNEUMONIA"}  # stratified

@@ -1,0 +1,105 @@
+"""The Kaggle source: credentials, clear errors offline, and the real download path against a loopback server."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import ingest, kaggle_download
+from pipeline.config import Params
+from pipeline.errors import DataError
+
+
+@pytest.fixture
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+
+
+def test_missing_credentials_say_what_to_set(no_credentials: None, params_in: Callable[..., Params]) -> None:
+    with pytest.raises(DataError) as err:
+        ingest.ingest(params_in("data.source=kaggle").data)
+    assert str(err.value).startswith("kaggle: no credentials found: set KAGGLE_USERNAME and KAGGLE_KEY")
+
+
+def test_kaggle_json_is_read(no_credentials: None, tmp_path: Path) -> None:
+    config = tmp_path / "kaggle-config"
+    config.mkdir()
+    (config / "kaggle.json").write_text(json.dumps({"username": "ann", "key": "k3y"}))
+    assert kaggle_download.credentials() == ("ann", "k3y")
+    (config / "kaggle.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"kaggle\.json must be JSON with 'username' and 'key'"):
+        kaggle_download.credentials()
+
+
+def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params]) -> None:
+    monkeypatch.setenv("KAGGLE_USERNAME", "ann")
+    monkeypatch.setenv("KAGGLE_KEY", "k3y")
+    params = params_in("data.source=kaggle", "data.kaggle.url=http://127.0.0.1:9/api/v1/datasets/download")
+    with pytest.raises(DataError) as err:
+        ingest.ingest(params.data)
+    message = str(err.value)
+    assert message.startswith("kaggle: cannot download http://127.0.0.1:9/") and "data.source=local" in message
+    assert "\n" not in message and not Path(params.data.root).exists()
+
+
+@pytest.fixture
+def kaggle_server(tmp_path: Path) -> Iterator[str]:
+    """A loopback stand-in for the Kaggle API: basic auth, then a zip in the real archive's shape."""
+    archive = tmp_path / "served.zip"
+    from pipeline import synthetic
+    from pipeline.config import load_params
+    from tests.conftest import REPO
+
+    syn = load_params(REPO / "params.yaml", ["data.synthetic.counts={train: {normal: 3, bacteria: 2, virus: 1}}"])
+    with zipfile.ZipFile(archive, "w") as z:
+        for item in synthetic.plan(syn.data.synthetic):
+            data = synthetic.encode_jpeg(synthetic.render(item, 64))
+            z.writestr(f"chest_xray/{item.split}/{item.label}/{item.filename}", data)
+            z.writestr(f"chest_xray/chest_xray/{item.split}/{item.label}/{item.filename}", data)
+    good = "Basic " + base64.b64encode(b"ann:k3y").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") != good:
+                self.send_response(401)
+                self.end_headers()
+                return
+            assert self.path == "/api/v1/datasets/download/paultimothymooney/chest-xray-pneumonia"
+            body = archive.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/datasets/download"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_then_import(kaggle_server: str, monkeypatch: pytest.MonkeyPatch,
+                              params_in: Callable[..., Params]) -> None:  # fmt: skip
+    params = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}")
+    monkeypatch.setenv("KAGGLE_USERNAME", "ann")
+    monkeypatch.setenv("KAGGLE_KEY", "wrong")
+    with pytest.raises(DataError, match=r"kaggle: credentials rejected \(HTTP 401\)"):
+        ingest.ingest(params.data)
+    assert not list(Path(params.data.kaggle.download_dir).glob("*.zip"))  # nothing half-written
+    monkeypatch.setenv("KAGGLE_KEY", "k3y")
+    result = ingest.ingest(params.data)
+    assert result.total == 6 and result.counts[("train", "PNEUMONIA")] == 3
+    assert Path(params.data.kaggle.download_dir, "paultimothymooney__chest-xray-pneumonia.zip").is_file()
