@@ -58,8 +58,10 @@ def main() -> None:
             secs, index = best_of(args.repeat, lambda r=root, w=workers: dataset_index.build_index(r, w))
             mb = index["bytes"].sum() / 1e6
             label = "1 thread" if workers == 1 else f"{2 * (os.cpu_count() or 1)} threads"
-            print(f"{name}: index ({label}): {len(index) / secs:8.1f} images/s, {mb / secs:6.1f} MB/s "
-                  f"({len(index)} images, {mb:.1f} MB, {secs:.2f} s)")  # fmt: skip
+            print(
+                f"{name}: index ({label}): {len(index) / secs:8.1f} images/s, {mb / secs:6.1f} MB/s "
+                f"({len(index)} images, {mb:.1f} MB, {secs:.2f} s)"
+            )
         index = splits.assign_splits(index, params.split)
         secs, _ = best_of(args.repeat, lambda i=index: validation.validate(i, params.validation))
         print(f"{name}: validate (GX, 2 suites, data docs): {len(index) / secs:8.1f} images/s ({secs:.2f} s)")

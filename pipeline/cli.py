@@ -18,6 +18,8 @@ STAGE_HELP = {
     "ingest": "write the data set (synthetic, local folder/zip, or Kaggle) in the Kaggle layout under data.root",
     "index": "scan the images into the index table (hash, size, mode, decodability) and carve patient-grouped splits",
     "validate": "check the index with Great Expectations, write a JSON report and Data Docs, fail on unmet ones",
+    "train": "train the model in params.yaml (model, train, task), save it under train.model_dir, track it in MLflow",
+    "evaluate": "choose the threshold on val, report test metrics with CIs, curves and figures; log to the MLflow run",
 }
 
 
@@ -40,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         sub.add_parser(name, help=text, description=text)
     sub.add_parser(
+        "show",
+        help="print the latest test metrics and where to see the run in MLflow",
+        description="Print the latest evaluation (reports/metrics.json) and its MLflow run.",
+    )
+    sub.add_parser(
         "data-version",
         help="print the DVC hash of data.root recorded in dvc.lock",
         description="Print the data version: DVC's hash of data.root from dvc.lock.",
@@ -61,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)
         from pipeline import stages
 
+        if args.command == "show":
+            from pipeline.evaluate_step import show
+
+            print(show(params))
+            return 0
         if args.command == "data-version":
             from pipeline.data_version import dvc_data_version
 

@@ -95,11 +95,73 @@ class ValidationParams(Strict):
     examples: int = Field(5, ge=1, le=100)
 
 
+ARCHITECTURES = ("compact_cnn", "resnet50", "vgg16", "inceptionv3", "densenet121", "efficientnetb0", "mobilenetv2")
+TASKS = {"binary": ("NORMAL", "PNEUMONIA"), "three_class": ("NORMAL", "BACTERIAL", "VIRAL")}
+
+
+class ModelParams(Strict):
+    architecture: Literal[ARCHITECTURES] = "compact_cnn"  # type: ignore[valid-type]
+    weights: str = Field("none", description="none | imagenet | path to a .weights.h5 file of this architecture")
+    image_size: int = Field(128, ge=32, le=1024)
+    dropout: float = Field(0.3, ge=0, lt=1)
+
+
+class AugmentParams(Strict):
+    """Keras augmentation layers, on training batches only. No flips: the heart is on the left."""
+
+    rotation: float = Field(0.03, ge=0, le=0.5, description="fraction of a full turn")
+    zoom: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(0.05, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainParams(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    fine_tune_epochs: int = Field(0, ge=0, description="phase 2, backbones only: 0 keeps the backbone frozen")
+    fine_tune_layers: int = Field(30, ge=0, description="top backbone layers unfrozen in phase 2")
+    fine_tune_learning_rate: float = Field(1e-5, gt=0)
+    early_stopping_patience: int = Field(4, ge=1)
+    lr_patience: int = Field(2, ge=1, description="epochs without val AUC gain before the LR is halved")
+    class_weights: bool = True
+    cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
+    augment: AugmentParams = AugmentParams()
+    max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
+    seed: int = 42
+    deterministic: bool = False
+    model_dir: str = "models"
+    tensorboard_dir: str = "reports/tensorboard"
+    resume_dir: str = ".cache/train-resume"
+
+
+class EvaluateParams(Strict):
+    target_sensitivity: float = Field(0.95, gt=0, lt=1, description="chosen on val; missing pneumonia is costly")
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    metrics: str = "reports/metrics.json"
+    plots_dir: str = "reports/plots"
+    figures_dir: str = "reports/figures"
+    predictions: str = "reports/predictions.csv"
+
+
+class MlflowParams(Strict):
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "pneumonia"
+    run_file: str = "reports/mlflow_run.json"
+
+
 class Params(Strict):
     data: DataParams
     index: IndexParams = IndexParams()
     split: SplitParams = SplitParams()
     validation: ValidationParams
+    task: Literal["binary", "three_class"] = "binary"
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

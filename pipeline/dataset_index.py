@@ -25,9 +25,20 @@ from pipeline.config import LABELS, SPLITS
 from pipeline.errors import DataError
 
 COLUMNS = [
-    "path", "official_split", "split", "label", "subtype", "patient_id",
-    "width", "height", "mode", "bytes", "sha256", "decodable", "error",
-]  # fmt: skip
+    "path",
+    "official_split",
+    "split",
+    "label",
+    "subtype",
+    "patient_id",
+    "width",
+    "height",
+    "mode",
+    "bytes",
+    "sha256",
+    "decodable",
+    "error",
+]
 
 
 @dataclass(frozen=True)
@@ -92,13 +103,23 @@ def build_index(root: str | Path, workers: int = 0) -> pd.DataFrame:
         )
     rows = []
     for (split, label, path), f in zip(files, facts, strict=True):
-        rows.append({
-            "path": path.relative_to(root).as_posix(), "official_split": split, "split": split,
-            "label": label, "subtype": naming.subtype(path.name, label),
-            "patient_id": naming.patient_id(path.name), "width": f.width, "height": f.height,
-            "mode": f.mode, "bytes": f.bytes, "sha256": f.sha256, "decodable": f.decodable,
-            "error": f.error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "path": path.relative_to(root).as_posix(),
+                "official_split": split,
+                "split": split,
+                "label": label,
+                "subtype": naming.subtype(path.name, label),
+                "patient_id": naming.patient_id(path.name),
+                "width": f.width,
+                "height": f.height,
+                "mode": f.mode,
+                "bytes": f.bytes,
+                "sha256": f.sha256,
+                "decodable": f.decodable,
+                "error": f.error,
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

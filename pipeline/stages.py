@@ -43,6 +43,18 @@ def run_validate(params: Params) -> str:
     return report.summary()
 
 
+def run_train(params: Params) -> str:
+    from pipeline import train_step
+
+    return train_step.run(params)
+
+
+def run_evaluate(params: Params) -> str:
+    from pipeline import evaluate_step
+
+    return evaluate_step.run(params)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -52,21 +64,86 @@ class Stage:
     outs: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     uncached_outs: list[str] = field(default_factory=list)
+    plots: list[dict[str, dict[str, str]] | str] = field(default_factory=list)
 
 
 def stages(params: Params) -> list[Stage]:
     p = params
     return [
-        Stage("ingest", run_ingest,
-              deps=["pipeline/ingest.py", "pipeline/synthetic.py", "pipeline/kaggle_download.py"],
-              params=["data"], outs=[p.data.root]),
-        Stage("index", run_index,
-              deps=[p.data.root, "pipeline/dataset_index.py", "pipeline/splits.py", "pipeline/naming.py"],
-              params=["index", "split"], outs=[p.index.path], uncached_outs=[p.index.quarantine]),
-        Stage("validate", run_validate,
-              deps=[p.index.path, "pipeline/validation.py"],
-              params=["validation"], metrics=[p.validation.report], uncached_outs=[p.validation.data_docs]),
-    ]  # fmt: skip
+        Stage(
+            "ingest",
+            run_ingest,
+            deps=["pipeline/ingest.py", "pipeline/synthetic.py", "pipeline/kaggle_download.py"],
+            params=["data"],
+            outs=[p.data.root],
+        ),
+        Stage(
+            "index",
+            run_index,
+            deps=[p.data.root, "pipeline/dataset_index.py", "pipeline/splits.py", "pipeline/naming.py"],
+            params=["index", "split"],
+            outs=[p.index.path],
+            uncached_outs=[p.index.quarantine],
+        ),
+        Stage(
+            "validate",
+            run_validate,
+            deps=[p.index.path, "pipeline/validation.py"],
+            params=["validation"],
+            metrics=[p.validation.report],
+            uncached_outs=[p.validation.data_docs],
+        ),
+        Stage(
+            "train",
+            run_train,
+            deps=[
+                p.index.path,
+                p.validation.report,
+                p.data.root,
+                "pipeline/train_step.py",
+                "pipeline/training.py",
+                "pipeline/models.py",
+                "pipeline/data_pipeline.py",
+            ],
+            params=["task", "model", "train"],
+            outs=[p.train.model_dir],
+            metrics=["reports/train.json"],
+            uncached_outs=[p.train.tensorboard_dir, p.mlflow.run_file],
+            plots=[
+                {"reports/training/history.csv": {"x": "epoch", "y": "val_auc", "title": "Validation AUC"}},
+                "reports/training/history.png",
+            ],
+        ),
+        Stage(
+            "evaluate",
+            run_evaluate,
+            deps=[
+                p.train.model_dir,
+                p.index.path,
+                p.data.root,
+                p.mlflow.run_file,
+                "pipeline/evaluate_step.py",
+                "pipeline/evaluation.py",
+                "pipeline/metrics.py",
+            ],
+            params=["evaluate"],
+            metrics=[p.evaluate.metrics],
+            uncached_outs=[p.evaluate.predictions],
+            plots=[
+                {f"{p.evaluate.plots_dir}/roc.csv": {"x": "fpr", "y": "tpr", "title": "ROC (test)"}},
+                {f"{p.evaluate.plots_dir}/pr.csv": {"x": "recall", "y": "precision", "title": "PR (test)"}},
+                {
+                    f"{p.evaluate.plots_dir}/confusion.csv": {
+                        "x": "predicted",
+                        "y": "actual",
+                        "template": "confusion",
+                        "title": "Confusion (test)",
+                    }
+                },
+                p.evaluate.figures_dir,
+            ],
+        ),
+    ]
 
 
 def dvc_yaml(params: Params) -> str:
@@ -79,6 +156,11 @@ def dvc_yaml(params: Params) -> str:
             spec["outs"] = outs
         if s.metrics:
             spec["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+        if s.plots:
+            spec["plots"] = [
+                {p: {"cache": False}} if isinstance(p, str) else {k: {"cache": False, **v} for k, v in p.items()}
+                for p in s.plots
+            ]
         out[s.name] = spec
     header = "# Generated from pipeline/stages.py by `pneumo dvc-yaml --write`; edit that list, not this file.\n"
     return header + yaml.safe_dump({"stages": out}, sort_keys=False, default_flow_style=False)

@@ -86,9 +86,14 @@ def summary_frame(index: pd.DataFrame, params: ValidationParams) -> pd.DataFrame
         n_split = int(sum(counts.get((split, label), 0) for label in LABELS))
         frac = counts.get((split, "PNEUMONIA"), 0) / n_split if n_split else 0.0
         for label in LABELS:
-            rows.append({"group": f"{split}/{label}", "count": int(counts.get((split, label), 0)),
-                         "min_required": params.min_images_per_class.get(split, 1),
-                         "pneumonia_fraction": float(frac)})  # fmt: skip
+            rows.append(
+                {
+                    "group": f"{split}/{label}",
+                    "count": int(counts.get((split, label), 0)),
+                    "min_required": params.min_images_per_class.get(split, 1),
+                    "pneumonia_fraction": float(frac),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -167,11 +172,14 @@ def run_gx(frames: dict[str, tuple[pd.DataFrame, str]], params: ValidationParams
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    ctx.add_data_docs_site("local", {
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })  # fmt: skip
+    ctx.add_data_docs_site(
+        "local",
+        {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
     source = ctx.data_sources.add_pandas("pneumonia")
     checks: list[CheckResult] = []
     for name, expectations in _suites(params).items():
@@ -179,26 +187,35 @@ def run_gx(frames: dict[str, tuple[pd.DataFrame, str]], params: ValidationParams
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name=f"{name}_checkpoint", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"])],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
-        ))  # fmt: skip
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{name}_checkpoint",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"])],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
+            )
+        )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         for run in outcome.run_results.values():
             for r in run.results:
-                checks.append(CheckResult(
-                    check=r.expectation_config.meta.get("check", r.expectation_config.type), suite=name,
-                    success=bool(r.success), unexpected=int(r.result.get("unexpected_count") or 0),
-                    examples=_examples(r.result, key, params.examples),
-                ))  # fmt: skip
+                checks.append(
+                    CheckResult(
+                        check=r.expectation_config.meta.get("check", r.expectation_config.type),
+                        suite=name,
+                        success=bool(r.success),
+                        unexpected=int(r.result.get("unexpected_count") or 0),
+                        examples=_examples(r.result, key, params.examples),
+                    )
+                )
     return checks
 
 
 def validate(index: pd.DataFrame, params: ValidationParams) -> ValidationReport:
     """Validate `index`, write the JSON report and Data Docs; the caller decides what failure stops."""
-    counts = {s: {lab: int(((index["split"] == s) & (index["label"] == lab) & index["decodable"]).sum())
-                  for lab in LABELS} for s in SPLITS}  # fmt: skip
+    counts = {
+        s: {lab: int(((index["split"] == s) & (index["label"] == lab) & index["decodable"]).sum()) for lab in LABELS}
+        for s in SPLITS
+    }
     quarantined = index.loc[~index["decodable"], ["path", "error"]].to_dict("records")
     frames = {"index": (validation_frame(index), "path"), "split_summary": (summary_frame(index, params), "group")}
     docs = Path(params.data_docs)

@@ -12,6 +12,7 @@ if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$stamp" ]; then
 fi
 echo "bootstrap: creating .venv from requirements.lock (first run downloads ~1.5 GB of wheels)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check "uv==0.13.9"
 .venv/bin/uv pip install -q --python .venv/bin/python -r requirements.lock
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .

@@ -6,6 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 dvc repro "$@"
-echo
-dvc metrics show
+pneumo show
 echo "data version (DVC): $(pneumo data-version)"

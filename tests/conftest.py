@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.config import Params, load_params
@@ -24,6 +25,10 @@ SMALL_SYNTHETIC = [
 ]
 
 
+# Tiny, fast training for pipeline checks (not for accuracy).
+FAST_TRAIN = ["model.image_size=48", "train.epochs=2", "train.batch_size=32", "evaluate.bootstrap=100"]
+
+
 def rooted_params(tmp: Path, *overrides: str) -> Params:
     """The repository's params.yaml with every output path moved under `tmp`."""
     paths = [
@@ -33,6 +38,16 @@ def rooted_params(tmp: Path, *overrides: str) -> Params:
         f"index.quarantine={tmp / 'reports' / 'quarantine.csv'}",
         f"validation.report={tmp / 'reports' / 'validation.json'}",
         f"validation.data_docs={tmp / 'reports' / 'data_docs'}",
+        f"train.model_dir={tmp / 'models'}",
+        f"train.tensorboard_dir={tmp / 'reports' / 'tensorboard'}",
+        f"train.resume_dir={tmp / 'cache' / 'resume'}",
+        f"evaluate.metrics={tmp / 'reports' / 'metrics.json'}",
+        f"evaluate.plots_dir={tmp / 'reports' / 'plots'}",
+        f"evaluate.figures_dir={tmp / 'reports' / 'figures'}",
+        f"evaluate.predictions={tmp / 'reports' / 'predictions.csv'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+        f"mlflow.artifact_root={tmp / 'mlruns' / 'artifacts'}",
+        f"mlflow.run_file={tmp / 'reports' / 'mlflow_run.json'}",
     ]
     return load_params(REPO / "params.yaml", [*paths, *overrides])
 
@@ -40,6 +55,18 @@ def rooted_params(tmp: Path, *overrides: str) -> Params:
 @pytest.fixture
 def params_in(tmp_path: Path) -> Callable[..., Params]:
     return lambda *overrides: rooted_params(tmp_path, *overrides)
+
+
+@pytest.fixture(scope="session")
+def synthetic_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """The small synthetic data set, ingested and indexed once per session: (folder, index)."""
+    from pipeline import dataset_index, ingest, splits
+
+    tmp = tmp_path_factory.mktemp("synthetic")
+    params = rooted_params(tmp, *SMALL_SYNTHETIC)
+    ingest.ingest(params.data)
+    index = splits.assign_splits(dataset_index.build_index(params.data.root), params.split)
+    return tmp, index
 
 
 def require(path: Path) -> Path:
@@ -58,8 +85,11 @@ def real_fullres() -> Path:
     return require(REAL_FULLRES)
 
 
-SUBSET = {"train": {"NORMAL": 40, "PNEUMONIA": 60}, "val": {"NORMAL": 8, "PNEUMONIA": 8},
-          "test": {"NORMAL": 20, "PNEUMONIA": 30}}  # fmt: skip
+SUBSET = {
+    "train": {"NORMAL": 40, "PNEUMONIA": 60},
+    "val": {"NORMAL": 8, "PNEUMONIA": 8},
+    "test": {"NORMAL": 20, "PNEUMONIA": 30},
+}
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,12 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_cli_prints_one_line_and_exits_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "-S", "split.seed=abc", "index"],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "-S", "split.seed=abc", "index"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: params.yaml: split.seed: Input should be a valid integer, unable to parse string as an integer "
@@ -66,7 +70,8 @@ def test_cli_prints_one_line_and_exits_2() -> None:
 
 @pytest.mark.parametrize("command", ["ingest", "index", "validate", "data-version", "dvc-yaml"])
 def test_every_subcommand_has_help(command: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", command, "--help"],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", command, "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0
     assert f"usage: pneumo {command}" in proc.stdout

@@ -47,8 +47,9 @@ def _first(folder: Path) -> Path:
     ],
     ids=["truncated_jpeg", "zero_bytes", "text_named_jpeg"],
 )
-def test_broken_file_is_quarantined_and_named(real_copy: Path, params_in: Callable[..., Params],
-                                              plant: Callable[[Path], object], error: str) -> None:  # fmt: skip
+def test_broken_file_is_quarantined_and_named(
+    real_copy: Path, params_in: Callable[..., Params], plant: Callable[[Path], object], error: str
+) -> None:
     victim = _first(real_copy / "train" / "PNEUMONIA")
     plant(victim)
     rel = f"train/PNEUMONIA/{victim.name}"

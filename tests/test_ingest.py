@@ -29,8 +29,14 @@ def test_real_224_ingest_index_validate(real_224: Path, params_in: Callable[...,
     index = dataset_index.read_index(params.index.path)
     assert len(index) == 5232 and index["decodable"].all()
     official = index.groupby(["official_split", "label"]).size().to_dict()
-    assert official == {("train", "NORMAL"): 1165, ("train", "PNEUMONIA"): 3261, ("val", "NORMAL"): 8,
-                        ("val", "PNEUMONIA"): 8, ("test", "NORMAL"): 176, ("test", "PNEUMONIA"): 614}  # fmt: skip
+    assert official == {
+        ("train", "NORMAL"): 1165,
+        ("train", "PNEUMONIA"): 3261,
+        ("val", "NORMAL"): 8,
+        ("val", "PNEUMONIA"): 8,
+        ("test", "NORMAL"): 176,
+        ("test", "PNEUMONIA"): 614,
+    }
     assert (index.loc[index["split"] == "test", "official_split"] == "test").all()
     patients = index.groupby("patient_id")["split"].nunique()
     assert patients.max() == 1, "a patient is in two splits"

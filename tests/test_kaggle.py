@@ -91,8 +91,9 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
     server.server_close()
 
 
-def test_download_then_import(kaggle_server: str, monkeypatch: pytest.MonkeyPatch,
-                              params_in: Callable[..., Params]) -> None:  # fmt: skip
+def test_download_then_import(
+    kaggle_server: str, monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params]
+) -> None:
     params = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}")
     monkeypatch.setenv("KAGGLE_USERNAME", "ann")
     monkeypatch.setenv("KAGGLE_KEY", "wrong")

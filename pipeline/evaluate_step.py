@@ -1,0 +1,90 @@
+"""The evaluate stage: predict val and test, choose the threshold, report, and log into the train run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from pipeline import evaluation, tracking
+from pipeline.atomic import write_text
+from pipeline.config import Params
+from pipeline.dataset_index import read_index
+from pipeline.errors import PipelineError
+from pipeline.metrics import BinaryMetrics
+
+if TYPE_CHECKING:
+    from pipeline.data_pipeline import SplitData
+
+
+def predict(model: object, data: SplitData, image_size: int, batch_size: int) -> np.ndarray:
+    from pipeline import data_pipeline as dp
+
+    ds = dp.make_dataset(data, image_size, batch_size, cache=False)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)  # type: ignore[attr-defined]
+
+
+def show(params: Params) -> str:
+    """The latest evaluation, as the evaluate stage printed it, and where its MLflow run is."""
+    path = Path(params.evaluate.metrics)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no evaluation yet (run `dvc repro`)")
+    saved = json.loads(path.read_text())
+    ev = evaluation.Evaluation(
+        threshold=saved["threshold"],
+        target_sensitivity=saved["target_sensitivity"],
+        val=BinaryMetrics(**saved["val"]),
+        test=BinaryMetrics(**saved["test"]),
+        test_at_half=BinaryMetrics(**saved["test_at_half"]),
+        ci95={k: tuple(v) for k, v in saved["ci95"].items()},
+        n=saved["n"],
+        multiclass=saved.get("multiclass"),
+    )
+    ref = tracking.load_run_ref(params.mlflow.run_file)
+    return f"{ev.summary()}\nMLflow run {ref.run_id}: {ref.ui_hint}"
+
+
+def run(params: Params) -> str:
+    import mlflow
+
+    from pipeline import data_pipeline as dp
+    from pipeline import model_store
+
+    model, metadata = model_store.load(params.train.model_dir)
+    size = int(metadata.get("input", {}).get("shape", [params.model.image_size])[0])
+    index = read_index(params.index.path)
+    val = dp.split_data(index, "val", params.data.root, params.task)
+    test = dp.split_data(index, "test", params.data.root, params.task)
+    p_val = predict(model, val, size, params.train.batch_size)
+    p_test = predict(model, test, size, params.train.batch_size)
+    ev = evaluation.evaluate(val.labels, p_val, test.labels, p_test, test.class_names, params.evaluate)
+
+    e = params.evaluate
+    write_text(e.metrics, json.dumps(ev.as_dict(), indent=2) + "\n")
+    evaluation.write_plot_data(ev, test.labels, p_test, test.class_names, e.plots_dir)
+    figures = evaluation.write_figures(ev, test.labels, p_test, test.class_names, e.figures_dir)
+    scores = evaluation.pneumonia_score(p_test)
+    predictions = pd.DataFrame(
+        {
+            "path": test.paths,
+            "label": [test.class_names[i] for i in test.labels],
+            "pneumonia_score": scores.round(6),
+            "predicted_pneumonia": scores >= ev.threshold,
+        }
+    )
+    write_text(e.predictions, predictions.to_csv(index=False))
+
+    ref = tracking.load_run_ref(params.mlflow.run_file)
+    tracking.configure(params.mlflow)
+    with mlflow.start_run(run_id=ref.run_id):
+        mlflow.log_metrics({k: v for k, v in ev.flat().items() if np.isfinite(v)})
+        # Tags, not params: a re-evaluation with other settings updates them instead of failing.
+        mlflow.set_tags({"threshold": f"{ev.threshold:.6f}", "evaluate.target_sensitivity": e.target_sensitivity})
+        mlflow.log_artifact(e.metrics, "evaluation")
+        mlflow.log_artifact(e.predictions, "evaluation")
+        for f in [*figures, *Path(e.plots_dir).glob("*.csv")]:
+            mlflow.log_artifact(str(f), "evaluation")
+    return f"{ev.summary()}\nMLflow run {ref.run_id}: {ref.ui_hint}"

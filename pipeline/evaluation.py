@@ -1,0 +1,228 @@
+"""Evaluation: the threshold from validation, test figures at it and at 0.5, CIs, curves and pictures.
+
+Scores are the pneumonia probability (three-class: 1 - P(NORMAL)), so sensitivity and the threshold
+mean the same thing for both tasks; three-class runs add per-class and macro figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from pipeline.atomic import write_bytes, write_text
+from pipeline.config import EvaluateParams
+from pipeline.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, choose_threshold
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    threshold: float
+    target_sensitivity: float
+    val: BinaryMetrics
+    test: BinaryMetrics
+    test_at_half: BinaryMetrics
+    ci95: dict[str, tuple[float, float]]
+    n: dict[str, int]
+    multiclass: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, float]:
+        """Scalars for MLflow: test_* at the chosen threshold, test05_* at 0.5, val_*, *_ci_low/high."""
+        out = {**self.test.flat("test_"), **self.test_at_half.flat("test05_"), **self.val.flat("val_")}
+        for key, (lo, hi) in self.ci95.items():
+            out[f"test_{key}_ci_low"], out[f"test_{key}_ci_high"] = lo, hi
+        if self.multiclass:
+            out["test_macro_f1"] = self.multiclass["macro_f1"]
+            out["test_macro_roc_auc"] = self.multiclass["macro_roc_auc"]
+        return out
+
+    def summary(self) -> str:
+        t, c = self.test, self.ci95
+        lines = [
+            f"threshold {self.threshold:.4f} (highest reaching sensitivity >= {self.target_sensitivity} on val, "
+            f"n={self.n['val']})",
+            f"test (n={self.n['test']}) at the threshold: accuracy {t.accuracy:.3f}  sensitivity {t.sensitivity:.3f} "
+            f"[{c['sensitivity'][0]:.3f}, {c['sensitivity'][1]:.3f}]  specificity {t.specificity:.3f} "
+            f"[{c['specificity'][0]:.3f}, {c['specificity'][1]:.3f}]  ROC AUC {t.roc_auc:.3f} "
+            f"[{c['roc_auc'][0]:.3f}, {c['roc_auc'][1]:.3f}]  F1 {t.f1:.3f}",
+            f"test at 0.5: accuracy {self.test_at_half.accuracy:.3f}  sensitivity {self.test_at_half.sensitivity:.3f}  "
+            f"specificity {self.test_at_half.specificity:.3f}",
+        ]
+        if self.multiclass:
+            lines.append(
+                f"three-class: macro F1 {self.multiclass['macro_f1']:.3f}, "
+                f"macro ROC AUC {self.multiclass['macro_roc_auc']:.3f}"
+            )
+        return "\n".join(lines)
+
+
+def pneumonia_score(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=float)
+    return probs.ravel() if probs.ndim == 1 or probs.shape[1] == 1 else 1.0 - probs[:, 0]
+
+
+def evaluate(
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    class_names: tuple[str, ...],
+    params: EvaluateParams,
+) -> Evaluation:
+    """All figures from class ids and model outputs (probabilities) on val and test."""
+    s_val, s_test = pneumonia_score(p_val), pneumonia_score(p_test)
+    b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
+    threshold = choose_threshold(b_val, s_val, params.target_sensitivity)
+    multiclass = None
+    if len(class_names) > 2:
+        pred = np.asarray(p_test).argmax(axis=1)
+        report = skm.classification_report(
+            y_test, pred, labels=range(len(class_names)), target_names=class_names, output_dict=True, zero_division=0
+        )
+        multiclass = {
+            "report": report,
+            "macro_f1": float(report["macro avg"]["f1-score"]),
+            "macro_roc_auc": float(
+                skm.roc_auc_score(y_test, p_test, multi_class="ovr", average="macro", labels=range(len(class_names)))
+            ),
+            "confusion": skm.confusion_matrix(y_test, pred, labels=range(len(class_names))).tolist(),
+        }
+    return Evaluation(
+        threshold=threshold,
+        target_sensitivity=params.target_sensitivity,
+        val=binary_metrics(b_val, s_val, threshold),
+        test=binary_metrics(b_test, s_test, threshold),
+        test_at_half=binary_metrics(b_test, s_test, 0.5),
+        ci95=bootstrap_ci(b_test, s_test, threshold, n=params.bootstrap, seed=params.seed) if params.bootstrap else {},
+        n={"val": int(b_val.size), "test": int(b_test.size)},
+        multiclass=multiclass,
+    )
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_plot_data(
+    ev: Evaluation, y_test: np.ndarray, p_test: np.ndarray, class_names: tuple[str, ...], plots_dir: str | Path
+) -> None:
+    """CSV files for `dvc plots`: ROC, PR and the confusion matrix (one row per test image)."""
+    plots = Path(plots_dir)
+    b, s = (np.asarray(y_test) > 0).astype(int), pneumonia_score(p_test)
+    fpr, tpr, _ = skm.roc_curve(b, s)
+    write_text(
+        plots / "roc.csv",
+        _csv([{"fpr": round(float(f), 5), "tpr": round(float(t), 5)} for f, t in zip(fpr, tpr, strict=True)]),
+    )
+    precision, recall, _ = skm.precision_recall_curve(b, s)
+    write_text(
+        plots / "pr.csv",
+        _csv(
+            [
+                {"recall": round(float(r), 5), "precision": round(float(p), 5)}
+                for r, p in zip(recall, precision, strict=True)
+            ]
+        ),
+    )
+    if len(class_names) > 2:
+        pred = np.asarray(p_test).argmax(axis=1)
+        pairs = [(class_names[a], class_names[p]) for a, p in zip(y_test, pred, strict=True)]
+    else:
+        pairs = [(class_names[a], class_names[int(v >= ev.threshold)]) for a, v in zip(b, s, strict=True)]
+    write_text(plots / "confusion.csv", _csv([{"actual": a, "predicted": p} for a, p in pairs]))
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_figures(
+    ev: Evaluation, y_test: np.ndarray, p_test: np.ndarray, class_names: tuple[str, ...], figures_dir: str | Path
+) -> list[Path]:
+    """ROC and PR curves with the operating point, and the confusion matrix, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(figures_dir)
+    b, s = (np.asarray(y_test) > 0).astype(int), pneumonia_score(p_test)
+    written = []
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fpr, tpr, _ = skm.roc_curve(b, s)
+    ax.plot(fpr, tpr, lw=2, label=f"ROC AUC {ev.test.roc_auc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.scatter(
+        [1 - ev.test.specificity], [ev.test.sensitivity], c="crimson", zorder=3, label=f"threshold {ev.threshold:.3f}"
+    )
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, test split")
+    ax.legend(loc="lower right")
+    written.append(out / "roc.png")
+    write_bytes(written[-1], _png(fig))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    precision, recall, _ = skm.precision_recall_curve(b, s)
+    ax.plot(recall, precision, lw=2, label=f"PR AUC {ev.test.pr_auc:.3f}")
+    ax.scatter([ev.test.sensitivity], [ev.test.precision], c="crimson", zorder=3, label="operating point")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall, test split", ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    written.append(out / "pr.png")
+    write_bytes(written[-1], _png(fig))
+    plt.close(fig)
+
+    matrix = np.array(ev.multiclass["confusion"] if ev.multiclass else ev.test.confusion)
+    names = class_names if ev.multiclass else ("NORMAL", "PNEUMONIA")
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xticklabels=names,
+        yticklabels=names,
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"Confusion, test (threshold {ev.threshold:.3f})",
+    )
+    written.append(out / "confusion.png")
+    write_bytes(written[-1], _png(fig))
+    plt.close(fig)
+    return written
+
+
+def history_figure(history: list[dict[str, float]], path: str | Path) -> None:
+    """Loss and AUC per epoch, train and validation, phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    for ax, key in zip(axes, ("loss", "auc"), strict=True):
+        ax.plot(epochs, [h.get(key) for h in history], marker="o", label="train")
+        ax.plot(epochs, [h.get(f"val_{key}") for h in history], marker="o", label="validation")
+        ax.set(xlabel="epoch", title=key.upper() if key == "auc" else key)
+        phases = [h["phase"] for h in history]
+        for i in range(1, len(phases)):
+            if phases[i] != phases[i - 1]:
+                ax.axvline(epochs[i] - 0.5, c="grey", ls=":", lw=1)
+        ax.legend()
+    write_bytes(path, _png(fig))
+    plt.close(fig)

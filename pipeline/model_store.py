@@ -1,0 +1,38 @@
+"""Saving and loading the trained model: atomic writes, clear errors, and metadata.json beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from pipeline import models  # noqa: F401 - registers the custom preprocessing layer for loading
+from pipeline.atomic import staged_file, write_text
+from pipeline.errors import PipelineError
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+
+
+def save(model: keras.Model, model_dir: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write model.keras and metadata.json; a crash mid-way leaves the previous pair intact."""
+    target = Path(model_dir) / MODEL_FILE
+    with staged_file(target) as tmp:
+        model.save(tmp)
+    write_text(Path(model_dir) / METADATA_FILE, json.dumps(metadata, indent=2, default=str) + "\n")
+    return target
+
+
+def load(model_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: no trained model (run the train stage first)")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt zip or config fails in many ways
+        raise PipelineError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:120]})") from None
+    meta_path = Path(model_dir) / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model, metadata

@@ -1,0 +1,143 @@
+"""Keras models: a compact CNN from scratch, and transfer learning on six ImageNet backbones.
+
+The backbone is built on the model's own input tensor, so its layers sit in the outer model (not a
+nested sub-model): Grad-CAM can reach the last conv layer by name, and fine-tuning can unfreeze the
+top N backbone layers. Inputs are grayscale (H, W, 1) in [0, 255]; the model repeats the channel
+and applies the backbone's own preprocessing in a serializable layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+
+from pipeline.config import ARCHITECTURES
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    builder: str  # keras.applications attribute
+    preprocess: str  # caffe | tf | torch | raw
+    min_size: int
+    last_conv: str  # Grad-CAM target layer
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet50": Backbone("ResNet50", "caffe", 32, "conv5_block3_out"),
+    "vgg16": Backbone("VGG16", "caffe", 32, "block5_conv3"),
+    "inceptionv3": Backbone("InceptionV3", "tf", 75, "mixed10"),
+    "densenet121": Backbone("DenseNet121", "torch", 32, "relu"),
+    "efficientnetb0": Backbone("EfficientNetB0", "raw", 32, "top_activation"),
+    "mobilenetv2": Backbone("MobileNetV2", "tf", 32, "out_relu"),
+}
+assert set(ARCHITECTURES) == {"compact_cnn", *BACKBONES}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class BackbonePreprocess(keras.layers.Layer):
+    """Grayscale [0, 255] -> 3 channels in the backbone's expected range (caffe, tf, torch or raw)."""
+
+    def __init__(self, mode: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, x):
+        x = keras.ops.concatenate([x, x, x], axis=-1)
+        if self.mode == "caffe":  # BGR, ImageNet means subtracted (gray: the channel order is moot)
+            return x - keras.ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=x.dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = keras.ops.convert_to_tensor([0.485, 0.456, 0.406], dtype=x.dtype)
+            std = keras.ops.convert_to_tensor([0.229, 0.224, 0.225], dtype=x.dtype)
+            return (x / 255.0 - mean) / std
+        return x  # raw: EfficientNet rescales inside the network
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: keras.Model
+    backbone_layers: list[str]  # names, bottom to top; empty for the compact CNN
+    last_conv: str
+
+
+def _compact_cnn(inputs: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
+    x = keras.layers.Rescaling(1 / 255.0, name="rescale")(inputs)
+    for i, filters in enumerate((32, 64, 128, 128)):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)  # small data: settle fast
+        x = keras.layers.Activation("relu", name=f"relu{i}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x) if i < 3 else x
+    last = "relu3"
+    return BuiltModel(_head(inputs, x, n_out, dropout, "compact_cnn"), [], last)
+
+
+def _head(inputs: keras.KerasTensor, features: keras.KerasTensor, n_out: int, dropout: float, name: str) -> keras.Model:
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    activation = "sigmoid" if n_out == 1 else "softmax"
+    # float32 output even under mixed precision, for numerically sane losses and probabilities.
+    outputs = keras.layers.Dense(n_out, activation=activation, dtype="float32", name="prediction")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _load_weights_file(built: BuiltModel, path: Path, architecture: str) -> None:
+    if not path.is_file():
+        raise PipelineError(f"model.weights: {path}: no such file")
+    try:
+        built.model.load_weights(path, skip_mismatch=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a wrong file
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"model.weights: {path} does not fit architecture {architecture!r} ({first})") from None
+
+
+def build_model(
+    architecture: str, image_size: int, n_classes: int = 2, weights: str = "none", dropout: float = 0.3
+) -> BuiltModel:
+    """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file."""
+    if architecture not in ARCHITECTURES:
+        raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    n_out = 1 if n_classes == 2 else n_classes
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    if architecture == "compact_cnn":
+        if weights == "imagenet":
+            raise PipelineError("model.weights: compact_cnn has no ImageNet weights; use none or a weights file")
+        built = _compact_cnn(inputs, n_out, dropout)
+    else:
+        spec = BACKBONES[architecture]
+        if image_size < spec.min_size:
+            raise PipelineError(f"model.image_size: {architecture} needs at least {spec.min_size}, got {image_size}")
+        x = BackbonePreprocess(spec.preprocess, name="preprocess")(inputs)
+        builder = getattr(keras.applications, spec.builder)
+        try:
+            base = builder(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
+        except Exception as exc:
+            if weights == "imagenet" and ("URL fetch failure" in str(exc) or "urlopen" in str(exc).lower()):
+                raise PipelineError(
+                    f"model.weights: cannot download ImageNet weights for {architecture} (offline?); "
+                    f"put the Keras .h5 file in ~/.keras/models/ or set model.weights to none or a weights file"
+                ) from None
+            raise
+        names = [layer.name for layer in base.layers if layer.name not in ("image", "preprocess")]
+        built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
+    if weights not in ("none", "imagenet"):
+        _load_weights_file(built, Path(weights), architecture)
+    return built
+
+
+def set_backbone_trainable(built: BuiltModel, top_n: int | None) -> None:
+    """Freeze the whole backbone (top_n=0), or unfreeze its top N layers (None: all). BatchNorm stays frozen."""
+    names = built.backbone_layers
+    unfrozen = set(names if top_n is None else names[len(names) - top_n :] if top_n else [])
+    for name in names:
+        layer = built.model.get_layer(name)
+        layer.trainable = name in unfrozen and not isinstance(layer, keras.layers.BatchNormalization)

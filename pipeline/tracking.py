@@ -1,0 +1,92 @@
+"""MLflow setup: a sqlite store under mlruns/ by default, any tracking URI by MLFLOW_TRACKING_URI or params.
+
+One MLflow run per pipeline run: the train stage opens it and records its id in
+``mlflow.run_file`` (a DVC output), so evaluate and register log into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_text
+from pipeline.config import MlflowParams
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class RunRef:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def ui_hint(self) -> str:
+        path = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/{path}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}  then open http://127.0.0.1:5000/{path}"
+
+
+def tracking_uri(params: MlflowParams) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+def configure(params: MlflowParams) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(params.experiment)
+        if experiment is None:
+            local = not uri.startswith(("http://", "https://", "databricks"))
+            location = Path(params.artifact_root).resolve().as_uri() if local else None
+            return mlflow.create_experiment(params.experiment, artifact_location=location)
+        return experiment.experiment_id
+    except Exception as exc:  # noqa: BLE001 - the server being down surfaces as many types
+        raise PipelineError(
+            f"mlflow: cannot use tracking URI {uri} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        ) from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def save_run_ref(path: str | Path, ref: RunRef) -> None:
+    write_text(path, json.dumps(asdict(ref), indent=2) + "\n")
+
+
+def load_run_ref(path: str | Path) -> RunRef:
+    try:
+        return RunRef(**json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no MLflow run recorded (run the train stage first)") from None
+    except (ValueError, TypeError):
+        raise PipelineError(f"{path}: not a run reference written by the train stage") from None

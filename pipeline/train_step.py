@@ -1,0 +1,126 @@
+"""The train stage: train, save the model with its metadata, and track everything in one MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__, model_store, tracking, training
+from pipeline.atomic import write_text
+from pipeline.config import Params
+from pipeline.data_version import dvc_data_version, index_fingerprint
+from pipeline.dataset_index import read_index
+from pipeline.evaluation import history_figure
+
+TRAIN_REPORT = "reports/train.json"
+HISTORY_DIR = "reports/training"
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k not in ("epoch", "phase"), k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def run(params: Params) -> str:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    index = read_index(params.index.path)
+    experiment_id = tracking.configure(params.mlflow)
+    data_version = dvc_data_version(params.data.root) or "untracked"
+    fingerprint = index_fingerprint(index)
+    run_name = f"{params.model.architecture}-{params.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
+        ref = tracking.RunRef(active.info.run_id, experiment_id, tracking.tracking_uri(params.mlflow))
+        mlflow.set_tags(
+            {
+                "git_commit": tracking.git_commit(),
+                "data_version": data_version,
+                "index_fingerprint": fingerprint,
+                "data_source": params.data.source,
+                "pipeline_version": __version__,
+            }
+        )
+        logged = {
+            "task": params.task,
+            "model": params.model.model_dump(),
+            "split": params.split.model_dump(),
+            "train": params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
+        }
+        mlflow.log_params(tracking.flatten("", logged))
+        if Path(params.validation.report).is_file():
+            mlflow.log_artifact(params.validation.report, "validation")
+
+        def log_epoch(row: dict[str, Any]) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=int(row["epoch"]))
+
+        outcome = training.train(params, index, sink=log_epoch)
+        mlflow.set_tag("device", outcome.device)
+        model = outcome.built.model
+        metadata = {
+            "name": "pneumo-chest-xray",
+            "pipeline_version": __version__,
+            "task": params.task,
+            "class_names": list(outcome.class_names),
+            "architecture": params.model.architecture,
+            "weights_init": params.model.weights,
+            "last_conv_layer": outcome.built.last_conv,
+            "input": {
+                "shape": [params.model.image_size, params.model.image_size, 1],
+                "dtype": "float32",
+                "range": [0, 255],
+                "preprocessing": "decode as 8-bit grayscale, resize (stretch) to a square "
+                "(area when shrinking, bilinear when enlarging); pipeline.data_pipeline.decode_image",
+            },
+            "output": "P(PNEUMONIA)" if params.task == "binary" else "softmax over class_names",
+            "data_version": data_version,
+            "index_fingerprint": fingerprint,
+            "split_sizes": {
+                s: int(((index["split"] == s) & index["decodable"]).sum()) for s in ("train", "val", "test")
+            },
+            "best_val_auc": outcome.best_val_auc,
+            "epochs": len(outcome.history),
+            "device": outcome.device,
+            "mlflow_run_id": ref.run_id,
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        model_store.save(model, params.train.model_dir, metadata)
+        write_text(Path(HISTORY_DIR) / "history.csv", _history_csv(outcome.history))
+        history_figure(outcome.history, Path(HISTORY_DIR) / "history.png")
+        images_per_s = outcome.images_trained / outcome.seconds if outcome.seconds else 0.0
+        report = {
+            "best_val_auc": outcome.best_val_auc,
+            "epochs": len(outcome.history),
+            "train_seconds": round(outcome.seconds, 2),
+            "train_images_per_second": round(images_per_s, 1),
+            "mlflow_run_id": ref.run_id,
+        }
+        write_text(TRAIN_REPORT, json.dumps(report, indent=2) + "\n")
+        mlflow.log_metrics({"best_val_auc": outcome.best_val_auc, "train_images_per_second": images_per_s})
+        mlflow.log_artifact(str(Path(HISTORY_DIR) / "history.png"), "training")
+        mlflow.log_artifact(str(Path(params.train.model_dir) / model_store.METADATA_FILE), "model_metadata")
+        if Path(params.train.tensorboard_dir).is_dir():
+            mlflow.log_artifacts(params.train.tensorboard_dir, "tensorboard")
+        size = params.model.image_size
+        example = np.zeros((1, size, size, 1), dtype="float32")
+        # input_example= crashes mlflow.keras.log_model (mlflow/mlflow#16183): log the example beside the model.
+        mlflow.keras.log_model(
+            model, name="model", signature=infer_signature(example, model.predict(example, verbose=0))
+        )
+        mlflow.log_dict({"inputs": example.tolist(), "shape": list(example.shape)}, "model_input_example.json")
+        tracking.save_run_ref(params.mlflow.run_file, ref)
+    return (
+        f"trained {params.model.architecture} ({params.task}) on {outcome.device}: best val AUC "
+        f"{outcome.best_val_auc:.4f} after {len(outcome.history)} epochs, {images_per_s:.0f} images/s\n"
+        f"model: {params.train.model_dir}/{model_store.MODEL_FILE}; MLflow run {ref.run_id}"
+    )

@@ -1,0 +1,289 @@
+"""Training with Keras: seeds, hardware, class weights, two-phase fine-tuning, callbacks and resume.
+
+Phase ``head`` trains the classifier on a frozen backbone (on features computed once when
+``train.cache_features``); phase ``fine_tune`` unfreezes the top ``train.fine_tune_layers`` at a
+lower rate. The compact CNN trains in one phase, ``full``. Each phase keeps a resumable state in
+``train.resume_dir``: a training interrupted mid-way continues from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from pipeline import data_pipeline as dp
+from pipeline.config import Params, TrainParams
+from pipeline.models import BuiltModel, build_model, set_backbone_trainable
+
+EpochSink = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class TrainOutcome:
+    built: BuiltModel
+    class_names: tuple[str, ...]
+    device: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_trained: int = 0
+
+    @property
+    def best_val_auc(self) -> float:
+        return max((h["val_auc"] for h in self.history if "val_auc" in h), default=float("nan"))
+
+
+def configure_hardware(params: TrainParams) -> tuple[tf.distribute.Strategy, str]:
+    """Seeds, optional op determinism, and the device: every GPU (mixed precision) or the CPU."""
+    keras.utils.set_random_seed(params.seed)
+    if params.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        keras.mixed_precision.set_global_policy("float32")
+        return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)"
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    return strategy, f"{len(gpus)} GPU(s), mixed precision" + (", MirroredStrategy" if len(gpus) > 1 else "")
+
+
+class _PhaseRecorder(keras.callbacks.Callback):
+    """Keeps the phase's epoch history on disk (it survives an interruption) and forwards each epoch."""
+
+    def __init__(self, phase: str, path: Path, sink: EpochSink | None, offset: int) -> None:
+        super().__init__()
+        self.phase, self.path, self.sink, self.offset = phase, path, sink, offset
+        self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        lr = self.model.optimizer.learning_rate
+        row = {
+            "epoch": self.offset + epoch + 1,
+            "phase": self.phase,
+            "learning_rate": float(keras.ops.convert_to_numpy(lr)),
+            **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"},
+        }
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        self.path.write_text(json.dumps(self.rows))
+        if self.sink:
+            self.sink(row)
+
+
+def _compile(model: keras.Model, learning_rate: float, n_classes: int) -> None:
+    loss = "binary_crossentropy" if n_classes == 2 else "categorical_crossentropy"
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[keras.metrics.AUC(name="auc"), "accuracy"]
+    )
+
+
+def _fit_phase(
+    model: keras.Model,
+    phase: str,
+    train: object,
+    val: object,
+    epochs: int,
+    params: TrainParams,
+    state_dir: Path,
+    offset: int,
+    sink: EpochSink | None,
+    extra: list[keras.callbacks.Callback],
+    **fit_kwargs: object,
+) -> list[dict[str, float]]:
+    """Fit one phase with early stopping and a best checkpoint on val AUC, LR decay, TensorBoard, resume."""
+    phase_dir = state_dir / phase
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    recorder = _PhaseRecorder(phase, phase_dir / "history.json", sink, offset)
+    best_so_far = max((r.get("val_auc", -np.inf) for r in recorder.rows), default=None)
+    best = phase_dir / "best.weights.h5"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(
+            str(best),
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best_so_far,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
+        ),
+        keras.callbacks.TensorBoard(str(Path(params.tensorboard_dir) / phase), histogram_freq=0),
+        recorder,
+        *extra,
+    ]
+    model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=2, **fit_kwargs)
+    if best.is_file():
+        model.load_weights(best)
+    return recorder.rows
+
+
+def train(
+    params: Params,
+    index: pd.DataFrame,
+    sink: EpochSink | None = None,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+) -> TrainOutcome:
+    """Train the configured model on the index's train split, selecting on its val split."""
+    tp, mp = params.train, params.model
+    extra = extra_callbacks or []
+    strategy, device = configure_hardware(tp)
+    limit = tp.max_images_per_split
+    train_data = dp.split_data(index, "train", params.data.root, params.task, limit, tp.seed)
+    val_data = dp.split_data(index, "val", params.data.root, params.task, limit, tp.seed)
+    n_classes = len(train_data.class_names)
+    weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
+    one_hot = n_classes > 2
+    with strategy.scope():
+        built = build_model(mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout)
+    outcome = TrainOutcome(built, train_data.class_names, device)
+    state_dir = Path(tp.resume_dir) / _state_key(params)
+    start = time.perf_counter()
+
+    def datasets(training_aug: bool) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+        return (
+            dp.make_dataset(
+                train_data,
+                mp.image_size,
+                tp.batch_size,
+                training=True,
+                augment=tp.augment if training_aug else None,
+                seed=tp.seed,
+                one_hot=one_hot,
+            ),
+            dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot),
+        )
+
+    model = built.model
+    if not built.backbone_layers:  # compact CNN: one phase, every layer
+        with strategy.scope():
+            _compile(model, tp.learning_rate, n_classes)
+        train_ds, val_ds = datasets(True)
+        outcome.history += _fit_phase(
+            model,
+            "full",
+            train_ds,
+            val_ds,
+            tp.epochs,
+            tp,
+            state_dir,
+            0,
+            sink,
+            extra,
+            class_weight=weights,
+            shuffle=False,
+        )
+    else:
+        set_backbone_trainable(built, 0)
+        if tp.cache_features:
+            outcome.history += _train_head_on_features(
+                built, train_data, val_data, params, state_dir, weights, sink, extra, strategy
+            )
+        else:
+            with strategy.scope():
+                _compile(model, tp.learning_rate, n_classes)
+            train_ds, val_ds = datasets(True)
+            outcome.history += _fit_phase(
+                model,
+                "head",
+                train_ds,
+                val_ds,
+                tp.epochs,
+                tp,
+                state_dir,
+                0,
+                sink,
+                extra,
+                class_weight=weights,
+                shuffle=False,
+            )
+        if tp.fine_tune_epochs:
+            set_backbone_trainable(built, tp.fine_tune_layers)
+            with strategy.scope():
+                _compile(model, tp.fine_tune_learning_rate, n_classes)
+            train_ds, val_ds = datasets(True)
+            outcome.history += _fit_phase(
+                model,
+                "fine_tune",
+                train_ds,
+                val_ds,
+                tp.fine_tune_epochs,
+                tp,
+                state_dir,
+                len(outcome.history),
+                sink,
+                extra,
+                class_weight=weights,
+                shuffle=False,
+            )
+    outcome.seconds = time.perf_counter() - start
+    outcome.images_trained = len(train_data) * len(outcome.history)
+    return outcome
+
+
+def _train_head_on_features(
+    built: BuiltModel,
+    train_data: dp.SplitData,
+    val_data: dp.SplitData,
+    params: Params,
+    state_dir: Path,
+    weights: dict[int, float] | None,
+    sink: EpochSink | None,
+    extra: list[keras.callbacks.Callback],
+    strategy: tf.distribute.Strategy,
+) -> list[dict[str, float]]:
+    """Frozen backbone: run it once over train and val, then fit the head (dropout + dense) on the features.
+
+    The head layers are the full model's own, so its weights land in the full model. Augmentation
+    does not apply to cached features (the features are computed on the un-augmented images).
+    """
+    tp, size = params.train, params.model.image_size
+    model = built.model
+    extractor = keras.Model(model.input, model.get_layer("gap").output)
+    n_classes = len(train_data.class_names)
+
+    def features(data: dp.SplitData) -> tuple[np.ndarray, np.ndarray]:
+        x = extractor.predict(dp.make_dataset(data, size, tp.batch_size, cache=False), verbose=0)
+        y = keras.utils.to_categorical(data.labels, n_classes) if n_classes > 2 else data.labels.astype("float32")
+        return x, y
+
+    (xt, yt), (xv, yv) = features(train_data), features(val_data)
+    with strategy.scope():
+        inputs = keras.Input(xt.shape[1:], name="features")
+        head = keras.Model(inputs, model.get_layer("prediction")(model.get_layer("head_dropout")(inputs)), name="head")
+        _compile(head, tp.learning_rate, n_classes)
+    return _fit_phase(
+        head,
+        "head",
+        xt,
+        (xv, yv),
+        tp.epochs,
+        tp,
+        state_dir,
+        0,
+        sink,
+        extra,
+        y=yt,
+        batch_size=tp.batch_size,
+        class_weight=weights,
+        shuffle=True,
+    )
+
+
+def _state_key(params: Params) -> str:
+    """Resume only a training with the same settings and data split."""
+    import hashlib
+
+    blob = json.dumps(
+        [params.task, params.model.model_dump(), params.train.model_dump(), params.split.model_dump()], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,65 @@
+"""Threshold choice and metrics against hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import binary_metrics, bootstrap_ci, choose_threshold
+
+Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+S = np.array([0.1, 0.2, 0.35, 0.6, 0.4, 0.55, 0.7, 0.8, 0.9, 0.3])
+
+
+def test_threshold_reaches_target_sensitivity() -> None:
+    # Positives sorted: 0.9 0.8 0.7 0.55 0.4. Target 0.8 needs 4 of 5 -> threshold 0.55.
+    assert choose_threshold(Y, S, 0.8) == 0.55
+    assert choose_threshold(Y, S, 0.81) == 0.4  # 5 of 5
+    assert choose_threshold(Y, S, 0.2) == 0.9  # 1 of 5
+    for target in (0.5, 0.8, 0.95):
+        t = choose_threshold(Y, S, target)
+        assert np.mean(S[Y == 1] >= t) >= target
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5])
+def test_threshold_target_outside_unit_interval(target: float) -> None:
+    with pytest.raises(PipelineError, match=r"evaluate\.target_sensitivity: must be in \(0, 1\)"):
+        choose_threshold(Y, S, target)
+
+
+def test_threshold_needs_positives() -> None:
+    with pytest.raises(PipelineError, match="no PNEUMONIA image"):
+        choose_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]), 0.9)
+
+
+def test_metrics_by_hand() -> None:
+    m = binary_metrics(Y, S, 0.5)
+    # Predicted positive: 0.6(neg) 0.55 0.7 0.8 0.9 -> TP=4, FP=1, FN=1 (0.4), TN=4.
+    assert m.confusion == [[4, 1], [1, 4]]
+    assert m.accuracy == pytest.approx(0.8)
+    assert m.precision == pytest.approx(0.8)
+    assert m.sensitivity == pytest.approx(0.8)
+    assert m.specificity == pytest.approx(0.8)
+    assert m.f1 == pytest.approx(0.8)
+    # AUC by pair counting: of 25 (pos, neg) pairs, the positive scores higher in 23 (0.4 < 0.6; 0.55 < 0.6).
+    assert m.roc_auc == pytest.approx(23 / 25)
+    assert m.brier == pytest.approx(np.mean((S - Y) ** 2))
+    assert set(m.flat("test_")) >= {"test_roc_auc", "test_sensitivity", "test_threshold"}
+
+
+def test_empty_split_is_one_clear_error() -> None:
+    with pytest.raises(PipelineError, match="the split is empty"):
+        binary_metrics(np.array([]), np.array([]), 0.5)
+
+
+def test_bootstrap_interval_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    s = np.clip(y * 0.3 + rng.normal(0.35, 0.2, 400), 0, 1)
+    point = binary_metrics(y, s, 0.5)
+    ci = bootstrap_ci(y, s, 0.5, n=300, seed=0)
+    for key in ("roc_auc", "sensitivity", "specificity"):
+        lo, hi = ci[key]
+        assert lo < getattr(point, key) < hi and hi - lo < 0.2
+    assert bootstrap_ci(y, s, 0.5, n=300, seed=0) == ci  # seeded

@@ -1,0 +1,72 @@
+"""Every architecture builds with weights: none and runs forward; weights files load or fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.models import ARCHITECTURES, BACKBONES, build_model, set_backbone_trainable
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_builds_and_runs_forward(architecture: str) -> None:
+    size = max(BACKBONES[architecture].min_size, 64) if architecture in BACKBONES else 64
+    built = build_model(architecture, size, n_classes=2)
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 1)).astype("float32")
+    y = built.model.predict(x, verbose=0)
+    assert y.shape == (2, 1) and np.all((y >= 0) & (y <= 1))
+    # Grad-CAM needs the last conv layer in the outer model, not hidden in a nested one.
+    assert built.model.get_layer(built.last_conv).output.shape[-1] > 1
+    if architecture in BACKBONES:
+        assert len(built.backbone_layers) > 10
+        set_backbone_trainable(built, 0)
+        assert not any(built.model.get_layer(n).trainable_weights for n in built.backbone_layers)
+        set_backbone_trainable(built, 30)
+        trainable = [n for n in built.backbone_layers if built.model.get_layer(n).trainable]
+        top = built.backbone_layers[-30:]
+        assert trainable and set(trainable) <= set(top)
+        assert any(built.model.get_layer(n).trainable_weights for n in top)
+
+
+def test_three_class_head() -> None:
+    built = build_model("compact_cnn", 64, n_classes=3)
+    y = built.model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0)
+    assert y.shape == (1, 3) and np.isclose(y.sum(), 1.0, atol=1e-5)
+
+
+def test_weights_file_roundtrip_and_wrong_architecture(tmp_path: Path) -> None:
+    source = build_model("mobilenetv2", 64)
+    path = tmp_path / "mobilenetv2.weights.h5"
+    source.model.save_weights(path)
+    loaded = build_model("mobilenetv2", 64, weights=str(path))
+    for a, b in zip(source.model.get_weights(), loaded.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(PipelineError) as err:
+        build_model("compact_cnn", 64, weights=str(path))
+    assert str(err.value).startswith(f"model.weights: {path} does not fit architecture 'compact_cnn'")
+    with pytest.raises(PipelineError, match="no such file"):
+        build_model("compact_cnn", 64, weights=str(tmp_path / "missing.weights.h5"))
+
+
+def test_imagenet_offline_is_one_clear_line() -> None:
+    with pytest.raises(PipelineError) as err:
+        build_model("mobilenetv2", 96, weights="imagenet")
+    message = str(err.value)
+    assert message.startswith("model.weights: cannot download ImageNet weights for mobilenetv2") and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"architecture": "alexnet"}, "model.architecture: unknown 'alexnet'; choose one of compact_cnn, resnet50"),
+        ({"architecture": "inceptionv3", "image_size": 64}, "model.image_size: inceptionv3 needs at least 75"),
+        ({"architecture": "compact_cnn", "weights": "imagenet"}, "model.weights: compact_cnn has no ImageNet"),
+    ],
+)
+def test_bad_model_settings(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(PipelineError) as err:
+        build_model(**{"image_size": 64, **kwargs})  # type: ignore[arg-type]
+    assert str(err.value).startswith(message)

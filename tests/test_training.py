@@ -1,0 +1,127 @@
+"""Training on the small synthetic set: resume after an interruption, both phases, three classes, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import data_pipeline as dp
+from pipeline import training
+from pipeline.errors import DataError
+from tests.conftest import FAST_TRAIN, SMALL_SYNTHETIC, rooted_params
+
+pytestmark = pytest.mark.slow
+
+
+class Crash(keras.callbacks.Callback):
+    """Simulates a killed worker after `after` epochs."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 == self.after:
+            raise RuntimeError("simulated crash")
+
+
+class CountEpochs(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[int] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started.append(epoch + 1)
+
+
+def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=4", "train.early_stopping_patience=10")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(params, index, extra_callbacks=[Crash(after=2)])
+    saved = list(Path(params.train.resume_dir).rglob("history.json"))
+    assert len(saved) == 1 and [r["epoch"] for r in json.loads(saved[0].read_text())] == [1, 2]
+
+    counter = CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[counter])
+    assert counter.started == [3, 4], "the second run must continue, not start over"
+    assert [h["epoch"] for h in outcome.history] == [1, 2, 3, 4]
+    assert not list(Path(params.train.resume_dir).rglob("backup/*")), "backup is removed after a finished run"
+
+
+def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(
+        tmp,
+        *SMALL_SYNTHETIC,
+        *FAST_TRAIN,
+        "model.architecture=mobilenetv2",
+        "model.image_size=64",
+        "train.fine_tune_epochs=1",
+        "train.fine_tune_layers=10",
+    )
+    outcome = training.train(params, index)
+    assert [h["phase"] for h in outcome.history] == ["head", "head", "fine_tune"]
+    assert [h["epoch"] for h in outcome.history] == [1, 2, 3]
+    fresh = keras.models.clone_model(outcome.built.model)
+    trained = outcome.built.model.get_layer("prediction").get_weights()[0]
+    assert not np.allclose(trained, fresh.get_layer("prediction").get_weights()[0]), "head weights must be trained"
+    assert outcome.history[-1]["learning_rate"] == pytest.approx(1e-5)
+
+
+def test_three_class_task(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "task=three_class", "train.epochs=1")
+    outcome = training.train(params, index)
+    assert outcome.class_names == ("NORMAL", "BACTERIAL", "VIRAL")
+    out = outcome.built.model.predict(np.zeros((2, 48, 48, 1), "float32"), verbose=0)
+    assert out.shape == (2, 3) and np.allclose(out.sum(axis=1), 1, atol=1e-5)
+
+
+def test_empty_split_is_one_clear_error(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN)
+    with pytest.raises(DataError, match=r"^split 'val' has no usable images in the index"):
+        training.train(params, index[index["split"] != "val"])
+    broken = index.copy()
+    broken.loc[broken["split"] == "val", "decodable"] = False  # all quarantined
+    with pytest.raises(DataError, match=r"^split 'val' has no usable images"):
+        training.train(params, broken)
+
+
+def test_class_weights_and_three_class_labels(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    assert dp.class_weights(np.array([0, 1, 1, 1]), 2) == {0: 2.0, 1: 4 / 6}
+    with pytest.raises(DataError, match="no images of class id"):
+        dp.class_weights(np.array([1, 1]), 2)
+    _, index = synthetic_index
+    rows = index[index["split"] == "train"]
+    ids = dp.class_ids(rows, "three_class")
+    assert set(ids) == {0, 1, 2} and (ids[rows["subtype"].to_numpy() == "virus"] == 2).all()
+    odd = rows.copy()
+    odd.loc[odd.index[odd["label"] == "PNEUMONIA"][0], "subtype"] = "unknown"
+    with pytest.raises(DataError, match="three_class: 1 PNEUMONIA images have no bacteria/virus"):
+        dp.class_ids(odd, "three_class")
+
+
+def test_decode_any_image_to_gray_square(tmp_path: Path) -> None:
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray = (rng.uniform(0, 255, (60, 90))).astype(np.uint8)
+    files = {
+        "gray.jpeg": Image.fromarray(gray),
+        "rgb.png": Image.fromarray(np.stack([gray] * 3, -1)),
+        "gray16.png": Image.fromarray(gray.astype(np.uint16) * 257),
+    }
+    for name, img in files.items():
+        img.save(tmp_path / name)
+    out = {n: dp.decode_image(tf.io.read_file(str(tmp_path / n)), 32).numpy() for n in files}
+    for arr in out.values():
+        assert arr.shape == (32, 32, 1) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 255
+    assert np.abs(out["rgb.png"] - out["gray16.png"]).max() <= 1.0  # 16-bit scaled to 8-bit like the 8-bit file
