@@ -152,6 +152,18 @@ class MlflowParams(Strict):
     run_file: str = "reports/mlflow_run.json"
 
 
+class RegisterParams(Strict):
+    model_name: str = Field("pneumo-chest-xray", min_length=1)
+    primary_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
+    sensitivity_floor: float = Field(0.9, ge=0, le=1, description="a candidate below it never wins")
+    min_improvement: float = Field(0.0, ge=0, description="margin the candidate must beat the champion by")
+    promotion: Literal["manual", "auto"] = "manual"
+    decision_file: str = "reports/champion.json"
+    lock_file: str = Field("mlruns/.registry.lock", description="serialises registrations from this machine")
+    retries: int = Field(3, ge=0, le=10)
+    retry_backoff_seconds: float = Field(2.0, ge=0)
+
+
 class Params(Strict):
     data: DataParams
     index: IndexParams = IndexParams()
@@ -162,6 +174,7 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    registry: RegisterParams = RegisterParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -21,6 +21,11 @@ def dvc_data_version(root: str = "data/raw", lock: str | Path = "dvc.lock") -> s
     return None
 
 
+def split_fingerprint(index: pd.DataFrame, split: str) -> str:
+    """The identity of one split's usable images: models are compared only on equal test sets."""
+    return index_fingerprint(index[(index["split"] == split) & index["decodable"]])
+
+
 def index_fingerprint(index: pd.DataFrame) -> str:
     """A content hash of the index (path, split, sha256), stable across machines and without DVC."""
     import hashlib

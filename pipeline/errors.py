@@ -11,3 +11,7 @@ class ConfigError(PipelineError):
 
 class DataError(PipelineError):
     """The data set on disk or at the source is unusable."""
+
+
+class TransientError(PipelineError):
+    """I/O that may succeed on a later try: a download, the tracking server, the model registry."""

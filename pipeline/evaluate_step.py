@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,9 +13,9 @@ import pandas as pd
 from pipeline import evaluation, tracking
 from pipeline.atomic import write_text
 from pipeline.config import Params
+from pipeline.data_version import split_fingerprint
 from pipeline.dataset_index import read_index
 from pipeline.errors import PipelineError
-from pipeline.metrics import BinaryMetrics
 
 if TYPE_CHECKING:
     from pipeline.data_pipeline import SplitData
@@ -33,16 +34,7 @@ def show(params: Params) -> str:
     if not path.is_file():
         raise PipelineError(f"{path}: no evaluation yet (run `dvc repro`)")
     saved = json.loads(path.read_text())
-    ev = evaluation.Evaluation(
-        threshold=saved["threshold"],
-        target_sensitivity=saved["target_sensitivity"],
-        val=BinaryMetrics(**saved["val"]),
-        test=BinaryMetrics(**saved["test"]),
-        test_at_half=BinaryMetrics(**saved["test_at_half"]),
-        ci95={k: tuple(v) for k, v in saved["ci95"].items()},
-        n=saved["n"],
-        multiclass=saved.get("multiclass"),
-    )
+    ev = evaluation.Evaluation.from_dict(saved)
     ref = tracking.load_run_ref(params.mlflow.run_file)
     return f"{ev.summary()}\nMLflow run {ref.run_id}: {ref.ui_hint}"
 
@@ -61,6 +53,7 @@ def run(params: Params) -> str:
     p_val = predict(model, val, size, params.train.batch_size)
     p_test = predict(model, test, size, params.train.batch_size)
     ev = evaluation.evaluate(val.labels, p_val, test.labels, p_test, test.class_names, params.evaluate)
+    ev = dataclasses.replace(ev, test_set=split_fingerprint(index, "test"))
 
     e = params.evaluate
     write_text(e.metrics, json.dumps(ev.as_dict(), indent=2) + "\n")

@@ -30,9 +30,18 @@ class Evaluation:
     ci95: dict[str, tuple[float, float]]
     n: dict[str, int]
     multiclass: dict[str, Any] | None = None
+    test_set: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Evaluation:
+        """Rebuild from ``as_dict()`` output (e.g. reports/metrics.json)."""
+        metrics = {k: BinaryMetrics(**saved[k]) for k in ("val", "test", "test_at_half")}
+        ci95 = {k: (v[0], v[1]) for k, v in saved.get("ci95", {}).items()}
+        rest = {k: v for k, v in saved.items() if k not in (*metrics, "ci95")}
+        return cls(**rest, **metrics, ci95=ci95)
 
     def flat(self) -> dict[str, float]:
         """Scalars for MLflow: test_* at the chosen threshold, test05_* at 0.5, val_*, *_ci_low/high."""

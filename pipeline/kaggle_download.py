@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import staged_file
 from pipeline.config import KaggleParams
-from pipeline.errors import DataError
+from pipeline.errors import DataError, TransientError
 
 HOW_TO = (
     "set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json from kaggle.com -> Settings -> API "
@@ -58,7 +58,7 @@ def download(params: KaggleParams, timeout: float = 30.0) -> Path:
         raise DataError(f"kaggle: {hint} (HTTP {exc.code}) for {url}: {HOW_TO}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DataError(
+        raise TransientError(
             f"kaggle: cannot download {url} ({reason}); without network use data.source=local "
             "with the archive downloaded by hand"
         ) from None

@@ -16,6 +16,13 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 
 
+def pip_requirements() -> list[str]:
+    """What serving the logged model needs, pinned to this environment (faster than MLflow's inference)."""
+    import tensorflow as tf
+
+    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "numpy"]
+
+
 def save(model: keras.Model, model_dir: str | Path, metadata: dict[str, Any]) -> Path:
     """Write model.keras and metadata.json; a crash mid-way leaves the previous pair intact."""
     target = Path(model_dir) / MODEL_FILE

@@ -55,6 +55,12 @@ def run_evaluate(params: Params) -> str:
     return evaluate_step.run(params)
 
 
+def run_register(params: Params) -> str:
+    from pipeline import register_step
+
+    return register_step.run(params)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -142,6 +148,13 @@ def stages(params: Params) -> list[Stage]:
                 },
                 p.evaluate.figures_dir,
             ],
+        ),
+        Stage(
+            "register",
+            run_register,
+            deps=[p.evaluate.metrics, p.mlflow.run_file, "pipeline/registry.py", "pipeline/register_step.py"],
+            params=["registry"],
+            metrics=[p.registry.decision_file],
         ),
     ]
 

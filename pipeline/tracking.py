@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.atomic import write_text
 from pipeline.config import MlflowParams
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TransientError
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class RunRef:
     run_id: str
     experiment_id: str
     tracking_uri: str
+    model_uri: str = ""
 
     @property
     def ui_hint(self) -> str:
@@ -52,7 +53,7 @@ def configure(params: MlflowParams) -> str:
             return mlflow.create_experiment(params.experiment, artifact_location=location)
         return experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - the server being down surfaces as many types
-        raise PipelineError(
+        raise TransientError(
             f"mlflow: cannot use tracking URI {uri} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
         ) from None

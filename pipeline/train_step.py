@@ -114,10 +114,14 @@ def run(params: Params) -> str:
         size = params.model.image_size
         example = np.zeros((1, size, size, 1), dtype="float32")
         # input_example= crashes mlflow.keras.log_model (mlflow/mlflow#16183): log the example beside the model.
-        mlflow.keras.log_model(
-            model, name="model", signature=infer_signature(example, model.predict(example, verbose=0))
+        logged = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.predict(example, verbose=0)),
+            pip_requirements=model_store.pip_requirements(),
         )
         mlflow.log_dict({"inputs": example.tolist(), "shape": list(example.shape)}, "model_input_example.json")
+        ref = tracking.RunRef(ref.run_id, ref.experiment_id, ref.tracking_uri, logged.model_uri)
         tracking.save_run_ref(params.mlflow.run_file, ref)
     return (
         f"trained {params.model.architecture} ({params.task}) on {outcome.device}: best val AUC "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -109,3 +109,29 @@ def real_subset(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def real_copy(real_subset: Path, tmp_path: Path) -> Path:
     """A private, writable copy of `real_subset` to plant faults in."""
     return Path(shutil.copytree(real_subset, tmp_path / "source"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the whole test session: it takes 10-20 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def project_copy(target: Path, *overrides: str) -> Path:
+    """params.yaml (with `overrides` applied) in `target`: a project folder for flows and DVC."""
+    import yaml
+
+    target.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return target

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import ingest, kaggle_download
 from pipeline.config import Params
-from pipeline.errors import DataError
+from pipeline.errors import DataError, TransientError
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: C
     monkeypatch.setenv("KAGGLE_USERNAME", "ann")
     monkeypatch.setenv("KAGGLE_KEY", "k3y")
     params = params_in("data.source=kaggle", "data.kaggle.url=http://127.0.0.1:9/api/v1/datasets/download")
-    with pytest.raises(DataError) as err:
+    with pytest.raises(TransientError) as err:
         ingest.ingest(params.data)
     message = str(err.value)
     assert message.startswith("kaggle: cannot download http://127.0.0.1:9/") and "data.source=local" in message

@@ -1,0 +1,104 @@
+"""The register stage: read the evaluated run, register it, apply the champion policy, record why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline import registry, tracking
+from pipeline.atomic import write_text
+from pipeline.config import Params
+from pipeline.errors import PipelineError
+from pipeline.evaluation import Evaluation
+
+
+def candidate_from_outputs(params: Params, client: Any) -> registry.Candidate:
+    """The candidate as the train and evaluate stages left it (run reference and metrics file)."""
+    ref = tracking.load_run_ref(params.mlflow.run_file)
+    if not ref.model_uri:
+        raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
+    path = Path(params.evaluate.metrics)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no evaluation (run the evaluate stage first)")
+    ev = Evaluation.from_dict(json.loads(path.read_text()))
+    run = registry.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
+    run_tags = run.data.tags
+    metrics = {k: float(getattr(ev.test, k)) for k in registry.SCORE_KEYS}
+    scores = registry.Scores(metrics, ev.threshold, ev.test_set)
+    tags = {
+        **{f"test_{k}": f"{v:.6f}" for k, v in metrics.items()},
+        **{f"test_{k}_ci95": f"[{lo:.4f}, {hi:.4f}]" for k, (lo, hi) in ev.ci95.items()},
+        "threshold": f"{ev.threshold:.6f}",
+        "target_sensitivity": str(ev.target_sensitivity),
+        "test_set": ev.test_set,
+        "test_images": str(ev.n["test"]),
+        "data_version": run_tags.get("data_version", "unknown"),
+        "git_commit": run_tags.get("git_commit", "unknown"),
+        "index_fingerprint": run_tags.get("index_fingerprint", "unknown"),
+        "architecture": run.data.params.get("model.architecture", "unknown"),
+        "task": run.data.params.get("task", "unknown"),
+        "mlflow_run_id": ref.run_id,
+    }
+    auc_ci = ev.ci95.get("roc_auc", (float("nan"), float("nan")))
+    description = (
+        f"{tags['architecture']} ({tags['task']}) trained on data version {tags['data_version']} at git "
+        f"{tags['git_commit'][:12]}. Test ({ev.n['test']} images): ROC AUC {ev.test.roc_auc:.3f} "
+        f"[{auc_ci[0]:.3f}, {auc_ci[1]:.3f}], sensitivity {ev.test.sensitivity:.3f}, specificity "
+        f"{ev.test.specificity:.3f} at threshold {ev.threshold:.4f}, chosen on validation to reach "
+        f"sensitivity >= {ev.target_sensitivity}. Decision support only."
+    )
+    return registry.Candidate(ref.run_id, ref.model_uri, scores, tags, description)
+
+
+def rescorer(params: Params) -> Any:
+    """Scores a registered model on the current test split at a given threshold."""
+
+    def rescore(model_uri: str, threshold: float) -> dict[str, float]:
+        import mlflow
+
+        from pipeline import data_pipeline as dp
+        from pipeline.dataset_index import read_index
+        from pipeline.evaluate_step import predict
+        from pipeline.evaluation import pneumonia_score
+        from pipeline.metrics import binary_metrics
+
+        model = registry.with_retries(
+            lambda: mlflow.keras.load_model(model_uri), "loading the champion", params.registry
+        )
+        size = int(model.input_shape[1])
+        test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
+        scores = pneumonia_score(predict(model, test, size, params.train.batch_size))
+        figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
+        return {k: float(getattr(figures, k)) for k in registry.SCORE_KEYS}
+
+    return rescore
+
+
+def run(params: Params) -> str:
+    import mlflow
+    from mlflow import MlflowClient
+
+    registry.quiet_mlflow_http_retries()
+    uri = tracking.tracking_uri(params.mlflow)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    candidate = candidate_from_outputs(params, client)
+    decision = registry.register(client, candidate, params.registry, rescorer(params))
+    write_text(params.registry.decision_file, registry.decision_json(decision))
+    record = {k: v for k, v in asdict(decision).items()}
+
+    def log_to_run() -> None:
+        client.log_dict(candidate.run_id, record, "registry/decision.json")
+        client.set_tag(candidate.run_id, "registry_decision", decision.outcome)
+        client.set_tag(candidate.run_id, "registered_version", str(decision.version))
+
+    registry.with_retries(log_to_run, "logging the decision to the run", params.registry)
+    hint = ""
+    if decision.outcome == registry.CHALLENGER:
+        hint = (
+            f"\n  promote it in the MLflow UI: Models -> {decision.model_name} -> Version {decision.version} -> "
+            f"Aliases: add 'champion' (or set registry.promotion: auto)"
+        )
+    return decision.summary() + hint

@@ -1,0 +1,187 @@
+"""Champion registration against a real MLflow registry (sqlite) with real logged Keras models."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import registry
+from pipeline.config import RegisterParams
+from pipeline.errors import PipelineError
+
+pytestmark = pytest.mark.slow
+
+
+def policy(tmp: Path, **changes: Any) -> RegisterParams:
+    base = {"model_name": "pneumo-test", "lock_file": str(tmp / "registry.lock"), "retry_backoff_seconds": 0.01}
+    return RegisterParams(**{**base, **changes})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[str, Any]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry-tests")
+    return uri, MlflowClient(uri)
+
+
+def log_candidate(auc: float, sensitivity: float, test_set: str = "T1", threshold: float = 0.5) -> registry.Candidate:
+    import mlflow
+
+    from pipeline.models import build_model
+
+    with mlflow.start_run() as run:
+        info = mlflow.keras.log_model(build_model("compact_cnn", 32).model, name="model", pip_requirements=["keras"])
+    metrics = {k: 0.8 for k in registry.SCORE_KEYS} | {"roc_auc": auc, "sensitivity": sensitivity}
+    scores = registry.Scores(metrics, threshold, test_set)
+    tags = {f"test_{k}": str(v) for k, v in metrics.items()} | {"threshold": str(threshold), "test_set": test_set}
+    return registry.Candidate(run.info.run_id, info.model_uri, scores, tags, f"auc {auc}")
+
+
+def never(model_uri: str, threshold: float) -> dict[str, float]:
+    raise AssertionError("the champion must not be re-scored on the same test set")
+
+
+def aliases(client: Any, name: str = "pneumo-test") -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_first_better_worse_and_floor(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    first = registry.register(client, log_candidate(0.90, 0.95), params, never)
+    assert (first.outcome, first.version, first.reason) == ("champion", "1", "no champion yet")
+    assert aliases(client) == {"champion": "1"}
+    v1 = client.get_model_version("pneumo-test", "1")
+    assert v1.tags["decision"] == "champion" and v1.tags["test_roc_auc"] == "0.9" and v1.description == "auc 0.9"
+
+    better = registry.register(client, log_candidate(0.95, 0.95), params, never)
+    assert better.outcome == "challenger" and "roc_auc 0.9500 beats champion v1 0.9000" in better.reason
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+    worse = registry.register(client, log_candidate(0.85, 0.99), params, never)
+    assert worse.outcome == "rejected" and aliases(client) == {"champion": "1", "challenger": "2"}
+    assert client.get_model_version("pneumo-test", "3").tags["decision"] == "rejected"
+
+    unsafe = registry.register(client, log_candidate(0.99, 0.80), params, never)
+    assert unsafe.outcome == "rejected" and unsafe.reason == "sensitivity 0.8000 below the floor 0.9"
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+
+def test_auto_promotion_records_the_previous_champion(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path, promotion="auto", min_improvement=0.01)
+    registry.register(client, log_candidate(0.90, 0.95), params, never)
+    tie = registry.register(client, log_candidate(0.905, 0.95), params, never)
+    assert tie.outcome == "rejected"  # within min_improvement
+    won = registry.register(client, log_candidate(0.93, 0.95), params, never)
+    assert won.outcome == "champion" and won.previous_champion == "1"
+    assert aliases(client) == {"champion": "3"}
+    assert client.get_model_version("pneumo-test", "3").tags["previous_champion"] == "1"
+
+
+def test_changed_test_set_rescores_the_champion(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    registry.register(client, log_candidate(0.97, 0.95, test_set="old", threshold=0.3), params, never)
+    calls: list[tuple[str, float]] = []
+
+    def rescore(model_uri: str, threshold: float) -> dict[str, float]:
+        calls.append((model_uri, threshold))
+        return {k: 0.8 for k in registry.SCORE_KEYS} | {"roc_auc": 0.88, "sensitivity": 0.93}
+
+    # 0.92 would lose against the champion's recorded 0.97, but that was another test set.
+    decision = registry.register(client, log_candidate(0.92, 0.95, test_set="new"), params, rescore)
+    assert calls == [("models:/pneumo-test/1", 0.3)]
+    assert decision.champion_rescored and decision.champion.metrics["roc_auc"] == 0.88
+    assert decision.outcome == "challenger"
+
+
+def test_real_rescore_loads_the_registered_model(
+    store: tuple[str, Any], tmp_path: Path, synthetic_index: tuple[Path, Any]
+) -> None:
+    from pipeline.config import load_params
+    from pipeline.register_step import rescorer
+    from tests.conftest import REPO, SMALL_SYNTHETIC
+
+    _, client = store
+    data_dir, index = synthetic_index
+    index.to_parquet(tmp_path / "index.parquet")
+    params = load_params(
+        REPO / "params.yaml",
+        [*SMALL_SYNTHETIC, f"data.root={data_dir / 'data' / 'raw'}", f"index.path={tmp_path / 'index.parquet'}"],
+    )
+    registry.register(client, log_candidate(0.9, 0.95), policy(tmp_path), never)
+    figures = rescorer(params)("models:/pneumo-test/1", 0.5)
+    assert set(figures) == set(registry.SCORE_KEYS) and 0.0 <= figures["roc_auc"] <= 1.0
+
+
+def _race(uri: str, lock: str, candidate: registry.Candidate, out: Any) -> None:
+    from mlflow import MlflowClient
+
+    params = RegisterParams(model_name="pneumo-test", lock_file=lock, retry_backoff_seconds=0.05)
+    decision = registry.register(MlflowClient(uri), candidate, params, never, log=lambda _: None)
+    out.put((decision.version, decision.outcome))
+
+
+def test_two_racing_registrations_leave_one_champion(store: tuple[str, Any], tmp_path: Path) -> None:
+    uri, client = store
+    candidates = [log_candidate(0.90, 0.95), log_candidate(0.91, 0.95)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(uri, str(tmp_path / "registry.lock"), c, out)) for c in candidates]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = sorted(out.get(timeout=5) for _ in procs)
+    outcomes = [o for _, o in results]
+    assert outcomes.count("champion") == 1, results  # the second saw the first as champion
+    assert set(aliases(client)) <= {"champion", "challenger"} and "champion" in aliases(client)
+    assert len(client.search_model_versions("name='pneumo-test'")) == 2
+
+
+class FailingAliases:
+    """The real client, with the registry going down when aliases are set (fault injection)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.alias_calls = client, 0
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return getattr(self.client, name)
+
+    def set_registered_model_alias(self, *args: Any) -> None:
+        self.alias_calls += 1
+        raise ConnectionError("Connection refused")
+
+
+def test_registry_down_mid_way_retries_then_rolls_back(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path, retries=2)
+    registry.register(client, log_candidate(0.90, 0.95), params, never)
+    flaky = FailingAliases(client)
+    logs: list[str] = []
+    with pytest.raises(PipelineError) as err:
+        registry.register(flaky, log_candidate(0.95, 0.95), params, never, log=logs.append)
+    assert str(err.value).startswith("register: setting @challenger failed after 3 attempts: Connection refused")
+    assert flaky.alias_calls == 3 and len(logs) == 2
+    assert [str(v.version) for v in client.search_model_versions("name='pneumo-test'")] == ["1"]  # rolled back
+    assert aliases(client) == {"champion": "1"}
+
+
+def test_tracking_server_unreachable_is_one_clear_error(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    registry.quiet_mlflow_http_retries()
+    client = MlflowClient("http://127.0.0.1:9")
+    candidate = registry.Candidate("run", "models:/m-x", registry.Scores({}, 0.5, "T"), {}, "")
+    with pytest.raises(PipelineError, match=r"^register: reading the registered model failed after 2 attempts"):
+        registry.register(client, candidate, policy(tmp_path, retries=1), never, log=lambda _: None)
