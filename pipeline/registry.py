@@ -172,7 +172,8 @@ def register(
 
     with registry_lock(params.lock_file):
         if retry(lambda: _registered_model(client, name), "reading the registered model") is None:
-            retry(lambda: client.create_registered_model(name, description=DESCRIPTION), "creating the model")
+            text = DESCRIPTION.format(name=name)
+            retry(lambda: client.create_registered_model(name, description=text), "creating the model")
         current = retry(lambda: champion_version(client, name), "reading @champion")
         champion, rescored = None, False
         if current is not None:
@@ -215,7 +216,7 @@ def register(
 
 DESCRIPTION = (
     "Pneumonia vs normal on pediatric anterior-posterior chest X-rays (Kermany et al. 2018 data set). "
-    "Decision support only. Load it as models:/<name>@champion."
+    "Decision support only. Load the current champion as models:/{name}@champion."
 )
 
 
@@ -231,8 +232,15 @@ def _registered_model(client: Any, name: str) -> Any | None:
 
 
 def _create_version(client: Any, name: str, candidate: Candidate, tags: dict[str, str]) -> Any:
+    # A logged model (models:/m-<id>) must be named by id too, or a tracking server refuses it.
+    model_id = candidate.model_uri.removeprefix("models:/") if candidate.model_uri.startswith("models:/m-") else None
     return client.create_model_version(
-        name, candidate.model_uri, run_id=candidate.run_id, tags=tags, description=candidate.description
+        name,
+        candidate.model_uri,
+        run_id=candidate.run_id,
+        tags=tags,
+        description=candidate.description,
+        model_id=model_id,
     )
 
 

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
-ruff check pipeline flows tests benchmarks
-ruff format --check pipeline flows tests benchmarks
+ruff check pipeline flows tests benchmarks scripts
+ruff format --check pipeline flows tests benchmarks scripts
 exec python -m pytest "$@"
