@@ -149,74 +149,23 @@ def train(
     state_dir = Path(tp.resume_dir) / _state_key(params)
     start = time.perf_counter()
 
-    def datasets(training_aug: bool) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-        return (
-            dp.make_dataset(
-                train_data,
-                mp.image_size,
-                tp.batch_size,
-                training=True,
-                augment=tp.augment if training_aug else None,
-                seed=tp.seed,
-                one_hot=one_hot,
-            ),
-            dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot),
-        )
-
     model = built.model
-    if not built.backbone_layers:  # compact CNN: one phase, every layer
+
+    def fit_on_images(phase: str, epochs: int, learning_rate: float) -> None:
+        """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
         with strategy.scope():
-            _compile(model, tp.learning_rate, n_classes)
-        train_ds, val_ds = datasets(True)
-        outcome.history += _fit_phase(
-            model,
-            "full",
-            train_ds,
-            val_ds,
-            tp.epochs,
-            tp,
-            state_dir,
-            0,
-            sink,
-            extra,
-            class_weight=weights,
-            shuffle=False,
+            _compile(model, learning_rate, n_classes)
+        train_ds = dp.make_dataset(
+            train_data, mp.image_size, tp.batch_size, training=True, augment=tp.augment, seed=tp.seed, one_hot=one_hot
         )
-    else:
-        set_backbone_trainable(built, 0)
-        if tp.cache_features:
-            outcome.history += _train_head_on_features(
-                built, train_data, val_data, params, state_dir, weights, sink, extra, strategy
-            )
-        else:
-            with strategy.scope():
-                _compile(model, tp.learning_rate, n_classes)
-            train_ds, val_ds = datasets(True)
-            outcome.history += _fit_phase(
+        val_ds = dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot)
+        outcome.history.extend(
+            _fit_phase(
                 model,
-                "head",
+                phase,
                 train_ds,
                 val_ds,
-                tp.epochs,
-                tp,
-                state_dir,
-                0,
-                sink,
-                extra,
-                class_weight=weights,
-                shuffle=False,
-            )
-        if tp.fine_tune_epochs:
-            set_backbone_trainable(built, tp.fine_tune_layers)
-            with strategy.scope():
-                _compile(model, tp.fine_tune_learning_rate, n_classes)
-            train_ds, val_ds = datasets(True)
-            outcome.history += _fit_phase(
-                model,
-                "fine_tune",
-                train_ds,
-                val_ds,
-                tp.fine_tune_epochs,
+                epochs,
                 tp,
                 state_dir,
                 len(outcome.history),
@@ -225,6 +174,21 @@ def train(
                 class_weight=weights,
                 shuffle=False,
             )
+        )
+
+    if not built.backbone_layers:  # compact CNN: one phase, every layer
+        fit_on_images("full", tp.epochs, tp.learning_rate)
+    else:
+        set_backbone_trainable(built, 0)
+        if tp.cache_features:
+            outcome.history += _train_head_on_features(
+                built, train_data, val_data, params, state_dir, weights, sink, extra, strategy
+            )
+        else:
+            fit_on_images("head", tp.epochs, tp.learning_rate)
+        if tp.fine_tune_epochs:
+            set_backbone_trainable(built, tp.fine_tune_layers)
+            fit_on_images("fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * len(outcome.history)
     return outcome
