@@ -21,7 +21,7 @@ from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 
 pytestmark = pytest.mark.slow
 PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
-STAGES = ["ingest", "index", "validate", "train", "evaluate"]
+STAGES = ["ingest", "index", "validate", "train", "evaluate", "register"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
