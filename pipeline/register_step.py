@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +85,11 @@ def run(params: Params) -> str:
     client = MlflowClient(uri)
     candidate = candidate_from_outputs(params, client)
     decision = registry.register(client, candidate, params.registry, rescorer(params))
-    write_text(params.registry.decision_file, registry.decision_json(decision))
-    record = {k: v for k, v in asdict(decision).items()}
+    record = registry.decision_json(decision)  # one text for the DVC-tracked file and the run
+    write_text(params.registry.decision_file, record)
 
     def log_to_run() -> None:
-        client.log_dict(candidate.run_id, record, "registry/decision.json")
+        client.log_text(candidate.run_id, record, "registry/decision.json")
         client.set_tag(candidate.run_id, "registry_decision", decision.outcome)
         client.set_tag(candidate.run_id, "registered_version", str(decision.version))
 

@@ -51,13 +51,13 @@ def run(params: Params) -> str:
                 "pipeline_version": __version__,
             }
         )
-        logged = {
+        run_params = {
             "task": params.task,
             "model": params.model.model_dump(),
             "split": params.split.model_dump(),
             "train": params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
         }
-        mlflow.log_params(tracking.flatten("", logged))
+        mlflow.log_params(tracking.flatten("", run_params))
         if Path(params.validation.report).is_file():
             mlflow.log_artifact(params.validation.report, "validation")
 
