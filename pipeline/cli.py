@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
 from pipeline.errors import DataError, PipelineError
 
 STAGE_HELP = {
@@ -42,6 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
         sub.add_parser(name, help=text, description=text)
+    model_help = "model to use: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a folder (default: @champion)"
+    pr = sub.add_parser(
+        "predict",
+        help="predict images (files, folders, globs; JPEG, PNG, DICOM) with the champion; CSV or JSON out",
+        description="Predict each image with the registered model at its registered threshold. Exit 0 when all "
+        "inputs were predicted, 1 when some were unreadable (listed with the reason), 2 when none were.",
+    )
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    pr.add_argument("--model", help=model_help)
+    pr.add_argument("-o", "--output", help="write here (.csv or .json) instead of standard output")
+    pr.add_argument("--format", choices=["csv", "json"], help="output format (default: from --output, else csv)")
+    pr.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM heat map PNG per image into DIR")
+    pr.add_argument("--batch-size", type=int, help="images per model call (default: serve.batch_size)")
+    sv = sub.add_parser(
+        "serve",
+        help="REST service: GET /health, GET /model, POST /predict; follows @champion",
+        description="Serve the model over HTTP; when it follows an alias, reload as soon as the alias moves.",
+    )
+    sv.add_argument("--model", help=model_help)
+    sv.add_argument("--host", help="bind address (default: serve.host)")
+    sv.add_argument("--port", type=int, help="port (default: serve.port)")
+    sv.add_argument("--max-upload-mb", type=float, help="larger uploads get 413 (default: serve.max_upload_mb)")
+    sv.add_argument("--poll-seconds", type=float, help="alias check interval (default: serve.poll_seconds)")
+    dr = sub.add_parser(
+        "drift",
+        help="compare images' statistics with the training data: a score and a verdict",
+        description="Compare a batch's image and embedding statistics with the model's training sample "
+        "(KS tests). Exit 0 for ok/warn, 1 for drift.",
+    )
+    dr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    dr.add_argument("--model", help=model_help)
+    dr.add_argument("-o", "--output", help="also write the full report as JSON here")
     sub.add_parser(
         "show",
         help="print the latest test metrics and where to see the run in MLflow",
@@ -63,12 +95,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_commands(args: argparse.Namespace, params: Params) -> int:
+    """predict, serve and drift: everything that loads a registered model."""
+    import mlflow
+
+    from pipeline import classifier, tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
+    uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
+    cfg = params.serve
+    if args.command == "serve":
+        from pipeline.serve import serve
+
+        serve(
+            uri,
+            args.host or cfg.host,
+            args.port or cfg.port,
+            args.max_upload_mb or cfg.max_upload_mb,
+            args.poll_seconds or cfg.poll_seconds,
+        )
+        return 0
+    model = classifier.load(uri)
+    if args.command == "predict":
+        from pipeline import predict_step
+
+        status, summary = predict_step.run(
+            model, args.paths, args.output, args.format, args.batch_size or cfg.batch_size, args.explain
+        )
+        print(summary, file=sys.stderr)
+        return status
+    import json
+
+    from pipeline import drift_step
+    from pipeline.atomic import write_text
+
+    report, skipped = drift_step.check(model, args.paths, cfg.batch_size)
+    print(report.summary())
+    for line in skipped:
+        print(f"  unreadable: {line}")
+    if args.output:
+        write_text(args.output, json.dumps({**report.to_dict(), "unreadable": skipped}, indent=2) + "\n")
+    return 1 if report.verdict == "drift" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
         from pipeline import stages
 
+        if args.command in ("predict", "serve", "drift"):
+            return serve_commands(args, params)
         if args.command == "show":
             from pipeline.evaluate_step import show
 

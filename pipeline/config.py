@@ -164,6 +164,19 @@ class RegisterParams(Strict):
     retry_backoff_seconds: float = Field(2.0, ge=0)
 
 
+class PackageParams(Strict):
+    reference_images: int = Field(500, ge=20, description="training images sampled for the drift reference")
+    gradcam_examples: int = Field(1, ge=0, le=5, description="model card examples per outcome (TP, FN, TN, FP)")
+
+
+class ServeParams(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    max_upload_mb: float = Field(20.0, gt=0)
+    poll_seconds: float = Field(10.0, gt=0, description="how often the service checks where the alias points")
+    batch_size: int = Field(32, ge=1, description="pneumo predict / drift batch size")
+
+
 class Params(Strict):
     data: DataParams
     index: IndexParams = IndexParams()
@@ -175,6 +188,8 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     registry: RegisterParams = RegisterParams()
+    package: PackageParams = PackageParams()
+    serve: ServeParams = ServeParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -62,9 +62,8 @@ def split_data(
     return SplitData(split, paths, labels, TASKS[task])
 
 
-def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes (8- or 16-bit, gray or RGB) -> (size, size, 1) float32 in [0, 255]."""
-    image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
+def resize_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """(H, W, 1) uint8 -> (size, size, 1) float32 in [0, 255], stretched to a square."""
     shape = tf.shape(image)
     # Shrinking: area averaging (antialiased, 2.6x faster than antialiased bilinear); enlarging: bilinear.
     image = tf.cond(
@@ -73,6 +72,12 @@ def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
         lambda: tf.image.resize(image, (image_size, image_size), method="bilinear"),
     )
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes (8- or 16-bit, gray or RGB) -> (size, size, 1) float32 in [0, 255]."""
+    image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
+    return resize_square(image, image_size)
 
 
 def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:

@@ -1,13 +1,17 @@
-"""The register stage: read the evaluated run, register it, apply the champion policy, record why."""
+"""The register stage: pack the evaluated model for serving, register it, apply the champion policy,
+record why, and write the version's model card (logged to the run, kept beside the model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import registry, tracking
-from pipeline.atomic import write_text
+from pipeline import model_card, packaging, registry, tracking
+from pipeline.atomic import staged_dir, write_text
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluation
@@ -63,9 +67,15 @@ def rescorer(params: Params) -> Any:
         from pipeline.evaluation import pneumonia_score
         from pipeline.metrics import binary_metrics
 
-        model = registry.with_retries(
-            lambda: mlflow.keras.load_model(model_uri), "loading the champion", params.registry
-        )
+        def load() -> Any:
+            from pipeline import classifier
+
+            try:
+                return classifier.load(model_uri).model
+            except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
+                return mlflow.keras.load_model(model_uri)
+
+        model = registry.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
         test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
         scores = pneumonia_score(predict(model, test, size, params.train.batch_size))
@@ -73,6 +83,46 @@ def rescorer(params: Params) -> Any:
         return {k: float(getattr(figures, k)) for k in registry.SCORE_KEYS}
 
     return rescore
+
+
+def card_writer(
+    params: Params,
+    client: Any,
+    candidate: registry.Candidate,
+    facts: model_card.CardFacts,
+    examples_dir: Path,
+) -> Any:
+    """finalize(decision): the model card of the new version, to the run, the version and the model folder."""
+    card_path = Path(params.train.model_dir) / "model_card.md"
+
+    def finalize(decision: registry.Decision) -> None:
+        info = dataclasses.replace(facts.info, version=decision.version)
+        filled = dataclasses.replace(facts, info=info, decision=decision.outcome, decision_reason=decision.reason)
+        text = model_card.render(filled)
+
+        def log() -> None:
+            client.log_text(candidate.run_id, text, "model_card/model_card.md")
+            for png in sorted(examples_dir.glob("*.png")):
+                client.log_artifact(candidate.run_id, str(png), "model_card/model_card")
+            client.set_model_version_tag(
+                decision.model_name,
+                decision.version,
+                "model_card",
+                f"runs:/{candidate.run_id}/model_card/model_card.md",
+            )
+            client.update_model_version(
+                decision.model_name,
+                decision.version,
+                description=f"{candidate.description}\n\nModel card: run artifact `model_card/model_card.md`.",
+            )
+
+        registry.with_retries(log, "logging the model card", params.registry)
+        with staged_dir(card_path.with_suffix("")) as tmp:
+            for png in examples_dir.glob("*.png"):
+                shutil.copy2(png, tmp / png.name)
+        write_text(card_path, text)
+
+    return finalize
 
 
 def run(params: Params) -> str:
@@ -84,7 +134,28 @@ def run(params: Params) -> str:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     candidate = candidate_from_outputs(params, client)
-    decision = registry.register(client, candidate, params.registry, rescorer(params))
+    ev = Evaluation.from_dict(json.loads(Path(params.evaluate.metrics).read_text()))
+    with tempfile.TemporaryDirectory(prefix="pneumo-register-") as tmp:
+        bundle, examples_dir = Path(tmp) / "bundle", Path(tmp) / "examples"
+        classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
+        picks = packaging.pick_examples(params.evaluate.predictions, ev.threshold, params.package.gradcam_examples)
+        examples = packaging.gradcam_examples(classifier, picks, examples_dir)
+        model_uri = registry.with_retries(
+            lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", params.registry
+        )
+        candidate = dataclasses.replace(candidate, model_uri=model_uri)
+        facts = model_card.CardFacts(
+            info=classifier.info,
+            evaluation=ev,
+            split_sizes={**metadata.get("split_sizes", {}), **ev.n},
+            data_source=params.data.source,
+            git_commit=candidate.tags.get("git_commit", "unknown"),
+            decision="",
+            decision_reason="",
+            examples=[(f"model_card/{name}", caption) for name, caption in examples],
+        )
+        finalize = card_writer(params, client, candidate, facts, examples_dir)
+        decision = registry.register(client, candidate, params.registry, rescorer(params), finalize=finalize)
     record = registry.decision_json(decision)  # one text for the DVC-tracked file and the run
     write_text(params.registry.decision_file, record)
 
@@ -100,4 +171,5 @@ def run(params: Params) -> str:
             f"\n  promote it in the MLflow UI: Models -> {decision.model_name} -> Version {decision.version} -> "
             f"Aliases: add 'champion' (or set registry.promotion: auto)"
         )
-    return decision.summary() + hint
+    card = Path(params.train.model_dir) / "model_card.md"
+    return decision.summary() + f"\n  model card: {card}" + hint

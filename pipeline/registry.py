@@ -162,9 +162,11 @@ def register(
     params: RegisterParams,
     rescore: Callable[[str, float], dict[str, float]],
     log: Callable[[str], None] = print,
+    finalize: Callable[[Decision], None] | None = None,
 ) -> Decision:
     """Register `candidate` and apply the champion policy; `rescore(model_uri, threshold)` scores a
-    registered model on the candidate's test set when the champion was scored on another one."""
+    registered model on the candidate's test set when the champion was scored on another one.
+    `finalize(decision)` runs last (the model card); if it fails, the version is rolled back too."""
     name = params.model_name
 
     def retry(fn: Callable[[], T], what: str) -> T:
@@ -205,6 +207,8 @@ def register(
                     lambda: client.set_registered_model_alias(name, CHALLENGER, version.version), "setting @challenger"
                 )
                 decision.aliases.append(CHALLENGER)
+            if finalize is not None:
+                finalize(decision)
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the version must not stay half-registered
                 if decision.previous_champion and CHAMPION in decision.aliases:

@@ -112,7 +112,7 @@ def stages(params: Params) -> list[Stage]:
                 "pipeline/data_pipeline.py",
             ],
             params=["task", "model", "train"],
-            outs=[p.train.model_dir],
+            outs=[f"{p.train.model_dir}/model.keras", f"{p.train.model_dir}/metadata.json"],
             metrics=["reports/train.json"],
             uncached_outs=[p.train.tensorboard_dir, p.mlflow.run_file],
             plots=[
@@ -124,7 +124,7 @@ def stages(params: Params) -> list[Stage]:
             "evaluate",
             run_evaluate,
             deps=[
-                p.train.model_dir,
+                f"{p.train.model_dir}/model.keras",
                 p.index.path,
                 p.data.root,
                 p.mlflow.run_file,
@@ -152,8 +152,21 @@ def stages(params: Params) -> list[Stage]:
         Stage(
             "register",
             run_register,
-            deps=[p.evaluate.metrics, p.mlflow.run_file, "pipeline/registry.py", "pipeline/register_step.py"],
-            params=["registry"],
+            deps=[
+                p.evaluate.metrics,
+                p.evaluate.predictions,
+                p.mlflow.run_file,
+                f"{p.train.model_dir}/model.keras",
+                p.index.path,
+                p.data.root,
+                "pipeline/registry.py",
+                "pipeline/register_step.py",
+                "pipeline/packaging.py",
+                "pipeline/model_card.py",
+                "pipeline/pyfunc_model.py",
+            ],
+            params=["registry", "package"],
+            outs=[f"{p.train.model_dir}/model_card.md", f"{p.train.model_dir}/model_card"],
             metrics=[p.registry.decision_file],
         ),
     ]

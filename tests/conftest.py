@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -135,3 +136,56 @@ def project_copy(target: Path, *overrides: str) -> Path:
         node[leaf] = yaml.safe_load(value)
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return target
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A compact CNN trained on the real 224 px images, evaluated and registered in its own store."""
+
+    root: Path
+    params: Params
+    tracking_uri: str
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@champion"
+
+    def env(self) -> dict[str, str]:
+        import os
+        import sys
+
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's uvicorn, mlflow
+        return {
+            **os.environ,
+            "PATH": path,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        }
+
+
+# Real data at 64 px and four epochs: about 80 s of training on 2 cores, AUC around 0.99.
+REAL_TRAIN = [
+    "data.source=local",
+    "model.image_size=64",
+    "train.epochs=4",
+    "train.batch_size=64",
+    "evaluate.bootstrap=200",
+    "package.reference_images=300",
+    "registry.promotion=auto",
+]
+
+
+@pytest.fixture(scope="session")
+def real_champion(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> Champion:
+    """The full pipeline (ingest to register) on the real images, once per session."""
+    import contextlib
+
+    from pipeline import stages
+
+    root = tmp_path_factory.mktemp("real_champion")
+    params = rooted_params(root, *REAL_TRAIN, f"data.local_path={real_224}", f"registry.lock_file={root / 'lock'}")
+    with contextlib.chdir(root):  # the train stage writes reports/ relative to the project
+        for stage in stages.stages(params):
+            print(stage.run(params))
+    return Champion(root, params, params.mlflow.tracking_uri, params.registry.model_name)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.gradcam import Explainer
 from pipeline.models import ARCHITECTURES, BACKBONES, build_model, set_backbone_trainable
 
 
@@ -19,7 +20,11 @@ def test_builds_and_runs_forward(architecture: str) -> None:
     y = built.model.predict(x, verbose=0)
     assert y.shape == (2, 1) and np.all((y >= 0) & (y <= 1))
     # Grad-CAM needs the last conv layer in the outer model, not hidden in a nested one.
-    assert built.model.get_layer(built.last_conv).output.shape[-1] > 1
+    conv_shape = built.model.get_layer(built.last_conv).output.shape
+    assert conv_shape[-1] > 1
+    heat = Explainer(built.model, built.last_conv)(x[0])
+    assert heat.shape == tuple(conv_shape[1:3]) and np.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.max() in (0.0, 1.0)  # normalised, or no positive evidence
     if architecture in BACKBONES:
         assert len(built.backbone_layers) > 10
         set_backbone_trainable(built, 0)

@@ -1,0 +1,197 @@
+"""A registered model, ready to predict: the Keras model plus what it needs to be used right.
+
+The register stage packs a *serving bundle* into the MLflow model: ``model.keras``, ``serving.json``
+(threshold, classes, input size, Grad-CAM layer, test figures) and ``drift_reference.json``. Batch
+prediction, the REST service and the MLflow pyfunc wrapper all load that bundle through here, so
+they share one preprocessing path and one threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError, TransientError
+
+SERVING_FILE = "serving.json"
+DRIFT_FILE = "drift_reference.json"
+MODEL_FILE = "model.keras"
+BUNDLE_ARTIFACT = "bundle"  # the pyfunc artifact key (and folder name under artifacts/)
+DEFAULT_URI = "models:/{name}@champion"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    threshold: float
+    class_names: tuple[str, ...]
+    image_size: int
+    task: str
+    architecture: str
+    last_conv_layer: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    ci95: dict[str, list[float]] = field(default_factory=dict)
+    target_sensitivity: float | None = None
+    data_version: str = "unknown"
+    run_id: str = ""
+    name: str = ""
+    version: str | None = None
+    alias: str | None = None
+    uri: str = ""
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float  # P(pneumonia)
+    label: str
+    class_probabilities: dict[str, float]
+
+
+class Classifier:
+    """The Keras model with its threshold; inference is one compiled function, safe across threads."""
+
+    def __init__(self, model: Any, info: ModelInfo, drift_reference: dict[str, Any] | None = None) -> None:
+        import tensorflow as tf
+
+        self.model, self.info, self.drift_reference = model, info, drift_reference
+        size = info.image_size
+        spec = tf.TensorSpec([None, size, size, 1], tf.float32)
+        self._infer = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        self._embedder: Any = None
+        self._explainer: Any = None
+
+    @classmethod
+    def from_bundle(cls, folder: str | Path, **registry: Any) -> Classifier:
+        folder = Path(folder)
+        if (folder / "artifacts" / BUNDLE_ARTIFACT).is_dir():  # an MLflow pyfunc model folder
+            folder = folder / "artifacts" / BUNDLE_ARTIFACT
+        serving = folder / SERVING_FILE
+        if not serving.is_file():
+            raise PipelineError(f"{folder}: no {SERVING_FILE}: not a serving bundle written by `pneumo register`")
+        import keras
+
+        from pipeline import models  # noqa: F401 - registers the custom layer for loading
+
+        raw = json.loads(serving.read_text())
+        raw["class_names"] = tuple(raw["class_names"])
+        info = ModelInfo(**{**raw, **{k: v for k, v in registry.items() if v is not None}})
+        try:
+            model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
+        except Exception as exc:  # noqa: BLE001
+            raise PipelineError(f"{folder / MODEL_FILE}: cannot load the model ({type(exc).__name__})") from None
+        drift = folder / DRIFT_FILE
+        return cls(model, info, json.loads(drift.read_text()) if drift.is_file() else None)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 1) float32 in [0, 255] -> (n, classes) probabilities."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.info.class_names)), np.float32)
+        out = np.asarray(self._infer(np.asarray(batch, np.float32)))
+        return np.concatenate([1.0 - out, out], axis=1) if out.shape[1] == 1 else out
+
+    def label(self, probs: np.ndarray) -> str:
+        names = self.info.class_names
+        score = 1.0 - float(probs[0])
+        if score < self.info.threshold:
+            return names[0]
+        return names[1] if len(names) == 2 else names[1 + int(np.argmax(probs[1:]))]
+
+    def predict(self, batch: np.ndarray) -> list[Prediction]:
+        probs = self.probabilities(batch)
+        names = self.info.class_names
+        return [
+            Prediction(1.0 - float(p[0]), self.label(p), {n: float(v) for n, v in zip(names, p, strict=True)})
+            for p in probs
+        ]
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """Pooled features (the `gap` layer), for drift statistics."""
+        import keras
+
+        if self._embedder is None:
+            self._embedder = keras.Model(self.model.input, self.model.get_layer("gap").output)
+        return np.asarray(self._embedder(np.asarray(batch, np.float32), training=False))
+
+    def heatmap(self, image: np.ndarray) -> np.ndarray:
+        """Grad-CAM of one (size, size, 1) input, with the explainer built once per model."""
+        from pipeline.gradcam import Explainer
+
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.info.last_conv_layer)
+        return self._explainer(image)
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """models:/name@alias or models:/name/version -> (name, version, alias); None for anything else."""
+    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
+        return None
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, None, alias
+    name, _, version = rest.rpartition("/")
+    return (name, version, None) if name and version.isdigit() else None
+
+
+def resolve_version(client: Any, name: str, version: str | None, alias: str | None) -> Any:
+    """The model version object an alias or number names; one-line errors."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        text = str(exc)
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in text.lower():
+            what = f"@{alias}" if alias else f"version {version}"
+            raise PipelineError(
+                f"models:/{name}{'@' + alias if alias else '/' + str(version)}: no {what} in the registry "
+                "(register one with `dvc repro` or promote a version in the MLflow UI)"
+            ) from None
+        raise TransientError(f"MLflow registry unreachable: {text.splitlines()[0][:160]}") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        raise TransientError(f"MLflow registry unreachable ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def load(uri: str, tracking_uri: str | None = None) -> Classifier:
+    """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder."""
+    import os
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if Path(uri).is_dir():
+        return Classifier.from_bundle(uri, uri=uri)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    registry: dict[str, Any] = {"uri": uri}
+    source = uri
+    parsed = parse_registry_uri(uri)
+    if parsed:
+        name, version, alias = parsed
+        mv = resolve_version(MlflowClient(), name, version, alias)
+        registry.update(name=name, version=str(mv.version), alias=alias)
+        source = f"models:/{name}/{mv.version}"  # pinned: an alias moving mid-download cannot mix versions
+    tmp = Path(tempfile.mkdtemp(prefix="pneumo-model-"))
+    try:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
+        except Exception as exc:  # noqa: BLE001
+            raise PipelineError(f"{uri}: cannot download the model ({str(exc).splitlines()[0][:160]})") from None
+        try:
+            return Classifier.from_bundle(local, **registry)
+        except PipelineError as exc:
+            at = f" (version {registry['version']})" if registry.get("version") else ""
+            raise PipelineError(f"{uri}{at}: {str(exc).split(': ', 1)[-1]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""Grad-CAM heat maps (Selvaraju et al. 2017) overlaid on the X-ray, for every supported architecture.
+
+Models are built so the backbone's last convolutional layer is a layer of the model itself (see
+``models.build_model``); its name is in the serving bundle. The explained score is the logit
+(pre-activation) of the pneumonia class for binary models and of the predicted class otherwise,
+so saturated probabilities still give gradients.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+class Explainer:
+    """Grad-CAM for one model and layer; the gradient computation is compiled once."""
+
+    def __init__(self, model: Any, layer: str) -> None:
+        import keras
+        import tensorflow as tf
+
+        head = model.get_layer("prediction")
+        try:
+            conv = model.get_layer(layer).output
+        except ValueError:
+            raise ValueError(f"layer {layer!r} is not in model {model.name!r}; cannot explain") from None
+        self.layer = layer
+        grad_model = keras.Model(model.input, [conv, head.input])
+        kernel, bias = head.kernel, head.bias
+
+        @tf.function(reduce_retracing=True)
+        def compute(x: tf.Tensor, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            with tf.GradientTape() as tape:
+                conv_out, features = grad_model(x, training=False)
+                tape.watch(conv_out)
+                logits = tf.matmul(tf.cast(features, kernel.dtype), kernel) + bias
+                index = tf.where(class_index < 0, tf.argmax(logits[0], output_type=tf.int32), class_index)
+                target = logits[:, index] if logits.shape[-1] > 1 else logits[:, 0]
+            grads = tape.gradient(target, conv_out)
+            weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))  # (1, channels)
+            cam = tf.nn.relu(tf.reduce_sum(tf.cast(conv_out, tf.float32) * weights[:, None, None, :], axis=-1))
+            return cam[0], tf.reduce_max(cam)
+
+        self._compute = compute
+
+    def __call__(self, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
+        """(size, size, 1) model input -> (h, w) heat map in [0, 1] at the conv layer's resolution."""
+        import tensorflow as tf
+
+        x = tf.constant(np.asarray(image, np.float32)[None])
+        cam, top = self._compute(x, tf.constant(-1 if class_index is None else class_index, tf.int32))
+        cam, top = cam.numpy(), float(top)
+        return (cam / top if top > 0 else cam).astype(np.float32)
+
+
+def heatmap(model: Any, image: np.ndarray, layer: str, class_index: int | None = None) -> np.ndarray:
+    """One-off Grad-CAM (builds the explainer each call; use Explainer for many images)."""
+    return Explainer(model, layer)(image, class_index)
+
+
+def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """(H, W) uint8 X-ray and a heat map of any size -> (H, W, 3) uint8, jet colours blended in."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    h, w = gray.shape
+    resized = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
+    colours = colormaps["jet"](resized)[..., :3]
+    base = np.repeat(gray[..., None] / 255.0, 3, axis=-1)
+    return np.clip(
+        255 * ((1 - alpha * resized[..., None]) * base + alpha * resized[..., None] * colours), 0, 255
+    ).astype(np.uint8)
+
+
+def figure_png(gray: np.ndarray, heat: np.ndarray, title: str) -> bytes:
+    """The X-ray and its Grad-CAM overlay side by side under a title, as PNG bytes (PIL: fast)."""
+    from PIL import Image, ImageDraw
+
+    h, w = gray.shape
+    band = 28
+    canvas = Image.new("RGB", (2 * w + 10, h + band), "white")
+    canvas.paste(Image.fromarray(gray).convert("RGB"), (0, band))
+    canvas.paste(Image.fromarray(overlay(gray, heat)), (w + 10, band))
+    ImageDraw.Draw(canvas).text((6, 7), title, fill="black")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", optimize=False, compress_level=3)
+    return buffer.getvalue()

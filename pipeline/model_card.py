@@ -1,0 +1,126 @@
+"""The model card of a registered version, as markdown (Mitchell et al. 2019, trimmed to what applies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.classifier import ModelInfo
+from pipeline.evaluation import Evaluation
+
+PUBLISHED = "Kermany et al. 2018 (transfer learning, official test split): accuracy 92.8%, sensitivity 93.2%, specificity 90.1%, ROC AUC 0.968"  # noqa: E501
+SHOWN = ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc", "brier")
+
+
+@dataclass
+class CardFacts:
+    info: ModelInfo
+    evaluation: Evaluation
+    split_sizes: dict[str, int]
+    data_source: str
+    git_commit: str
+    decision: str
+    decision_reason: str
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
+
+
+def _ci(ev: Evaluation, key: str) -> str:
+    if key not in ev.ci95:
+        return ""
+    lo, hi = ev.ci95[key]
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def render(facts: CardFacts) -> str:
+    info, ev = facts.info, facts.evaluation
+    name = f"{info.name} version {info.version}" if info.version else info.name or "model"
+    synthetic = facts.data_source == "synthetic"
+    lines = [f"# Model card: {name}", ""]
+    if synthetic:
+        lines += [
+            "> **Trained on the pipeline's synthetic demo data.** It shows the pipeline works; it knows "
+            "nothing about real X-rays. Never use it on patients.",
+            "",
+        ]
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| Model | {info.architecture}, task `{info.task}`, input {info.image_size}x{info.image_size} grayscale |",
+        f"| Classes | {', '.join(info.class_names)} |",
+        f"| Registry decision | {facts.decision}: {facts.decision_reason} |",
+        f"| MLflow run | `{info.run_id}` |",
+        f"| Data version (DVC) | `{info.data_version}` (source: {facts.data_source}) |",
+        f"| Code | git `{facts.git_commit}` |",
+        "",
+        "## Intended use",
+        "",
+        "- Decision support for detecting pneumonia on **pediatric anterior-posterior chest X-rays** "
+        "(children aged one to five, as in the training data).",
+        "- A clinician reads every image; the model flags, it does not diagnose or rule out.",
+        "- Out of scope: adults, lateral views, CT, follow-up of known cases, telling bacterial from viral "
+        "pneumonia for treatment, any use without a radiologist or clinician in the loop.",
+        "",
+        "## Data",
+        "",
+        "Kermany et al. 2018, *Chest X-Ray Images (Pneumonia)*, CC BY 4.0: retrospective pediatric images from "
+        "one hospital (Guangzhou Women and Children's Medical Center), labelled by two physicians, the test "
+        "split checked by a third. Splits are grouped by patient (no patient in two splits).",
+        "",
+        "| split | images |",
+        "|---|---|",
+        *(f"| {s} | {n} |" for s, n in facts.split_sizes.items()),
+        "",
+        f"Test set fingerprint: `{ev.test_set}`.",
+        "",
+        "## Performance on the test split",
+        "",
+        f"At the chosen threshold **{ev.threshold:.4f}**, with 95% bootstrap confidence intervals:",
+        "",
+        "| metric | value | 95% CI | at threshold 0.5 |",
+        "|---|---|---|---|",
+    ]
+    for key in SHOWN:
+        lines.append(f"| {key} | {getattr(ev.test, key):.3f} | {_ci(ev, key)} | {getattr(ev.test_at_half, key):.3f} |")
+    (tn, fp), (fn, tp) = ev.test.confusion
+    lines += [
+        "",
+        f"Confusion at the threshold: {tp} pneumonia found, **{fn} missed**, {tn} normal cleared, {fp} false alarms.",
+        "",
+        f"For context only (different split, different model): {PUBLISHED}.",
+        "",
+        "## Threshold",
+        "",
+        f"{ev.threshold:.4f}: the highest threshold whose sensitivity on the validation split reaches "
+        f"{ev.target_sensitivity:.2f}, because a missed pneumonia costs more than a false alarm. Validation "
+        f"sensitivity {ev.val.sensitivity:.3f}, specificity {ev.val.specificity:.3f} on {ev.n.get('val', '?')} "
+        "images; a small validation split makes the threshold itself uncertain. The threshold travels "
+        "with the model: batch prediction, the REST service and the MLflow pyfunc all apply it.",
+        "",
+        "## Known limitations",
+        "",
+        "- One hospital, one population, one acquisition protocol: expect lower figures elsewhere; "
+        "check `pneumo drift` on local images and re-validate before use.",
+        "- Ages one to five only. Older children and adults were not in the data.",
+        "- The data set's official train and test splits differ in class balance and image "
+        "characteristics (a known shift): figures on a split carved from the train folder, like this one "
+        "when built from the Kaggle train folder, are optimistic about the official test split.",
+        "- Images are stretched to a square, as in the published data set; aspect ratio is lost.",
+        "- Bacterial/viral labels come from file names; viral pneumonia is the hardest class.",
+        "- Grad-CAM shows where the model's evidence is, coarsely; it is not a lesion segmentation, and "
+        "attention outside the lungs (markers, text, devices) is a sign of shortcut learning.",
+        "",
+    ]
+    if facts.examples:
+        lines += ["## Grad-CAM examples", ""]
+        for path, caption in facts.examples:
+            lines += [f"**{caption}**", "", f"![{caption}]({path})", ""]
+    lines += [
+        "## How to use",
+        "",
+        "```bash",
+        f"pneumo predict --model models:/{info.name}/{info.version} xrays/ -o predictions.csv --explain heatmaps/",
+        "pneumo serve --port 8080        # follows @champion",
+        f"mlflow models serve -m models:/{info.name}/{info.version} --env-manager local -p 5001",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

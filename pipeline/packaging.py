@@ -1,0 +1,126 @@
+"""Packing an evaluated model for serving: the bundle, its drift reference, Grad-CAM examples, the pyfunc.
+
+Called by the register stage, because only after evaluation is the threshold known.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import drift, model_store
+from pipeline.atomic import write_bytes
+from pipeline.classifier import BUNDLE_ARTIFACT, DRIFT_FILE, MODEL_FILE, SERVING_FILE, Classifier, ModelInfo
+from pipeline.config import Params
+from pipeline.errors import PipelineError
+from pipeline.evaluation import Evaluation
+from pipeline.predict_step import explain, prepare
+
+
+def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str) -> ModelInfo:
+    return ModelInfo(
+        threshold=float(ev.threshold),
+        class_names=tuple(metadata["class_names"]),
+        image_size=int(metadata["input"]["shape"][0]),
+        task=metadata["task"],
+        architecture=metadata["architecture"],
+        last_conv_layer=metadata["last_conv_layer"],
+        metrics={k: float(v) for k, v in ev.test.flat().items()},
+        ci95={k: [float(lo), float(hi)] for k, (lo, hi) in ev.ci95.items()},
+        target_sensitivity=float(ev.target_sensitivity),
+        data_version=str(metadata.get("data_version", "unknown")),
+        run_id=run_id,
+        name=name,
+    )
+
+
+def reference_sample(index: pd.DataFrame, root: str, n: int, seed: int) -> list[str]:
+    train = index[(index["split"] == "train") & index["decodable"]].sort_values("path")
+    if len(train) > n:
+        train = train.sample(n=n, random_state=seed).sort_values("path")
+    return [str(Path(root) / p) for p in train["path"]]
+
+
+def drift_reference(classifier: Classifier, files: list[str], batch_size: int = 64) -> dict[str, Any]:
+    from pipeline.drift_step import batch_features
+
+    features, embeddings, _ = batch_features(classifier, files, batch_size)
+    if len(features) < 2:
+        raise PipelineError("drift reference: fewer than two readable training images")
+    return drift.build_reference(features, embeddings)
+
+
+def pick_examples(predictions_csv: str | Path, threshold: float, per_kind: int = 1) -> list[tuple[str, str]]:
+    """Test images worth explaining: confident hits, and the errors that matter (missed pneumonia first)."""
+    df = pd.read_csv(predictions_csv)
+    sick = df["label"] != "NORMAL"
+    flagged = df["pneumonia_score"] >= threshold
+    kinds = [
+        ("missed pneumonia (false negative)", df[sick & ~flagged].sort_values("pneumonia_score")),
+        ("pneumonia found (true positive)", df[sick & flagged].sort_values("pneumonia_score", ascending=False)),
+        ("normal cleared (true negative)", df[~sick & ~flagged].sort_values("pneumonia_score")),
+        ("false alarm (false positive)", df[~sick & flagged].sort_values("pneumonia_score", ascending=False)),
+    ]
+    return [(str(path), kind) for kind, rows in kinds for path in rows["path"].head(per_kind)]
+
+
+def gradcam_examples(classifier: Classifier, picks: list[tuple[str, str]], out_dir: Path) -> list[tuple[str, str]]:
+    """Write one Grad-CAM figure per pick into out_dir; returns (file name, caption)."""
+    written = []
+    for i, (path, kind) in enumerate(picks):
+        item = prepare(path, classifier.info.image_size)
+        if item.x is None:
+            continue
+        pred = classifier.predict(item.x[None])[0]
+        caption = f"{kind}: {Path(path).name}, P(pneumonia) {pred.probability:.3f}"
+        name = f"gradcam_{i + 1}.png"
+        write_bytes(out_dir / name, explain(classifier, item, caption))
+        written.append((name, caption))
+    return written
+
+
+def write_bundle(dest: Path, model_file: Path, info: ModelInfo, reference: dict[str, Any] | None = None) -> None:
+    """A serving bundle folder: model.keras, serving.json and (if given) drift_reference.json."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(model_file, dest / MODEL_FILE)
+    serving = {k: v for k, v in asdict(info).items() if k not in ("version", "alias", "uri")}
+    (dest / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
+    if reference is not None:
+        (dest / DRIFT_FILE).write_text(json.dumps(reference) + "\n")
+
+
+def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tuple[Classifier, dict[str, Any]]:
+    """Write the bundle of the trained model into dest, with its drift reference; returns the classifier."""
+    from pipeline.dataset_index import read_index
+
+    model, metadata = model_store.load(params.train.model_dir)
+    info = model_info(metadata, ev, run_id, params.registry.model_name)
+    classifier = Classifier(model, info)
+    files = reference_sample(read_index(params.index.path), params.data.root, params.package.reference_images, 0)
+    classifier.drift_reference = drift_reference(classifier, files)
+    write_bundle(dest, Path(params.train.model_dir) / model_store.MODEL_FILE, info, classifier.drift_reference)
+    return classifier, metadata
+
+
+def log_pyfunc(bundle: Path, run_id: str) -> str:
+    """Log the bundle as an MLflow pyfunc model in the run; returns its model URI."""
+    import mlflow
+
+    from pipeline.pyfunc_model import ChestXrayClassifier, signature
+
+    requirements = [*model_store.pip_requirements(), "pandas", "pydicom", "scipy"]
+    with mlflow.start_run(run_id=run_id):
+        logged = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=ChestXrayClassifier(),
+            artifacts={BUNDLE_ARTIFACT: str(bundle)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=signature(),
+            pip_requirements=requirements,
+        )
+    return logged.model_uri

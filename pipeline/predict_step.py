@@ -1,0 +1,202 @@
+"""Batch prediction: files, folders and globs in; a CSV or JSON row per file out.
+
+Images are read and decoded on a thread pool (TensorFlow's decoders release the GIL) and fed to
+the model in batches. An unreadable file becomes a row with ``status=error`` and its reason; the
+others are still predicted. ``--explain`` adds a Grad-CAM figure per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import re
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import image_io
+from pipeline.atomic import write_bytes, write_text
+from pipeline.classifier import Classifier
+from pipeline.errors import PipelineError
+
+COLUMNS = ["file", "probability", "label", "threshold", "model", "model_version", "status", "error", "warnings"]
+
+
+@dataclass
+class Prepared:
+    file: str
+    image: image_io.LoadedImage | None = None
+    x: np.ndarray | None = None
+    error: str | None = None
+
+
+def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files as given (any name), image files under folders, glob matches; plus (input, reason) misses."""
+    files: list[str] = []
+    missing: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in image_io.SUFFIXES)
+            if not found:
+                missing.append((item, f"no {'/'.join(image_io.SUFFIXES)} files in this folder"))
+            files += found
+        elif path.is_file():
+            files.append(item)
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not found:
+                missing.append((item, "the pattern matches no files"))
+            files += found
+        else:
+            missing.append((item, "no such file or folder"))
+    return list(dict.fromkeys(files)), missing
+
+
+def prepare(path: str, image_size: int) -> Prepared:
+    try:
+        data = Path(path).read_bytes()
+        image = image_io.load(data)
+        return Prepared(path, image, image_io.model_input(image, image_size))
+    except image_io.ImageError as exc:
+        return Prepared(path, error=str(exc))
+    except OSError as exc:
+        return Prepared(path, error=f"cannot read ({exc.strerror or type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - a decoder failing in an unexpected way must not stop the batch
+        return Prepared(path, error=f"cannot decode ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+
+
+def prepared_batches(files: list[str], image_size: int, batch_size: int, workers: int) -> Iterator[list[Prepared]]:
+    """Decoded batches in input order; up to two batches decode ahead, on all workers, while the model runs."""
+    from collections import deque
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        names = iter(files)
+        for name in names:
+            pending.append(pool.submit(prepare, name, image_size))
+            if len(pending) >= 3 * batch_size:
+                break
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            for name in names:
+                pending.append(pool.submit(prepare, name, image_size))
+                if len(pending) >= 3 * batch_size:
+                    break
+            yield batch
+
+
+def _heatmap_name(file: str, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(file).stem) or "image"
+    name, n = f"{stem}.gradcam.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.gradcam.png"
+    used.add(name)
+    return name
+
+
+def explain(classifier: Classifier, item: Prepared, title: str) -> bytes:
+    from pipeline import gradcam
+
+    assert item.x is not None and item.image is not None
+    heat = classifier.heatmap(item.x)
+    return gradcam.figure_png(image_io.display_pixels(item.image), heat, title)
+
+
+def predict_files(
+    classifier: Classifier,
+    files: list[str],
+    batch_size: int = 32,
+    workers: int = 4,
+    explain_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    info = classifier.info
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+    for batch in prepared_batches(files, info.image_size, batch_size, workers):
+        ok = [item for item in batch if item.x is not None]
+        predictions = iter(classifier.predict(np.stack([item.x for item in ok])) if ok else [])
+        for item in batch:
+            row: dict[str, Any] = {
+                "file": item.file,
+                "threshold": round(info.threshold, 6),
+                "model": info.name or info.uri,
+                "model_version": info.version or "",
+            }
+            if item.error is not None:
+                rows.append({**row, "probability": None, "label": None, "status": "error", "error": item.error})
+                continue
+            pred = next(predictions)
+            row.update(probability=round(pred.probability, 6), label=pred.label, status="ok", error="")
+            row["warnings"] = "; ".join(item.image.warnings) if item.image else ""
+            if len(info.class_names) > 2:
+                row.update({f"p_{name}": round(p, 6) for name, p in pred.class_probabilities.items()})
+            if explain_dir is not None:
+                name = _heatmap_name(item.file, used)
+                title = f"{Path(item.file).name}: P(pneumonia) {pred.probability:.3f} -> {pred.label}"
+                write_bytes(
+                    Path(explain_dir) / name, explain(classifier, item, f"{title} (threshold {info.threshold:.3f})")
+                )
+                row["heatmap"] = str(Path(explain_dir) / name)
+            rows.append(row)
+        bar.update(len(batch))
+    bar.close()
+    return rows
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    extra = sorted({k for row in rows for k in row} - set(COLUMNS))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *extra], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def run(
+    classifier: Classifier,
+    inputs: list[str],
+    output: str | None,
+    fmt: str | None,
+    batch_size: int,
+    explain_dir: str | None,
+    workers: int = 4,
+) -> tuple[int, str]:
+    """(exit status, summary): 0 all predicted, 1 some inputs failed, 2 none predicted."""
+    files, missing = expand(inputs)
+    if not files:
+        reasons = "; ".join(f"{item}: {why}" for item, why in missing) or "no inputs"
+        raise PipelineError(f"nothing to predict ({reasons})")
+    fmt = fmt or ("json" if output and output.endswith(".json") else "csv")
+    rows = predict_files(classifier, files, batch_size, workers, explain_dir, progress=len(files) > batch_size)
+    rows += [{"file": item, "status": "error", "error": why} for item, why in missing]
+    text = render(rows, fmt)
+    if output:
+        write_text(output, text)
+    else:
+        sys.stdout.write(text)
+    failed = [row for row in rows if row["status"] == "error"]
+    info = classifier.info
+    summary = (
+        f"predicted {len(rows) - len(failed)} of {len(rows)} inputs with {info.name or info.uri}"
+        f"{' v' + info.version if info.version else ''} (threshold {info.threshold:.4f})"
+        + (f" -> {output}" if output else "")
+    )
+    for row in failed:
+        summary += f"\n  unreadable: {row['file']}: {row['error']}"
+    status = 0 if not failed else (2 if len(failed) == len(rows) else 1)
+    return status, summary

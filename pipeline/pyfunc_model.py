@@ -1,0 +1,84 @@
+"""The MLflow pyfunc wrapper: raw image bytes in, probability and label at the registered threshold out.
+
+So ``mlflow models serve -m models:/pneumo-chest-xray@champion`` serves the model as the pipeline
+does: the wrapper owns decoding (JPEG, PNG, DICOM), resizing and the threshold. Send a column
+``image`` holding the file's bytes (base64 in JSON, which MLflow decodes for a binary column)::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64 of the file>"]]}}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+OUTPUT_COLUMNS = ("probability", "label", "threshold", "warnings")
+
+
+class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        from pipeline.classifier import BUNDLE_ARTIFACT, Classifier
+
+        self.classifier = Classifier.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import numpy as np
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipeline import image_io
+
+        if "image" not in model_input.columns:
+            raise MlflowException("input needs a column 'image' with the image file's bytes", INVALID_PARAMETER_VALUE)
+        info = self.classifier.info
+        batch, warnings = [], []
+        for row, value in enumerate(model_input["image"]):
+            try:
+                data = _as_bytes(value)
+                image = image_io.load(data)
+                batch.append(image_io.model_input(image, info.image_size))
+                warnings.append("; ".join(image.warnings))
+            except (image_io.ImageError, ValueError) as exc:
+                raise MlflowException(f"row {row}: {exc}", INVALID_PARAMETER_VALUE) from None
+        predictions = self.classifier.predict(np.stack(batch)) if batch else []
+        return pd.DataFrame(
+            {
+                "probability": [p.probability for p in predictions],
+                "label": [p.label for p in predictions],
+                "threshold": [info.threshold] * len(predictions),
+                "warnings": warnings,
+            },
+            columns=list(OUTPUT_COLUMNS),
+        )
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("the image column holds a string that is not base64") from None
+    raise ValueError(f"the image column holds {type(value).__name__}, not bytes")
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("double", "probability"),
+                ColSpec("string", "label"),
+                ColSpec("double", "threshold"),
+                ColSpec("string", "warnings"),
+            ]
+        ),
+    )

@@ -1,0 +1,162 @@
+"""The registered real-data champion behaves: resolution, small photometric changes, drift, the card.
+
+Run in-process against the session's real-data champion (see conftest.real_champion).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import classifier, drift_step, image_io
+from pipeline.predict_step import predict_files, prepare
+from tests.conftest import REPO, Champion
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model(real_champion: Champion) -> classifier.Classifier:
+    return classifier.load(real_champion.uri, real_champion.tracking_uri)
+
+
+def probabilities(model: classifier.Classifier, files: list[str]) -> np.ndarray:
+    rows = predict_files(model, files, progress=False)
+    assert all(r["status"] == "ok" for r in rows)
+    return np.array([r["probability"] for r in rows])
+
+
+def test_full_resolution_and_224px_copies_agree(
+    model: classifier.Classifier, real_224: Path, real_fullres: Path
+) -> None:
+    copies = {p.name: p for p in real_224.rglob("*.jpeg")}
+    pairs = [(f, copies[f.name]) for f in sorted(real_fullres.rglob("*.jpeg")) if f.name in copies]
+    assert len(pairs) >= 20
+    full = probabilities(model, [str(f) for f, _ in pairs])
+    small = probabilities(model, [str(s) for _, s in pairs])
+    diff = np.abs(full - small)
+    labels_agree = np.mean((full >= model.info.threshold) == (small >= model.info.threshold))
+    print(
+        f"\n{len(pairs)} full-resolution/224 px pairs: |dp| median {np.median(diff):.4f}, max {diff.max():.4f}, "
+        f"labels agree {labels_agree:.1%}"
+    )
+    assert np.median(diff) < 0.02 and diff.max() < 0.1 and labels_agree >= 0.95
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def test_small_brightness_and_contrast_changes_do_not_flip_confident_predictions(
+    model: classifier.Classifier, real_224: Path
+) -> None:
+    files = sorted(str(p) for p in (real_224 / "test").rglob("*.jpeg"))[::3]
+    x = np.stack([prepare(f, model.info.image_size).x for f in files])
+    base = np.array([p.probability for p in model.predict(x)])
+    margin = np.abs(_logit(base) - _logit(model.info.threshold))
+    confident = margin >= 2.0  # odds at least e^2 = 7.4 times away from the threshold's
+    label = base >= model.info.threshold
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    changes = {
+        "brightness x0.9": x * 0.9,
+        "brightness x1.1": x * 1.1,
+        "brightness -10": x - 10,
+        "brightness +10": x + 10,
+        "contrast x0.9": (x - mean) * 0.9 + mean,
+        "contrast x1.1": (x - mean) * 1.1 + mean,
+    }
+    print(f"\n{len(files)} test images, {confident.sum()} confident (|logit - logit(threshold)| >= 2)")
+    for name, changed in changes.items():
+        p = np.array([q.probability for q in model.predict(np.clip(changed, 0, 255).astype(np.float32))])
+        flipped = (p >= model.info.threshold) != label
+        print(f"  {name:<16} flips: {flipped[confident].sum()} confident, {flipped.sum()} in all")
+        assert flipped[confident].sum() == 0, name
+    assert confident.mean() > 0.5
+
+
+def test_drift_ok_on_held_out_images_and_flagged_on_shifted_ones(
+    model: classifier.Classifier,
+    real_champion: Champion,
+    real_224: Path,
+    synthetic_index: tuple[Path, object],
+    tmp_path: Path,
+) -> None:
+    same, unreadable = drift_step.check(model, [str(real_224 / "test")])
+    print(f"\nheld-out test split: {same.summary()}")
+    assert same.verdict in ("ok", "warn") and same.n_images == 790 and not unreadable
+
+    synthetic_root = synthetic_index[0] / "data" / "raw" / "test"
+    other, _ = drift_step.check(model, [str(synthetic_root)])
+    print(f"synthetic images: {other.summary()}")
+    assert other.verdict == "drift" and other.score > same.score
+
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    from PIL import Image
+
+    for f in sorted((real_224 / "test" / "NORMAL").iterdir())[:60]:
+        arr = np.asarray(Image.open(f).convert("L"), dtype=np.float32) * 0.55
+        Image.fromarray(arr.astype(np.uint8)).save(dark / f.name)
+    cmd = [str(Path(sys.executable).with_name("pneumo")), "--params", str(REPO / "params.yaml"), "drift", str(dark)]
+    done = subprocess.run(
+        [*cmd, "-o", str(tmp_path / "drift.json")], env=real_champion.env(), capture_output=True, text=True, timeout=300
+    )
+    print(done.stdout)
+    assert done.returncode == 1 and "DRIFT" in done.stdout
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert report["verdict"] == "drift" and report["score"] >= 0.25 and report["n_images"] == 60
+
+
+def test_model_card_is_logged_and_kept_beside_the_model(real_champion: Champion, model: classifier.Classifier) -> None:
+    from mlflow import MlflowClient
+
+    card_path = Path(real_champion.params.train.model_dir) / "model_card.md"
+    card = card_path.read_text()
+    for needle in (
+        "# Model card: pneumo-chest-xray version 1",
+        "## Intended use",
+        "pediatric anterior-posterior chest X-rays",
+        "Decision support",
+        f"**{model.info.threshold:.4f}**",
+        "95% CI",
+        "## Known limitations",
+        "One hospital",
+        "known shift",
+        "## Grad-CAM examples",
+        f"`{model.info.data_version}`",
+    ):
+        assert needle in card, needle
+    assert "synthetic demo data" not in card  # this one was trained on real images
+    images = [line.split("](")[1].rstrip(")") for line in card.splitlines() if line.startswith("![")]
+    assert len(images) >= 3 and all((card_path.parent / i).is_file() for i in images)
+
+    client = MlflowClient(real_champion.tracking_uri)
+    version = client.get_model_version(real_champion.name, "1")
+    assert version.tags["model_card"] == f"runs:/{version.run_id}/model_card/model_card.md"
+    logged = [a.path for a in client.list_artifacts(version.run_id, "model_card/model_card")]
+    assert len(logged) == len(images)
+    text = Path(client.download_artifacts(version.run_id, "model_card/model_card.md")).read_text()
+    assert text == card
+
+
+def test_gradcam_on_the_trained_model_looks_at_the_chest(model: classifier.Classifier, real_224: Path) -> None:
+    files = sorted((real_224 / "test" / "PNEUMONIA").iterdir())[:20]
+    inside, outside = [], []
+    for f in files:
+        item = prepare(str(f), model.info.image_size)
+        heat = model.heatmap(item.x)
+        assert heat.max() == pytest.approx(1.0) and np.isfinite(heat).all()
+        h, w = heat.shape
+        box = np.zeros_like(heat, dtype=bool)
+        box[h // 8 : h - h // 8, w // 8 : w - w // 8] = True
+        inside.append(heat[box].mean())
+        outside.append(heat[~box].mean())
+    print(f"\nGrad-CAM mean heat: central box {np.mean(inside):.3f}, border {np.mean(outside):.3f}")
+    assert np.mean(inside) > np.mean(outside)
+    assert image_io.display_pixels(image_io.load(files[0].read_bytes())).shape == (224, 224)

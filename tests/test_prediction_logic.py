@@ -1,0 +1,92 @@
+"""Pure logic of prediction: inputs expansion, labels at the threshold, output formats, drift verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import drift
+from pipeline.classifier import Classifier, ModelInfo, parse_registry_uri
+from pipeline.models import build_model
+from pipeline.predict_step import expand, render
+
+
+def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "a/notes.txt", "x.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    files, missing = expand(
+        [str(tmp_path / "a"), str(tmp_path / "*.jpg"), str(tmp_path / "a" / "notes.txt"), str(tmp_path / "nope")]
+    )
+    names = [Path(f).relative_to(tmp_path).as_posix() for f in files]
+    assert names == ["a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "x.jpg", "a/notes.txt"]  # a named file is always tried
+    assert missing == [(str(tmp_path / "nope"), "no such file or folder")]
+    assert expand([str(tmp_path / "*.gif")])[1][0][1] == "the pattern matches no files"
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("models:/pneumo@champion", ("pneumo", None, "champion")),
+        ("models:/pneumo/3", ("pneumo", "3", None)),
+        ("models:/m-0123abc", None),
+        ("runs:/abc/classifier", None),
+    ],
+)
+def test_registry_uris(uri: str, parsed: tuple | None) -> None:
+    assert parse_registry_uri(uri) == parsed
+
+
+def test_labels_follow_the_registered_threshold_binary_and_three_class() -> None:
+    binary = Classifier(
+        build_model("compact_cnn", 32).model, ModelInfo(0.8, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3")
+    )
+    assert binary.label(np.array([0.25, 0.75])) == "NORMAL"  # 0.75 < 0.8: not flagged
+    assert binary.label(np.array([0.15, 0.85])) == "PNEUMONIA"
+    names = ("NORMAL", "BACTERIAL", "VIRAL")
+    three = Classifier(
+        build_model("compact_cnn", 32, n_classes=3).model, ModelInfo(0.5, names, 32, "three_class", "c", "relu3")
+    )
+    assert three.label(np.array([0.6, 0.3, 0.1])) == "NORMAL"
+    assert three.label(np.array([0.2, 0.3, 0.5])) == "VIRAL"
+    preds = three.predict(np.zeros((2, 32, 32, 1), np.float32))
+    assert len(preds) == 2 and set(preds[0].class_probabilities) == set(names)
+    assert preds[0].probability == pytest.approx(1 - preds[0].class_probabilities["NORMAL"], abs=1e-6)
+    heat = three.heatmap(np.random.default_rng(0).uniform(0, 255, (32, 32, 1)).astype(np.float32))
+    assert heat.shape == (4, 4) and np.isfinite(heat).all()  # 32 px after three poolings
+
+
+def test_csv_and_json_outputs() -> None:
+    rows = [
+        {"file": "a.jpeg", "probability": 0.9, "label": "PNEUMONIA", "threshold": 0.5, "status": "ok", "error": ""},
+        {"file": "b.jpeg", "probability": None, "label": None, "status": "error", "error": "empty file"},
+    ]
+    text = render(rows, "csv")
+    assert text.splitlines()[0].startswith("file,probability,label,threshold,model,model_version,status,error")
+    assert text.splitlines()[2].startswith("b.jpeg,,,") and "empty file" in text
+    assert json.loads(render(rows, "json"))[1]["error"] == "empty file"
+
+
+def _features(rng: np.random.Generator, n: int, shift: float = 0.0) -> list[dict[str, float]]:
+    return [drift.image_features(rng.normal(120 + shift, 50, (16, 16, 1)).clip(0, 255), 224, 224) for _ in range(n)]
+
+
+def test_drift_verdicts() -> None:
+    rng = np.random.default_rng(0)
+    reference = drift.build_reference(_features(rng, 300), rng.normal(0, 1, (300, 16)))
+    same = drift.compare(reference, _features(rng, 200), rng.normal(0, 1, (200, 16)))
+    assert same.verdict == "ok" and same.score < 0.15
+    shifted = drift.compare(reference, _features(rng, 200, shift=40), rng.normal(0, 1, (200, 16)))
+    assert shifted.verdict == "drift" and max(shifted.features, key=lambda f: f.ks_distance).feature in (
+        "mean",
+        "p05",
+        "p95",
+    )
+    embedded = drift.compare(reference, _features(rng, 200), rng.normal(1.5, 1, (200, 16)))
+    assert embedded.verdict == "drift"
+    assert max(embedded.features, key=lambda f: f.ks_distance).feature.startswith("embedding_pc")
+    few = drift.compare(reference, _features(rng, 5, shift=80), rng.normal(0, 1, (5, 16)))
+    assert few.verdict == "too_few" and "at least 20" in few.summary()
