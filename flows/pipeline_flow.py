@@ -81,6 +81,9 @@ def summary_markdown(params: Params) -> str:
     if decision_file.is_file():
         d = json.loads(decision_file.read_text())
         lines += [f"**Registry:** {d['model_name']} version {d['version']}: **{d['outcome']}** ({d['reason']}).", ""]
+        card = Path(params.train.model_dir) / "model_card.md"
+        if card.is_file():
+            lines += [f"**Model card:** `{card.resolve()}` (and the run artifact `model_card/model_card.md`).", ""]
     run_file = Path(params.mlflow.run_file)
     if run_file.is_file():
         from pipeline.tracking import load_run_ref

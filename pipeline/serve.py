@@ -38,6 +38,7 @@ class ModelHolder:
         self.reloads = 0
         self.last_error: str | None = None
         self.last_check: float | None = None
+        self._failed_version: str | None = None  # not retried until the alias moves again
         self._stop = threading.Event()
 
     def check(self) -> bool:
@@ -47,14 +48,17 @@ class ModelHolder:
         from mlflow import MlflowClient
 
         name = self.current.info.name
+        version = None
         try:
             version = str(clf.resolve_version(MlflowClient(), name, None, self.alias).version)
             if version == self.current.info.version:
-                self.last_error = None
+                self.last_error = self._failed_version = None
+                return False
+            if version == self._failed_version:
                 return False
             fresh = self._loader(self.uri)
         except PipelineError as exc:
-            self.last_error = str(exc)
+            self.last_error, self._failed_version = str(exc), version
             return False
         finally:
             self.last_check = time.time()

@@ -34,7 +34,12 @@ class RunRef:
 
 
 def tracking_uri(params: MlflowParams) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    """MLFLOW_TRACKING_URI, else params; a relative sqlite path is made absolute against the current folder
+    (MLflow caches one database engine per URI string, so a relative URI would follow the first folder)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def configure(params: MlflowParams) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -152,7 +153,6 @@ class Champion:
         return f"models:/{self.name}@champion"
 
     def env(self) -> dict[str, str]:
-        import os
         import sys
 
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's uvicorn, mlflow
@@ -185,7 +185,16 @@ def real_champion(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> C
 
     root = tmp_path_factory.mktemp("real_champion")
     params = rooted_params(root, *REAL_TRAIN, f"data.local_path={real_224}", f"registry.lock_file={root / 'lock'}")
-    with contextlib.chdir(root):  # the train stage writes reports/ relative to the project
-        for stage in stages.stages(params):
-            print(stage.run(params))
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which beats params: pin this store while building.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = params.mlflow.tracking_uri
+    try:
+        with contextlib.chdir(root):  # the train stage writes reports/ relative to the project
+            for stage in stages.stages(params):
+                print(stage.run(params))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
     return Champion(root, params, params.mlflow.tracking_uri, params.registry.model_name)

@@ -127,6 +127,13 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     run1 = client.get_run(v1.run_id)
     assert "test_roc_auc" in run1.data.metrics and run1.data.tags["registry_decision"] == "champion"
     assert v1.description.startswith("compact_cnn (binary) trained on data version")
+    assert v1.tags["model_card"] == f"runs:/{v1.run_id}/model_card/model_card.md"
+    # The hospital side loads @champion through the tracking server: bundle, threshold and drift reference.
+    from pipeline import classifier
+
+    served = classifier.load(f"models:/{MODEL}@champion", str(stack["tracking_uri"]))
+    assert served.info.version == "1" and served.info.threshold == pytest.approx(float(v1.tags["threshold"]))
+    assert served.drift_reference is not None and served.info.alias == "champion"
 
     deployment_run(stack, {"overrides": {"train.epochs": 3, "model.dropout": 0.1}})
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{MODEL}'")}

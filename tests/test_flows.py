@@ -67,7 +67,7 @@ def test_flow_runs_pipeline_and_publishes_summary(
 
     markdown = asyncio.run(summary())
     assert "| roc_auc |" in markdown and "flow-test version 1: **champion**" in markdown
-    assert "MLflow run:" in markdown
+    assert "MLflow run:" in markdown and "Model card:" in markdown
 
 
 def test_failed_validation_stops_before_training(
