@@ -132,7 +132,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     from pipeline import classifier
 
     served = classifier.load(f"models:/{MODEL}@champion", str(stack["tracking_uri"]))
-    assert served.info.version == "1" and served.info.threshold == pytest.approx(float(v1.tags["threshold"]))
+    assert served.info.version == "1" and served.info.threshold == pytest.approx(float(v1.tags["threshold"]), abs=1e-6)
     assert served.drift_reference is not None and served.info.alias == "champion"
 
     deployment_run(stack, {"overrides": {"train.epochs": 3, "model.dropout": 0.1}})

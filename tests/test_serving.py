@@ -195,6 +195,7 @@ def test_rest_follows_the_alias_while_serving(rest: str, real_champion: Champion
 
     from pipeline.models import build_model
 
+    mlflow.set_tracking_uri(real_champion.tracking_uri)  # MLflow's sqlite registry finds logged models globally
     client = MlflowClient(real_champion.tracking_uri)
     name = real_champion.name
     v1 = client.get_model_version_by_alias(name, "champion")
@@ -228,8 +229,8 @@ def test_rest_follows_the_alias_while_serving(rest: str, real_champion: Champion
     assert httpx.get(f"{rest}/model", timeout=10).json()["reloads"] == 1
 
     # A version without a serving bundle: the service keeps v2 and says why in /health.
-    mlflow.set_tracking_uri(real_champion.tracking_uri)
-    with mlflow.start_run():
+    experiment = client.get_experiment_by_name(real_champion.params.mlflow.experiment)
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
         plain = mlflow.keras.log_model(build_model("compact_cnn", 32).model, name="model", pip_requirements=["keras"])
     v3 = str(client.create_model_version(name, plain.model_uri, model_id=plain.model_id).version)
     client.set_registered_model_alias(name, "champion", v3)
