@@ -55,11 +55,6 @@ class Explainer:
         return (cam / top if top > 0 else cam).astype(np.float32)
 
 
-def heatmap(model: Any, image: np.ndarray, layer: str, class_index: int | None = None) -> np.ndarray:
-    """One-off Grad-CAM (builds the explainer each call; use Explainer for many images)."""
-    return Explainer(model, layer)(image, class_index)
-
-
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """(H, W) uint8 X-ray and a heat map of any size -> (H, W, 3) uint8, jet colours blended in."""
     from matplotlib import colormaps

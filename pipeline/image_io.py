@@ -1,8 +1,8 @@
 """Reading images for prediction: JPEG, PNG and DICOM, checked before decoding, each failure one line.
 
-JPEG and PNG go through ``data_pipeline.decode_image``, the very function training used. DICOM
-pixels (8- or 16-bit, MONOCHROME1/2 or RGB) are windowed to 8-bit grayscale with the file's own
-modality and VOI LUTs, then resized by the same ``resize_square``. DICOM header fields that put an
+JPEG and PNG are decoded once, by the TensorFlow decoder training used, and resized by the same
+``data_pipeline.resize_square``. DICOM pixels (8- or 16-bit, MONOCHROME1/2 or RGB) are windowed to
+8-bit grayscale with the file's own modality and VOI LUTs, then resized the same way. DICOM header fields that put an
 image outside the model's intended use (not a chest radiograph, not AP/PA, not a young child) do
 not stop the prediction: they come back as warnings next to it.
 """
@@ -39,12 +39,11 @@ class ImageTooLarge(ImageError):
 
 @dataclass
 class LoadedImage:
-    pixels: np.ndarray  # (H, W, 1) uint8, only filled for DICOM (JPEG/PNG decode in TensorFlow)
+    pixels: np.ndarray  # (H, W, 1) uint8 grayscale at the original size
     kind: str  # jpeg | png | dicom
     width: int
     height: int
     warnings: list[str] = field(default_factory=list)
-    encoded: bytes = b""
 
 
 def sniff(data: bytes) -> str:
@@ -67,20 +66,23 @@ def _check_size(width: int, height: int) -> None:
 
 
 def _raster(data: bytes, kind: str) -> LoadedImage:
+    import tensorflow as tf
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:  # the header only: cheap, and catches bombs early
+        with Image.open(io.BytesIO(data)) as img:  # the header only: cheap, and catches bombs before decoding
             width, height = img.size
-            _check_size(width, height)
-            img.load()  # a truncated or corrupt body fails here, not silently as grey pixels
-    except ImageError:
-        raise
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"the {kind.upper()} header claims more pixels than the limit of {MAX_PIXELS:,}") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt headers
         raise ImageError(f"corrupt {kind.upper()} ({str(exc).splitlines()[0][:100] or type(exc).__name__})") from None
-    return LoadedImage(np.empty((0, 0, 1), np.uint8), kind, width, height, encoded=data)
+    _check_size(width, height)
+    try:  # the training decoder; a truncated or corrupt body fails here, not silently as grey pixels
+        pixels = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8).numpy()
+    except tf.errors.InvalidArgumentError as exc:
+        reason = str(exc.message).split("}} ")[-1].splitlines()[0][:100]
+        raise ImageError(f"corrupt {kind.upper()} ({reason})") from None
+    return LoadedImage(pixels, kind, width, height)
 
 
 def _age_years(text: str) -> float | None:
@@ -163,7 +165,7 @@ def _dicom(data: bytes) -> LoadedImage:
 
 
 def load(data: bytes) -> LoadedImage:
-    """Check and (for DICOM) decode one encoded image; raises ImageError with the reason."""
+    """Check and decode one encoded image; raises ImageError with the reason."""
     kind = sniff(data)
     return _dicom(data) if kind == "dicom" else _raster(data, kind)
 
@@ -172,22 +174,15 @@ def model_input(image: LoadedImage, image_size: int) -> np.ndarray:
     """(size, size, 1) float32 in [0, 255], exactly as training fed the model."""
     import tensorflow as tf
 
-    from pipeline.data_pipeline import decode_image, resize_square
+    from pipeline.data_pipeline import resize_square
 
-    if image.kind == "dicom":
-        return resize_square(tf.constant(image.pixels), image_size).numpy()
-    return decode_image(tf.constant(image.encoded), image_size).numpy()
+    return resize_square(tf.constant(image.pixels), image_size).numpy()
 
 
 def display_pixels(image: LoadedImage, max_side: int = 768) -> np.ndarray:
     """(H, W) uint8 grayscale for overlays, at most `max_side` on the longer side."""
-    import tensorflow as tf
     from PIL import Image
 
-    if image.kind == "dicom":
-        pixels = image.pixels[..., 0]
-    else:  # the same 8-bit grayscale decode the model input starts from
-        pixels = tf.io.decode_image(image.encoded, channels=1, expand_animations=False, dtype=tf.uint8).numpy()[..., 0]
-    pil = Image.fromarray(pixels)
+    pil = Image.fromarray(image.pixels[..., 0])
     pil.thumbnail((max_side, max_side))
     return np.asarray(pil, dtype=np.uint8)

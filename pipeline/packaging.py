@@ -73,7 +73,7 @@ def gradcam_examples(classifier: Classifier, picks: list[tuple[str, str]], out_d
     """Write one Grad-CAM figure per pick into out_dir; returns (file name, caption)."""
     written = []
     for i, (path, kind) in enumerate(picks):
-        item = prepare(path, classifier.info.image_size)
+        item = prepare(path, classifier.info.image_size, display=True)
         if item.x is None:
             continue
         pred = classifier.predict(item.x[None])[0]

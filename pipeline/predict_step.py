@@ -8,6 +8,7 @@ others are still predicted. ``--explain`` adds a Grad-CAM figure per image.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -32,9 +33,10 @@ COLUMNS = ["file", "probability", "label", "threshold", "model", "model_version"
 @dataclass
 class Prepared:
     file: str
-    image: image_io.LoadedImage | None = None
+    image: image_io.LoadedImage | None = None  # header facts; pixels dropped once resized
     x: np.ndarray | None = None
     error: str | None = None
+    display: np.ndarray | None = None  # a thumbnail for Grad-CAM figures, when asked for
 
 
 def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -60,11 +62,13 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return list(dict.fromkeys(files)), missing
 
 
-def prepare(path: str, image_size: int) -> Prepared:
+def prepare(path: str, image_size: int, display: bool = False) -> Prepared:
     try:
-        data = Path(path).read_bytes()
-        image = image_io.load(data)
-        return Prepared(path, image, image_io.model_input(image, image_size))
+        image = image_io.load(Path(path).read_bytes())
+        x = image_io.model_input(image, image_size)
+        thumbnail = image_io.display_pixels(image) if display else None
+        header = dataclasses.replace(image, pixels=np.empty((0, 0, 1), np.uint8))  # full-size pixels not kept
+        return Prepared(path, header, x, display=thumbnail)
     except image_io.ImageError as exc:
         return Prepared(path, error=str(exc))
     except OSError as exc:
@@ -73,7 +77,9 @@ def prepare(path: str, image_size: int) -> Prepared:
         return Prepared(path, error=f"cannot decode ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
 
 
-def prepared_batches(files: list[str], image_size: int, batch_size: int, workers: int) -> Iterator[list[Prepared]]:
+def prepared_batches(
+    files: list[str], image_size: int, batch_size: int, workers: int, display: bool = False
+) -> Iterator[list[Prepared]]:
     """Decoded batches in input order; up to two batches decode ahead, on all workers, while the model runs."""
     from collections import deque
 
@@ -81,13 +87,13 @@ def prepared_batches(files: list[str], image_size: int, batch_size: int, workers
         pending: deque = deque()
         names = iter(files)
         for name in names:
-            pending.append(pool.submit(prepare, name, image_size))
+            pending.append(pool.submit(prepare, name, image_size, display))
             if len(pending) >= 3 * batch_size:
                 break
         while pending:
             batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
             for name in names:
-                pending.append(pool.submit(prepare, name, image_size))
+                pending.append(pool.submit(prepare, name, image_size, display))
                 if len(pending) >= 3 * batch_size:
                     break
             yield batch
@@ -106,9 +112,8 @@ def _heatmap_name(file: str, used: set[str]) -> str:
 def explain(classifier: Classifier, item: Prepared, title: str) -> bytes:
     from pipeline import gradcam
 
-    assert item.x is not None and item.image is not None
-    heat = classifier.heatmap(item.x)
-    return gradcam.figure_png(image_io.display_pixels(item.image), heat, title)
+    assert item.x is not None and item.display is not None, "prepare(..., display=True) first"
+    return gradcam.figure_png(item.display, classifier.heatmap(item.x), title)
 
 
 def predict_files(
@@ -125,7 +130,7 @@ def predict_files(
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, file=sys.stderr)
-    for batch in prepared_batches(files, info.image_size, batch_size, workers):
+    for batch in prepared_batches(files, info.image_size, batch_size, workers, display=explain_dir is not None):
         ok = [item for item in batch if item.x is not None]
         predictions = iter(classifier.predict(np.stack([item.x for item in ok])) if ok else [])
         for item in batch:

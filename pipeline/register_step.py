@@ -17,15 +17,18 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluation
 
 
-def candidate_from_outputs(params: Params, client: Any) -> registry.Candidate:
-    """The candidate as the train and evaluate stages left it (run reference and metrics file)."""
-    ref = tracking.load_run_ref(params.mlflow.run_file)
-    if not ref.model_uri:
-        raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
+def load_evaluation(params: Params) -> Evaluation:
     path = Path(params.evaluate.metrics)
     if not path.is_file():
         raise PipelineError(f"{path}: no evaluation (run the evaluate stage first)")
-    ev = Evaluation.from_dict(json.loads(path.read_text()))
+    return Evaluation.from_dict(json.loads(path.read_text()))
+
+
+def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> registry.Candidate:
+    """The candidate as the train and evaluate stages left it (run reference and evaluation)."""
+    ref = tracking.load_run_ref(params.mlflow.run_file)
+    if not ref.model_uri:
+        raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
     run = registry.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
     run_tags = run.data.tags
     metrics = {k: float(getattr(ev.test, k)) for k in registry.SCORE_KEYS}
@@ -133,8 +136,8 @@ def run(params: Params) -> str:
     uri = tracking.tracking_uri(params.mlflow)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    candidate = candidate_from_outputs(params, client)
-    ev = Evaluation.from_dict(json.loads(Path(params.evaluate.metrics).read_text()))
+    ev = load_evaluation(params)
+    candidate = candidate_from_outputs(params, client, ev)
     with tempfile.TemporaryDirectory(prefix="pneumo-register-") as tmp:
         bundle, examples_dir = Path(tmp) / "bundle", Path(tmp) / "examples"
         classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
