@@ -1,6 +1,6 @@
 """Pneumonia detection pipeline: pure steps shared by the CLI, DVC stages and Prefect flows."""
 
-import os
+from pipeline import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines drown the progress
+console.configure()  # before anything imports TensorFlow: its start-up noise stays off unless PNEUMO_VERBOSE=1
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, console
 from pipeline.config import Params, load_params
 from pipeline.errors import DataError, PipelineError
 
@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pneumo {__version__}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow's start-up and device messages (also PNEUMO_VERBOSE=1, e.g. for dvc repro)",
+    )
     parser.add_argument(
         "-S",
         "--set",
@@ -140,6 +146,8 @@ def serve_commands(args: argparse.Namespace, params: Params) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        console.configure(loud=True)
     try:
         params = load_params(args.params, args.overrides)
         from pipeline import stages

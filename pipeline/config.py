@@ -64,6 +64,17 @@ class IndexParams(Strict):
     path: str = "data/index.parquet"
     quarantine: str = "reports/quarantine.csv"
     workers: int = Field(0, ge=0, description="0: one per CPU core, times two")
+    patient_scopes: dict[Literal["train", "val", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "val": "train", "test": "test"},
+        description="folder -> patient numbering it shares; Kaggle's test/ numbers its own patients",
+    )
+
+    @model_validator(mode="after")
+    def _every_folder_scoped(self) -> IndexParams:
+        missing = [s for s in SPLITS if s not in self.patient_scopes]
+        if missing:
+            raise ValueError(f"patient_scopes: missing folder(s) {', '.join(missing)}")
+        return self
 
 
 class SplitParams(Strict):

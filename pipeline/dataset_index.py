@@ -1,9 +1,10 @@
 """The index: one row per image file under the data root, the table every later step reads.
 
 Columns: path (relative to the data root), official_split (its folder), split (after the
-patient-grouped carve, see splits.py), label, subtype, patient_id, width, height, mode, bytes,
-sha256, decodable, error. A file that does not decode is kept in the index with its error and
-``decodable=False``: training never sees it (it is quarantined), and validation reports it.
+patient-grouped carve, see splits.py), label, subtype, patient_id (scoped by the folder's patient
+numbering: ``train/person12``, ``test/person12``), width, height, mode, bytes, sha256, decodable,
+error. A file that does not decode is kept in the index with its error and ``decodable=False``:
+training never sees it (it is quarantined), and validation reports it.
 """
 
 from __future__ import annotations
@@ -82,8 +83,14 @@ def list_images(root: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def build_index(root: str | Path, workers: int = 0) -> pd.DataFrame:
-    """Scan `root` in the Kaggle layout into the index table (split = official_split for now)."""
+DEFAULT_SCOPES = {"train": "train", "val": "train", "test": "test"}
+
+
+def build_index(root: str | Path, workers: int = 0, patient_scopes: dict[str, str] | None = None) -> pd.DataFrame:
+    """Scan `root` in the Kaggle layout into the index table (split = official_split for now).
+
+    ``patient_id`` is scoped by the folder's patient numbering (see ``naming.scoped_patient_id``)."""
+    scopes = patient_scopes or DEFAULT_SCOPES
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder missing (run `pneumo ingest` or `dvc repro ingest` first)")
@@ -110,7 +117,7 @@ def build_index(root: str | Path, workers: int = 0) -> pd.DataFrame:
                 "split": split,
                 "label": label,
                 "subtype": naming.subtype(path.name, label),
-                "patient_id": naming.patient_id(path.name),
+                "patient_id": naming.scoped_patient_id(path.name, split, scopes),
                 "width": f.width,
                 "height": f.height,
                 "mode": f.mode,

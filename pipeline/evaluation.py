@@ -56,7 +56,7 @@ class Evaluation:
     def summary(self) -> str:
         t, c = self.test, self.ci95
         lines = [
-            f"threshold {self.threshold:.4f} (highest reaching sensitivity >= {self.target_sensitivity} on val, "
+            f"threshold {self.threshold:.4f} (sensitivity >= {self.target_sensitivity} at best specificity on val, "
             f"n={self.n['val']})",
             f"test (n={self.n['test']}) at the threshold: accuracy {t.accuracy:.3f}  sensitivity {t.sensitivity:.3f} "
             f"[{c['sensitivity'][0]:.3f}, {c['sensitivity'][1]:.3f}]  specificity {t.specificity:.3f} "

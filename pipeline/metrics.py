@@ -1,8 +1,9 @@
 """Evaluation figures with scikit-learn: threshold choice on validation, metrics and bootstrap CIs on test.
 
-Missing a pneumonia is the costly error, so the decision threshold is the highest one whose
-validation sensitivity reaches a target (fewer false alarms at the same safety), and test figures
-are reported at that threshold and at 0.5.
+Missing a pneumonia is the costly error, so the decision threshold is chosen on validation to reach
+a target sensitivity at the best specificity that allows; of the thresholds that do both, the one in
+the middle of their interval (on the logit scale), not the edge that a single positive image sets.
+Test figures are reported at that threshold and at 0.5.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pipeline.errors import PipelineError
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
-    """The largest threshold t with sensitivity(score >= t) >= target on these labels."""
+    """The middle (logit scale) of the thresholds t with sensitivity(score >= t) >= target at the best
+    specificity: between the k-th highest positive score (k positives reach the target) and the highest
+    negative score below it, so one image more or less at the edge does not flip the choice."""
     if not 0 < target_sensitivity < 1:
         raise PipelineError(f"evaluate.target_sensitivity: must be in (0, 1), got {target_sensitivity}")
     y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
@@ -25,7 +28,15 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity:
         raise PipelineError("cannot choose a threshold: the validation split has no PNEUMONIA image")
     # Predicting positive for score >= positives[k-1] catches the k highest-scoring positives.
     k = int(np.ceil(target_sensitivity * positives.size))
-    return float(positives[k - 1])
+    upper = float(positives[k - 1])
+    below = scores[(y_true == 0) & (scores < upper)]
+    if below.size == 0:  # no negative can be cleared at this sensitivity: any lower threshold is as good
+        return upper
+    lower = float(below.max())
+    eps = 1e-7
+    logit = lambda p: np.log(np.clip(p, eps, 1 - eps) / (1 - np.clip(p, eps, 1 - eps)))  # noqa: E731
+    middle = float(1 / (1 + np.exp(-(logit(lower) + logit(upper)) / 2)))
+    return min(max(middle, np.nextafter(lower, 1.0)), upper)  # strictly above the negative, at most the edge
 
 
 def specificity(y_true: np.ndarray, y_pred: np.ndarray) -> float:

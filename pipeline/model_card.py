@@ -89,8 +89,9 @@ def render(facts: CardFacts) -> str:
         "",
         "## Threshold",
         "",
-        f"{ev.threshold:.4f}: the highest threshold whose sensitivity on the validation split reaches "
-        f"{ev.target_sensitivity:.2f}, because a missed pneumonia costs more than a false alarm. Validation "
+        f"{ev.threshold:.4f}: chosen on the validation split to reach sensitivity {ev.target_sensitivity:.2f} "
+        "at the best specificity that allows (the middle of the thresholds that do both), because a missed "
+        "pneumonia costs more than a false alarm. Validation "
         f"sensitivity {ev.val.sensitivity:.3f}, specificity {ev.val.specificity:.3f} on {ev.n.get('val', '?')} "
         "images; a small validation split makes the threshold itself uncertain. The threshold travels "
         "with the model: batch prediction, the REST service and the MLflow pyfunc all apply it.",

@@ -2,6 +2,10 @@
 
 ``person123_bacteria_456.jpeg`` -> (``person123``, ``bacteria``); ``IM-0115-0001.jpeg`` ->
 (``IM-0115``, ``none``); ``NORMAL2-IM-0588-0001-0002.jpeg`` -> (``NORMAL2-IM-0588``, ``none``).
+
+A patient id is unique only within one numbering: the official ``val/`` folder continues ``train/``'s,
+while ``test/`` numbers its own patients (``person100`` in train and in test are different children).
+The index therefore keys patients by numbering scope: ``train/person100`` vs ``test/person100``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ def patient_id(filename: str) -> str:
         if m:
             return m.group(1)
     return stem
+
+
+def scoped_patient_id(filename: str, folder: str, scopes: dict[str, str]) -> str:
+    """``<scope>/<patient id>``: the folder's numbering scope (``index.patient_scopes``) and the id in the name."""
+    try:
+        scope = scopes[folder]
+    except KeyError:
+        raise ValueError(f"index.patient_scopes: no numbering scope for folder {folder!r}") from None
+    return f"{scope}/{patient_id(filename)}"
 
 
 def subtype(filename: str, label: str) -> str:

@@ -111,16 +111,18 @@ def log_pyfunc(bundle: Path, run_id: str) -> str:
     """Log the bundle as an MLflow pyfunc model in the run; returns its model URI."""
     import mlflow
 
-    from pipeline.pyfunc_model import ChestXrayClassifier, signature
+    from pipeline import pyfunc_entry
+    from pipeline.pyfunc_model import example_input, signature
 
     requirements = [*model_store.pip_requirements(), "pandas", "pydicom", "scipy"]
     with mlflow.start_run(run_id=run_id):
         logged = mlflow.pyfunc.log_model(
             name="classifier",
-            python_model=ChestXrayClassifier(),
+            python_model=pyfunc_entry.__file__,  # models-from-code: no pickled object, no pickle warning
             artifacts={BUNDLE_ARTIFACT: str(bundle)},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature(),
+            input_example=example_input(),
             pip_requirements=requirements,
         )
     return logged.model_uri

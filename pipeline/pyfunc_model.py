@@ -67,6 +67,18 @@ def _as_bytes(value: Any) -> bytes:
     raise ValueError(f"the image column holds {type(value).__name__}, not bytes")
 
 
+def example_input() -> pd.DataFrame:
+    """One request row as MLflow stores it beside the model: a small grey PNG's bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf, "PNG")
+    return pd.DataFrame({"image": [buf.getvalue()]})
+
+
 def signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema

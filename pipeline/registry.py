@@ -1,11 +1,15 @@
 """The register stage: a new model version in the MLflow registry and the champion decision.
 
-Policy (``registry.*`` params): with no ``@champion`` the candidate becomes champion. Otherwise both
-are scored on the same test set: the champion's recorded figures when its ``test_set`` tag matches,
-else the champion is re-scored on the candidate's test set at its own registered threshold. The
-candidate wins when its primary metric beats the champion's by ``min_improvement`` and its
-sensitivity is at least ``sensitivity_floor``. A winner gets ``@challenger`` for a human to promote
-(``promotion: manual``) or takes ``@champion`` itself (``auto``; the previous champion is recorded).
+Policy (``registry.*`` params): a candidate whose test sensitivity is below ``sensitivity_floor`` is
+registered with its decision but never gets an alias, not even as the first version. Otherwise,
+with no ``@champion`` the candidate becomes champion; with one, both are scored on the same test
+set: the champion's recorded figures when its ``test_set`` tag matches, else the champion is
+re-scored on the candidate's test set at its own registered threshold. The candidate wins when its
+primary metric beats the champion's by ``min_improvement``. A winner gets ``@challenger`` for a
+human to promote (``promotion: manual``) or takes ``@champion`` itself (``auto``; the previous
+champion is recorded), unless a person moved ``@champion`` since the pipeline last set it (the
+registered model's ``pipeline_champion`` tag): a person's choice is never overridden, the winner
+gets ``@challenger``.
 
 The decision is computed before anything is written; the version is created with its tags in one
 call; a failure after that deletes the version again, so the registry is never left half-updated.
@@ -30,6 +34,7 @@ from pipeline.errors import PipelineError, TransientError
 
 T = TypeVar("T")
 CHAMPION, CHALLENGER = "champion", "challenger"
+PIPELINE_CHAMPION_TAG = "pipeline_champion"  # the version this pipeline last gave @champion
 SCORE_KEYS = ("roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "brier")
 
 
@@ -64,13 +69,13 @@ class Decision:
 def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -> tuple[str, str, list[str]]:
     """(outcome, reason, warnings) for a candidate against the champion on the same test set."""
     sens, floor = candidate.metrics["sensitivity"], params.sensitivity_floor
+    if sens < floor:  # the clinical floor comes first: not even a first version may serve below it
+        where = "no champion is set" if champion is None else f"champion v{champion.version} stays"
+        return "rejected", f"test sensitivity {sens:.4f} is below the floor {floor}; {where}", []
     if champion is None:
-        warnings = [f"sensitivity {sens:.4f} is below the floor {floor}"] if sens < floor else []
-        return CHAMPION, "no champion yet", warnings
+        return CHAMPION, "no champion yet", []
     if champion.test_set != candidate.test_set:
         raise PipelineError("register: champion and candidate scored on different test sets (internal error)")
-    if sens < floor:
-        return "rejected", f"sensitivity {sens:.4f} below the floor {floor}", []
     key = params.primary_metric
     cand, champ = candidate.metrics[key], champion.metrics[key]
     if cand > champ + params.min_improvement:
@@ -186,6 +191,12 @@ def register(
                 champion = Scores(metrics, champion.threshold, candidate.scores.test_set, champion.version)
                 rescored = True
         outcome, reason, warnings = decide(candidate.scores, champion, params)
+        if outcome == CHAMPION and current is not None:
+            registered = retry(lambda: _registered_model(client, name), "reading the registered model")
+            if registered.tags.get(PIPELINE_CHAMPION_TAG) != str(current.version):
+                # A person moved @champion (the UI, the API): an automatic promotion never overrides that.
+                outcome = CHALLENGER
+                reason += f"; @champion v{current.version} was set by a person, so only @challenger moves"
         decision = Decision(outcome, reason, candidate.scores, champion, rescored, model_name=name, warnings=warnings)
         tags = {**candidate.tags, "decision": outcome, "decision_reason": reason}
         version = retry(lambda: _create_version(client, name, candidate, tags), "creating the model version")
@@ -202,6 +213,10 @@ def register(
                     )
                 retry(lambda: client.set_registered_model_alias(name, CHAMPION, version.version), "moving @champion")
                 decision.aliases.append(CHAMPION)
+                retry(
+                    lambda: client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, str(version.version)),
+                    "recording who set @champion",
+                )
             elif outcome == CHALLENGER:
                 retry(
                     lambda: client.set_registered_model_alias(name, CHALLENGER, version.version), "setting @challenger"
@@ -213,6 +228,7 @@ def register(
             with contextlib.suppress(Exception):  # best effort: the version must not stay half-registered
                 if decision.previous_champion and CHAMPION in decision.aliases:
                     client.set_registered_model_alias(name, CHAMPION, decision.previous_champion)
+                    client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, decision.previous_champion)
                 client.delete_model_version(name, version.version)
             raise
     return decision

@@ -24,7 +24,7 @@ def run_ingest(params: Params) -> str:
 
 
 def run_index(params: Params) -> str:
-    index = dataset_index.build_index(params.data.root, params.index.workers)
+    index = dataset_index.build_index(params.data.root, params.index.workers, params.index.patient_scopes)
     index = splits.assign_splits(index, params.split)
     dataset_index.write_index(index, params.index.path, params.index.quarantine)
     usable = index[index["decodable"]]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.atomic import write_text
 from pipeline.config import MlflowParams
+from pipeline.data_version import split_fingerprint
 from pipeline.errors import PipelineError, TransientError
 
 
@@ -96,3 +100,27 @@ def load_run_ref(path: str | Path) -> RunRef:
         raise PipelineError(f"{path}: no MLflow run recorded (run the train stage first)") from None
     except (ValueError, TypeError):
         raise PipelineError(f"{path}: not a run reference written by the train stage") from None
+
+
+DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_datasets(index: pd.DataFrame, root: str, data_version: str) -> None:
+    """Record each split as an MLflow dataset input (the run page's Datasets panel).
+
+    The digest is DVC's hash of the data folder (``untracked`` data: the split's content hash);
+    the input's tags carry the split's own content hash and size.
+    """
+    import mlflow
+
+    source = Path(root).resolve().as_uri()
+    for split, context in DATASET_CONTEXT.items():
+        rows = index[(index["split"] == split) & index["decodable"]]
+        rows = rows[["path", "label", "subtype", "patient_id", "sha256"]].reset_index(drop=True)
+        split_hash = split_fingerprint(index, split)
+        digest = data_version.removesuffix(".dir") if data_version != "untracked" else split_hash
+        with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(rows, source=source, targets="label", name=split, digest=digest[:36])
+        tags = {"split_fingerprint": split_hash, "images": str(len(rows)), "dvc_data_version": data_version}
+        mlflow.log_input(dataset, context=context, tags=tags)

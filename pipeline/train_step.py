@@ -37,7 +37,7 @@ def run(params: Params) -> str:
 
     index = read_index(params.index.path)
     experiment_id = tracking.configure(params.mlflow)
-    data_version = dvc_data_version(params.data.root) or "untracked"
+    data_version = dvc_data_version(params.data.root, index=params.index.path) or "untracked"
     fingerprint = index_fingerprint(index)
     run_name = f"{params.model.architecture}-{params.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
@@ -58,6 +58,7 @@ def run(params: Params) -> str:
             "train": params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
         }
         mlflow.log_params(tracking.flatten("", run_params))
+        tracking.log_datasets(index, params.data.root, data_version)
         if Path(params.validation.report).is_file():
             mlflow.log_artifact(params.validation.report, "validation")
 

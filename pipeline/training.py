@@ -3,13 +3,18 @@
 Phase ``head`` trains the classifier on a frozen backbone (on features computed once when
 ``train.cache_features``); phase ``fine_tune`` unfreezes the top ``train.fine_tune_layers`` at a
 lower rate. The compact CNN trains in one phase, ``full``. Each phase keeps a resumable state in
-``train.resume_dir``: a training interrupted mid-way continues from its last finished epoch.
+``train.resume_dir/<key>``: a training interrupted mid-way continues from its last finished epoch.
+The key covers the data, the settings and the training code (``state_key``), and a finished
+training deletes its state, so no later run can pick up another's weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline import data_pipeline as dp
+from pipeline import models
 from pipeline.config import Params, TrainParams
 from pipeline.models import BuiltModel, build_model, set_backbone_trainable
 
@@ -146,7 +152,7 @@ def train(
     with strategy.scope():
         built = build_model(mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout)
     outcome = TrainOutcome(built, train_data.class_names, device)
-    state_dir = Path(tp.resume_dir) / _state_key(params)
+    state_dir = Path(tp.resume_dir) / state_key(params, index)
     start = time.perf_counter()
 
     model = built.model
@@ -191,6 +197,7 @@ def train(
             fit_on_images("fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * len(outcome.history)
+    shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing is left for a later run to pick up
     return outcome
 
 
@@ -243,11 +250,20 @@ def _train_head_on_features(
     )
 
 
-def _state_key(params: Params) -> str:
-    """Resume only a training with the same settings and data split."""
-    import hashlib
+def state_key(params: Params, index: pd.DataFrame) -> str:
+    """Everything that determines a training's result: a resume matches only the same run.
 
-    blob = json.dumps(
-        [params.task, params.model.model_dump(), params.train.model_dump(), params.split.model_dump()], sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    The data (path, label, split and bytes of every usable train/val image), the task, model, train
+    and split params (output folders aside), and the source of the modules that train.
+    """
+    used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
+    data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
+    settings = [
+        params.task,
+        params.model.model_dump(),
+        params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
+        params.split.model_dump(),
+    ]
+    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models)]
+    blob = json.dumps([data, settings, code], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -198,3 +198,47 @@ def real_champion(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> C
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
     return Champion(root, params, params.mlflow.tracking_uri, params.registry.model_name)
+
+
+OFFICIAL_TEST_NAMES = SHARED_DATA / "official_test_names.txt"
+
+
+def build_official_layout(real_224: Path, root: Path) -> Path:
+    """A folder shaped like the official Kaggle archive, from the shared images.
+
+    train = the shared train + test (both from the official train folder: 5,216), val = the shared
+    val (16), test = 624 images under the official test names (234 NORMAL, 390 PNEUMONIA), each a
+    shared image of that class re-encoded with a slight change, so its bytes occur nowhere else.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for split, sources in {"train": ["train", "test"], "val": ["val"]}.items():
+        for label in ("NORMAL", "PNEUMONIA"):
+            target = root / split / label
+            target.mkdir(parents=True)
+            for source in sources:
+                for f in sorted((real_224 / source / label).iterdir()):
+                    shutil.copy2(f, target / f.name)
+    names = [line.strip() for line in OFFICIAL_TEST_NAMES.read_text().splitlines() if line.strip()]
+    pools = {label: sorted((real_224 / "test" / label).iterdir()) for label in ("NORMAL", "PNEUMONIA")}
+    for i, name in enumerate(names):
+        label = name.split("/")[1]
+        source = pools[label][i % len(pools[label])]
+        pixels = np.asarray(Image.open(source).convert("L"), dtype=np.int16)
+        altered = np.clip(pixels + 1 + i % 3, 0, 255).astype(np.uint8)  # a lightly brighter copy
+        buf = io.BytesIO()
+        Image.fromarray(altered).save(buf, "JPEG", quality=92)
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
+    return root
+
+
+@pytest.fixture(scope="session")
+def official_layout(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not OFFICIAL_TEST_NAMES.is_file():
+        pytest.skip(f"official test names not found at {OFFICIAL_TEST_NAMES} (see ../shared/data/README.md)")
+    return build_official_layout(real_224, tmp_path_factory.mktemp("official") / "chest_xray")

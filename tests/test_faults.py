@@ -78,19 +78,40 @@ def test_same_image_in_train_and_test(real_copy: Path, params_in: Callable[..., 
     assert set(check.examples) == {"train/NORMAL/IM-9999-0001.jpeg", f"test/NORMAL/{src.name}"}
 
 
-def test_one_patient_in_two_splits(real_copy: Path, params_in: Callable[..., Params]) -> None:
-    src = _first(real_copy / "test" / "PNEUMONIA")
+def test_one_patient_across_train_and_kept_val_folder(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    """With the official val folder kept as is (split.pool: [train]), a patient in both folders is a leak:
+    val continues train's patient numbering."""
+    _, clean = _pipeline(real_copy, params_in, "split.pool=[train]")  # a child the carve keeps in train
+    kept = clean[(clean["split"] == "train") & (clean["label"] == "PNEUMONIA")].sort_values("path")
+    src = real_copy / kept["path"].iloc[0]
     patient = src.name.split("_")[0]
     buf = io.BytesIO()
     Image.open(src).rotate(3).save(buf, "JPEG")  # a different image of the same patient
-    planted = real_copy / "train" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg"
+    planted = real_copy / "val" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg"
     planted.write_bytes(buf.getvalue())
-    params, index = _pipeline(real_copy, params_in)
+    params, index = _pipeline(real_copy, params_in, "split.pool=[train]")
     report = validation.validate(index, params.validation)
     check = _check(report, "no patient in two splits")
     assert not check.success
-    assert f"train/PNEUMONIA/{planted.name}" in check.examples and f"test/PNEUMONIA/{src.name}" in check.examples
+    assert f"val/PNEUMONIA/{planted.name}" in check.examples and f"train/PNEUMONIA/{src.name}" in check.examples
     assert _check(report, "no image (sha256) in two splits").success
+
+
+def test_test_folder_numbers_its_own_patients(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    """The same patient id in train and test names two children (Kaggle's test/ numbers its own patients);
+    a folder set to share train's numbering (index.patient_scopes) turns the same names into a leak."""
+    src = _first(real_copy / "train" / "PNEUMONIA")
+    patient = src.name.split("_")[0]
+    buf = io.BytesIO()
+    Image.open(src).rotate(3).save(buf, "JPEG")
+    planted = real_copy / "test" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg"
+    planted.write_bytes(buf.getvalue())
+    params, index = _pipeline(real_copy, params_in)
+    assert index.loc[index["path"] == f"test/PNEUMONIA/{planted.name}", "patient_id"].item() == f"test/{patient}"
+    assert _check(validation.validate(index, params.validation), "no patient in two splits").success
+    params, index = _pipeline(real_copy, params_in, "index.patient_scopes={train: train, val: train, test: train}")
+    check = _check(validation.validate(index, params.validation), "no patient in two splits")
+    assert not check.success and f"test/PNEUMONIA/{planted.name}" in check.examples
 
 
 def test_empty_class_folder(real_copy: Path, params_in: Callable[..., Params]) -> None:

@@ -12,14 +12,29 @@ Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
 S = np.array([0.1, 0.2, 0.35, 0.6, 0.4, 0.55, 0.7, 0.8, 0.9, 0.3])
 
 
-def test_threshold_reaches_target_sensitivity() -> None:
-    # Positives sorted: 0.9 0.8 0.7 0.55 0.4. Target 0.8 needs 4 of 5 -> threshold 0.55.
-    assert choose_threshold(Y, S, 0.8) == 0.55
-    assert choose_threshold(Y, S, 0.81) == 0.4  # 5 of 5
-    assert choose_threshold(Y, S, 0.2) == 0.9  # 1 of 5
-    for target in (0.5, 0.8, 0.95):
+def test_threshold_reaches_target_sensitivity_in_the_middle_of_the_gap() -> None:
+    # Positives sorted: 0.9 0.8 0.7 0.55 0.4. Target 0.8 needs 4 of 5: the edge is 0.55, and the highest
+    # negative below it is 0.35, so the threshold is their logit midpoint.
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    mid = 1 / (1 + np.exp(-(logit(0.35) + logit(0.55)) / 2))
+    assert choose_threshold(Y, S, 0.8) == pytest.approx(mid) and 0.35 < mid < 0.55
+    assert choose_threshold(Y, S, 0.2) == pytest.approx(1 / (1 + np.exp(-(logit(0.6) + logit(0.9)) / 2)))
+    assert choose_threshold(Y, S, 0.81) == pytest.approx(1 / (1 + np.exp(-(logit(0.35) + logit(0.4)) / 2)))
+    # No negative below the edge: nothing to clear, the edge itself.
+    assert choose_threshold(np.array([0, 1, 1]), np.array([0.9, 0.5, 0.7]), 0.9) == 0.5
+    for target in (0.2, 0.5, 0.8, 0.95):
         t = choose_threshold(Y, S, target)
         assert np.mean(S[Y == 1] >= t) >= target
+        # Specificity is the best any threshold reaching the target allows.
+        edge = np.sort(S[Y == 1])[::-1][int(np.ceil(target * 5)) - 1]
+        assert np.mean(S[Y == 0] < t) == np.mean(S[Y == 0] < edge)
+
+
+def test_threshold_on_separable_scores_leaves_a_margin() -> None:
+    y = np.array([0] * 20 + [1] * 40)
+    s = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.6, 0.99, 40)])
+    t = choose_threshold(y, s, 0.95)
+    assert 0.2 < t < 0.6 and np.mean(s[y == 1] >= t) == 1.0  # not on the 38th positive's score
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5])

@@ -71,8 +71,37 @@ def test_first_better_worse_and_floor(store: tuple[str, Any], tmp_path: Path) ->
     assert client.get_model_version("pneumo-test", "3").tags["decision"] == "rejected"
 
     unsafe = registry.register(client, log_candidate(0.99, 0.80), params, never)
-    assert unsafe.outcome == "rejected" and unsafe.reason == "sensitivity 0.8000 below the floor 0.9"
+    assert unsafe.outcome == "rejected"
+    assert unsafe.reason == "test sensitivity 0.8000 is below the floor 0.9; champion v1 stays"
     assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+
+def test_first_candidate_below_the_floor_is_registered_but_never_champion(
+    store: tuple[str, Any], tmp_path: Path
+) -> None:
+    _, client = store
+    for promotion in ("manual", "auto"):
+        params = policy(tmp_path, promotion=promotion, model_name=f"floor-{promotion}")
+        first = registry.register(client, log_candidate(0.99, 0.85), params, never)
+        assert (first.outcome, first.version, first.aliases) == ("rejected", "1", [])
+        assert first.reason == "test sensitivity 0.8500 is below the floor 0.9; no champion is set"
+        v1 = client.get_model_version(params.model_name, "1")
+        assert v1.tags["decision"] == "rejected" and v1.tags["decision_reason"] == first.reason
+        assert aliases(client, params.model_name) == {}
+        # The next candidate that meets the floor becomes the first champion.
+        second = registry.register(client, log_candidate(0.90, 0.95), params, never)
+        assert second.outcome == "champion" and aliases(client, params.model_name) == {"champion": "2"}
+
+
+def test_auto_promotion_never_overrides_a_person(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path, promotion="auto")
+    registry.register(client, log_candidate(0.90, 0.95), params, never)
+    registry.register(client, log_candidate(0.85, 0.95), params, never)  # v2, rejected
+    client.set_registered_model_alias("pneumo-test", "champion", "2")  # a person promotes v2 in the UI
+    won = registry.register(client, log_candidate(0.99, 0.95), params, never)
+    assert won.outcome == "challenger" and "@champion v2 was set by a person" in won.reason
+    assert aliases(client) == {"champion": "2", "challenger": "3"}
 
 
 def test_auto_promotion_records_the_previous_champion(store: tuple[str, Any], tmp_path: Path) -> None:

@@ -51,7 +51,30 @@ def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Pat
     outcome = training.train(params, index, extra_callbacks=[counter])
     assert counter.started == [3, 4], "the second run must continue, not start over"
     assert [h["epoch"] for h in outcome.history] == [1, 2, 3, 4]
-    assert not list(Path(params.train.resume_dir).rglob("backup/*")), "backup is removed after a finished run"
+    assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"
+
+
+def test_resume_state_is_keyed_by_data_settings_and_code(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN)
+    key = training.state_key(params, index)
+    assert training.state_key(params, index.sample(frac=1, random_state=1)) == key  # row order is no content
+    changed_bytes = index.copy()
+    changed_bytes.loc[changed_bytes.index[0], "sha256"] = "0" * 64
+    moved = index.copy()
+    moved.loc[moved["split"] == "val", "split"] = "train"
+    relabelled = index.copy()
+    relabelled.loc[relabelled.index[0], "label"] = "PNEUMONIA" if index["label"].iloc[0] == "NORMAL" else "NORMAL"
+    others = [
+        training.state_key(params, changed_bytes),
+        training.state_key(params, moved),
+        training.state_key(params, relabelled),
+        training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.learning_rate=0.01"), index),
+        training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "split.seed=1"), index),
+    ]
+    assert len({key, *others}) == 6
+    # Output folders are not content: moving them keeps the key.
+    assert training.state_key(rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN), index) == key
 
 
 def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
