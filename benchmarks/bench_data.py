@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline import dataset_index, splits, validation
-from pipeline.config import load_params
+from pipeline.core.config import load_params
+from pipeline.data import dataset_index, splits, validation
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

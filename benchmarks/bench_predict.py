@@ -28,10 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import httpx
 import numpy as np
 
-from pipeline.classifier import Classifier, ModelInfo
-from pipeline.models import build_model
-from pipeline.packaging import write_bundle
-from pipeline.predict_step import predict_files, prepare
+from pipeline.modeling.models import build_model
+from pipeline.registry.packaging import write_bundle
+from pipeline.serving.classifier import Classifier, ModelInfo
+from pipeline.serving.predict import predict_files, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -24,9 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import data_pipeline as dp
-from pipeline.config import ARCHITECTURES
-from pipeline.models import BACKBONES, build_model, set_backbone_trainable
+from pipeline.core.config import ARCHITECTURES
+from pipeline.modeling import inputs as dp
+from pipeline.modeling.models import BACKBONES, build_model, set_backbone_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from pipeline import stages as stage_list
-from pipeline.config import Params, load_params
-from pipeline.errors import TransientError
+from pipeline.core.config import Params, load_params
+from pipeline.core.errors import TransientError
+from pipeline.registry.tracking import load_run_ref
+from pipeline.steps import stages as stage_list
 
 IO_STAGES = {"ingest": 3, "register": 3}  # stage -> task retries
 
@@ -86,8 +87,6 @@ def summary_markdown(params: Params) -> str:
             lines += [f"**Model card:** `{card.resolve()}` (and the run artifact `model_card/model_card.md`).", ""]
     run_file = Path(params.mlflow.run_file)
     if run_file.is_file():
-        from pipeline.tracking import load_run_ref
-
         lines.append(f"**MLflow run:** {load_run_ref(run_file).ui_hint}")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Pneumonia detection pipeline: pure steps shared by the CLI, DVC stages and Prefect flows."""
 
-from pipeline import console
+from pipeline.core import console
 
 console.configure()  # before anything imports TensorFlow: its start-up noise stays off unless PNEUMO_VERBOSE=1
 __version__ = "0.1.0"

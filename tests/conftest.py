@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import Params, load_params
+from pipeline.core.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -62,7 +62,7 @@ def params_in(tmp_path: Path) -> Callable[..., Params]:
 @pytest.fixture(scope="session")
 def synthetic_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
     """The small synthetic data set, ingested and indexed once per session: (folder, index)."""
-    from pipeline import dataset_index, ingest, splits
+    from pipeline.data import dataset_index, ingest, splits
 
     tmp = tmp_path_factory.mktemp("synthetic")
     params = rooted_params(tmp, *SMALL_SYNTHETIC)
@@ -181,7 +181,7 @@ def real_champion(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> C
     """The full pipeline (ingest to register) on the real images, once per session."""
     import contextlib
 
-    from pipeline import stages
+    from pipeline.steps import stages
 
     root = tmp_path_factory.mktemp("real_champion")
     params = rooted_params(root, *REAL_TRAIN, f"data.local_path={real_224}", f"registry.lock_file={root / 'lock'}")

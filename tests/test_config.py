@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import apply_overrides, load_params
-from pipeline.errors import ConfigError
+from pipeline.core.config import apply_overrides, load_params
+from pipeline.core.errors import ConfigError
 from tests.conftest import REPO
 
 
@@ -56,7 +56,7 @@ def test_overrides_parse_yaml_values() -> None:
 
 def test_cli_prints_one_line_and_exits_2() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "-S", "split.seed=abc", "index"],
+        [sys.executable, "-m", "pipeline.steps.cli", "-S", "split.seed=abc", "index"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -71,7 +71,7 @@ def test_cli_prints_one_line_and_exits_2() -> None:
 @pytest.mark.parametrize("command", ["ingest", "index", "validate", "data-version", "dvc-yaml"])
 def test_every_subcommand_has_help(command: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", command, "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.steps.cli", command, "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
     assert f"usage: pneumo {command}" in proc.stdout

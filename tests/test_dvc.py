@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.data_version import dvc_data_version
+from pipeline.data.version import dvc_data_version
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
 
@@ -101,7 +101,7 @@ def test_metrics_plots_and_experiments(repo_copy: Path) -> None:
 def test_dvc_yaml_is_generated_from_stage_list() -> None:
     """One DAG definition: the committed dvc.yaml must equal the one pipeline/stages.py generates."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "dvc-yaml", "--check"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.steps.cli", "dvc-yaml", "--check"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -129,7 +129,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     assert v1.description.startswith("compact_cnn (binary) trained on data version")
     assert v1.tags["model_card"] == f"runs:/{v1.run_id}/model_card/model_card.md"
     # The hospital side loads @champion through the tracking server: bundle, threshold and drift reference.
-    from pipeline import classifier
+    from pipeline.serving import classifier
 
     served = classifier.load(f"models:/{MODEL}@champion", str(stack["tracking_uri"]))
     assert served.info.version == "1" and served.info.threshold == pytest.approx(float(v1.tags["threshold"]), abs=1e-6)

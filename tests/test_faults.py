@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import ingest, stages, validation
-from pipeline.config import Params
-from pipeline.dataset_index import read_index
-from pipeline.errors import DataError
+from pipeline.core.config import Params
+from pipeline.core.errors import DataError
+from pipeline.data import ingest, validation
+from pipeline.data.dataset_index import read_index
+from pipeline.steps import stages
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.realdata
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.realdata
 def _pipeline(source: Path, params_in: Callable[..., Params], *overrides: str) -> tuple[Params, pd.DataFrame]:
     params = params_in("data.source=local", f"data.local_path={source}", *overrides)
     ingest.ingest(params.data)
-    stages.run_index(params)
+    stages.run_stage("index", params)
     return params, read_index(params.index.path)
 
 
@@ -123,7 +124,7 @@ def test_empty_class_folder(real_copy: Path, params_in: Callable[..., Params]) -
     assert not report.success and check.examples == ["test/NORMAL"]
     assert not _check(report, "class ratio within bounds").success  # test is now 100% pneumonia
     with pytest.raises(DataError, match=r"^validation failed: minimum images per class per split \(1 rows\)"):
-        stages.run_validate(params)
+        stages.run_stage("validate", params)
     saved = json.loads(Path(params.validation.report).read_text())
     assert saved["success"] is False and saved["counts"]["test"]["NORMAL"] == 0
 
@@ -133,7 +134,7 @@ def test_cli_stops_on_failed_validation(real_copy: Path, tmp_path: Path) -> None
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(REPO / "params.yaml", work)
-    cli = [sys.executable, "-m", "pipeline.cli", "-S", "data.source=local", "-S", f"data.local_path={real_copy}"]
+    cli = [sys.executable, "-m", "pipeline.steps.cli", "-S", "data.source=local", "-S", f"data.local_path={real_copy}"]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     for stage in ("ingest", "index"):
         subprocess.run([*cli, stage], cwd=work, check=True, capture_output=True, env=env)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from flows.pipeline_flow import as_overrides, flow_stage_names, pneumonia_pipeline, retry_on_transient
-from pipeline.config import load_params
-from pipeline.errors import ConfigError, DataError, TransientError
+from pipeline.core.config import load_params
+from pipeline.core.errors import ConfigError, DataError, TransientError
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC, project_copy
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import data_pipeline, image_io
+from pipeline.modeling import preprocess
+from pipeline.serving import image_io
 from tests.images import bad_inputs, dicom_bytes, png_bytes, stretched
 
 pytestmark = pytest.mark.realdata
@@ -26,7 +27,7 @@ def model_input(data: bytes, size: int = 64) -> np.ndarray:
 
 def test_jpeg_goes_through_the_training_decoder(xray: Path) -> None:
     data = xray.read_bytes()
-    trained_on = data_pipeline.decode_image(tf.io.read_file(str(xray)), 64).numpy()
+    trained_on = preprocess.decode_image(tf.io.read_file(str(xray)), 64).numpy()
     np.testing.assert_array_equal(model_input(data), trained_on)
 
 

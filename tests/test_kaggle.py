@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ingest, kaggle_download
-from pipeline.config import Params
-from pipeline.errors import DataError, TransientError
+from pipeline.core.config import Params
+from pipeline.core.errors import DataError, TransientError
+from pipeline.data import ingest, kaggle
 
 
 @pytest.fixture
@@ -34,10 +34,10 @@ def test_kaggle_json_is_read(no_credentials: None, tmp_path: Path) -> None:
     config = tmp_path / "kaggle-config"
     config.mkdir()
     (config / "kaggle.json").write_text(json.dumps({"username": "ann", "key": "k3y"}))
-    assert kaggle_download.credentials() == ("ann", "k3y")
+    assert kaggle.credentials() == ("ann", "k3y")
     (config / "kaggle.json").write_text("{not json")
     with pytest.raises(DataError, match=r"kaggle\.json must be JSON with 'username' and 'key'"):
-        kaggle_download.credentials()
+        kaggle.credentials()
 
 
 def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params]) -> None:
@@ -55,8 +55,8 @@ def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: C
 def kaggle_server(tmp_path: Path) -> Iterator[str]:
     """A loopback stand-in for the Kaggle API: basic auth, then a zip in the real archive's shape."""
     archive = tmp_path / "served.zip"
-    from pipeline import synthetic
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.data import synthetic
     from tests.conftest import REPO
 
     syn = load_params(REPO / "params.yaml", ["data.synthetic.counts={train: {normal: 3, bacteria: 2, virus: 1}}"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from pipeline.core.errors import PipelineError
+from pipeline.modeling.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
 S = np.array([0.1, 0.2, 0.35, 0.6, 0.4, 0.55, 0.7, 0.8, 0.9, 0.3])

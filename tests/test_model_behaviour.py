@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import classifier, drift_step, image_io
-from pipeline.predict_step import predict_files, prepare
+from pipeline.serving import classifier, drift, image_io
+from pipeline.serving.predict import predict_files, prepare
 from tests.conftest import REPO, Champion
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -87,12 +87,12 @@ def test_drift_ok_on_held_out_images_and_flagged_on_shifted_ones(
     synthetic_index: tuple[Path, object],
     tmp_path: Path,
 ) -> None:
-    same, unreadable = drift_step.check(model, [str(real_224 / "test")])
+    same, unreadable = drift.check(model, [str(real_224 / "test")])
     print(f"\nheld-out test split: {same.summary()}")
     assert same.verdict in ("ok", "warn") and same.n_images == 790 and not unreadable
 
     synthetic_root = synthetic_index[0] / "data" / "raw" / "test"
-    other, _ = drift_step.check(model, [str(synthetic_root)])
+    other, _ = drift.check(model, [str(synthetic_root)])
     print(f"synthetic images: {other.summary()}")
     assert other.verdict == "drift" and other.score > same.score
 

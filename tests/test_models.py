@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.gradcam import Explainer
-from pipeline.models import ARCHITECTURES, BACKBONES, build_model, set_backbone_trainable
+from pipeline.core.errors import PipelineError
+from pipeline.modeling.models import ARCHITECTURES, BACKBONES, build_model, set_backbone_trainable
+from pipeline.serving.gradcam import Explainer
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.naming import patient_id, subtype
+from pipeline.data.naming import patient_id, subtype
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import ingest, naming, stages, validation
-from pipeline.config import Params
-from pipeline.dataset_index import read_index
+from pipeline.core.config import Params
+from pipeline.data import ingest, naming, validation
+from pipeline.data.dataset_index import read_index
+from pipeline.steps import stages
 from tests.conftest import FAST_TRAIN, OFFICIAL_TEST_NAMES
 from tests.projects import copy_project, run
 
@@ -68,7 +69,7 @@ def test_official_layout_runs_every_stage_with_dvc(official_layout: Path, tmp_pa
 def _index(source: Path, params_in: Callable[..., Params], *overrides: str) -> tuple[Params, pd.DataFrame]:
     params = params_in("data.source=local", f"data.local_path={source}", *overrides)
     ingest.ingest(params.data)
-    stages.run_index(params)
+    stages.run_stage("index", params)
     return params, read_index(params.index.path)
 
 

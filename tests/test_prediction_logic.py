@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import drift
-from pipeline.classifier import Classifier, ModelInfo, parse_registry_uri
-from pipeline.models import build_model
-from pipeline.predict_step import expand, render
+from pipeline.modeling.models import build_model
+from pipeline.serving import drift
+from pipeline.serving.classifier import Classifier, ModelInfo, parse_registry_uri
+from pipeline.serving.predict import expand, render
 
 
 def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluation import Evaluation
+from pipeline.modeling.evaluation import Evaluation
 from tests.conftest import Champion
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]

@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from pipeline import registry
-from pipeline.config import RegisterParams
-from pipeline.errors import PipelineError
+from pipeline.core.config import RegisterParams
+from pipeline.core.errors import PipelineError
+from pipeline.registry import champion
 
 pytestmark = pytest.mark.slow
 
 
 def policy(tmp: Path, **changes: Any) -> RegisterParams:
-    base = {"model_name": "pneumo-test", "lock_file": str(tmp / "registry.lock"), "retry_backoff_seconds": 0.01}
+    base = {"model_name": "pneumo-test", "lock_file": str(tmp / "champion.lock"), "retry_backoff_seconds": 0.01}
     return RegisterParams(**{**base, **changes})
 
 
@@ -32,17 +32,17 @@ def store(tmp_path: Path) -> tuple[str, Any]:
     return uri, MlflowClient(uri)
 
 
-def log_candidate(auc: float, sensitivity: float, test_set: str = "T1", threshold: float = 0.5) -> registry.Candidate:
+def log_candidate(auc: float, sensitivity: float, test_set: str = "T1", threshold: float = 0.5) -> champion.Candidate:
     import mlflow
 
-    from pipeline.models import build_model
+    from pipeline.modeling.models import build_model
 
     with mlflow.start_run() as run:
         info = mlflow.keras.log_model(build_model("compact_cnn", 32).model, name="model", pip_requirements=["keras"])
-    metrics = {k: 0.8 for k in registry.SCORE_KEYS} | {"roc_auc": auc, "sensitivity": sensitivity}
-    scores = registry.Scores(metrics, threshold, test_set)
+    metrics = {k: 0.8 for k in champion.SCORE_KEYS} | {"roc_auc": auc, "sensitivity": sensitivity}
+    scores = champion.Scores(metrics, threshold, test_set)
     tags = {f"test_{k}": str(v) for k, v in metrics.items()} | {"threshold": str(threshold), "test_set": test_set}
-    return registry.Candidate(run.info.run_id, info.model_uri, scores, tags, f"auc {auc}")
+    return champion.Candidate(run.info.run_id, info.model_uri, scores, tags, f"auc {auc}")
 
 
 def never(model_uri: str, threshold: float) -> dict[str, float]:
@@ -56,21 +56,21 @@ def aliases(client: Any, name: str = "pneumo-test") -> dict[str, str]:
 def test_first_better_worse_and_floor(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path)
-    first = registry.register(client, log_candidate(0.90, 0.95), params, never)
+    first = champion.register(client, log_candidate(0.90, 0.95), params, never)
     assert (first.outcome, first.version, first.reason) == ("champion", "1", "no champion yet")
     assert aliases(client) == {"champion": "1"}
     v1 = client.get_model_version("pneumo-test", "1")
     assert v1.tags["decision"] == "champion" and v1.tags["test_roc_auc"] == "0.9" and v1.description == "auc 0.9"
 
-    better = registry.register(client, log_candidate(0.95, 0.95), params, never)
+    better = champion.register(client, log_candidate(0.95, 0.95), params, never)
     assert better.outcome == "challenger" and "roc_auc 0.9500 beats champion v1 0.9000" in better.reason
     assert aliases(client) == {"champion": "1", "challenger": "2"}
 
-    worse = registry.register(client, log_candidate(0.85, 0.99), params, never)
+    worse = champion.register(client, log_candidate(0.85, 0.99), params, never)
     assert worse.outcome == "rejected" and aliases(client) == {"champion": "1", "challenger": "2"}
     assert client.get_model_version("pneumo-test", "3").tags["decision"] == "rejected"
 
-    unsafe = registry.register(client, log_candidate(0.99, 0.80), params, never)
+    unsafe = champion.register(client, log_candidate(0.99, 0.80), params, never)
     assert unsafe.outcome == "rejected"
     assert unsafe.reason == "test sensitivity 0.8000 is below the floor 0.9; champion v1 stays"
     assert aliases(client) == {"champion": "1", "challenger": "2"}
@@ -82,24 +82,24 @@ def test_first_candidate_below_the_floor_is_registered_but_never_champion(
     _, client = store
     for promotion in ("manual", "auto"):
         params = policy(tmp_path, promotion=promotion, model_name=f"floor-{promotion}")
-        first = registry.register(client, log_candidate(0.99, 0.85), params, never)
+        first = champion.register(client, log_candidate(0.99, 0.85), params, never)
         assert (first.outcome, first.version, first.aliases) == ("rejected", "1", [])
         assert first.reason == "test sensitivity 0.8500 is below the floor 0.9; no champion is set"
         v1 = client.get_model_version(params.model_name, "1")
         assert v1.tags["decision"] == "rejected" and v1.tags["decision_reason"] == first.reason
         assert aliases(client, params.model_name) == {}
         # The next candidate that meets the floor becomes the first champion.
-        second = registry.register(client, log_candidate(0.90, 0.95), params, never)
+        second = champion.register(client, log_candidate(0.90, 0.95), params, never)
         assert second.outcome == "champion" and aliases(client, params.model_name) == {"champion": "2"}
 
 
 def test_auto_promotion_never_overrides_a_person(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path, promotion="auto")
-    registry.register(client, log_candidate(0.90, 0.95), params, never)
-    registry.register(client, log_candidate(0.85, 0.95), params, never)  # v2, rejected
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    champion.register(client, log_candidate(0.85, 0.95), params, never)  # v2, rejected
     client.set_registered_model_alias("pneumo-test", "champion", "2")  # a person promotes v2 in the UI
-    won = registry.register(client, log_candidate(0.99, 0.95), params, never)
+    won = champion.register(client, log_candidate(0.99, 0.95), params, never)
     assert won.outcome == "challenger" and "@champion v2 was set by a person" in won.reason
     assert aliases(client) == {"champion": "2", "challenger": "3"}
 
@@ -107,10 +107,10 @@ def test_auto_promotion_never_overrides_a_person(store: tuple[str, Any], tmp_pat
 def test_auto_promotion_records_the_previous_champion(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path, promotion="auto", min_improvement=0.01)
-    registry.register(client, log_candidate(0.90, 0.95), params, never)
-    tie = registry.register(client, log_candidate(0.905, 0.95), params, never)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    tie = champion.register(client, log_candidate(0.905, 0.95), params, never)
     assert tie.outcome == "rejected"  # within min_improvement
-    won = registry.register(client, log_candidate(0.93, 0.95), params, never)
+    won = champion.register(client, log_candidate(0.93, 0.95), params, never)
     assert won.outcome == "champion" and won.previous_champion == "1"
     assert aliases(client) == {"champion": "3"}
     assert client.get_model_version("pneumo-test", "3").tags["previous_champion"] == "1"
@@ -119,15 +119,15 @@ def test_auto_promotion_records_the_previous_champion(store: tuple[str, Any], tm
 def test_changed_test_set_rescores_the_champion(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path)
-    registry.register(client, log_candidate(0.97, 0.95, test_set="old", threshold=0.3), params, never)
+    champion.register(client, log_candidate(0.97, 0.95, test_set="old", threshold=0.3), params, never)
     calls: list[tuple[str, float]] = []
 
     def rescore(model_uri: str, threshold: float) -> dict[str, float]:
         calls.append((model_uri, threshold))
-        return {k: 0.8 for k in registry.SCORE_KEYS} | {"roc_auc": 0.88, "sensitivity": 0.93}
+        return {k: 0.8 for k in champion.SCORE_KEYS} | {"roc_auc": 0.88, "sensitivity": 0.93}
 
     # 0.92 would lose against the champion's recorded 0.97, but that was another test set.
-    decision = registry.register(client, log_candidate(0.92, 0.95, test_set="new"), params, rescore)
+    decision = champion.register(client, log_candidate(0.92, 0.95, test_set="new"), params, rescore)
     assert calls == [("models:/pneumo-test/1", 0.3)]
     assert decision.champion_rescored and decision.champion.metrics["roc_auc"] == 0.88
     assert decision.outcome == "challenger"
@@ -136,8 +136,8 @@ def test_changed_test_set_rescores_the_champion(store: tuple[str, Any], tmp_path
 def test_real_rescore_loads_the_registered_model(
     store: tuple[str, Any], tmp_path: Path, synthetic_index: tuple[Path, Any]
 ) -> None:
-    from pipeline.config import load_params
-    from pipeline.register_step import rescorer
+    from pipeline.core.config import load_params
+    from pipeline.steps.register import rescorer
     from tests.conftest import REPO, SMALL_SYNTHETIC
 
     _, client = store
@@ -147,16 +147,16 @@ def test_real_rescore_loads_the_registered_model(
         REPO / "params.yaml",
         [*SMALL_SYNTHETIC, f"data.root={data_dir / 'data' / 'raw'}", f"index.path={tmp_path / 'index.parquet'}"],
     )
-    registry.register(client, log_candidate(0.9, 0.95), policy(tmp_path), never)
+    champion.register(client, log_candidate(0.9, 0.95), policy(tmp_path), never)
     figures = rescorer(params)("models:/pneumo-test/1", 0.5)
-    assert set(figures) == set(registry.SCORE_KEYS) and 0.0 <= figures["roc_auc"] <= 1.0
+    assert set(figures) == set(champion.SCORE_KEYS) and 0.0 <= figures["roc_auc"] <= 1.0
 
 
-def _race(uri: str, lock: str, candidate: registry.Candidate, out: Any) -> None:
+def _race(uri: str, lock: str, candidate: champion.Candidate, out: Any) -> None:
     from mlflow import MlflowClient
 
     params = RegisterParams(model_name="pneumo-test", lock_file=lock, retry_backoff_seconds=0.05)
-    decision = registry.register(MlflowClient(uri), candidate, params, never, log=lambda _: None)
+    decision = champion.register(MlflowClient(uri), candidate, params, never, log=lambda _: None)
     out.put((decision.version, decision.outcome))
 
 
@@ -165,7 +165,7 @@ def test_two_racing_registrations_leave_one_champion(store: tuple[str, Any], tmp
     candidates = [log_candidate(0.90, 0.95), log_candidate(0.91, 0.95)]
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(uri, str(tmp_path / "registry.lock"), c, out)) for c in candidates]
+    procs = [ctx.Process(target=_race, args=(uri, str(tmp_path / "champion.lock"), c, out)) for c in candidates]
     for p in procs:
         p.start()
     for p in procs:
@@ -195,11 +195,11 @@ class FailingAliases:
 def test_registry_down_mid_way_retries_then_rolls_back(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path, retries=2)
-    registry.register(client, log_candidate(0.90, 0.95), params, never)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
     flaky = FailingAliases(client)
     logs: list[str] = []
     with pytest.raises(PipelineError) as err:
-        registry.register(flaky, log_candidate(0.95, 0.95), params, never, log=logs.append)
+        champion.register(flaky, log_candidate(0.95, 0.95), params, never, log=logs.append)
     assert str(err.value).startswith("register: setting @challenger failed after 3 attempts: Connection refused")
     assert flaky.alias_calls == 3 and len(logs) == 2
     assert [str(v.version) for v in client.search_model_versions("name='pneumo-test'")] == ["1"]  # rolled back
@@ -209,8 +209,8 @@ def test_registry_down_mid_way_retries_then_rolls_back(store: tuple[str, Any], t
 def test_tracking_server_unreachable_is_one_clear_error(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    registry.quiet_mlflow_http_retries()
+    champion.quiet_mlflow_http_retries()
     client = MlflowClient("http://127.0.0.1:9")
-    candidate = registry.Candidate("run", "models:/m-x", registry.Scores({}, 0.5, "T"), {}, "")
+    candidate = champion.Candidate("run", "models:/m-x", champion.Scores({}, 0.5, "T"), {}, "")
     with pytest.raises(PipelineError, match=r"^register: reading the registered model failed after 2 attempts"):
-        registry.register(client, candidate, policy(tmp_path, retries=1), never, log=lambda _: None)
+        champion.register(client, candidate, policy(tmp_path, retries=1), never, log=lambda _: None)

@@ -193,7 +193,7 @@ def test_rest_follows_the_alias_while_serving(rest: str, real_champion: Champion
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.models import build_model
+    from pipeline.modeling.models import build_model
 
     mlflow.set_tracking_uri(real_champion.tracking_uri)  # MLflow's sqlite registry finds logged models globally
     client = MlflowClient(real_champion.tracking_uri)

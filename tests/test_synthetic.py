@@ -9,8 +9,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupShuffleSplit
 
-from pipeline import synthetic
-from pipeline.config import load_params
+from pipeline.core.config import load_params
+from pipeline.data import synthetic
 from tests.conftest import REPO
 
 

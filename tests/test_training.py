@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import data_pipeline as dp
-from pipeline import training
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+from pipeline.modeling import inputs as dp
+from pipeline.modeling import preprocess, training
 from tests.conftest import FAST_TRAIN, SMALL_SYNTHETIC, rooted_params
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_decode_any_image_to_gray_square(tmp_path: Path) -> None:
     }
     for name, img in files.items():
         img.save(tmp_path / name)
-    out = {n: dp.decode_image(tf.io.read_file(str(tmp_path / n)), 32).numpy() for n in files}
+    out = {n: preprocess.decode_image(tf.io.read_file(str(tmp_path / n)), 32).numpy() for n in files}
     for arr in out.values():
         assert arr.shape == (32, 32, 1) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 255
     assert np.abs(out["rgb.png"] - out["gray16.png"]).max() <= 1.0  # 16-bit scaled to 8-bit like the 8-bit file

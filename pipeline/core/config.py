@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 LABELS = ("NORMAL", "PNEUMONIA")

@@ -15,3 +15,9 @@ class DataError(PipelineError):
 
 class TransientError(PipelineError):
     """I/O that may succeed on a later try: a download, the tracking server, the model registry."""
+
+
+# Exit statuses of `pneumo`, which DVC passes on: the Prefect flow reads them to tell what to retry.
+EXIT_VALIDATION = 1  # the data failed validation
+EXIT_ERROR = 2  # any other user-facing error
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: I/O that may succeed on a later try

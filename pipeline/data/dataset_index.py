@@ -20,10 +20,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import naming
-from pipeline.atomic import staged_file, write_text
-from pipeline.config import LABELS, SPLITS
-from pipeline.errors import DataError
+from pipeline.core.atomic import staged_file, write_text
+from pipeline.core.config import LABELS, SPLITS
+from pipeline.core.errors import DataError
+from pipeline.data import naming
 
 COLUMNS = [
     "path",

@@ -19,10 +19,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from pipeline import kaggle_download, synthetic
-from pipeline.atomic import staged_dir
-from pipeline.config import LABELS, SPLITS, DataParams
-from pipeline.errors import DataError
+from pipeline.core.atomic import staged_dir
+from pipeline.core.config import LABELS, SPLITS, DataParams
+from pipeline.core.errors import DataError
+from pipeline.data import kaggle, synthetic
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -137,7 +137,7 @@ def ingest(params: DataParams) -> IngestResult:
     """Run the configured source into ``params.root``, replacing what was there only on success."""
     root = Path(params.root)
     result = IngestResult(params.source, root)
-    archive = kaggle_download.download(params.kaggle) if params.source == "kaggle" else None
+    archive = kaggle.download(params.kaggle) if params.source == "kaggle" else None
     with staged_dir(root) as tmp:
         if params.source == "synthetic":
             synthetic.generate(params.synthetic, tmp)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.atomic import staged_file
-from pipeline.config import KaggleParams
-from pipeline.errors import DataError, TransientError
+from pipeline.core.atomic import staged_file
+from pipeline.core.config import KaggleParams
+from pipeline.core.errors import DataError, TransientError
 
 HOW_TO = (
     "set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json from kaggle.com -> Settings -> API "

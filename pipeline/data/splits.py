@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.config import SplitParams
+from pipeline.core.config import SplitParams
 
 
 def assign_splits(index: pd.DataFrame, params: SplitParams) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipeline.config import SyntheticParams
+from pipeline.core.config import SyntheticParams
 
 # Patient ids start here per split so no patient is shared between splits.
 _SPLIT_OFFSET = {"train": 0, "val": 5000, "test": 8000}

@@ -16,10 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import great_expectations as gx
+import great_expectations.expectations as gxe
 import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from pipeline.atomic import staged_dir, write_text
-from pipeline.config import LABELS, SPLITS, ValidationParams
+from pipeline.core.atomic import staged_dir, write_text
+from pipeline.core.config import LABELS, SPLITS, ValidationParams
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -98,8 +101,6 @@ def summary_frame(index: pd.DataFrame, params: ValidationParams) -> pd.DataFrame
 
 
 def _suites(params: ValidationParams) -> dict[str, list[Any]]:
-    import great_expectations.expectations as gxe
-
     decodes = 1.0 - params.max_undecodable_fraction
     return {
         "index": [
@@ -166,9 +167,6 @@ def _examples(result: dict[str, Any], key: str, limit: int) -> list[str]:
 
 def run_gx(frames: dict[str, tuple[pd.DataFrame, str]], params: ValidationParams, docs_dir: Path) -> list[CheckResult]:
     """Run each suite on its frame through a checkpoint that also writes Data Docs into docs_dir."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from sklearn import metrics as skm
 
-from pipeline.atomic import write_bytes, write_text
-from pipeline.config import EvaluateParams
-from pipeline.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, choose_threshold
+from pipeline.core.atomic import write_bytes, write_text
+from pipeline.core.config import EvaluateParams
+from pipeline.modeling.inputs import SplitData, make_dataset
+from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, choose_threshold
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ class Evaluation:
                 f"macro ROC AUC {self.multiclass['macro_roc_auc']:.3f}"
             )
         return "\n".join(lines)
+
+
+def predict_split(model: Any, data: SplitData, image_size: int, batch_size: int) -> np.ndarray:
+    """The model's outputs for every image of a split, in the split's order."""
+    ds = make_dataset(data, image_size, batch_size, cache=False)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)
 
 
 def pneumonia_score(probs: np.ndarray) -> np.ndarray:
@@ -163,10 +172,7 @@ def write_figures(
     ev: Evaluation, y_test: np.ndarray, p_test: np.ndarray, class_names: tuple[str, ...], figures_dir: str | Path
 ) -> list[Path]:
     """ROC and PR curves with the operating point, and the confusion matrix, as PNG."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = Path(figures_dir)
     b, s = (np.asarray(y_test) > 0).astype(int), pneumonia_score(p_test)
@@ -217,10 +223,7 @@ def write_figures(
 
 def history_figure(history: list[dict[str, float]], path: str | Path) -> None:
     """Loss and AUC per epoch, train and validation, phases marked."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))

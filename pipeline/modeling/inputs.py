@@ -1,6 +1,6 @@
 """The tf.data input pipeline: parallel decode and resize, cache, shuffle, batch, augment, prefetch.
 
-``decode_image`` is the one preprocessing function: training, evaluation and prediction all feed
+``preprocess.decode_image`` is the one preprocessing function: training, evaluation and prediction all feed
 the model (H, W, 1) float32 in [0, 255], stretched to a square as in the published data set.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.config import TASKS, AugmentParams
-from pipeline.errors import DataError
+from pipeline.core.config import TASKS, AugmentParams
+from pipeline.core.errors import DataError
+from pipeline.modeling.preprocess import decode_image
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -62,27 +64,7 @@ def split_data(
     return SplitData(split, paths, labels, TASKS[task])
 
 
-def resize_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """(H, W, 1) uint8 -> (size, size, 1) float32 in [0, 255], stretched to a square."""
-    shape = tf.shape(image)
-    # Shrinking: area averaging (antialiased, 2.6x faster than antialiased bilinear); enlarging: bilinear.
-    image = tf.cond(
-        tf.logical_and(shape[0] >= image_size, shape[1] >= image_size),
-        lambda: tf.image.resize(image, (image_size, image_size), method="area"),
-        lambda: tf.image.resize(image, (image_size, image_size), method="bilinear"),
-    )
-    return tf.clip_by_value(image, 0.0, 255.0)
-
-
-def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes (8- or 16-bit, gray or RGB) -> (size, size, 1) float32 in [0, 255]."""
-    image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
-    return resize_square(image, image_size)
-
-
 def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
-    import keras
-
     layers = []
     if params.rotation:
         layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="constant", seed=seed))

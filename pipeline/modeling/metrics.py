@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:

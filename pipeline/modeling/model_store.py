@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import tensorflow as tf
 
-from pipeline import models  # noqa: F401 - registers the custom preprocessing layer for loading
-from pipeline.atomic import staged_file, write_text
-from pipeline.errors import PipelineError
+from pipeline.core.atomic import staged_file, write_text
+from pipeline.core.errors import PipelineError
+from pipeline.modeling import models  # noqa: F401 - registers the custom preprocessing layer for loading
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -18,8 +19,6 @@ METADATA_FILE = "metadata.json"
 
 def pip_requirements() -> list[str]:
     """What serving the logged model needs, pinned to this environment (faster than MLflow's inference)."""
-    import tensorflow as tf
-
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "numpy"]
 
 

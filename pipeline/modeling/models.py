@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
-from pipeline.config import ARCHITECTURES
-from pipeline.errors import PipelineError
+from pipeline.core.config import ARCHITECTURES
+from pipeline.core.errors import PipelineError
 
 
 @dataclass(frozen=True)

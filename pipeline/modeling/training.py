@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import data_pipeline as dp
-from pipeline import models
-from pipeline.config import Params, TrainParams
-from pipeline.models import BuiltModel, build_model, set_backbone_trainable
+from pipeline.core.config import Params, TrainParams
+from pipeline.modeling import inputs as dp
+from pipeline.modeling import models
+from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
 EpochSink = Callable[[dict[str, float]], None]
 

@@ -29,8 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import RegisterParams
-from pipeline.errors import PipelineError, TransientError
+import requests
+from mlflow.exceptions import MlflowException
+
+from pipeline.core.config import RegisterParams
+from pipeline.core.errors import PipelineError, TransientError
 
 T = TypeVar("T")
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -86,19 +89,12 @@ def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -
 
 def is_io_error(exc: BaseException) -> bool:
     """Errors worth retrying: the tracking server or the registry unreachable or failing, not bad input."""
-    from mlflow.exceptions import MlflowException
-
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(exc, MlflowException):
         text = str(exc)
         return any(s in text for s in ("Max retries", "Connection", "timed out", "database is locked", " 50"))
-    try:
-        import requests
-
-        return isinstance(exc, requests.exceptions.RequestException)
-    except ImportError:  # pragma: no cover
-        return False
+    return isinstance(exc, requests.exceptions.RequestException)
 
 
 def with_retries(fn: Callable[[], T], what: str, params: RegisterParams, log: Callable[[str], None] = print) -> T:
@@ -142,8 +138,6 @@ def version_scores(version: Any) -> Scores:
 
 
 def champion_version(client: Any, name: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
@@ -241,8 +235,6 @@ DESCRIPTION = (
 
 
 def _registered_model(client: Any, name: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.classifier import ModelInfo
-from pipeline.evaluation import Evaluation
+from pipeline.modeling.evaluation import Evaluation
+from pipeline.serving.classifier import ModelInfo
 
 PUBLISHED = "Kermany et al. 2018 (transfer learning, official test split): accuracy 92.8%, sensitivity 93.2%, specificity 90.1%, ROC AUC 0.968"  # noqa: E501
 SHOWN = ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc", "brier")

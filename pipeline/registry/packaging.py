@@ -11,15 +11,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pandas as pd
 
-from pipeline import drift, model_store
-from pipeline.atomic import write_bytes
-from pipeline.classifier import BUNDLE_ARTIFACT, DRIFT_FILE, MODEL_FILE, SERVING_FILE, Classifier, ModelInfo
-from pipeline.config import Params
-from pipeline.errors import PipelineError
-from pipeline.evaluation import Evaluation
-from pipeline.predict_step import explain, prepare
+from pipeline.core.atomic import write_bytes
+from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
+from pipeline.data.dataset_index import read_index
+from pipeline.modeling import model_store
+from pipeline.modeling.evaluation import Evaluation
+from pipeline.serving import drift, pyfunc_entry
+from pipeline.serving.classifier import BUNDLE_ARTIFACT, DRIFT_FILE, MODEL_FILE, SERVING_FILE, Classifier, ModelInfo
+from pipeline.serving.drift import batch_features
+from pipeline.serving.predict import explain, prepare
+from pipeline.serving.pyfunc_model import example_input, signature
 
 
 def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str) -> ModelInfo:
@@ -47,8 +52,6 @@ def reference_sample(index: pd.DataFrame, root: str, n: int, seed: int) -> list[
 
 
 def drift_reference(classifier: Classifier, files: list[str], batch_size: int = 64) -> dict[str, Any]:
-    from pipeline.drift_step import batch_features
-
     features, embeddings, _ = batch_features(classifier, files, batch_size)
     if len(features) < 2:
         raise PipelineError("drift reference: fewer than two readable training images")
@@ -96,8 +99,6 @@ def write_bundle(dest: Path, model_file: Path, info: ModelInfo, reference: dict[
 
 def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tuple[Classifier, dict[str, Any]]:
     """Write the bundle of the trained model into dest, with its drift reference; returns the classifier."""
-    from pipeline.dataset_index import read_index
-
     model, metadata = model_store.load(params.train.model_dir)
     info = model_info(metadata, ev, run_id, params.registry.model_name)
     classifier = Classifier(model, info)
@@ -109,18 +110,13 @@ def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tup
 
 def log_pyfunc(bundle: Path, run_id: str) -> str:
     """Log the bundle as an MLflow pyfunc model in the run; returns its model URI."""
-    import mlflow
-
-    from pipeline import pyfunc_entry
-    from pipeline.pyfunc_model import example_input, signature
-
     requirements = [*model_store.pip_requirements(), "pandas", "pydicom", "scipy"]
     with mlflow.start_run(run_id=run_id):
         logged = mlflow.pyfunc.log_model(
             name="classifier",
             python_model=pyfunc_entry.__file__,  # models-from-code: no pickled object, no pickle warning
             artifacts={BUNDLE_ARTIFACT: str(bundle)},
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole pipeline package
             signature=signature(),
             input_example=example_input(),
             pip_requirements=requirements,

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pandas as pd
 
-from pipeline.atomic import write_text
-from pipeline.config import MlflowParams
-from pipeline.data_version import split_fingerprint
-from pipeline.errors import PipelineError, TransientError
+from pipeline.core.atomic import write_text
+from pipeline.core.config import MlflowParams
+from pipeline.core.errors import PipelineError, TransientError
+from pipeline.data.version import split_fingerprint
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ def tracking_uri(params: MlflowParams) -> str:
 
 def configure(params: MlflowParams) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
-    import mlflow
-
     uri = tracking_uri(params)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +110,6 @@ def log_datasets(index: pd.DataFrame, root: str, data_version: str) -> None:
     The digest is DVC's hash of the data folder (``untracked`` data: the split's content hash);
     the input's tags carry the split's own content hash and size.
     """
-    import mlflow
-
     source = Path(root).resolve().as_uri()
     for split, context in DATASET_CONTEXT.items():
         rows = index[(index["split"] == split) & index["decodable"]]

@@ -9,15 +9,23 @@ they share one preprocessing path and one threshold.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import keras
+import mlflow
 import numpy as np
+import tensorflow as tf
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from pipeline.errors import PipelineError, TransientError
+from pipeline.core.errors import PipelineError, TransientError
+from pipeline.modeling import models  # noqa: F401 - registers the custom layer for loading
+from pipeline.serving.gradcam import Explainer
 
 SERVING_FILE = "serving.json"
 DRIFT_FILE = "drift_reference.json"
@@ -59,8 +67,6 @@ class Classifier:
     """The Keras model with its threshold; inference is one compiled function, safe across threads."""
 
     def __init__(self, model: Any, info: ModelInfo, drift_reference: dict[str, Any] | None = None) -> None:
-        import tensorflow as tf
-
         self.model, self.info, self.drift_reference = model, info, drift_reference
         size = info.image_size
         spec = tf.TensorSpec([None, size, size, 1], tf.float32)
@@ -76,9 +82,6 @@ class Classifier:
         serving = folder / SERVING_FILE
         if not serving.is_file():
             raise PipelineError(f"{folder}: no {SERVING_FILE}: not a serving bundle written by `pneumo register`")
-        import keras
-
-        from pipeline import models  # noqa: F401 - registers the custom layer for loading
 
         raw = json.loads(serving.read_text())
         raw["class_names"] = tuple(raw["class_names"])
@@ -114,16 +117,12 @@ class Classifier:
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Pooled features (the `gap` layer), for drift statistics."""
-        import keras
-
         if self._embedder is None:
             self._embedder = keras.Model(self.model.input, self.model.get_layer("gap").output)
         return np.asarray(self._embedder(np.asarray(batch, np.float32), training=False))
 
     def heatmap(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of one (size, size, 1) input, with the explainer built once per model."""
-        from pipeline.gradcam import Explainer
-
         if self._explainer is None:
             self._explainer = Explainer(self.model, self.info.last_conv_layer)
         return self._explainer(image)
@@ -143,8 +142,6 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
 
 def resolve_version(client: Any, name: str, version: str | None, alias: str | None) -> Any:
     """The model version object an alias or number names; one-line errors."""
-    from mlflow.exceptions import MlflowException
-
     try:
         if alias:
             return client.get_model_version_by_alias(name, alias)
@@ -164,11 +161,6 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
 
 def load(uri: str, tracking_uri: str | None = None) -> Classifier:
     """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder."""
-    import os
-
-    import mlflow
-    from mlflow import MlflowClient
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if Path(uri).is_dir():
         return Classifier.from_bundle(uri, uri=uri)

@@ -5,7 +5,8 @@ intensity statistics of the model input, the original width/height/aspect, and t
 components of the model's pooled features. A batch is compared feature by feature with a two-sample
 Kolmogorov-Smirnov test. The score is the largest KS distance; the verdict needs both significance
 (Bonferroni over features, so a small batch is not flagged by noise) and a large enough distance
-(so a huge batch is not flagged for a trivial shift).
+(so a huge batch is not flagged for a trivial shift). ``check`` runs this on image files
+(``pneumo drift PATH...``): do these images look like the ones the model was trained on?
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.stats import ks_2samp
+
+from pipeline.core.errors import PipelineError
+from pipeline.serving.classifier import Classifier
+from pipeline.serving.predict import expand, prepared_batches
 
 IMAGE_FEATURES = ("mean", "std", "p05", "p95", "width", "height", "aspect")
 COMPONENTS = 5
@@ -89,8 +95,6 @@ class DriftReport:
 
 
 def compare(reference: dict[str, object], features: list[dict[str, float]], embeddings: np.ndarray) -> DriftReport:
-    from scipy.stats import ks_2samp
-
     samples: dict[str, list[float]] = reference["samples"]  # type: ignore[assignment]
     batch: dict[str, np.ndarray] = {name: np.array([f[name] for f in features]) for name in IMAGE_FEATURES}
     mean = np.asarray(reference["pca_mean"])
@@ -118,3 +122,28 @@ def compare(reference: dict[str, object], features: list[dict[str, float]], embe
     else:
         verdict = "ok"
     return DriftReport(score, verdict, len(features), int(reference["n"]), rows)  # type: ignore[arg-type]
+
+
+def batch_features(
+    classifier: Classifier, files: list[str], batch_size: int = 32
+) -> tuple[list[dict[str, float]], np.ndarray, list[str]]:
+    """Image features and embeddings of the readable files, and the unreadable ones (path: reason)."""
+    features, embeddings, skipped = [], [], []
+    for batch in prepared_batches(files, classifier.info.image_size, batch_size, workers=4):
+        ok = [item for item in batch if item.x is not None and item.image is not None]
+        skipped += [f"{item.file}: {item.error}" for item in batch if item.error]
+        if ok:
+            embeddings.append(classifier.embed(np.stack([item.x for item in ok])))
+            features += [image_features(i.x, i.image.width, i.image.height) for i in ok]  # type: ignore[union-attr]
+    return features, np.concatenate(embeddings) if embeddings else np.zeros((0, 0)), skipped
+
+
+def check(classifier: Classifier, inputs: list[str], batch_size: int = 32) -> tuple[DriftReport, list[str]]:
+    """The drift report for the readable images under `inputs`, and the unreadable ones (path: reason)."""
+    if classifier.drift_reference is None:
+        raise PipelineError(f"{classifier.info.uri}: the model has no drift reference (register it again)")
+    files, missing = expand(inputs)
+    features, embeddings, skipped = batch_features(classifier, files, batch_size)
+    if not features:
+        raise PipelineError(f"drift: no readable images in {' '.join(inputs)}")
+    return compare(classifier.drift_reference, features, embeddings), [f"{i}: {why}" for i, why in missing] + skipped

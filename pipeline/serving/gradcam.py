@@ -11,16 +11,17 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
 
 
 class Explainer:
     """Grad-CAM for one model and layer; the gradient computation is compiled once."""
 
     def __init__(self, model: Any, layer: str) -> None:
-        import keras
-        import tensorflow as tf
-
         head = model.get_layer("prediction")
         try:
             conv = model.get_layer(layer).output
@@ -47,8 +48,6 @@ class Explainer:
 
     def __call__(self, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
         """(size, size, 1) model input -> (h, w) heat map in [0, 1] at the conv layer's resolution."""
-        import tensorflow as tf
-
         x = tf.constant(np.asarray(image, np.float32)[None])
         cam, top = self._compute(x, tf.constant(-1 if class_index is None else class_index, tf.int32))
         cam, top = cam.numpy(), float(top)
@@ -57,9 +56,6 @@ class Explainer:
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """(H, W) uint8 X-ray and a heat map of any size -> (H, W, 3) uint8, jet colours blended in."""
-    from matplotlib import colormaps
-    from PIL import Image
-
     h, w = gray.shape
     resized = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
     colours = colormaps["jet"](resized)[..., :3]
@@ -71,8 +67,6 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarra
 
 def figure_png(gray: np.ndarray, heat: np.ndarray, title: str) -> bytes:
     """The X-ray and its Grad-CAM overlay side by side under a title, as PNG bytes (PIL: fast)."""
-    from PIL import Image, ImageDraw
-
     h, w = gray.shape
     band = 28
     canvas = Image.new("RGB", (2 * w + 10, h + band), "white")

@@ -1,7 +1,7 @@
 """Reading images for prediction: JPEG, PNG and DICOM, checked before decoding, each failure one line.
 
 JPEG and PNG are decoded once, by the TensorFlow decoder training used, and resized by the same
-``data_pipeline.resize_square``. DICOM pixels (8- or 16-bit, MONOCHROME1/2 or RGB) are windowed to
+``modeling.preprocess.resize_square``. DICOM pixels (8- or 16-bit, MONOCHROME1/2 or RGB) are windowed to
 8-bit grayscale with the file's own modality and VOI LUTs, then resized the same way. DICOM header fields that put an
 image outside the model's intended use (not a chest radiograph, not AP/PA, not a young child) do
 not stop the prediction: they come back as warnings next to it.
@@ -14,8 +14,13 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pydicom
+import tensorflow as tf
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+from pipeline.modeling.preprocess import resize_square
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MAX_PIXELS = 50_000_000  # a larger header is a decompression bomb, not an X-ray
@@ -66,9 +71,6 @@ def _check_size(width: int, height: int) -> None:
 
 
 def _raster(data: bytes, kind: str) -> LoadedImage:
-    import tensorflow as tf
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:  # the header only: cheap, and catches bombs before decoding
             width, height = img.size
@@ -112,14 +114,10 @@ def intended_use_warnings(ds: object) -> list[str]:
 
 def dicom_to_uint8(ds: object) -> np.ndarray:
     """Stored DICOM pixels -> (H, W, 1) uint8: modality LUT, VOI window (or min-max), MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     arr = ds.pixel_array  # type: ignore[attr-defined]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in {"RGB", "YBR_FULL", "YBR_FULL_422"}:
         if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
-
             arr = convert_color_space(arr, photometric, "RGB")
         gray = arr.astype(np.float64) @ np.array([0.2989, 0.5870, 0.1140])  # TensorFlow's rgb_to_grayscale
         return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
@@ -137,8 +135,6 @@ def dicom_to_uint8(ds: object) -> np.ndarray:
 
 
 def _dicom(data: bytes) -> LoadedImage:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001
@@ -172,17 +168,11 @@ def load(data: bytes) -> LoadedImage:
 
 def model_input(image: LoadedImage, image_size: int) -> np.ndarray:
     """(size, size, 1) float32 in [0, 255], exactly as training fed the model."""
-    import tensorflow as tf
-
-    from pipeline.data_pipeline import resize_square
-
     return resize_square(tf.constant(image.pixels), image_size).numpy()
 
 
 def display_pixels(image: LoadedImage, max_side: int = 768) -> np.ndarray:
     """(H, W) uint8 grayscale for overlays, at most `max_side` on the longer side."""
-    from PIL import Image
-
     pil = Image.fromarray(image.pixels[..., 0])
     pil.thumbnail((max_side, max_side))
     return np.asarray(pil, dtype=np.uint8)

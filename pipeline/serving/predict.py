@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sys
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from pipeline import image_io
-from pipeline.atomic import write_bytes, write_text
-from pipeline.classifier import Classifier
-from pipeline.errors import PipelineError
+from pipeline.core.atomic import write_bytes, write_text
+from pipeline.core.errors import PipelineError
+from pipeline.serving import gradcam, image_io
+from pipeline.serving.classifier import Classifier
 
 COLUMNS = ["file", "probability", "label", "threshold", "model", "model_version", "status", "error", "warnings"]
 
@@ -81,8 +83,6 @@ def prepared_batches(
     files: list[str], image_size: int, batch_size: int, workers: int, display: bool = False
 ) -> Iterator[list[Prepared]]:
     """Decoded batches in input order; up to two batches decode ahead, on all workers, while the model runs."""
-    from collections import deque
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
         names = iter(files)
@@ -110,8 +110,6 @@ def _heatmap_name(file: str, used: set[str]) -> str:
 
 
 def explain(classifier: Classifier, item: Prepared, title: str) -> bytes:
-    from pipeline import gradcam
-
     assert item.x is not None and item.display is not None, "prepare(..., display=True) first"
     return gradcam.figure_png(item.display, classifier.heatmap(item.x), title)
 
@@ -124,8 +122,6 @@ def predict_files(
     explain_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
     info = classifier.info
     rows: list[dict[str, Any]] = []
     used: set[str] = set()

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from pipeline.pyfunc_model import ChestXrayClassifier
+from pipeline.serving.pyfunc_model import ChestXrayClassifier
 
 set_model(ChestXrayClassifier())

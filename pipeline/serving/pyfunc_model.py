@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from pipeline.serving import image_io
+from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier
 
 OUTPUT_COLUMNS = ("probability", "label", "threshold", "warnings")
 
 
 class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from pipeline.classifier import BUNDLE_ARTIFACT, Classifier
-
         self.classifier = Classifier.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import numpy as np
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from pipeline import image_io
-
         if "image" not in model_input.columns:
             raise MlflowException("input needs a column 'image' with the image file's bytes", INVALID_PARAMETER_VALUE)
         info = self.classifier.info
@@ -69,20 +71,12 @@ def _as_bytes(value: Any) -> bytes:
 
 def example_input() -> pd.DataFrame:
     """One request row as MLflow stores it beside the model: a small grey PNG's bytes."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf, "PNG")
     return pd.DataFrame({"image": [buf.getvalue()]})
 
 
 def signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema(

@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
+from mlflow import MlflowClient
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from pipeline import __version__, image_io
-from pipeline import classifier as clf
-from pipeline.errors import PipelineError
+from pipeline import __version__
+from pipeline.core.errors import PipelineError
+from pipeline.serving import classifier as clf
+from pipeline.serving import image_io
 
 MULTIPART_SLACK = 16 * 1024  # form boundaries and headers around the file
 
@@ -45,7 +48,6 @@ class ModelHolder:
         """Reload when the alias points at another version; True if the model changed."""
         if self.alias is None:
             return False
-        from mlflow import MlflowClient
 
         name = self.current.info.name
         version = None
@@ -154,8 +156,6 @@ def create_app(holder: ModelHolder, max_bytes: int) -> FastAPI:
 
 
 def serve(uri: str, host: str, port: int, max_upload_mb: float, poll_seconds: float) -> None:
-    import uvicorn
-
     holder = ModelHolder(uri)
     info = holder.current.info
     print(

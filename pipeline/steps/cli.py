@@ -1,18 +1,19 @@
 """``pneumo``: one console script, a subcommand per step.
 
 Every stage is also a DVC stage (``dvc repro`` runs them as ``pneumo <stage>``). Errors print one
-line, ``error: ...``, and exit with status 2 (1 for a failed validation).
+line, ``error: ...``, and exit with status 2 (1 for a failed validation, 75 for I/O worth retrying).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from pathlib import Path
 
-from pipeline import __version__, console
-from pipeline.config import Params, load_params
-from pipeline.errors import DataError, PipelineError
+from pipeline import __version__
+from pipeline.core import console
+from pipeline.core.config import load_params
+from pipeline.core.errors import EXIT_TRANSIENT, DataError, PipelineError, TransientError
 
 STAGE_HELP = {
     "ingest": "write the data set (synthetic, local folder/zip, or Kaggle) in the Kaggle layout under data.root",
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dv = sub.add_parser(
         "dvc-yaml",
-        help="print dvc.yaml as generated from pipeline/stages.py",
+        help="print dvc.yaml as generated from pipeline/steps/stages.py",
         description="Print dvc.yaml from the stage list; --write replaces it, --check compares.",
     )
     group = dv.add_mutually_exclusive_group()
@@ -101,47 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_commands(args: argparse.Namespace, params: Params) -> int:
-    """predict, serve and drift: everything that loads a registered model."""
-    import mlflow
-
-    from pipeline import classifier, tracking
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
-    uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
-    cfg = params.serve
-    if args.command == "serve":
-        from pipeline.serve import serve
-
-        serve(
-            uri,
-            args.host or cfg.host,
-            args.port or cfg.port,
-            args.max_upload_mb or cfg.max_upload_mb,
-            args.poll_seconds or cfg.poll_seconds,
-        )
-        return 0
-    model = classifier.load(uri)
-    if args.command == "predict":
-        from pipeline import predict_step
-
-        status, summary = predict_step.run(
-            model, args.paths, args.output, args.format, args.batch_size or cfg.batch_size, args.explain
-        )
-        print(summary, file=sys.stderr)
-        return status
-    import json
-
-    from pipeline import drift_step
-    from pipeline.atomic import write_text
-
-    report, skipped = drift_step.check(model, args.paths, cfg.batch_size)
-    print(report.summary())
-    for line in skipped:
-        print(f"  unreadable: {line}")
-    if args.output:
-        write_text(args.output, json.dumps({**report.to_dict(), "unreadable": skipped}, indent=2) + "\n")
-    return 1 if report.verdict == "drift" else 0
+# Each command's module is imported when the command runs, the CLI's one lazy import: `pneumo --help`
+# stays fast, and a DVC stage run through `pneumo <stage>` loads only its own step module.
+STAGE_MODULE = "pipeline.steps.{name}"
+COMMANDS_MODULE = "pipeline.steps.commands"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,45 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         console.configure(loud=True)
     try:
         params = load_params(args.params, args.overrides)
-        from pipeline import stages
-
-        if args.command in ("predict", "serve", "drift"):
-            return serve_commands(args, params)
-        if args.command == "show":
-            from pipeline.evaluate_step import show
-
-            print(show(params))
+        if args.command in STAGE_HELP:
+            print(importlib.import_module(STAGE_MODULE.format(name=args.command)).run(params))
             return 0
-        if args.command == "data-version":
-            from pipeline.data_version import dvc_data_version
-
-            version = dvc_data_version(params.data.root)
-            if version is None:
-                raise PipelineError(f"dvc.lock records no version of {params.data.root}: run `dvc repro` first")
-            print(version)
-            return 0
-        if args.command == "dvc-yaml":
-            text = stages.dvc_yaml(params)
-            if args.check:
-                if not Path("dvc.yaml").is_file() or Path("dvc.yaml").read_text() != text:
-                    print(
-                        "error: dvc.yaml differs from pipeline/stages.py; run `pneumo dvc-yaml --write`",
-                        file=sys.stderr,
-                    )
-                    return 1
-            elif args.write:
-                from pipeline.atomic import write_text
-
-                write_text("dvc.yaml", text)
-            else:
-                print(text, end="")
-            return 0
-        stage = next(s for s in stages.stages(params) if s.name == args.command)
-        print(stage.run(params))
-        return 0
+        return importlib.import_module(COMMANDS_MODULE).run(args, params)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if str(exc).startswith("validation failed") else 2
+    except TransientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TRANSIENT
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,27 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import evaluation, tracking
-from pipeline.atomic import write_text
-from pipeline.config import Params
-from pipeline.data_version import split_fingerprint
-from pipeline.dataset_index import read_index
-from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.data_pipeline import SplitData
-
-
-def predict(model: object, data: SplitData, image_size: int, batch_size: int) -> np.ndarray:
-    from pipeline import data_pipeline as dp
-
-    ds = dp.make_dataset(data, image_size, batch_size, cache=False)
-    return model.predict(ds.map(lambda x, y: x), verbose=0)  # type: ignore[attr-defined]
+from pipeline.core.atomic import write_text
+from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
+from pipeline.data.dataset_index import read_index
+from pipeline.data.version import split_fingerprint
+from pipeline.modeling import evaluation, model_store
+from pipeline.modeling import inputs as dp
+from pipeline.registry import tracking
 
 
 def show(params: Params) -> str:
@@ -40,18 +32,13 @@ def show(params: Params) -> str:
 
 
 def run(params: Params) -> str:
-    import mlflow
-
-    from pipeline import data_pipeline as dp
-    from pipeline import model_store
-
     model, metadata = model_store.load(params.train.model_dir)
     size = int(metadata.get("input", {}).get("shape", [params.model.image_size])[0])
     index = read_index(params.index.path)
     val = dp.split_data(index, "val", params.data.root, params.task)
     test = dp.split_data(index, "test", params.data.root, params.task)
-    p_val = predict(model, val, size, params.train.batch_size)
-    p_test = predict(model, test, size, params.train.batch_size)
+    p_val = evaluation.predict_split(model, val, size, params.train.batch_size)
+    p_test = evaluation.predict_split(model, test, size, params.train.batch_size)
     ev = evaluation.evaluate(val.labels, p_val, test.labels, p_test, test.class_names, params.evaluate)
     ev = dataclasses.replace(ev, test_set=split_fingerprint(index, "test"))
 

@@ -10,11 +10,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import model_card, packaging, registry, tracking
-from pipeline.atomic import staged_dir, write_text
-from pipeline.config import Params
-from pipeline.errors import PipelineError
-from pipeline.evaluation import Evaluation
+import mlflow
+from mlflow import MlflowClient
+
+from pipeline.core.atomic import staged_dir, write_text
+from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
+from pipeline.data.dataset_index import read_index
+from pipeline.modeling import inputs as dp
+from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split
+from pipeline.modeling.metrics import binary_metrics
+from pipeline.registry import champion, model_card, packaging, tracking
+from pipeline.serving import classifier
 
 
 def load_evaluation(params: Params) -> Evaluation:
@@ -24,15 +31,15 @@ def load_evaluation(params: Params) -> Evaluation:
     return Evaluation.from_dict(json.loads(path.read_text()))
 
 
-def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> registry.Candidate:
+def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champion.Candidate:
     """The candidate as the train and evaluate stages left it (run reference and evaluation)."""
     ref = tracking.load_run_ref(params.mlflow.run_file)
     if not ref.model_uri:
         raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
-    run = registry.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
+    run = champion.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
     run_tags = run.data.tags
-    metrics = {k: float(getattr(ev.test, k)) for k in registry.SCORE_KEYS}
-    scores = registry.Scores(metrics, ev.threshold, ev.test_set)
+    metrics = {k: float(getattr(ev.test, k)) for k in champion.SCORE_KEYS}
+    scores = champion.Scores(metrics, ev.threshold, ev.test_set)
     tags = {
         **{f"test_{k}": f"{v:.6f}" for k, v in metrics.items()},
         **{f"test_{k}_ci95": f"[{lo:.4f}, {hi:.4f}]" for k, (lo, hi) in ev.ci95.items()},
@@ -55,35 +62,25 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> regis
         f"{ev.test.specificity:.3f} at threshold {ev.threshold:.4f}, chosen on validation to reach "
         f"sensitivity >= {ev.target_sensitivity}. Decision support only."
     )
-    return registry.Candidate(ref.run_id, ref.model_uri, scores, tags, description)
+    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description)
 
 
 def rescorer(params: Params) -> Any:
     """Scores a registered model on the current test split at a given threshold."""
 
     def rescore(model_uri: str, threshold: float) -> dict[str, float]:
-        import mlflow
-
-        from pipeline import data_pipeline as dp
-        from pipeline.dataset_index import read_index
-        from pipeline.evaluate_step import predict
-        from pipeline.evaluation import pneumonia_score
-        from pipeline.metrics import binary_metrics
-
         def load() -> Any:
-            from pipeline import classifier
-
             try:
                 return classifier.load(model_uri).model
             except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
                 return mlflow.keras.load_model(model_uri)
 
-        model = registry.with_retries(load, "loading the champion", params.registry)
+        model = champion.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
         test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
-        scores = pneumonia_score(predict(model, test, size, params.train.batch_size))
+        scores = pneumonia_score(predict_split(model, test, size, params.train.batch_size))
         figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
-        return {k: float(getattr(figures, k)) for k in registry.SCORE_KEYS}
+        return {k: float(getattr(figures, k)) for k in champion.SCORE_KEYS}
 
     return rescore
 
@@ -91,14 +88,14 @@ def rescorer(params: Params) -> Any:
 def card_writer(
     params: Params,
     client: Any,
-    candidate: registry.Candidate,
+    candidate: champion.Candidate,
     facts: model_card.CardFacts,
     examples_dir: Path,
 ) -> Any:
     """finalize(decision): the model card of the new version, to the run, the version and the model folder."""
     card_path = Path(params.train.model_dir) / "model_card.md"
 
-    def finalize(decision: registry.Decision) -> None:
+    def finalize(decision: champion.Decision) -> None:
         info = dataclasses.replace(facts.info, version=decision.version)
         filled = dataclasses.replace(facts, info=info, decision=decision.outcome, decision_reason=decision.reason)
         text = model_card.render(filled)
@@ -119,7 +116,7 @@ def card_writer(
                 description=f"{candidate.description}\n\nModel card: run artifact `model_card/model_card.md`.",
             )
 
-        registry.with_retries(log, "logging the model card", params.registry)
+        champion.with_retries(log, "logging the model card", params.registry)
         with staged_dir(card_path.with_suffix("")) as tmp:
             for png in examples_dir.glob("*.png"):
                 shutil.copy2(png, tmp / png.name)
@@ -129,10 +126,7 @@ def card_writer(
 
 
 def run(params: Params) -> str:
-    import mlflow
-    from mlflow import MlflowClient
-
-    registry.quiet_mlflow_http_retries()
+    champion.quiet_mlflow_http_retries()
     uri = tracking.tracking_uri(params.mlflow)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -143,7 +137,7 @@ def run(params: Params) -> str:
         classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
         picks = packaging.pick_examples(params.evaluate.predictions, ev.threshold, params.package.gradcam_examples)
         examples = packaging.gradcam_examples(classifier, picks, examples_dir)
-        model_uri = registry.with_retries(
+        model_uri = champion.with_retries(
             lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", params.registry
         )
         candidate = dataclasses.replace(candidate, model_uri=model_uri)
@@ -158,8 +152,8 @@ def run(params: Params) -> str:
             examples=[(f"model_card/{name}", caption) for name, caption in examples],
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
-        decision = registry.register(client, candidate, params.registry, rescorer(params), finalize=finalize)
-    record = registry.decision_json(decision)  # one text for the DVC-tracked file and the run
+        decision = champion.register(client, candidate, params.registry, rescorer(params), finalize=finalize)
+    record = champion.decision_json(decision)  # one text for the DVC-tracked file and the run
     write_text(params.registry.decision_file, record)
 
     def log_to_run() -> None:
@@ -167,12 +161,12 @@ def run(params: Params) -> str:
         client.set_tag(candidate.run_id, "registry_decision", decision.outcome)
         client.set_tag(candidate.run_id, "registered_version", str(decision.version))
 
-    registry.with_retries(log_to_run, "logging the decision to the run", params.registry)
+    champion.with_retries(log_to_run, "logging the decision to the run", params.registry)
     hint = ""
-    if decision.outcome == registry.CHALLENGER:
+    if decision.outcome == champion.CHALLENGER:
         hint = (
             f"\n  promote it in the MLflow UI: Models -> {decision.model_name} -> Version {decision.version} -> "
-            f"Aliases: add 'champion' (or set registry.promotion: auto)"
+            f"Aliases: add 'champion' (or set champion.promotion: auto)"
         )
     card = Path(params.train.model_dir) / "model_card.md"
     return decision.summary() + f"\n  model card: {card}" + hint

@@ -1,118 +1,112 @@
 """The pipeline's DAG, written once.
 
-Each stage names its step function and what DVC must know about it (code and data deps, params
-sections, outputs, metrics). ``dvc.yaml`` is generated from this list (``pneumo dvc-yaml``) and a
-test fails if the committed file drifts; the Prefect flow runs the same step functions in the
-same order.
+Each stage names its step module (``pipeline.steps.<stage>``, whose ``run(params)`` does the work)
+and what DVC must know about it: data deps, params sections, outputs, metrics and plots. Its code
+deps are not written by hand: they are the files of every module the stage runs, found from the
+import graph (grimp), with the CLI that DVC starts it through. ``dvc.yaml`` is generated from this
+list (``pneumo dvc-yaml --write``); a test fails if the committed file drifts, and another runs each
+stage and fails if it loaded a module its deps do not name. The Prefect flow runs these stages
+through DVC.
+
+Step modules are imported by name when a stage runs (``run_stage``), the one lazy import in the
+package: ``pneumo --help`` and the flow's planning must not load TensorFlow, MLflow or GX.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import grimp
 import yaml
 
-from pipeline import dataset_index, ingest, splits, validation
-from pipeline.config import Params
-from pipeline.errors import DataError
+from pipeline.core.config import Params
 
-
-def run_ingest(params: Params) -> str:
-    return ingest.ingest(params.data).summary()
-
-
-def run_index(params: Params) -> str:
-    index = dataset_index.build_index(params.data.root, params.index.workers, params.index.patient_scopes)
-    index = splits.assign_splits(index, params.split)
-    dataset_index.write_index(index, params.index.path, params.index.quarantine)
-    usable = index[index["decodable"]]
-    by_split = usable.groupby("split").agg(images=("path", "size"), patients=("patient_id", "nunique"))
-    lines = [f"index: {len(index)} images, {int((~index['decodable']).sum())} quarantined -> {params.index.path}"]
-    lines += [f"  {s:<5} {int(r.images)} images, {int(r.patients)} patients" for s, r in by_split.iterrows()]
-    return "\n".join(lines)
-
-
-def run_validate(params: Params) -> str:
-    report = validation.validate(dataset_index.read_index(params.index.path), params.validation)
-    if not report.success:
-        print(report.summary())
-        names = "; ".join(f"{c.check} ({c.unexpected} rows)" for c in report.failures)
-        raise DataError(f"validation failed: {names}; see {params.validation.report}")
-    return report.summary()
-
-
-def run_train(params: Params) -> str:
-    from pipeline import train_step
-
-    return train_step.run(params)
-
-
-def run_evaluate(params: Params) -> str:
-    from pipeline import evaluate_step
-
-    return evaluate_step.run(params)
-
-
-def run_register(params: Params) -> str:
-    from pipeline import register_step
-
-    return register_step.run(params)
+PACKAGE = "pipeline"
+CLI_MODULE = "pipeline.steps.cli"
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the package (the project root)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Params], str]
-    deps: list[str]
+    data_deps: list[str]
     params: list[str]
     outs: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     uncached_outs: list[str] = field(default_factory=list)
     plots: list[dict[str, dict[str, str]] | str] = field(default_factory=list)
 
+    @property
+    def module(self) -> str:
+        return f"{PACKAGE}.steps.{self.name}"
+
+    @property
+    def deps(self) -> list[str]:
+        return self.data_deps + code_deps(self.module)
+
+    def run(self, params: Params) -> str:
+        return run_stage(self.name, params)
+
+
+def run_stage(name: str, params: Params) -> str:
+    """Run a stage's step module in this process (DVC does it through ``pneumo <stage>``)."""
+    return importlib.import_module(f"{PACKAGE}.steps.{name}").run(params)
+
+
+@cache
+def _graph() -> grimp.ImportGraph:
+    return grimp.build_graph(PACKAGE, include_external_packages=False)
+
+
+def module_file(module: str) -> str:
+    """``pipeline.data.splits`` -> ``pipeline/data/splits.py``; a package -> its ``__init__.py``."""
+    path = Path(*module.split("."))
+    return (path / "__init__.py").as_posix() if (ROOT / path).is_dir() else path.with_suffix(".py").as_posix()
+
+
+def modules_run_by(module: str) -> set[str]:
+    """`module`, the CLI, everything they import (directly, transitively, at any depth of a function),
+    and every package ``__init__`` Python runs on the way."""
+    graph = _graph()
+    found = {module, CLI_MODULE} | graph.find_upstream_modules(module) | graph.find_upstream_modules(CLI_MODULE)
+    for name in list(found):
+        parts = name.split(".")
+        found |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    return found
+
+
+def code_deps(module: str) -> list[str]:
+    return sorted(module_file(m) for m in modules_run_by(module))
+
 
 def stages(params: Params) -> list[Stage]:
     p = params
+    model = f"{p.train.model_dir}/model.keras"
     return [
-        Stage(
-            "ingest",
-            run_ingest,
-            deps=["pipeline/ingest.py", "pipeline/synthetic.py", "pipeline/kaggle_download.py"],
-            params=["data"],
-            outs=[p.data.root],
-        ),
+        Stage("ingest", [], params=["data"], outs=[p.data.root]),
         Stage(
             "index",
-            run_index,
-            deps=[p.data.root, "pipeline/dataset_index.py", "pipeline/splits.py", "pipeline/naming.py"],
+            [p.data.root],
             params=["index", "split"],
             outs=[p.index.path],
             uncached_outs=[p.index.quarantine],
         ),
         Stage(
             "validate",
-            run_validate,
-            deps=[p.index.path, "pipeline/validation.py"],
+            [p.index.path],
             params=["validation"],
             metrics=[p.validation.report],
             uncached_outs=[p.validation.data_docs],
         ),
         Stage(
             "train",
-            run_train,
-            deps=[
-                p.index.path,
-                p.validation.report,
-                p.data.root,
-                "pipeline/train_step.py",
-                "pipeline/training.py",
-                "pipeline/models.py",
-                "pipeline/data_pipeline.py",
-            ],
+            [p.index.path, p.validation.report, p.data.root],
             params=["task", "model", "train"],
-            outs=[f"{p.train.model_dir}/model.keras", f"{p.train.model_dir}/metadata.json"],
+            outs=[model, f"{p.train.model_dir}/metadata.json"],
             metrics=["reports/train.json"],
             uncached_outs=[p.train.tensorboard_dir, p.mlflow.run_file],
             plots=[
@@ -122,16 +116,7 @@ def stages(params: Params) -> list[Stage]:
         ),
         Stage(
             "evaluate",
-            run_evaluate,
-            deps=[
-                f"{p.train.model_dir}/model.keras",
-                p.index.path,
-                p.data.root,
-                p.mlflow.run_file,
-                "pipeline/evaluate_step.py",
-                "pipeline/evaluation.py",
-                "pipeline/metrics.py",
-            ],
+            [model, p.index.path, p.data.root, p.mlflow.run_file],
             params=["evaluate"],
             metrics=[p.evaluate.metrics],
             uncached_outs=[p.evaluate.predictions],
@@ -151,20 +136,7 @@ def stages(params: Params) -> list[Stage]:
         ),
         Stage(
             "register",
-            run_register,
-            deps=[
-                p.evaluate.metrics,
-                p.evaluate.predictions,
-                p.mlflow.run_file,
-                f"{p.train.model_dir}/model.keras",
-                p.index.path,
-                p.data.root,
-                "pipeline/registry.py",
-                "pipeline/register_step.py",
-                "pipeline/packaging.py",
-                "pipeline/model_card.py",
-                "pipeline/pyfunc_model.py",
-            ],
+            [p.evaluate.metrics, p.evaluate.predictions, p.mlflow.run_file, model, p.index.path, p.data.root],
             params=["registry", "package"],
             outs=[f"{p.train.model_dir}/model_card.md", f"{p.train.model_dir}/model_card"],
             metrics=[p.registry.decision_file],
@@ -188,5 +160,8 @@ def dvc_yaml(params: Params) -> str:
                 for p in s.plots
             ]
         out[s.name] = spec
-    header = "# Generated from pipeline/stages.py by `pneumo dvc-yaml --write`; edit that list, not this file.\n"
+    header = (
+        "# Generated from pipeline/steps/stages.py by `pneumo dvc-yaml --write` (code deps from the import graph);\n"
+        "# edit that list, not this file.\n"
+    )
     return header + yaml.safe_dump({"stages": out}, sort_keys=False, default_flow_style=False)

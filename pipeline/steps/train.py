@@ -9,14 +9,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+from mlflow.models import infer_signature
 
-from pipeline import __version__, model_store, tracking, training
-from pipeline.atomic import write_text
-from pipeline.config import Params
-from pipeline.data_version import dvc_data_version, index_fingerprint
-from pipeline.dataset_index import read_index
-from pipeline.evaluation import history_figure
+from pipeline import __version__
+from pipeline.core.atomic import write_text
+from pipeline.core.config import Params
+from pipeline.data.dataset_index import read_index
+from pipeline.data.version import dvc_data_version, index_fingerprint
+from pipeline.modeling import model_store, training
+from pipeline.modeling.evaluation import history_figure
+from pipeline.registry import tracking
 
 TRAIN_REPORT = "reports/train.json"
 HISTORY_DIR = "reports/training"
@@ -32,9 +36,6 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
 
 
 def run(params: Params) -> str:
-    import mlflow
-    from mlflow.models import infer_signature
-
     index = read_index(params.index.path)
     experiment_id = tracking.configure(params.mlflow)
     data_version = dvc_data_version(params.data.root, index=params.index.path) or "untracked"
@@ -81,7 +82,7 @@ def run(params: Params) -> str:
                 "dtype": "float32",
                 "range": [0, 255],
                 "preprocessing": "decode as 8-bit grayscale, resize (stretch) to a square "
-                "(area when shrinking, bilinear when enlarging); pipeline.data_pipeline.decode_image",
+                "(area when shrinking, bilinear when enlarging); pipeline.modeling.preprocess.decode_image",
             },
             "output": "P(PNEUMONIA)" if params.task == "binary" else "softmax over class_names",
             "data_version": data_version,

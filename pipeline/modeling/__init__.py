@@ -1,0 +1,1 @@
+"""Modeling: the tf.data input pipeline, Keras models, training, evaluation and metrics, the saved model."""
