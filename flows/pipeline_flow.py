@@ -1,16 +1,21 @@
-"""The Prefect flow: the same stages as `dvc repro`, from the same list (pipeline/stages.py).
+"""The Prefect flow: the DVC pipeline, stage by stage, run by a worker and watched in the Prefect UI.
 
-Each stage is a task calling the stage's step function. Stages doing I/O that can fail for a while
-(ingest's download, register's tracking server and registry) are retried with exponential backoff,
-and only for transient errors; a training or data bug fails at once. Flow parameters override
-params.yaml keys. The run ends with a markdown artifact: test metrics, the champion decision and
-the MLflow run link.
+DVC owns caching and lineage, Prefect owns scheduling, retries, where a stage runs and the UI. The
+flow asks `dvc status` which stages changed; the stages before the first changed one are reported
+cached without starting anything, and from there each stage is a task running
+`dvc repro --single-item <stage>`, so DVC re-runs exactly what `dvc repro` would and writes the same
+dvc.lock. Flow parameter overrides are written into params.yaml first (comments kept), so dvc.lock
+and the MLflow run record the values that ran. Stages doing I/O that can fail for a while (ingest's
+download, register's tracking server) are retried with exponential backoff, and only for transient
+errors. The run ends with a markdown artifact: which stages ran or were cached with their dvc.lock
+hashes, the test metrics, the champion decision and the MLflow run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from pipeline.core.config import Params, load_params
+from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
+from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import TransientError
 from pipeline.registry.tracking import load_run_ref
 from pipeline.steps import stages as stage_list
@@ -33,18 +39,21 @@ def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, TransientError | ConnectionError | TimeoutError)
 
 
-def run_stage(name: str, params_file: str, overrides: list[str]) -> str:
-    params = load_params(params_file, overrides)
-    stage = next(s for s in stage_list.stages(params) if s.name == name)
-    return stage.run(params)
+def run_stage(name: str) -> StageRun:
+    logger = get_run_logger()
+    return repro_stage(name, echo=logger.info)
 
 
-def stage_task(name: str) -> Any:
-    retries = IO_STAGES.get(name, 0)
+def cached_stage(name: str) -> StageRun:
+    return StageRun(name, ran=False, seconds=0.0, outs=lock_outs(name))
+
+
+def stage_task(name: str, cached: bool) -> Any:
+    retries = 0 if cached else IO_STAGES.get(name, 0)
     return task(
-        run_stage,
+        cached_stage if cached else run_stage,
         name=name,
-        task_run_name=name,
+        task_run_name=f"{name} (cached)" if cached else name,
         retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=5) if retries else 0,
         retry_condition_fn=retry_on_transient if retries else None,
@@ -53,7 +62,7 @@ def stage_task(name: str) -> Any:
 
 
 def flow_stage_names(params: Params, ingest: bool) -> list[str]:
-    """The stages a flow run executes: the DVC stage list, without ingest unless asked."""
+    """The stages a flow run executes: the DVC stage list, without ingest when asked."""
     return [s.name for s in stage_list.stages(params) if ingest or s.name != "ingest"]
 
 
@@ -62,8 +71,18 @@ def as_overrides(overrides: dict[str, Any] | None) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
 
 
-def summary_markdown(params: Params) -> str:
-    lines = ["# Pneumonia pipeline run", ""]
+def stages_markdown(runs: list[StageRun]) -> list[str]:
+    lines = ["| stage | DVC | seconds | outputs in dvc.lock (md5) |", "|---|---|---|---|"]
+    for r in runs:
+        outs = "<br>".join(f"`{path}` {md5[:12]}" for path, md5 in r.outs.items()) or "-"
+        lines.append(f"| {r.name} | **{r.status}** | {r.seconds:.1f} | {outs} |")
+    return [*lines, ""]
+
+
+def summary_markdown(params: Params, runs: list[StageRun]) -> str:
+    ran = [r.name for r in runs if r.ran]
+    lines = ["# Pneumonia pipeline run", "", f"Stages run by DVC: {', '.join(ran) or 'none (all cached)'}.", ""]
+    lines += stages_markdown(runs)
     metrics_file, decision_file = Path(params.evaluate.metrics), Path(params.registry.decision_file)
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
@@ -93,31 +112,40 @@ def summary_markdown(params: Params) -> str:
 
 @flow(name="pneumonia-pipeline", log_prints=True)
 def pneumonia_pipeline(
-    ingest: bool = False,
+    ingest: bool = True,
     overrides: dict[str, Any] | None = None,
     params_file: str = "params.yaml",
     workdir: str | None = None,
 ) -> dict[str, str]:
-    """Validate, train, evaluate and register (and ingest first when `ingest` is true).
+    """Ingest, index, validate, train, evaluate and register through DVC; returns each stage's status.
 
-    `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}.
+    `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}; they are written
+    into params.yaml before DVC runs. `ingest=False` leaves the data as it is (pulled by `dvc pull`).
     `workdir` is the project folder to run in (default: the current one).
     """
     if workdir:
         os.chdir(workdir)
     logger = get_run_logger()
+    start = time.perf_counter()
     override_list = as_overrides(overrides)
     params = load_params(params_file, override_list)  # a bad key fails here, before any work
-    results: dict[str, str] = {}
+    if override_list:
+        write_overrides(params_file, override_list)
+        logger.info("params.yaml: %s", ", ".join(override_list))
+    changed = changed_stages()
+    runs: list[StageRun] = []
+    started = False
     for name in flow_stage_names(params, ingest):
-        results[name] = stage_task(name)(name, params_file, override_list)
-        logger.info("%s\n%s", name, results[name])
+        started = started or name in changed
+        runs.append(stage_task(name, cached=not started)(name))
+        logger.info("%s: %s", name, runs[-1].status)
     create_markdown_artifact(
-        summary_markdown(params),
+        summary_markdown(params, runs),
         key="pneumonia-pipeline-summary",
-        description="Test metrics, champion decision and MLflow run",
+        description="Stages run or cached by DVC, test metrics, champion decision and MLflow run",
     )
-    return results
+    logger.info("pipeline finished in %.1f s; ran: %s", time.perf_counter() - start, [r.name for r in runs if r.ran])
+    return {r.name: r.status for r in runs}
 
 
 if __name__ == "__main__":

@@ -6,4 +6,5 @@ bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check pipeline flows tests benchmarks scripts
 ruff format --check pipeline flows tests benchmarks scripts
+lint-imports --no-cache >/dev/null || lint-imports --no-cache  # layer contracts (pyproject.toml), quiet when kept
 exec python -m pytest "$@"

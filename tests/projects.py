@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
+from pipeline.core.config import write_overrides
 from tests.conftest import REPO
 
 PROJECT_FILES = ["pipeline", "flows", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
@@ -26,20 +25,10 @@ def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subproces
     return proc
 
 
-def set_param(params: dict, dotted: str) -> None:
-    key, _, value = dotted.partition("=")
-    *parents, leaf = key.split(".")
-    node = params
-    for part in parents:
-        node = node[part]
-    node[leaf] = yaml.safe_load(value)
-
-
 def write_params(work: Path, *overrides: str) -> None:
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for item in overrides:
-        set_param(params, item)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """Overrides into the project's params.yaml, comments kept (as a deployment run writes them)."""
+    if overrides:
+        write_overrides(work / "params.yaml", list(overrides))
 
 
 def copy_project(work: Path, *overrides: str) -> Path:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline.data.version import dvc_data_version
+from pipeline.steps import stages
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
 
@@ -30,9 +31,22 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_repro_runs_every_stage_then_nothing(repo_copy: Path) -> None:
-    first = run(["dvc", "repro"], repo_copy).stdout
+    trace = repo_copy.parent / "modules.jsonl"
+    first = run(["dvc", "repro"], repo_copy, PNEUMO_TRACE_MODULES=str(trace)).stdout
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first
+    # Every module a stage really ran (recorded by `pneumo` itself) is among that stage's deps in dvc.yaml.
+    deps = {
+        name: set(spec["deps"]) for name, spec in yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"].items()
+    }
+    traced = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [t["command"] for t in traced] == STAGES
+    for t in traced:
+        files = {stages.module_file(m) for m in t["modules"]}
+        assert files <= deps[t["command"]], (
+            f"{t['command']} ran code its deps miss: {sorted(files - deps[t['command']])}"
+        )
+        assert "pipeline/modeling/training.py" not in files or t["command"] == "train"  # the trace is specific
     assert "validation PASSED" in first and "test (n=45) at the threshold" in first
     second = run(["dvc", "repro"], repo_copy).stdout
     assert "Running stage" not in second and "Data and pipelines are up to date." in second

@@ -11,12 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC, project_copy
+from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
+from tests.projects import copy_project
 from tests.servers import Service, free_port
 
 pytestmark = pytest.mark.slow
@@ -26,13 +28,9 @@ MODEL = "pneumo-chest-xray"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("e2e")
-    project = project_copy(root / "project", *SMALL_SYNTHETIC, *FAST_TRAIN)
-    for name in ("pipeline", "flows", "prefect.yaml", "dvc.yaml"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, project / name)
+    # A two-epoch model may miss the clinical floor: the first version must become champion here.
+    project = copy_project(root / "project", *SMALL_SYNTHETIC, *FAST_TRAIN, "registry.sensitivity_floor=0.5")
+    shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
     bin_dir = str(Path(sys.executable).parent)
     mlflow_port, prefect_port = free_port(), free_port()
     env = {
@@ -139,7 +137,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{MODEL}'")}
     assert set(versions) == {"1", "2"}
     v2 = versions["2"]
-    floor = 0.9  # params.yaml registry.sensitivity_floor, promotion: manual
+    floor = 0.5  # the project's registry.sensitivity_floor; promotion: manual
     wins = (
         float(v2.tags["test_roc_auc"]) > float(v1.tags["test_roc_auc"]) and float(v2.tags["test_sensitivity"]) >= floor
     )
@@ -148,6 +146,16 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     assert aliases == ({"champion": "1", "challenger": "2"} if wins else {"champion": "1"})
     decision = json.loads((stack["project"] / "reports" / "champion.json").read_text())  # type: ignore[operator]
     assert decision["version"] == "2" and decision["champion"]["version"] == "1"
+
+    # Nothing changed since: the deployment run trains nothing, DVC reports every stage cached.
+    lock = (stack["project"] / "dvc.lock").read_text()  # type: ignore[operator]
+    start = time.perf_counter()
+    deployment_run(stack, {})
+    print(f"\nno-change deployment run: {time.perf_counter() - start:.1f} s (prefect deployment run --watch)")
+    assert (stack["project"] / "dvc.lock").read_text() == lock  # type: ignore[operator]
+    assert {str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")} == {"1", "2"}
+    log = (stack["root"] / "worker.log").read_text()  # type: ignore[operator]
+    assert "ran: []" in log
 
     shot = stack["project"] / "reports" / "screenshots" / "mlflow_registered_model.png"  # type: ignore[operator]
     if shutil.which("chromium") is None:

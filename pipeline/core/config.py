@@ -6,13 +6,16 @@ key, e.g. ``params.yaml: split.val_fraction: Input should be less than 1 (got 1.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
 
+from pipeline.core.atomic import write_text
 from pipeline.core.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -251,3 +254,26 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, str(path))) from None
+
+
+def write_overrides(path: str | Path, overrides: list[str]) -> None:
+    """Apply ``key.sub=value`` overrides to the params file itself, comments kept, after validating them.
+
+    Used where a run must leave a record of what it ran with (a deployment run through DVC: dvc.lock
+    and the MLflow run then name these values). Nothing is written if the result is invalid.
+    """
+    load_params(path, overrides)  # raises ConfigError naming the key; the file is untouched
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    path = Path(path)
+    data = yaml_rt.load(path.read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    buf = io.StringIO()
+    yaml_rt.dump(data, buf)
+    write_text(path, buf.getvalue())

@@ -7,7 +7,10 @@ line, ``error: ...``, and exit with status 2 (1 for a failed validation, 75 for 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import json
+import os
 import sys
 
 from pipeline import __version__
@@ -108,10 +111,21 @@ STAGE_MODULE = "pipeline.steps.{name}"
 COMMANDS_MODULE = "pipeline.steps.commands"
 
 
+def trace_modules(command: str) -> None:
+    """With PNEUMO_TRACE_MODULES=FILE, append the package modules this command ran as a JSON line
+    (how a test checks that each DVC stage's deps name every module the stage really runs)."""
+    target = os.environ.get("PNEUMO_TRACE_MODULES")
+    if target:
+        loaded = sorted(name for name in sys.modules if name == "pipeline" or name.startswith("pipeline."))
+        with open(target, "a") as handle:
+            handle.write(json.dumps({"command": command, "modules": loaded}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         console.configure(loud=True)
+    atexit.register(trace_modules, args.command)
     try:
         params = load_params(args.params, args.overrides)
         if args.command in STAGE_HELP:

@@ -1,0 +1,106 @@
+"""DVC as the flow sees it: what `dvc status` says must run, one stage at a time through `dvc repro`.
+
+DVC owns caching and lineage (one cache, one dvc.lock for `dvc repro`, a deployment run and a
+test alike); the flow only decides where and when. A stage's failure comes back as the error the
+stage itself printed (``error: ...``), typed by `pneumo`'s exit status: 1 failed validation,
+75 transient I/O (worth a retry), anything else a pipeline error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.core.errors import EXIT_TRANSIENT, EXIT_VALIDATION, DataError, PipelineError, TransientError
+
+_EXITED = re.compile(r"exited with (-?\d+)")
+
+
+@dataclass
+class StageRun:
+    name: str
+    ran: bool
+    seconds: float
+    output: str = ""
+    outs: dict[str, str] = field(default_factory=dict)  # path -> md5 in dvc.lock after the stage
+
+    @property
+    def status(self) -> str:
+        return "ran" if self.ran else "cached"
+
+
+def _env() -> dict[str, str]:
+    """The venv's `pneumo` first on PATH, whatever started the worker."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def dvc(*args: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run `dvc ARGS` with this interpreter; stream its lines to `echo`; (exit status, output)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if echo and line.strip():
+            echo(line.rstrip())
+    return proc.wait(), "".join(lines)
+
+
+def changed_stages(cwd: str | Path = ".") -> set[str]:
+    """The stages `dvc status` reports as changed (their own deps, params, outs or definition)."""
+    code, out = dvc("status", "--json", cwd=cwd)
+    if code != 0:
+        raise PipelineError(f"dvc status failed: {_last_error(out)}")
+    start = out.find("{")
+    return set(json.loads(out[start:]) if start >= 0 else {})
+
+
+def lock_outs(stage: str, cwd: str | Path = ".") -> dict[str, str]:
+    path = Path(cwd) / "dvc.lock"
+    if not path.is_file():
+        return {}
+    entry = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage, {})
+    return {o["path"]: o.get("md5", "") for o in entry.get("outs", [])}
+
+
+def _last_error(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for prefix in ("error: ", "ERROR: "):
+        found = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else "no output"
+
+
+def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> StageRun:
+    """`dvc repro --single-item NAME`: DVC runs the stage or says it is unchanged, and updates dvc.lock."""
+    start = time.perf_counter()
+    code, out = dvc("repro", "--single-item", name, cwd=cwd, echo=echo)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        exited = _EXITED.search(out)
+        status = int(exited.group(1)) if exited else None
+        message = _last_error(out)
+        if status == EXIT_VALIDATION:
+            raise DataError(message)
+        if status == EXIT_TRANSIENT:
+            raise TransientError(message)
+        raise PipelineError(f"stage {name}: {message}")
+    return StageRun(name, f"Running stage '{name}'" in out, seconds, out, lock_outs(name, cwd))
