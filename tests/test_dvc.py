@@ -18,7 +18,7 @@ import yaml
 from pipeline.data.version import dvc_data_version
 from pipeline.steps import stages
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
-from tests.projects import copy_project, run
+from tests.projects import copy_project, run, write_params
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "index", "validate", "train", "evaluate", "register"]
@@ -59,7 +59,7 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     train_report = json.loads((repo_copy / "reports" / "train.json").read_text())
     assert train_report["mlflow_run_id"] == ref["run_id"]  # findable from the DVC outputs
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
-    run = client.getrun(ref["run_id"])
+    run = client.get_run(ref["run_id"])
     metrics = json.loads((repo_copy / "reports" / "metrics.json").read_text())
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["test"]["roc_auc"])
     assert run.data.tags["threshold"].startswith(f"{metrics['threshold']:.4f}"[:5])
@@ -142,12 +142,7 @@ def test_new_data_with_same_params_trains_afresh(repo_copy: Path, real_subset: P
     before = _weights(repo_copy / "models" / "model.keras")
     old_version = dvc_data_version("data/raw", repo_copy / "dvc.lock")
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    (repo_copy / "params.yaml").write_text(
-        (repo_copy / "params.yaml")
-        .read_text()
-        .replace("source: synthetic", "source: local")
-        .replace("local_path: null", f"local_path: {real_subset}")
-    )
+    write_params(repo_copy, "data.source=local", f"data.local_path={real_subset}")
     out = run(["dvc", "repro"], repo_copy).stdout
     assert "Running stage 'train'" in out and "Running stage 'register'" in out
     after = _weights(repo_copy / "models" / "model.keras")

@@ -62,6 +62,18 @@ class Prediction:
     label: str
     class_probabilities: dict[str, float]
 
+    def record(self, info: ModelInfo, warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """The one output format of a prediction: CLI rows, the REST body and the pyfunc frame all start here."""
+        return {
+            "probability": round(self.probability, 6),
+            "label": self.label,
+            "threshold": round(info.threshold, 6),
+            "class_probabilities": {k: round(v, 6) for k, v in self.class_probabilities.items()},
+            "model": info.name or info.uri,
+            "model_version": info.version or "",
+            "warnings": list(warnings),
+        }
+
 
 class Classifier:
     """The Keras model with its threshold; inference is one compiled function, safe across threads."""

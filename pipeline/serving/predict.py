@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.serving import gradcam, image_io
-from pipeline.serving.classifier import Classifier
+from pipeline.serving.classifier import Classifier, ModelInfo
 
 COLUMNS = ["file", "probability", "label", "threshold", "model", "model_version", "status", "error", "warnings"]
 
@@ -130,20 +130,16 @@ def predict_files(
         ok = [item for item in batch if item.x is not None]
         predictions = iter(classifier.predict(np.stack([item.x for item in ok])) if ok else [])
         for item in batch:
-            row: dict[str, Any] = {
-                "file": item.file,
-                "threshold": round(info.threshold, 6),
-                "model": info.name or info.uri,
-                "model_version": info.version or "",
-            }
             if item.error is not None:
-                rows.append({**row, "probability": None, "label": None, "status": "error", "error": item.error})
+                rows.append(error_row(item.file, info, item.error))
                 continue
             pred = next(predictions)
-            row.update(probability=round(pred.probability, 6), label=pred.label, status="ok", error="")
-            row["warnings"] = "; ".join(item.image.warnings) if item.image else ""
+            record = pred.record(info, item.image.warnings if item.image else ())
+            probabilities = record.pop("class_probabilities")
+            row: dict[str, Any] = {"file": item.file, **record, "status": "ok", "error": ""}
+            row["warnings"] = "; ".join(record["warnings"])
             if len(info.class_names) > 2:
-                row.update({f"p_{name}": round(p, 6) for name, p in pred.class_probabilities.items()})
+                row.update({f"p_{name}": p for name, p in probabilities.items()})
             if explain_dir is not None:
                 name = _heatmap_name(item.file, used)
                 title = f"{Path(item.file).name}: P(pneumonia) {pred.probability:.3f} -> {pred.label}"
@@ -155,6 +151,21 @@ def predict_files(
         bar.update(len(batch))
     bar.close()
     return rows
+
+
+def error_row(file: str, info: ModelInfo, error: str) -> dict[str, Any]:
+    """The row of an input that could not be predicted: the model's fields, no label, the reason."""
+    return {
+        "file": file,
+        "probability": None,
+        "label": None,
+        "threshold": round(info.threshold, 6),
+        "model": info.name or info.uri,
+        "model_version": info.version or "",
+        "status": "error",
+        "error": error,
+        "warnings": "",
+    }
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:

@@ -37,25 +37,21 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
         if "image" not in model_input.columns:
             raise MlflowException("input needs a column 'image' with the image file's bytes", INVALID_PARAMETER_VALUE)
         info = self.classifier.info
-        batch, warnings = [], []
+        batch: list[np.ndarray] = []
+        warnings: list[list[str]] = []
         for row, value in enumerate(model_input["image"]):
             try:
                 data = _as_bytes(value)
                 image = image_io.load(data)
                 batch.append(image_io.model_input(image, info.image_size))
-                warnings.append("; ".join(image.warnings))
+                warnings.append(image.warnings)
             except (image_io.ImageError, ValueError) as exc:
                 raise MlflowException(f"row {row}: {exc}", INVALID_PARAMETER_VALUE) from None
         predictions = self.classifier.predict(np.stack(batch)) if batch else []
-        return pd.DataFrame(
-            {
-                "probability": [p.probability for p in predictions],
-                "label": [p.label for p in predictions],
-                "threshold": [info.threshold] * len(predictions),
-                "warnings": warnings,
-            },
-            columns=list(OUTPUT_COLUMNS),
-        )
+        records = [p.record(info, w) for p, w in zip(predictions, warnings, strict=True)]
+        for record in records:
+            record["warnings"] = "; ".join(record["warnings"])
+        return pd.DataFrame(records, columns=list(OUTPUT_COLUMNS))
 
 
 def _as_bytes(value: Any) -> bytes:

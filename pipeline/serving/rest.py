@@ -89,17 +89,7 @@ def predict_bytes(model: clf.Classifier, data: bytes, filename: str) -> dict[str
     image = image_io.load(data)
     x = image_io.model_input(image, model.info.image_size)
     pred = model.predict(x[None])[0]
-    info = model.info
-    return {
-        "file": filename,
-        "probability": pred.probability,
-        "label": pred.label,
-        "threshold": info.threshold,
-        "class_probabilities": pred.class_probabilities,
-        "model": info.name or info.uri,
-        "model_version": info.version,
-        "warnings": image.warnings,
-    }
+    return {"file": filename, **pred.record(model.info, image.warnings)}
 
 
 def create_app(holder: ModelHolder, max_bytes: int) -> FastAPI:
