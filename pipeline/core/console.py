@@ -21,6 +21,7 @@ from typing import Any
 QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",  # oneDNN notice, CUDA stub and cuInit lines, absl pre-init warning
     "GRPC_VERBOSITY": "ERROR",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per model download, many per register
 }
 
 
@@ -43,6 +44,7 @@ def configure(loud: bool | None = None) -> None:
         sys.meta_path.insert(0, _QuietTensorFlowImport())
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database..."
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example against ..."
 
 
 # TensorFlow 2.21 prints these while loading its libraries, before its logger reads TF_CPP_MIN_LOG_LEVEL.
