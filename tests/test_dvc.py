@@ -70,6 +70,13 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     assert {"evaluation", "tensorboard", "training", "validation", "model_metadata"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/confusion.png", "evaluation/metrics.json"} <= figures
+    assert "evaluation/reliability.png" in figures and metrics["temperature"] > 0
+    calibration = metrics["calibration"]
+    assert calibration["val_log_loss"]["calibrated"] <= calibration["val_log_loss"]["raw"] + 1e-9  # fitted there
+    assert metrics["ci_method"].startswith("bootstrap over") and "patients" in metrics["ci_method"]
+    card = (repo_copy / "models" / "model_card.md").read_text()
+    assert "## Calibration" in card and "(model_card/reliability.png)" in card
+    assert (repo_copy / "models" / "model_card" / "reliability.png").is_file()
     models = client.search_logged_models(experiment_ids=[ref["experiment_id"]])
     assert any(m.source_run_id == run.info.run_id for m in models)
 

@@ -78,3 +78,42 @@ def test_bootstrap_interval_brackets_the_estimate() -> None:
         lo, hi = ci[key]
         assert lo < getattr(point, key) < hi and hi - lo < 0.2
     assert bootstrap_ci(y, s, 0.5, n=300, seed=0) == ci  # seeded
+
+
+def test_patient_bootstrap_counts_a_child_once() -> None:
+    """Five identical images per child are one observation: resampling images would narrow the intervals
+    as if there were five times as many children; resampling patients gives the intervals of the children."""
+    rng = np.random.default_rng(3)
+    children = 60
+    y = rng.integers(0, 2, children)
+    s = np.clip(y * 0.3 + rng.normal(0.35, 0.2, children), 0, 1)
+    y5, s5 = np.repeat(y, 5), np.repeat(s, 5)
+    patients = np.repeat([f"p{i}" for i in range(children)], 5)
+    by_image = bootstrap_ci(y5, s5, 0.5, n=400, seed=1)
+    by_patient = bootstrap_ci(y5, s5, 0.5, n=400, seed=1, groups=patients)
+    per_child = bootstrap_ci(y, s, 0.5, n=400, seed=1)
+    for key in ("roc_auc", "sensitivity", "specificity"):
+        widths = {name: ci[key][1] - ci[key][0] for name, ci in [("image", by_image), ("patient", by_patient)]}
+        assert widths["patient"] > 1.6 * widths["image"]  # about sqrt(5) wider
+        assert widths["patient"] == pytest.approx(per_child[key][1] - per_child[key][0], rel=0.25)
+
+
+def test_temperature_scaling_fixes_over_confidence_without_reordering() -> None:
+    from pipeline.modeling.metrics import apply_temperature, fit_temperature, log_loss, reliability
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 800)
+    logit = (2 * y - 1) * 1.0 + rng.normal(0, 1.5, 800)  # well calibrated at T = 1 ...
+    over = 1 / (1 + np.exp(-3 * logit))  # ... then made three times too confident
+    t = fit_temperature(y, over)
+    assert 2.4 < t < 3.6  # recovers the factor
+    fixed = apply_temperature(over, t)
+    assert log_loss(y, fixed) < log_loss(y, over) and reliability(y, fixed)[1] < reliability(y, over)[1]
+    assert (np.argsort(fixed, kind="stable") == np.argsort(over, kind="stable")).all()  # same ranking
+    assert apply_temperature(over.reshape(-1, 1), t).shape == (800, 1)
+    three = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    assert np.allclose(apply_temperature(three, 1.0), three)
+    assert np.allclose(apply_temperature(three, 2.0).sum(axis=1), 1.0)
+    assert apply_temperature(three, 2.0)[0, 0] < 0.7  # softer
+    rows, ece = reliability(np.array([0, 0, 1, 1]), np.array([0.05, 0.15, 0.85, 0.95]), bins=10)
+    assert [r["count"] for r in rows] == [1, 1, 1, 1] and ece == pytest.approx(0.1)

@@ -20,7 +20,16 @@ from sklearn import metrics as skm
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.config import EvaluateParams
 from pipeline.modeling.inputs import SplitData, make_dataset
-from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, choose_threshold
+from pipeline.modeling.metrics import (
+    BinaryMetrics,
+    apply_temperature,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    fit_temperature,
+    log_loss,
+    reliability,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,9 @@ class Evaluation:
     n: dict[str, int]
     multiclass: dict[str, Any] | None = None
     test_set: str = ""
+    ci_method: str = "bootstrap over images"
+    temperature: float = 1.0  # probabilities are softmax(log p / T): 1.0 means uncalibrated
+    calibration: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +79,15 @@ class Evaluation:
             f"[{c['roc_auc'][0]:.3f}, {c['roc_auc'][1]:.3f}]  F1 {t.f1:.3f}",
             f"test at 0.5: accuracy {self.test_at_half.accuracy:.3f}  sensitivity {self.test_at_half.sensitivity:.3f}  "
             f"specificity {self.test_at_half.specificity:.3f}",
+            f"95% intervals: {self.ci_method}",
         ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(
+                f"calibration: temperature {self.temperature:.3f} (fitted on val); test Brier "
+                f"{c['test_brier']['raw']:.4f} -> {c['test_brier']['calibrated']:.4f}, calibration error "
+                f"{c['test_ece']['raw']:.4f} -> {c['test_ece']['calibrated']:.4f}"
+            )
         if self.multiclass:
             lines.append(
                 f"three-class: macro F1 {self.multiclass['macro_f1']:.3f}, "
@@ -87,6 +107,40 @@ def pneumonia_score(probs: np.ndarray) -> np.ndarray:
     return probs.ravel() if probs.ndim == 1 or probs.shape[1] == 1 else 1.0 - probs[:, 0]
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    temperature: float
+    p_val: np.ndarray
+    p_test: np.ndarray
+    report: dict[str, Any]
+
+
+def calibrate(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray) -> Calibrated:
+    """Temperature scaling fitted on val (log loss); Brier score and calibration error before and after,
+    and the test reliability table. The ranking, and so the operating point, does not change."""
+    temperature = fit_temperature(y_val, p_val)
+    cal_val, cal_test = apply_temperature(p_val, temperature), apply_temperature(p_test, temperature)
+    b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
+    table, ece = reliability(b_test, pneumonia_score(cal_test))
+    raw_table, raw_ece = reliability(b_test, pneumonia_score(p_test))
+    report = {
+        "method": "temperature scaling, fitted on val",
+        "temperature": temperature,
+        "val_log_loss": {"raw": log_loss(y_val, p_val), "calibrated": log_loss(y_val, cal_val)},
+        "val_brier": {
+            "raw": float(skm.brier_score_loss(b_val, pneumonia_score(p_val))),
+            "calibrated": float(skm.brier_score_loss(b_val, pneumonia_score(cal_val))),
+        },
+        "test_brier": {
+            "raw": float(skm.brier_score_loss(b_test, pneumonia_score(p_test))),
+            "calibrated": float(skm.brier_score_loss(b_test, pneumonia_score(cal_test))),
+        },
+        "test_ece": {"raw": raw_ece, "calibrated": ece},
+        "test_reliability": {"raw": raw_table, "calibrated": table},
+    }
+    return Calibrated(temperature, cal_val, cal_test, report)
+
+
 def evaluate(
     y_val: np.ndarray,
     p_val: np.ndarray,
@@ -94,8 +148,14 @@ def evaluate(
     p_test: np.ndarray,
     class_names: tuple[str, ...],
     params: EvaluateParams,
+    test_patients: list[str] | None = None,
+    calibrated: Calibrated | None = None,
 ) -> Evaluation:
-    """All figures from class ids and model outputs (probabilities) on val and test."""
+    """All figures from class ids and model outputs (probabilities) on val and test; with
+    `test_patients` the confidence intervals resample patients, not images. With `calibrated` the
+    figures are of its calibrated probabilities, and its temperature and report are recorded."""
+    if calibrated is not None:
+        p_val, p_test = calibrated.p_val, calibrated.p_test
     s_val, s_test = pneumonia_score(p_val), pneumonia_score(p_test)
     b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
     threshold = choose_threshold(b_val, s_val, params.target_sensitivity)
@@ -119,9 +179,14 @@ def evaluate(
         val=binary_metrics(b_val, s_val, threshold),
         test=binary_metrics(b_test, s_test, threshold),
         test_at_half=binary_metrics(b_test, s_test, 0.5),
-        ci95=bootstrap_ci(b_test, s_test, threshold, n=params.bootstrap, seed=params.seed) if params.bootstrap else {},
+        ci95=bootstrap_ci(b_test, s_test, threshold, params.bootstrap, params.seed, groups=test_patients or None)
+        if params.bootstrap
+        else {},
+        ci_method=f"bootstrap over {len(set(test_patients))} patients" if test_patients else "bootstrap over images",
         n={"val": int(b_val.size), "test": int(b_test.size)},
         multiclass=multiclass,
+        temperature=calibrated.temperature if calibrated else 1.0,
+        calibration=calibrated.report if calibrated else None,
     )
 
 
@@ -171,20 +236,34 @@ def _png(fig: Any) -> bytes:
 def write_figures(
     ev: Evaluation, y_test: np.ndarray, p_test: np.ndarray, class_names: tuple[str, ...], figures_dir: str | Path
 ) -> list[Path]:
-    """ROC and PR curves with the operating point, and the confusion matrix, as PNG."""
-    matplotlib.use("Agg")
+    """ROC and PR curves with the operating point, the confusion matrix and the reliability diagram, as PNG."""
+    confusion = ev.multiclass["confusion"] if ev.multiclass else None
+    return figures(ev.test, y_test, p_test, class_names, figures_dir, confusion, ev.calibration, ev.temperature)
 
+
+def figures(
+    test: BinaryMetrics,
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    class_names: tuple[str, ...],
+    figures_dir: str | Path,
+    multiclass_confusion: list[list[int]] | None = None,
+    calibration: dict[str, Any] | None = None,
+    temperature: float = 1.0,
+    where: str = "test",
+) -> list[Path]:
+    """The figures of one scored image set (`test` holds its figures at the operating threshold)."""
+    matplotlib.use("Agg")
+    threshold = test.threshold
     out = Path(figures_dir)
     b, s = (np.asarray(y_test) > 0).astype(int), pneumonia_score(p_test)
     written = []
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     fpr, tpr, _ = skm.roc_curve(b, s)
-    ax.plot(fpr, tpr, lw=2, label=f"ROC AUC {ev.test.roc_auc:.3f}")
+    ax.plot(fpr, tpr, lw=2, label=f"ROC AUC {test.roc_auc:.3f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.scatter(
-        [1 - ev.test.specificity], [ev.test.sensitivity], c="crimson", zorder=3, label=f"threshold {ev.threshold:.3f}"
-    )
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, test split")
+    ax.scatter([1 - test.specificity], [test.sensitivity], c="crimson", zorder=3, label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {where}")
     ax.legend(loc="lower right")
     written.append(out / "roc.png")
     write_bytes(written[-1], _png(fig))
@@ -192,16 +271,16 @@ def write_figures(
 
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     precision, recall, _ = skm.precision_recall_curve(b, s)
-    ax.plot(recall, precision, lw=2, label=f"PR AUC {ev.test.pr_auc:.3f}")
-    ax.scatter([ev.test.sensitivity], [ev.test.precision], c="crimson", zorder=3, label="operating point")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall, test split", ylim=(0, 1.02))
+    ax.plot(recall, precision, lw=2, label=f"PR AUC {test.pr_auc:.3f}")
+    ax.scatter([test.sensitivity], [test.precision], c="crimson", zorder=3, label="operating point")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall, {where}", ylim=(0, 1.02))
     ax.legend(loc="lower left")
     written.append(out / "pr.png")
     write_bytes(written[-1], _png(fig))
     plt.close(fig)
 
-    matrix = np.array(ev.multiclass["confusion"] if ev.multiclass else ev.test.confusion)
-    names = class_names if ev.multiclass else ("NORMAL", "PNEUMONIA")
+    matrix = np.array(multiclass_confusion if multiclass_confusion else test.confusion)
+    names = class_names if multiclass_confusion else ("NORMAL", "PNEUMONIA")
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
@@ -213,12 +292,35 @@ def write_figures(
         yticklabels=names,
         xlabel="predicted",
         ylabel="actual",
-        title=f"Confusion, test (threshold {ev.threshold:.3f})",
+        title=f"Confusion, {where} (threshold {threshold:.3f})",
     )
     written.append(out / "confusion.png")
     write_bytes(written[-1], _png(fig))
     plt.close(fig)
+    if calibration:
+        written.append(out / "reliability.png")
+        write_bytes(written[-1], reliability_png(calibration, temperature, where))
     return written
+
+
+def reliability_png(calibration: dict[str, Any], temperature: float, where: str = "test") -> bytes:
+    """The reliability diagram: observed pneumonia rate per bin of predicted P(pneumonia), raw and calibrated."""
+    matplotlib.use("Agg")
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
+    tables, eces = calibration["test_reliability"], calibration["test_ece"]
+    styles = {"raw": {"c": "grey", "marker": "o", "alpha": 0.6}, "calibrated": {"c": "crimson", "marker": "s"}}
+    for key, style in styles.items():
+        rows = tables.get(key)
+        if rows:
+            ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], lw=1.5,
+                    label=f"{key} (ECE {eces[key]:.3f})", **style)  # fmt: skip
+    ax.set(xlabel="predicted P(pneumonia)", ylabel="observed pneumonia rate", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability, {where} (T = {temperature:.2f})")  # fmt: skip
+    ax.legend(loc="upper left")
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def history_figure(history: list[dict[str, float]], path: str | Path) -> None:

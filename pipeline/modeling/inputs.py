@@ -6,7 +6,7 @@ the model (H, W, 1) float32 in [0, 255], stretched to a square as in the publish
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -27,6 +27,7 @@ class SplitData:
     paths: list[str]
     labels: np.ndarray  # int class ids
     class_names: tuple[str, ...]
+    patients: list[str] = field(default_factory=list)  # scoped patient id of each image
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,7 +62,7 @@ def split_data(
         )
         rows, labels = rows.iloc[keep], labels[keep]
     paths = [str(Path(root) / p) for p in rows["path"]]
-    return SplitData(split, paths, labels, TASKS[task])
+    return SplitData(split, paths, labels, TASKS[task], rows["patient_id"].astype(str).tolist())
 
 
 def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:

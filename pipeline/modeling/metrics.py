@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
 from pipeline.core.errors import PipelineError
@@ -84,14 +85,31 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
 
 
 def bootstrap_ci(
-    y_true: np.ndarray, scores: np.ndarray, threshold: float, n: int = 1000, seed: int = 0, level: float = 0.95
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | list[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals for ROC AUC, sensitivity and specificity (resampling images)."""
+    """Percentile bootstrap intervals for ROC AUC, sensitivity and specificity.
+
+    With `groups` (patient ids) whole patients are resampled, all their images together: images of
+    one child are not independent, and resampling them one by one makes the intervals too narrow.
+    """
     y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
     rng = np.random.default_rng(seed)
+    if groups is None:
+        clusters = [np.array([i]) for i in range(y_true.size)]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        clusters = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
     draws: dict[str, list[float]] = {"roc_auc": [], "sensitivity": [], "specificity": []}
     for _ in range(n):
-        i = rng.integers(0, y_true.size, y_true.size)
+        picked = rng.integers(0, len(clusters), len(clusters))
+        i = np.concatenate([clusters[k] for k in picked])
         yt, ys = y_true[i], scores[i]
         if yt.min() == yt.max():
             continue  # a resample with one class has no AUC
@@ -101,3 +119,60 @@ def bootstrap_ci(
         draws["specificity"].append(float(np.mean(~pred[yt == 0])))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if v}
+
+
+def class_probabilities(probs: np.ndarray) -> np.ndarray:
+    """(n,) or (n, 1) P(positive) -> (n, 2); (n, k) unchanged."""
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim == 1 or probs.shape[1] == 1:
+        p = probs.reshape(-1, 1)
+        return np.concatenate([1.0 - p, p], axis=1)
+    return probs
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling: softmax(log p / T), in the shape it came in ((n, 1) sigmoid outputs stay so).
+
+    For a sigmoid output this is sigmoid(logit / T); T > 1 softens over-confident probabilities. The
+    order of the scores, and so every ranking metric and the operating point, does not change."""
+    probs = np.asarray(probs, dtype=float)
+    if temperature == 1.0:
+        return probs
+    logits = np.log(np.clip(class_probabilities(probs), 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    scaled /= scaled.sum(axis=1, keepdims=True)
+    return scaled[:, 1:] if probs.ndim == 2 and probs.shape[1] == 1 else (scaled[:, 1] if probs.ndim == 1 else scaled)
+
+
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(class_probabilities(probs), 1e-12, 1.0)
+    return float(-np.mean(np.log(p[np.arange(len(p)), np.asarray(y, dtype=int)])))
+
+
+def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
+    """The temperature in [0.05, 20] that minimises the log loss of `probs` for class ids `y` (on val)."""
+    result = minimize_scalar(
+        lambda log_t: log_loss(y, apply_temperature(probs, float(np.exp(log_t)))),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+    )
+    return float(np.exp(result.x))
+
+
+def reliability(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[list[dict[str, float]], float]:
+    """Reliability table (equal-width bins of P(pneumonia): mean predicted, observed rate, count) and the
+    expected calibration error (the count-weighted mean gap)."""
+    y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        predicted, observed = float(scores[mask].mean()), float(y_true[mask].mean())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "predicted": predicted,
+                     "observed": observed, "count": int(mask.sum())})  # fmt: skip
+        ece += mask.mean() * abs(predicted - observed)
+    return rows, float(ece)

@@ -23,11 +23,41 @@ class CardFacts:
     examples: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
 
 
+RELIABILITY_FIGURE = "model_card/reliability.png"
+
+
 def _ci(ev: Evaluation, key: str) -> str:
     if key not in ev.ci95:
         return ""
     lo, hi = ev.ci95[key]
     return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _calibration(ev: Evaluation) -> list[str]:
+    if not ev.calibration:
+        return [
+            "## Calibration",
+            "",
+            "Not calibrated (`evaluate.calibrate: false`): probabilities are the raw outputs.",
+            "",
+        ]
+    c = ev.calibration
+    return [
+        "## Calibration",
+        "",
+        "Probabilities are calibrated by temperature scaling fitted on the validation split "
+        f"(T = {ev.temperature:.3f}; T > 1 softens over-confident outputs). Ranking, and so the operating "
+        "point, is unchanged; every interface applies the same temperature.",
+        "",
+        "| | raw | calibrated |",
+        "|---|---|---|",
+        f"| Brier score, test | {c['test_brier']['raw']:.4f} | {c['test_brier']['calibrated']:.4f} |",
+        f"| expected calibration error, test | {c['test_ece']['raw']:.4f} | {c['test_ece']['calibrated']:.4f} |",
+        f"| log loss, val (fitted here) | {c['val_log_loss']['raw']:.4f} | {c['val_log_loss']['calibrated']:.4f} |",
+        "",
+        f"![Reliability diagram]({RELIABILITY_FIGURE})",
+        "",
+    ]
 
 
 def render(facts: CardFacts) -> str:
@@ -73,7 +103,8 @@ def render(facts: CardFacts) -> str:
         "",
         "## Performance on the test split",
         "",
-        f"At the chosen threshold **{ev.threshold:.4f}**, with 95% bootstrap confidence intervals:",
+        f"At the chosen threshold **{ev.threshold:.4f}**, with 95% confidence intervals ({ev.ci_method}, "
+        "so several images of one child count once):",
         "",
         "| metric | value | 95% CI | at threshold 0.5 |",
         "|---|---|---|---|",
@@ -96,6 +127,7 @@ def render(facts: CardFacts) -> str:
         "images; a small validation split makes the threshold itself uncertain. The threshold travels "
         "with the model: batch prediction, the REST service and the MLflow pyfunc all apply it.",
         "",
+        *_calibration(ev),
         "## Known limitations",
         "",
         "- One hospital, one population, one acquisition protocol: expect lower figures elsewhere; "

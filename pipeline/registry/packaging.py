@@ -38,6 +38,7 @@ def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str)
         metrics={k: float(v) for k, v in ev.test.flat().items()},
         ci95={k: [float(lo), float(hi)] for k, (lo, hi) in ev.ci95.items()},
         target_sensitivity=float(ev.target_sensitivity),
+        temperature=float(ev.temperature),
         data_version=str(metadata.get("data_version", "unknown")),
         run_id=run_id,
         name=name,

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling import models  # noqa: F401 - registers the custom layer for loading
+from pipeline.modeling.metrics import apply_temperature, class_probabilities
 from pipeline.serving.gradcam import Explainer
 
 SERVING_FILE = "serving.json"
@@ -45,6 +46,7 @@ class ModelInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     ci95: dict[str, list[float]] = field(default_factory=dict)
     target_sensitivity: float | None = None
+    temperature: float = 1.0  # calibration fitted on val; applied to every prediction
     data_version: str = "unknown"
     run_id: str = ""
     name: str = ""
@@ -106,11 +108,11 @@ class Classifier:
         return cls(model, info, json.loads(drift.read_text()) if drift.is_file() else None)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(n, size, size, 1) float32 in [0, 255] -> (n, classes) probabilities."""
+        """(n, size, size, 1) float32 in [0, 255] -> (n, classes) calibrated probabilities."""
         if len(batch) == 0:
             return np.zeros((0, len(self.info.class_names)), np.float32)
-        out = np.asarray(self._infer(np.asarray(batch, np.float32)))
-        return np.concatenate([1.0 - out, out], axis=1) if out.shape[1] == 1 else out
+        out = np.asarray(self._infer(np.asarray(batch, np.float32)), dtype=np.float64)
+        return class_probabilities(apply_temperature(out, self.info.temperature))
 
     def label(self, probs: np.ndarray) -> str:
         names = self.info.class_names

@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
     dr.add_argument("--model", help=model_help)
     dr.add_argument("-o", "--output", help="also write the full report as JSON here")
+    ev = sub.add_parser(
+        "external-validation",
+        help="score a labelled folder (NORMAL/ PNEUMONIA/, or the Kaggle layout) with a registered version",
+        description="Predict every image of a labelled folder as served (the version's temperature and threshold), "
+        "report metrics with patient-level 95%% intervals, ROC/PR/confusion/reliability pictures, and record it: "
+        "an MLflow run in experiment 'external-validation', tags on the model version, a section of its model card.",
+    )
+    ev.add_argument("path", metavar="PATH", help="folder with NORMAL/ and PNEUMONIA/ (or train/val/test/ of them)")
+    ev.add_argument("--model", help=model_help)
+    ev.add_argument("--split", default="test", help="for the Kaggle layout: the split to score (default: test)")
+    ev.add_argument("--name", help="a short name for this data set (default: the folder's name)")
+    ev.add_argument("-o", "--output", help="report and figures folder (default: reports/external/NAME)")
     sub.add_parser(
         "show",
         help="print the latest test metrics and where to see the run in MLflow",

@@ -1,5 +1,5 @@
-"""The commands that are not DVC stages: predict, serve, drift (they load a registered model), show,
-data-version and dvc-yaml."""
+"""The commands that are not DVC stages: predict, serve, drift and external-validation (they load a
+registered model), show, data-version and dvc-yaml."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.version import dvc_data_version
 from pipeline.registry import tracking
 from pipeline.serving import classifier, drift, predict, rest
-from pipeline.steps import stages
+from pipeline.steps import external, stages
 from pipeline.steps.evaluate import show
 
 
@@ -79,4 +79,6 @@ def run(args: argparse.Namespace, params: Params) -> int:
         return 0
     if args.command == "dvc-yaml":
         return run_dvc_yaml(args, params)
+    if args.command == "external-validation":
+        return external.run(args, params)
     raise PipelineError(f"unknown command {args.command!r}")

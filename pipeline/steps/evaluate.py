@@ -39,7 +39,19 @@ def run(params: Params) -> str:
     test = dp.split_data(index, "test", params.data.root, params.task)
     p_val = evaluation.predict_split(model, val, size, params.train.batch_size)
     p_test = evaluation.predict_split(model, test, size, params.train.batch_size)
-    ev = evaluation.evaluate(val.labels, p_val, test.labels, p_test, test.class_names, params.evaluate)
+    calibrated = evaluation.calibrate(val.labels, p_val, test.labels, p_test) if params.evaluate.calibrate else None
+    ev = evaluation.evaluate(
+        val.labels,
+        p_val,
+        test.labels,
+        p_test,
+        test.class_names,
+        params.evaluate,
+        test_patients=test.patients,
+        calibrated=calibrated,
+    )
+    if calibrated is not None:
+        p_test = calibrated.p_test  # every figure and prediction below is of calibrated probabilities
     ev = dataclasses.replace(ev, test_set=split_fingerprint(index, "test"))
 
     e = params.evaluate

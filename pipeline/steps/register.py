@@ -13,13 +13,13 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from pipeline.core.atomic import staged_dir, write_text
+from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import inputs as dp
-from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split
-from pipeline.modeling.metrics import binary_metrics
+from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
+from pipeline.modeling.metrics import apply_temperature, binary_metrics
 from pipeline.registry import champion, model_card, packaging, tracking
 from pipeline.serving import classifier
 
@@ -69,16 +69,18 @@ def rescorer(params: Params) -> Any:
     """Scores a registered model on the current test split at a given threshold."""
 
     def rescore(model_uri: str, threshold: float) -> dict[str, float]:
-        def load() -> Any:
+        def load() -> tuple[Any, float]:
             try:
-                return classifier.load(model_uri).model
+                loaded = classifier.load(model_uri)
+                return loaded.model, loaded.info.temperature  # the threshold is on calibrated scores
             except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
-                return mlflow.keras.load_model(model_uri)
+                return mlflow.keras.load_model(model_uri), 1.0
 
-        model = champion.with_retries(load, "loading the champion", params.registry)
+        model, temperature = champion.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
         test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
-        scores = pneumonia_score(predict_split(model, test, size, params.train.batch_size))
+        outputs = predict_split(model, test, size, params.train.batch_size)
+        scores = pneumonia_score(apply_temperature(outputs, temperature))
         figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
         return {k: float(getattr(figures, k)) for k in champion.SCORE_KEYS}
 
@@ -137,6 +139,10 @@ def run(params: Params) -> str:
         classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
         picks = packaging.pick_examples(params.evaluate.predictions, ev.threshold, params.package.gradcam_examples)
         examples = packaging.gradcam_examples(classifier, picks, examples_dir)
+        if ev.calibration:
+            write_bytes(
+                examples_dir / Path(model_card.RELIABILITY_FIGURE).name, reliability_png(ev.calibration, ev.temperature)
+            )
         model_uri = champion.with_retries(
             lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", params.registry
         )

@@ -1,0 +1,128 @@
+"""External validation: score a labelled folder with a registered model, as served, before using it.
+
+A hospital checks a model on its own images: NORMAL/ and PNEUMONIA/ subfolders (or the Kaggle layout,
+one split of it) are predicted through the same path as `pneumo predict` (decoding, the registered
+temperature and threshold), and scored: metrics at the registered threshold and at 0.5, 95% intervals
+that resample patients when the file names carry patient ids, and calibration (Brier score, expected
+calibration error, the reliability table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from pipeline.core.config import LABELS
+from pipeline.core.errors import PipelineError
+from pipeline.data import naming
+from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, reliability
+from pipeline.serving import image_io
+from pipeline.serving.classifier import Classifier
+from pipeline.serving.predict import prepared_batches
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """A subfolder by name, in any letter case."""
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name.lower()] if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int]]:
+    """(file, 1 for PNEUMONIA / 0 for NORMAL) under NORMAL/ and PNEUMONIA/, or under `split`/ of the Kaggle layout."""
+    root = Path(path)
+    if not root.is_dir():
+        raise PipelineError(f"{root}: no such folder")
+    split_dir = _child(root, split)
+    base = split_dir if split_dir is not None and _child(split_dir, "NORMAL") is not None else root
+    items: list[tuple[str, int]] = []
+    for label_id, label in enumerate(LABELS):
+        folder = _child(base, label)
+        if folder is None:
+            raise PipelineError(
+                f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
+            )
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in image_io.SUFFIXES)
+        items += [(str(p), label_id) for p in files]
+    if not items:
+        raise PipelineError(f"{root}: no {'/'.join(image_io.SUFFIXES)} files under NORMAL/ or PNEUMONIA/")
+    return items
+
+
+@dataclass
+class ExternalResult:
+    n: int
+    n_patients: int
+    at_threshold: BinaryMetrics
+    at_half: BinaryMetrics
+    ci95: dict[str, tuple[float, float]]
+    ci_method: str
+    brier: float
+    ece: float
+    reliability: list[dict[str, float]]
+    files: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    def summary(self, name: str) -> str:
+        t, c = self.at_threshold, self.ci95
+        (tn, fp), (fn, tp) = t.confusion
+
+        def ci(key: str) -> str:
+            return f" [{c[key][0]:.3f}, {c[key][1]:.3f}]" if key in c else ""
+
+        lines = [
+            f"external validation '{name}': {self.n} images ({self.n_patients} patients), threshold {t.threshold:.4f}",
+            f"  ROC AUC {t.roc_auc:.3f}{ci('roc_auc')}  sensitivity {t.sensitivity:.3f}{ci('sensitivity')}  "
+            f"specificity {t.specificity:.3f}{ci('specificity')}  accuracy {t.accuracy:.3f}",
+            f"  confusion: {tp} pneumonia found, {fn} missed, {tn} normal cleared, {fp} false alarms",
+            f"  at 0.5: sensitivity {self.at_half.sensitivity:.3f}  specificity {self.at_half.specificity:.3f}",
+            f"  calibration: Brier {self.brier:.4f}, expected calibration error {self.ece:.4f}; 95% intervals: "
+            f"{self.ci_method}",
+        ]
+        lines += [f"  unreadable: {u}" for u in self.unreadable]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(
+    classifier: Classifier, items: list[tuple[str, int]], batch_size: int = 32, bootstrap: int = 1000, seed: int = 0
+) -> ExternalResult:
+    """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored."""
+    label_of = dict(items)
+    files, labels, scores, unreadable = [], [], [], []
+    for batch in prepared_batches([f for f, _ in items], classifier.info.image_size, batch_size, workers=4):
+        ok = [item for item in batch if item.x is not None]
+        unreadable += [f"{item.file}: {item.error}" for item in batch if item.error]
+        if ok:
+            for item, pred in zip(ok, classifier.predict(np.stack([i.x for i in ok])), strict=True):
+                files.append(item.file)
+                labels.append(label_of[item.file])
+                scores.append(pred.probability)
+    if len(set(labels)) < 2:
+        raise PipelineError("external validation needs readable images of both NORMAL and PNEUMONIA")
+    y, s = np.array(labels), np.array(scores)
+    patients = [naming.patient_id(Path(f).name) for f in files]
+    grouped = len(set(patients)) < len(patients)
+    table, ece = reliability(y, s)
+    return ExternalResult(
+        n=len(files),
+        n_patients=len(set(patients)),
+        at_threshold=binary_metrics(y, s, classifier.info.threshold),
+        at_half=binary_metrics(y, s, 0.5),
+        ci95=bootstrap_ci(y, s, classifier.info.threshold, bootstrap, seed, groups=patients if grouped else None),
+        ci_method=f"bootstrap over {len(set(patients))} patients" if grouped else "bootstrap over images",
+        brier=float(skm.brier_score_loss(y, s)),
+        ece=ece,
+        reliability=table,
+        files=files,
+        labels=labels,
+        scores=[round(v, 6) for v in scores],
+        unreadable=unreadable,
+    )

@@ -1,0 +1,121 @@
+"""``pneumo external-validation PATH``: score a labelled folder with a registered version, record it.
+
+The figures, the report and the pictures go to ``-o`` (default ``reports/external/<name>/``), to a
+run in the MLflow experiment ``external-validation`` (tagged with the model name and version), to
+tags on the model version (``external.<name>.roc_auc`` and so on), and to a section of the version's
+model card, so whoever opens the version later sees how it did on that hospital's images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from pipeline.core.atomic import write_text
+from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
+from pipeline.modeling.evaluation import figures
+from pipeline.registry import champion, tracking
+from pipeline.serving import classifier, scoring
+from pipeline.serving.classifier import Classifier
+
+EXPERIMENT = "external-validation"
+CARD_TAG = "model_card"  # the version tag register writes: runs:/<run>/model_card/model_card.md
+
+
+def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: str, figure_dir: str) -> str:
+    t, c = result.at_threshold, result.ci95
+    (tn, fp), (fn, tp) = t.confusion
+    rows = [
+        f"| {key} | {getattr(t, key):.3f} | "
+        + (f"[{c[key][0]:.3f}, {c[key][1]:.3f}]" if key in c else "")
+        + f" | {getattr(result.at_half, key):.3f} |"
+        for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1")
+    ]
+    return "\n".join(
+        [
+            "",
+            f"## External validation: {name}",
+            "",
+            f"`{path}`: {result.n} images of {result.n_patients} patients, scored as served (registered "
+            f"temperature and threshold {t.threshold:.4f}); MLflow run `{run_id}` in experiment `{EXPERIMENT}`. "
+            f"95% intervals: {result.ci_method}.",
+            "",
+            "| metric | value | 95% CI | at threshold 0.5 |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Confusion at the threshold: {tp} pneumonia found, **{fn} missed**, {tn} normal cleared, {fp} false "
+            f"alarms. Brier score {result.brier:.4f}, expected calibration error {result.ece:.4f}.",
+            "",
+            f"![ROC, {name}]({figure_dir}/roc.png) ![Reliability, {name}]({figure_dir}/reliability.png)",
+            "",
+        ]
+    )
+
+
+def record(model: Classifier, name: str, path: str, result: scoring.ExternalResult, out: Path, params: Params) -> str:
+    """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id."""
+    info = model.info
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    figure_dir = f"model_card/external/{name}"
+    t = result.at_threshold
+    scores = {k: float(getattr(t, k)) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1")}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}") as run:
+        mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
+        mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
+        mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
+        mlflow.log_artifacts(str(out), "external")
+    if info.name and info.version:
+
+        def tag_version() -> None:
+            for key, value in {**scores, "brier": result.brier}.items():
+                client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
+            client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
+            card = client.get_model_version(info.name, info.version).tags.get(CARD_TAG, "")
+            match = re.match(r"runs:/([^/]+)/(.+)$", card)
+            if match:  # the card lives in the training run: append the section and the pictures there
+                card_run, card_path = match.groups()
+                text = mlflow.artifacts.load_text(card)
+                text += card_section(name, path, result, run.info.run_id, figure_dir)
+                client.log_text(card_run, text, card_path)
+                for png in ("roc.png", "reliability.png"):
+                    client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
+
+        champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
+    return run.info.run_id
+
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
+    uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
+    name = args.name or Path(args.path).resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise PipelineError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    items = scoring.labelled_files(args.path, args.split)
+    model = classifier.load(uri)
+    result = scoring.score(model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed)
+    out = Path(args.output or f"reports/external/{name}")
+    write_text(out / "report.json", json.dumps({"name": name, "model": uri, **result.to_dict()}, indent=2) + "\n")
+    calibration = {"test_reliability": {"calibrated": result.reliability}, "test_ece": {"calibrated": result.ece}}
+    figures(
+        result.at_threshold,
+        result.labels,
+        result.scores,
+        model.info.class_names[:2],
+        out,
+        calibration=calibration,
+        temperature=model.info.temperature,
+        where=name,
+    )
+    run_id = record(model, name, args.path, result, out, params)
+    print(result.summary(name))
+    print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")
+    return 0

@@ -1,0 +1,89 @@
+"""`pneumo external-validation` on a labelled folder built from shared images, with the session's real champion.
+
+The confusion counts are checked by hand, independently of the command: `pneumo predict` labels each
+file, and the test counts those labels against the folder each file sits in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, Champion
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+PNEUMO = str(Path(sys.executable).parent / "pneumo")
+
+
+def _pneumo(champion: Champion, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [PNEUMO, "--params", str(REPO / "params.yaml"), "-S", "evaluate.bootstrap=200", *args]
+    return subprocess.run(cmd, env=champion.env(), cwd=champion.root, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def hospital(real_224: Path, tmp_path: Path) -> Path:
+    """40 normal and 40 pneumonia images from the shared test split, plus a file that is no image."""
+    root = tmp_path / "hospital-x"
+    for label, n in (("NORMAL", 40), ("PNEUMONIA", 40)):
+        (root / label).mkdir(parents=True)
+        for f in sorted((real_224 / "test" / label).iterdir())[:n]:
+            shutil.copy2(f, root / label / f.name)
+    (root / "NORMAL" / "notes.jpeg").write_text("not an image\n")
+    return root
+
+
+def test_external_validation_scores_records_and_matches_hand_counts(
+    real_champion: Champion, hospital: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = _pneumo(real_champion, "external-validation", str(hospital), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 80 and report["unreadable"] and "notes.jpeg" in report["unreadable"][0]
+    for picture in ("roc.png", "pr.png", "confusion.png", "reliability.png"):
+        assert (out / picture).stat().st_size > 5_000
+
+    # By hand: `pneumo predict` labels each file; count against the folders.
+    predicted = tmp_path / "predictions.csv"
+    assert _pneumo(real_champion, "predict", str(hospital), "-o", str(predicted)).returncode == 1  # one unreadable
+    counts = {"tp": 0, "fn": 0, "tn": 0, "fp": 0}
+    with open(predicted) as handle:
+        for row in csv.DictReader(handle):
+            if row["status"] != "ok":
+                continue
+            sick, flagged = Path(row["file"]).parent.name == "PNEUMONIA", row["label"] == "PNEUMONIA"
+            counts[("tp" if flagged else "fn") if sick else ("fp" if flagged else "tn")] += 1
+    print(f"hand count: {counts}")
+    (tn, fp), (fn, tp) = report["at_threshold"]["confusion"]
+    assert {"tp": tp, "fn": fn, "tn": tn, "fp": fp} == counts and sum(counts.values()) == 80
+    assert report["at_threshold"]["roc_auc"] > 0.8 and "patients" in report["ci_method"]
+
+    # Recorded against the version: an MLflow run, version tags, a model card section with its pictures.
+    client = MlflowClient(real_champion.tracking_uri)
+    version = client.get_model_version_by_alias(real_champion.name, "champion")
+    tags = version.tags
+    assert float(tags["external.hospital-x.roc_auc"]) == pytest.approx(report["at_threshold"]["roc_auc"], abs=1e-4)
+    run = client.get_run(tags["external.hospital-x.run_id"])
+    assert run.data.tags["model_version"] == str(version.version) and run.data.metrics["sensitivity"] >= 0
+    card = client.download_artifacts(version.run_id, "model_card/model_card.md", str(tmp_path))
+    text = Path(card).read_text()
+    assert "## External validation: hospital-x" in text and f"**{fn} missed**" in text
+    # Beside the card's other pictures, where its relative links point (model_card/ next to model_card.md).
+    figures = {a.path for a in client.list_artifacts(version.run_id, "model_card/model_card/external/hospital-x")}
+    assert {"roc.png", "reliability.png"} <= {Path(f).name for f in figures}
+    assert "(model_card/external/hospital-x/roc.png)" in text
+
+
+def test_not_a_labelled_folder_is_one_clear_error(real_champion: Champion, tmp_path: Path) -> None:
+    (tmp_path / "scans").mkdir()
+    proc = _pneumo(real_champion, "external-validation", str(tmp_path / "scans"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "NORMAL/ and PNEUMONIA/" in proc.stderr
