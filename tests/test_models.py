@@ -75,3 +75,20 @@ def test_bad_model_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(PipelineError) as err:
         build_model(**{"image_size": 64, **kwargs})  # type: ignore[arg-type]
     assert str(err.value).startswith(message)
+
+
+def test_standardized_model_ignores_exposure_and_contrast(tmp_path: Path) -> None:
+    """With model.standardize the network sees the same input for x and a * x + b (no clipping involved)."""
+    import keras
+
+    built = build_model("compact_cnn", 32, standardize=True)
+    x = np.random.default_rng(0).uniform(60, 180, (3, 32, 32, 1)).astype(np.float32)
+    a = built.model.predict(x, verbose=0)
+    b = built.model.predict(0.6 * x + 40, verbose=0)  # darker, flatter
+    assert np.allclose(a, b, atol=1e-5)
+    plain = build_model("compact_cnn", 32)
+    assert not np.allclose(plain.model.predict(x, verbose=0), plain.model.predict(0.6 * x + 40, verbose=0), atol=1e-5)
+    # It is part of the saved model: what serving loads standardizes too.
+    built.model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert np.allclose(loaded.predict(0.6 * x + 40, verbose=0), a, atol=1e-5)

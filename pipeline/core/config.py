@@ -118,6 +118,7 @@ class ModelParams(Strict):
     weights: str = Field("none", description="none | imagenet | path to a .weights.h5 file of this architecture")
     image_size: int = Field(128, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
+    standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
 
 
 class AugmentParams(Strict):

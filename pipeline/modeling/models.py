@@ -8,11 +8,8 @@ and applies the backbone's own preprocessing in a serializable layer.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
@@ -63,6 +60,21 @@ class BackbonePreprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="pneumo")
+class StandardizeIntensity(keras.layers.Layer):
+    """Each image to the same mean and spread: (x - mean) / std per image, mapped back to [0, 255] around 128.
+
+    Brightness and contrast differ between X-ray machines and exports; after this layer a linear change
+    of an image's grey levels no longer changes what the network sees. Part of the model, so every caller
+    (training, evaluation, serving) gets it.
+    """
+
+    def call(self, x):
+        mean = keras.ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = keras.ops.std(x, axis=(1, 2, 3), keepdims=True)
+        return keras.ops.clip((x - mean) / keras.ops.maximum(std, 1.0) * 48.0 + 128.0, 0.0, 255.0)
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     model: keras.Model
@@ -70,8 +82,8 @@ class BuiltModel:
     last_conv: str
 
 
-def _compact_cnn(inputs: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
-    x = keras.layers.Rescaling(1 / 255.0, name="rescale")(inputs)
+def _compact_cnn(inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
+    x = keras.layers.Rescaling(1 / 255.0, name="rescale")(pixels)
     for i, filters in enumerate((32, 64, 128, 128)):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)  # small data: settle fast
@@ -101,22 +113,29 @@ def _load_weights_file(built: BuiltModel, path: Path, architecture: str) -> None
 
 
 def build_model(
-    architecture: str, image_size: int, n_classes: int = 2, weights: str = "none", dropout: float = 0.3
+    architecture: str,
+    image_size: int,
+    n_classes: int = 2,
+    weights: str = "none",
+    dropout: float = 0.3,
+    standardize: bool = False,
 ) -> BuiltModel:
-    """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file."""
+    """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
+    ``standardize``: per-image intensity standardization as the model's first layer."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
+    pixels = StandardizeIntensity(name="standardize")(inputs) if standardize else inputs
     if architecture == "compact_cnn":
         if weights == "imagenet":
             raise PipelineError("model.weights: compact_cnn has no ImageNet weights; use none or a weights file")
-        built = _compact_cnn(inputs, n_out, dropout)
+        built = _compact_cnn(inputs, pixels, n_out, dropout)
     else:
         spec = BACKBONES[architecture]
         if image_size < spec.min_size:
             raise PipelineError(f"model.image_size: {architecture} needs at least {spec.min_size}, got {image_size}")
-        x = BackbonePreprocess(spec.preprocess, name="preprocess")(inputs)
+        x = BackbonePreprocess(spec.preprocess, name="preprocess")(pixels)
         builder = getattr(keras.applications, spec.builder)
         try:
             base = builder(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
@@ -127,7 +146,7 @@ def build_model(
                     f"put the Keras .h5 file in ~/.keras/models/ or set model.weights to none or a weights file"
                 ) from None
             raise
-        names = [layer.name for layer in base.layers if layer.name not in ("image", "preprocess")]
+        names = [layer.name for layer in base.layers if layer.name not in ("image", "standardize", "preprocess")]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
     if weights not in ("none", "imagenet"):
         _load_weights_file(built, Path(weights), architecture)

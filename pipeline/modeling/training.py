@@ -150,7 +150,7 @@ def train(
     weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
     one_hot = n_classes > 2
     with strategy.scope():
-        built = build_model(mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout)
+        built = build_model(mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout, mp.standardize)
     outcome = TrainOutcome(built, train_data.class_names, device)
     state_dir = Path(tp.resume_dir) / state_key(params, index)
     start = time.perf_counter()

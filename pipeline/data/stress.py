@@ -1,0 +1,92 @@
+"""A shift-stress set: labelled images changed the way other hospitals' images differ.
+
+From a labelled folder (NORMAL/ and PNEUMONIA/), each transform writes its own labelled folder:
+intensity (darker, brighter), contrast (lower), gamma (both ways), resolution (down to 64 px and
+back), a black border (the image shrunk inside the frame) and a tighter crop. The full-resolution
+originals, when given, are copied as one more set. Every set is scored like an external data set
+(``pneumo external-validation``), so a model's robustness is a table, not a guess.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.config import LABELS
+from pipeline.core.errors import DataError
+
+
+def _scale(img: Image.Image, factor: float) -> Image.Image:
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) * factor, 0, 255).astype(np.uint8))
+
+
+def _contrast(img: Image.Image, factor: float) -> Image.Image:
+    x = np.asarray(img, np.float32)
+    return Image.fromarray(np.clip((x - x.mean()) * factor + x.mean(), 0, 255).astype(np.uint8))
+
+
+def _gamma(img: Image.Image, gamma: float) -> Image.Image:
+    x = np.asarray(img, np.float32) / 255.0
+    return Image.fromarray((np.power(x, gamma) * 255).round().astype(np.uint8))
+
+
+def _resolution(img: Image.Image, size: int) -> Image.Image:
+    return img.resize((size, size), Image.Resampling.BOX).resize(img.size, Image.Resampling.BILINEAR)
+
+
+def _border(img: Image.Image, fraction: float) -> Image.Image:
+    w, h = img.size
+    inner = img.resize((round(w * (1 - 2 * fraction)), round(h * (1 - 2 * fraction))), Image.Resampling.BOX)
+    frame = Image.new("L", (w, h), 0)
+    frame.paste(inner, (round(w * fraction), round(h * fraction)))
+    return frame
+
+
+def _crop(img: Image.Image, keep: float) -> Image.Image:
+    w, h = img.size
+    dx, dy = round(w * (1 - keep) / 2), round(h * (1 - keep) / 2)
+    return img.crop((dx, dy, w - dx, h - dy))
+
+
+TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "darker_x0.7": lambda i: _scale(i, 0.7),
+    "brighter_x1.3": lambda i: _scale(i, 1.3),
+    "contrast_x0.6": lambda i: _contrast(i, 0.6),
+    "gamma_0.6": lambda i: _gamma(i, 0.6),
+    "gamma_1.6": lambda i: _gamma(i, 1.6),
+    "resolution_64px": lambda i: _resolution(i, 64),
+    "border_12pct": lambda i: _border(i, 0.12),
+    "crop_80pct": lambda i: _crop(i, 0.8),
+}
+
+
+def build_stress_set(
+    source: str | Path, out: str | Path, per_class: int = 30, fullres: str | Path | None = None
+) -> dict[str, int]:
+    """Write out/<set>/{NORMAL,PNEUMONIA}/ for every transform (the first `per_class` files of each class,
+    sorted) and, with `fullres`, the originals as out/fullres/; returns images per set."""
+    source, out = Path(source), Path(out)
+    picked: dict[str, list[Path]] = {}
+    for label in LABELS:
+        folder = source / label
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if not files:
+            raise DataError(f"{folder}: no images (a stress set needs NORMAL/ and PNEUMONIA/ under {source})")
+        picked[label] = files[:per_class]
+    counts = {}
+    for name, transform in TRANSFORMS.items():
+        for label, files in picked.items():
+            target = out / name / label
+            target.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                with Image.open(f) as img:
+                    transform(img.convert("L")).save(target / f"{f.stem}.png")
+        counts[name] = sum(len(f) for f in picked.values())
+    if fullres is not None:
+        shutil.copytree(fullres, out / "fullres", dirs_exist_ok=True)
+        counts["fullres"] = sum(1 for p in (out / "fullres").rglob("*") if p.is_file())
+    return counts
