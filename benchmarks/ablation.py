@@ -52,8 +52,9 @@ def main() -> None:
         ev = json.loads(Path(params.evaluate.metrics).read_text())
         model, meta = model_store.load(params.train.model_dir)
         size, names = int(meta["input"]["shape"][0]), tuple(meta["class_names"])
+        calibration = {"temperature": ev.get("temperature", 1.0), "calibration_bias": ev.get("calibration_bias", 0.0)}
         info = ModelInfo(ev["threshold"], names, size, params.task, meta["architecture"], meta["last_conv_layer"],
-                         temperature=ev.get("temperature", 1.0))  # fmt: skip
+                         **calibration)  # fmt: skip
         classifier = Classifier(model, info)
         counts = build_stress_set(SHARED / "chest_xray_224" / "test", Path(tmp) / "stress", args.per_class,
                                   SHARED / "chest_xray_fullres_sample")  # fmt: skip

@@ -117,3 +117,19 @@ def test_temperature_scaling_fixes_over_confidence_without_reordering() -> None:
     assert apply_temperature(three, 2.0)[0, 0] < 0.7  # softer
     rows, ece = reliability(np.array([0, 0, 1, 1]), np.array([0.05, 0.15, 0.85, 0.95]), bins=10)
     assert [r["count"] for r in rows] == [1, 1, 1, 1] and ece == pytest.approx(0.1)
+
+
+def test_platt_scaling_also_fixes_probabilities_that_are_too_low() -> None:
+    from pipeline.modeling.metrics import apply_temperature, fit_calibration, fit_temperature, reliability
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 800)
+    logit = (2 * y - 1) * 1.5 + rng.normal(0, 1.2, 800)
+    low = 1 / (1 + np.exp(-(logit - 2.5)))  # every probability pushed down: a shift no temperature can undo
+    t, b = fit_calibration(y, low)
+    assert b > 1.0  # pushed back up
+    fixed = apply_temperature(low, t, b)
+    assert reliability(y, fixed)[1] < 0.05 < reliability(y, apply_temperature(low, fit_temperature(y, low)))[1]
+    assert (np.argsort(fixed, kind="stable") == np.argsort(low, kind="stable")).all()
+    three = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    assert fit_calibration(np.array([0, 2]), three)[1] == 0.0  # more than two classes: temperature only

@@ -99,8 +99,8 @@ def test_the_registered_temperature_is_applied_to_every_prediction() -> None:
     info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3")
     batch = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 1)).astype(np.float32)
     raw = np.array([p.probability for p in Classifier(model, info).predict(batch)])
-    softened = Classifier(model, dataclasses.replace(info, temperature=2.0)).predict(batch)
+    softened = Classifier(model, dataclasses.replace(info, temperature=2.0, calibration_bias=0.5)).predict(batch)
     logit = np.log(raw / (1 - raw))
-    assert [p.probability for p in softened] == pytest.approx(1 / (1 + np.exp(-logit / 2)), abs=1e-6)
+    assert [p.probability for p in softened] == pytest.approx(1 / (1 + np.exp(-(logit / 2 + 0.5))), abs=1e-6)
     record = softened[0].record(info)
     assert record["probability"] == round(softened[0].probability, 6) and record["threshold"] == 0.5

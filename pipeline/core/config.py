@@ -154,7 +154,7 @@ class EvaluateParams(Strict):
     target_sensitivity: float = Field(0.95, gt=0, lt=1, description="chosen on val; missing pneumonia is costly")
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
-    calibrate: bool = Field(True, description="temperature scaling on val; the temperature travels with the model")
+    calibrate: bool = Field(True, description="Platt/temperature scaling on val; it travels with the model")
     metrics: str = "reports/metrics.json"
     plots_dir: str = "reports/plots"
     figures_dir: str = "reports/figures"

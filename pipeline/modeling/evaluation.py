@@ -26,7 +26,7 @@ from pipeline.modeling.metrics import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
-    fit_temperature,
+    fit_calibration,
     log_loss,
     reliability,
 )
@@ -44,7 +44,8 @@ class Evaluation:
     multiclass: dict[str, Any] | None = None
     test_set: str = ""
     ci_method: str = "bootstrap over images"
-    temperature: float = 1.0  # probabilities are softmax(log p / T): 1.0 means uncalibrated
+    temperature: float = 1.0  # calibration (metrics.apply_temperature): T = 1 and bias 0 mean uncalibrated
+    calibration_bias: float = 0.0
     calibration: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -84,7 +85,8 @@ class Evaluation:
         if self.calibration:
             c = self.calibration
             lines.append(
-                f"calibration: temperature {self.temperature:.3f} (fitted on val); test Brier "
+                f"calibration: temperature {self.temperature:.3f}, bias {self.calibration_bias:+.3f} (fitted on val); "
+                "test Brier "
                 f"{c['test_brier']['raw']:.4f} -> {c['test_brier']['calibrated']:.4f}, calibration error "
                 f"{c['test_ece']['raw']:.4f} -> {c['test_ece']['calibrated']:.4f}"
             )
@@ -110,6 +112,7 @@ def pneumonia_score(probs: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Calibrated:
     temperature: float
+    bias: float
     p_val: np.ndarray
     p_test: np.ndarray
     report: dict[str, Any]
@@ -118,14 +121,15 @@ class Calibrated:
 def calibrate(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray) -> Calibrated:
     """Temperature scaling fitted on val (log loss); Brier score and calibration error before and after,
     and the test reliability table. The ranking, and so the operating point, does not change."""
-    temperature = fit_temperature(y_val, p_val)
-    cal_val, cal_test = apply_temperature(p_val, temperature), apply_temperature(p_test, temperature)
+    temperature, bias = fit_calibration(y_val, p_val)
+    cal_val, cal_test = apply_temperature(p_val, temperature, bias), apply_temperature(p_test, temperature, bias)
     b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
     table, ece = reliability(b_test, pneumonia_score(cal_test))
     raw_table, raw_ece = reliability(b_test, pneumonia_score(p_test))
     report = {
-        "method": "temperature scaling, fitted on val",
+        "method": "Platt scaling of the logit, fitted on val" if bias else "temperature scaling, fitted on val",
         "temperature": temperature,
+        "bias": bias,
         "val_log_loss": {"raw": log_loss(y_val, p_val), "calibrated": log_loss(y_val, cal_val)},
         "val_brier": {
             "raw": float(skm.brier_score_loss(b_val, pneumonia_score(p_val))),
@@ -138,7 +142,7 @@ def calibrate(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: 
         "test_ece": {"raw": raw_ece, "calibrated": ece},
         "test_reliability": {"raw": raw_table, "calibrated": table},
     }
-    return Calibrated(temperature, cal_val, cal_test, report)
+    return Calibrated(temperature, bias, cal_val, cal_test, report)
 
 
 def evaluate(
@@ -186,6 +190,7 @@ def evaluate(
         n={"val": int(b_val.size), "test": int(b_test.size)},
         multiclass=multiclass,
         temperature=calibrated.temperature if calibrated else 1.0,
+        calibration_bias=calibrated.bias if calibrated else 0.0,
         calibration=calibrated.report if calibrated else None,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from sklearn import metrics as skm
 
 from pipeline.core.errors import PipelineError
@@ -130,18 +130,25 @@ def class_probabilities(probs: np.ndarray) -> np.ndarray:
     return probs
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling: softmax(log p / T), in the shape it came in ((n, 1) sigmoid outputs stay so).
+def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Calibrated probabilities, in the shape they came in ((n, 1) sigmoid outputs stay so).
 
-    For a sigmoid output this is sigmoid(logit / T); T > 1 softens over-confident probabilities. The
-    order of the scores, and so every ranking metric and the operating point, does not change."""
+    Two classes: sigmoid(logit / T + bias) (Platt scaling on the logit); more: softmax(log p / T). With
+    T > 0 the order of the scores, and so every ranking metric and the operating point, does not change.
+    """
     probs = np.asarray(probs, dtype=float)
-    if temperature == 1.0:
+    if temperature == 1.0 and bias == 0.0:
         return probs
-    logits = np.log(np.clip(class_probabilities(probs), 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    scaled /= scaled.sum(axis=1, keepdims=True)
+    full = np.clip(class_probabilities(probs), 1e-12, 1.0)
+    if full.shape[1] == 2:
+        z = (np.log(full[:, 1]) - np.log(full[:, 0])) / temperature + bias
+        positive = 1.0 / (1.0 + np.exp(-z))
+        scaled = np.stack([1.0 - positive, positive], axis=1)
+    else:
+        logits = np.log(full) / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        scaled = np.exp(logits)
+        scaled /= scaled.sum(axis=1, keepdims=True)
     return scaled[:, 1:] if probs.ndim == 2 and probs.shape[1] == 1 else (scaled[:, 1] if probs.ndim == 1 else scaled)
 
 
@@ -158,6 +165,21 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
         method="bounded",
     )
     return float(np.exp(result.x))
+
+
+def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """(temperature, bias) minimising the log loss on val: both for two classes (Platt scaling, which also
+    corrects probabilities that are too low or too high overall), the temperature alone for more."""
+    t = fit_temperature(y, probs)
+    if class_probabilities(probs).shape[1] != 2:
+        return t, 0.0
+    result = minimize(
+        lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1]))),
+        x0=[np.log(t), 0.0],
+        bounds=[(np.log(0.05), np.log(20.0)), (-20.0, 20.0)],
+        method="L-BFGS-B",
+    )
+    return float(np.exp(result.x[0])), float(result.x[1])
 
 
 def reliability(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[list[dict[str, float]], float]:

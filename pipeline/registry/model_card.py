@@ -45,9 +45,10 @@ def _calibration(ev: Evaluation) -> list[str]:
     return [
         "## Calibration",
         "",
-        "Probabilities are calibrated by temperature scaling fitted on the validation split "
-        f"(T = {ev.temperature:.3f}; T > 1 softens over-confident outputs). Ranking, and so the operating "
-        "point, is unchanged; every interface applies the same temperature.",
+        f"Probabilities are calibrated on the validation split ({c['method']}): P = sigmoid(logit / T + b) with "
+        f"T = {ev.temperature:.3f} (T > 1 softens over-confident outputs) and b = {ev.calibration_bias:+.3f} "
+        "(shifts outputs that are too low or too high overall). Ranking, and so the operating point, is "
+        "unchanged; every interface applies the same calibration.",
         "",
         "| | raw | calibrated |",
         "|---|---|---|",

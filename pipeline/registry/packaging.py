@@ -39,6 +39,7 @@ def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str)
         ci95={k: [float(lo), float(hi)] for k, (lo, hi) in ev.ci95.items()},
         target_sensitivity=float(ev.target_sensitivity),
         temperature=float(ev.temperature),
+        calibration_bias=float(ev.calibration_bias),
         data_version=str(metadata.get("data_version", "unknown")),
         run_id=run_id,
         name=name,

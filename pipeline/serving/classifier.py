@@ -46,7 +46,8 @@ class ModelInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     ci95: dict[str, list[float]] = field(default_factory=dict)
     target_sensitivity: float | None = None
-    temperature: float = 1.0  # calibration fitted on val; applied to every prediction
+    temperature: float = 1.0  # calibration fitted on val (metrics.apply_temperature), applied to every prediction
+    calibration_bias: float = 0.0
     data_version: str = "unknown"
     run_id: str = ""
     name: str = ""
@@ -112,7 +113,7 @@ class Classifier:
         if len(batch) == 0:
             return np.zeros((0, len(self.info.class_names)), np.float32)
         out = np.asarray(self._infer(np.asarray(batch, np.float32)), dtype=np.float64)
-        return class_probabilities(apply_temperature(out, self.info.temperature))
+        return class_probabilities(apply_temperature(out, self.info.temperature, self.info.calibration_bias))
 
     def label(self, probs: np.ndarray) -> str:
         names = self.info.class_names

@@ -72,15 +72,16 @@ def rescorer(params: Params) -> Any:
         def load() -> tuple[Any, float]:
             try:
                 loaded = classifier.load(model_uri)
-                return loaded.model, loaded.info.temperature  # the threshold is on calibrated scores
+                info = loaded.info  # the threshold is on calibrated scores
+                return loaded.model, (info.temperature, info.calibration_bias)
             except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
-                return mlflow.keras.load_model(model_uri), 1.0
+                return mlflow.keras.load_model(model_uri), (1.0, 0.0)
 
-        model, temperature = champion.with_retries(load, "loading the champion", params.registry)
+        model, calibration = champion.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
         test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
         outputs = predict_split(model, test, size, params.train.batch_size)
-        scores = pneumonia_score(apply_temperature(outputs, temperature))
+        scores = pneumonia_score(apply_temperature(outputs, *calibration))
         figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
         return {k: float(getattr(figures, k)) for k in champion.SCORE_KEYS}
 
