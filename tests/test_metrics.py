@@ -133,3 +133,16 @@ def test_platt_scaling_also_fixes_probabilities_that_are_too_low() -> None:
     assert (np.argsort(fixed, kind="stable") == np.argsort(low, kind="stable")).all()
     three = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     assert fit_calibration(np.array([0, 2]), three)[1] == 0.0  # more than two classes: temperature only
+
+
+def test_calibration_on_perfectly_separated_val_stays_finite() -> None:
+    """Separable val data would drive an unregularised fit to probabilities of exactly 0 and 1."""
+    from pipeline.modeling.metrics import apply_temperature, fit_calibration
+
+    y = np.array([0] * 20 + [1] * 40)
+    p = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.3, 0.99, 40)])
+    t, b = fit_calibration(y, p)
+    calibrated = apply_temperature(p, t, b)
+    assert t > 0.06 and abs(b) < 19  # not at the bounds
+    assert calibrated.min() > 1e-8 and calibrated.max() < 1 - 1e-8
+    assert calibrated[y == 1].min() > calibrated[y == 0].max()  # still separated: the order is kept

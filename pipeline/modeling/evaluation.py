@@ -130,7 +130,11 @@ def calibrate(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: 
         "method": "Platt scaling of the logit, fitted on val" if bias else "temperature scaling, fitted on val",
         "temperature": temperature,
         "bias": bias,
-        "val_log_loss": {"raw": log_loss(y_val, p_val), "calibrated": log_loss(y_val, cal_val)},
+        # What the fit minimises: the log loss against Platt's smoothed targets (see metrics.log_loss).
+        "val_log_loss": {
+            "raw": log_loss(y_val, p_val, smoothed=True),
+            "calibrated": log_loss(y_val, cal_val, smoothed=True),
+        },
         "val_brier": {
             "raw": float(skm.brier_score_loss(b_val, pneumonia_score(p_val))),
             "calibrated": float(skm.brier_score_loss(b_val, pneumonia_score(cal_val))),

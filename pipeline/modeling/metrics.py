@@ -152,15 +152,26 @@ def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) 
     return scaled[:, 1:] if probs.ndim == 2 and probs.shape[1] == 1 else (scaled[:, 1] if probs.ndim == 1 else scaled)
 
 
-def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+def log_loss(y: np.ndarray, probs: np.ndarray, smoothed: bool = False) -> float:
+    """Mean negative log likelihood of class ids `y`; `smoothed` uses Platt's targets instead of 0/1
+    ((n_c + 1) / (n_c + 2) for the true class of a class with n_c images), which keeps a fit on perfectly
+    separated validation data from driving the probabilities to exactly 0 and 1."""
     p = np.clip(class_probabilities(probs), 1e-12, 1.0)
-    return float(-np.mean(np.log(p[np.arange(len(p)), np.asarray(y, dtype=int)])))
+    y = np.asarray(y, dtype=int)
+    if not smoothed:
+        return float(-np.mean(np.log(p[np.arange(len(p)), y])))
+    k = p.shape[1]
+    counts = np.bincount(y, minlength=k)
+    high = (counts[y] + 1.0) / (counts[y] + 2.0)
+    targets = np.repeat(((1.0 - high) / (k - 1))[:, None], k, axis=1)
+    targets[np.arange(len(p)), y] = high
+    return float(-np.mean(np.sum(targets * np.log(p), axis=1)))
 
 
 def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
-    """The temperature in [0.05, 20] that minimises the log loss of `probs` for class ids `y` (on val)."""
+    """The temperature in [0.05, 20] that minimises the (smoothed) log loss of `probs` for class ids `y`."""
     result = minimize_scalar(
-        lambda log_t: log_loss(y, apply_temperature(probs, float(np.exp(log_t)))),
+        lambda log_t: log_loss(y, apply_temperature(probs, float(np.exp(log_t))), smoothed=True),
         bounds=(np.log(0.05), np.log(20.0)),
         method="bounded",
     )
@@ -168,13 +179,13 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(temperature, bias) minimising the log loss on val: both for two classes (Platt scaling, which also
-    corrects probabilities that are too low or too high overall), the temperature alone for more."""
+    """(temperature, bias) minimising the smoothed log loss on val: both for two classes (Platt scaling,
+    which also corrects probabilities that are too low or too high overall), the temperature alone for more."""
     t = fit_temperature(y, probs)
     if class_probabilities(probs).shape[1] != 2:
         return t, 0.0
     result = minimize(
-        lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1]))),
+        lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1])), smoothed=True),
         x0=[np.log(t), 0.0],
         bounds=[(np.log(0.05), np.log(20.0)), (-20.0, 20.0)],
         method="L-BFGS-B",

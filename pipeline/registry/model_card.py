@@ -54,7 +54,8 @@ def _calibration(ev: Evaluation) -> list[str]:
         "|---|---|---|",
         f"| Brier score, test | {c['test_brier']['raw']:.4f} | {c['test_brier']['calibrated']:.4f} |",
         f"| expected calibration error, test | {c['test_ece']['raw']:.4f} | {c['test_ece']['calibrated']:.4f} |",
-        f"| log loss, val (fitted here) | {c['val_log_loss']['raw']:.4f} | {c['val_log_loss']['calibrated']:.4f} |",
+        f"| log loss, val, smoothed targets (fitted here) | {c['val_log_loss']['raw']:.4f} | "
+        f"{c['val_log_loss']['calibrated']:.4f} |",
         "",
         f"![Reliability diagram]({RELIABILITY_FIGURE})",
         "",
