@@ -11,8 +11,16 @@ from pathlib import Path
 from pipeline.core.config import write_overrides
 from tests.conftest import REPO
 
-PROJECT_FILES = ["pipeline", "flows", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-PROJECT_FILES += ["pyproject.toml"]
+PROJECT_FILES = [
+    "pipeline",
+    "flows",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
 
 
 def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ they share one preprocessing path and one threshold.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -176,7 +175,6 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
 
 def load(uri: str, tracking_uri: str | None = None) -> Classifier:
     """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if Path(uri).is_dir():
         return Classifier.from_bundle(uri, uri=uri)
     if tracking_uri:
