@@ -1,78 +1,162 @@
-"""One row of the model-quality ablation: train with params overrides on the shared 224 px images, then
-score the shared test split and the shift-stress set, and print the figures with the training time.
+"""The model-quality ablation, as DVC experiments: each lever on or off against the current default.
 
-    .venv/bin/python benchmarks/ablation.py                       # the current params.yaml
-    .venv/bin/python benchmarks/ablation.py -S model.standardize=true -S model.image_size=96
+    .venv/bin/python benchmarks/ablation.py                         # every lever, at the params.yaml protocol
+    .venv/bin/python benchmarks/ablation.py -P model.image_size=64 -P train.epochs=6   # a cheaper protocol
+    .venv/bin/python benchmarks/ablation.py --only default equalize  # some levers
+    .venv/bin/python benchmarks/ablation.py --show                  # the table of a finished run
 
-Runs ingest, index, validate, train and evaluate in a temporary folder with its own MLflow store; the
-stress set (pipeline/data/stress.py) is built from the shared test split and the 48 originals. The
-shared test split holds patients of the official *train* folder: these are not official-test figures.
+It clones this repository (its last commit) into ``--workdir``, points params.yaml at the shared 224 px
+images (``data.local_path``) and their 48 full-resolution originals (``stress.originals``), applies the
+protocol (``-P``) and commits that as the baseline. Then it queues one experiment per lever with
+``dvc exp run --queue -n <lever> -S ...`` up to the stress stage, runs the queue (``dvc queue start``,
+one job: two cores), and prints ``dvc exp show``. Stages whose inputs an experiment does not change
+(ingest, index, validate; train for evaluation-only levers) come from DVC's run cache. Every run is also
+an MLflow run in ``<workdir>/mlflow.db``.
+
+The shared test split holds patients of the official *train* folder: these are not official-test figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.core.config import load_params
-from pipeline.data.stress import build_stress_set
-from pipeline.modeling import model_store
-from pipeline.serving import scoring
-from pipeline.serving.classifier import Classifier, ModelInfo
-from pipeline.steps import stages
+from pipeline.core.config import write_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
+# lever -> the -S overrides that switch it (against the baseline params.yaml)
+LEVERS: dict[str, list[str]] = {
+    "default": [],
+    "no-standardize": ["model.standardize=false"],
+    "equalize": ["model.equalize=true"],
+    "intensity-aug": [
+        "train.augment.brightness=0.2",
+        "train.augment.gamma=0.3",
+        "train.augment.blur=1.0",
+        "train.augment.noise=0.02",
+    ],
+    "adamw-cosine": ["train.optimizer=adamw", "train.schedule=cosine", "train.weight_decay=0.0001"],
+    "label-smoothing": ["train.label_smoothing=0.1"],
+    "mixup": ["train.mixup=0.2"],
+    "no-calibration": ["evaluate.calibrate=false"],
+}
+COLUMNS = [
+    ("train_seconds", "train min", lambda v: f"{v / 60:.1f}"),
+    ("test.roc_auc", "test AUC", "{:.3f}".format),
+    ("test.sensitivity", "test sens", "{:.3f}".format),
+    ("test.specificity", "test spec", "{:.3f}".format),
+    ("test.brier", "test Brier", "{:.4f}".format),
+    ("summary.roc_auc_mean", "stress AUC mean", "{:.3f}".format),
+    ("summary.roc_auc_min", "stress AUC min", "{:.3f}".format),
+    ("summary.sensitivity_mean", "stress sens mean", "{:.3f}".format),
+    ("summary.specificity_mean", "stress spec mean", "{:.3f}".format),
+    ("summary.specificity_min", "stress spec min", "{:.3f}".format),
+]
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None, capture: bool = False) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, check=True, text=True, capture_output=capture)
+    return done.stdout if capture else ""
+
+
+def prepare(workdir: Path, protocol: list[str], env: dict[str, str]) -> None:
+    """A clone of this repository's last commit, its params set to the shared images and the protocol."""
+    sh("git", "clone", "--quiet", str(REPO), str(workdir), cwd=REPO.parent)
+    overrides = [
+        "data.source=local",
+        f"data.local_path={SHARED / 'chest_xray_224'}",
+        f"stress.originals={SHARED / 'chest_xray_fullres_sample'}",
+        *protocol,
+    ]
+    write_overrides(workdir / "params.yaml", overrides)
+    sh("pneumo", "dvc-yaml", "--write", cwd=workdir, env=env)  # deps follow stress.originals
+    sh("git", "add", "params.yaml", "dvc.yaml", cwd=workdir)
+    sh("git", "-c", "user.name=ablation", "-c", "user.email=ablation@localhost", "commit", "--quiet", "-m",
+       f"ablation baseline: {' '.join(protocol) or 'params.yaml'}", cwd=workdir)  # fmt: skip
+
+
+def queue_and_run(workdir: Path, levers: list[str], env: dict[str, str]) -> None:
+    for name in levers:
+        sets = [arg for o in LEVERS[name] for arg in ("-S", o)]
+        sh("dvc", "exp", "run", "--queue", "--name", name, *sets, "stress", cwd=workdir, env=env)
+    sh("dvc", "queue", "start", "--jobs", "1", cwd=workdir, env=env)
+    start, seen = time.monotonic(), ""
+    while True:  # `dvc queue status` until nothing is queued or running; progress on the way
+        status = sh("dvc", "queue", "status", cwd=workdir, env=env, capture=True)
+        running = [line for line in status.splitlines() if " Running " in line or " Queued " in line]
+        summary = f"{len(levers) - len(running)}/{len(levers)} finished"
+        if summary != seen:
+            print(f"[{(time.monotonic() - start) / 60:5.1f} min] {summary}", flush=True)
+            seen = summary
+        if not running:
+            break
+        time.sleep(20)
+    failed = [line for line in status.splitlines() if " Failed " in line]
+    if failed:
+        print("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed), file=sys.stderr)
+
+
+def table(workdir: Path, env: dict[str, str]) -> str:
+    """The experiments' figures as a markdown table, from `dvc exp show --json`."""
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=workdir, env=env, capture=True))
+    rows = []
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                name = rev.get("name") or exp.get("name")
+                if name not in LEVERS or rev.get("error"):
+                    continue
+                values: dict[str, float] = {}
+                for path, metric in (data.get("metrics") or {}).items():
+                    flat = _flatten(metric.get("data", {}))
+                    values.update({k: v for k, v in flat.items() if k.startswith(("test.", "summary."))})
+                    if "train_seconds" in flat:
+                        values["train_seconds"] = flat["train_seconds"]
+                    del path
+                rows.append((name, values))
+    rows.sort(key=lambda r: list(LEVERS).index(r[0]))
+    head = "| lever | switch | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for name, values in rows:
+        cells = [fmt(values[key]) if key in values else "" for key, _, fmt in COLUMNS]
+        switch = ", ".join(f"`{o}`" for o in LEVERS[name]) or "(params.yaml)"
+        lines.append(f"| {name} | {switch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _flatten(node: object, prefix: str = "") -> dict[str, float]:
+    if isinstance(node, dict):
+        out: dict[str, float] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: float(node)} if isinstance(node, int | float) else {}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--per-class", type=int, default=30, help="stress-set images per class and transform")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-ablation"))
+    parser.add_argument("-P", "--protocol", action="append", default=[], metavar="KEY=VALUE",
+                        help="params for every experiment (the baseline commit), e.g. model.image_size=64")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="these levers only")
+    parser.add_argument("--show", action="store_true", help="print the table of an existing --workdir")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pneumo-ablation-") as tmp, contextlib.chdir(tmp):
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlruns/mlflow.db"
-        params = load_params(
-            REPO / "params.yaml",
-            ["data.source=local", f"data.local_path={SHARED / 'chest_xray_224'}", "evaluate.bootstrap=200",
-             *args.overrides],
-        )  # fmt: skip
-        timings = {}
-        for name in ("ingest", "index", "validate", "train", "evaluate"):
-            start = time.perf_counter()
-            stages.run_stage(name, params)
-            timings[name] = time.perf_counter() - start
-        ev = json.loads(Path(params.evaluate.metrics).read_text())
-        model, meta = model_store.load(params.train.model_dir)
-        size, names = int(meta["input"]["shape"][0]), tuple(meta["class_names"])
-        calibration = {"temperature": ev.get("temperature", 1.0), "calibration_bias": ev.get("calibration_bias", 0.0)}
-        info = ModelInfo(ev["threshold"], names, size, params.task, meta["architecture"], meta["last_conv_layer"],
-                         **calibration)  # fmt: skip
-        classifier = Classifier(model, info)
-        counts = build_stress_set(SHARED / "chest_xray_224" / "test", Path(tmp) / "stress", args.per_class,
-                                  SHARED / "chest_xray_fullres_sample")  # fmt: skip
-        rows = {}
-        for name in counts:
-            r = scoring.score(classifier, scoring.labelled_files(Path(tmp) / "stress" / name), bootstrap=0)
-            rows[name] = (r.at_threshold.roc_auc, r.at_threshold.sensitivity, r.at_threshold.specificity)
-    t = ev["test"]
-    aucs, sens, specs = (np.array([v[i] for v in rows.values()]) for i in range(3))
-    label = " ".join(args.overrides) or "params.yaml"
-    print("| config | train min | test AUC | test sens | test spec | stress AUC mean / min | stress sens mean | "
-          "stress spec mean / min |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {label} | {timings['train'] / 60:.1f} | {t['roc_auc']:.3f} | {t['sensitivity']:.3f} | "
-          f"{t['specificity']:.3f} | {aucs.mean():.3f} / {aucs.min():.3f} | {sens.mean():.3f} | "
-          f"{specs.mean():.3f} / {specs.min():.3f} |")  # fmt: skip
-    for name, (auc, se, sp) in rows.items():
-        print(f"  {name:<16} AUC {auc:.3f}  sens {se:.3f}  spec {sp:.3f}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir.resolve()}/mlflow.db"
+    if not args.show:
+        if args.workdir.exists():
+            sys.exit(f"--workdir {args.workdir} exists: remove it, or pass --show to print its table")
+        prepare(args.workdir, args.protocol, env)
+        queue_and_run(args.workdir, args.only or list(LEVERS), env)
+    print(table(args.workdir, env))
 
 
 if __name__ == "__main__":

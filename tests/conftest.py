@@ -184,7 +184,13 @@ def real_champion(real_224: Path, tmp_path_factory: pytest.TempPathFactory) -> C
     from pipeline.steps import stages
 
     root = tmp_path_factory.mktemp("real_champion")
-    params = rooted_params(root, *REAL_TRAIN, f"data.local_path={real_224}", f"registry.lock_file={root / 'lock'}")
+    params = rooted_params(
+        root,
+        *REAL_TRAIN,
+        f"data.local_path={real_224}",
+        f"stress.originals={REAL_FULLRES}",
+        f"registry.lock_file={root / 'lock'}",
+    )
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which beats params: pin this store while building.
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = params.mlflow.tracking_uri

@@ -20,7 +20,7 @@ from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "index", "validate", "train", "evaluate", "register"]
+STAGES = ["ingest", "index", "validate", "train", "evaluate", "stress", "register"]
 # A two-epoch model on tiny data may miss the clinical floor: these runs check orchestration, not the model.
 FLOW_PROJECT = [*SMALL_SYNTHETIC, *FAST_TRAIN, "registry.sensitivity_floor=0", "registry.model_name=flow-test"]
 
@@ -97,7 +97,7 @@ def test_flow_runs_through_dvc_and_reruns_only_what_changed(prefect_harness: Non
 
     # A params change re-runs exactly what `dvc repro` would: evaluate and what reads its outputs.
     third = pneumonia_pipeline(overrides={"evaluate.target_sensitivity": 0.9})
-    assert [s for s, status in third.items() if status == "ran"] == ["evaluate", "register"]
+    assert [s for s, status in third.items() if status == "ran"] == ["evaluate", "stress", "register"]
     assert re.search(r"target_sensitivity: 0\.9\s+# ", (project / "params.yaml").read_text())  # comment kept
     # The lock the flow left is the one DVC itself considers current: `dvc repro` has nothing to do.
     lock = (project / "dvc.lock").read_text()

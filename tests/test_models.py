@@ -92,3 +92,31 @@ def test_standardized_model_ignores_exposure_and_contrast(tmp_path: Path) -> Non
     built.model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     assert np.allclose(loaded.predict(0.6 * x + 40, verbose=0), a, atol=1e-5)
+
+
+def test_equalized_model_ignores_any_monotone_grey_level_change(tmp_path: Path) -> None:
+    """Histogram equalization maps each grey level to its rank: a strictly increasing change of the levels
+    (here v -> 2v + 1, and a gamma on levels kept apart) gives the network the same input."""
+    import keras
+
+    built = build_model("compact_cnn", 32, equalize=True, standardize=True)
+    x = np.random.default_rng(1).integers(0, 128, (3, 32, 32, 1)).astype(np.float32)
+    a = built.model.predict(x, verbose=0)
+    assert np.allclose(built.model.predict(2 * x + 1, verbose=0), a, atol=1e-5)
+    levels = np.arange(128, dtype=np.float32)
+    curved = np.round(255 * (levels * 2 / 255) ** 0.7)  # still 128 distinct levels
+    assert len(np.unique(curved)) == 128
+    assert np.allclose(built.model.predict(curved[x.astype(int)], verbose=0), a, atol=1e-5)
+    # Only standardized (not equalized), the gamma-like change reaches the network.
+    plain = build_model("compact_cnn", 32, standardize=True).model
+    seen = keras.Model(plain.input, plain.get_layer("standardize").output)
+    assert np.abs(seen.predict(curved[x.astype(int)], verbose=0) - seen.predict(x, verbose=0)).max() > 5
+    # Output: each image spread over [0, 255] with mean 127.5, per image (a constant image stays mid-grey).
+    layer = keras.Model(built.model.input, built.model.get_layer("equalize").output)
+    flat = np.concatenate([x[:1], np.full((1, 32, 32, 1), 40.0, np.float32)])
+    eq = layer.predict(flat, verbose=0)
+    assert abs(eq[0].mean() - 127.5) < 0.5 and eq[0].min() < 5 and eq[0].max() > 250
+    assert np.allclose(eq[1], 127.5)
+    built.model.save(tmp_path / "m.keras")  # serializable: serving equalizes too
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert np.allclose(loaded.predict(2 * x + 1, verbose=0), a, atol=1e-5)

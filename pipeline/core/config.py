@@ -119,6 +119,7 @@ class ModelParams(Strict):
     image_size: int = Field(128, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
     standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
+    equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
 
 
 class AugmentParams(Strict):
@@ -128,6 +129,10 @@ class AugmentParams(Strict):
     zoom: float = Field(0.1, ge=0, lt=1)
     translation: float = Field(0.05, ge=0, lt=1)
     contrast: float = Field(0.1, ge=0, lt=1)
+    brightness: float = Field(0.0, ge=0, lt=1, description="grey levels scaled by 1 +- this")
+    gamma: float = Field(0.0, ge=0, lt=1, description="gamma drawn from [1 - g, 1 / (1 - g)] (log-uniform)")
+    blur: float = Field(0.0, ge=0, le=3, description="Gaussian blur sigma up to this many pixels")
+    noise: float = Field(0.0, ge=0, le=0.2, description="Gaussian noise, sd up to this fraction of 255")
 
 
 class TrainParams(Strict):
@@ -140,6 +145,14 @@ class TrainParams(Strict):
     early_stopping_patience: int = Field(4, ge=1)
     lr_patience: int = Field(2, ge=1, description="epochs without val AUC gain before the LR is halved")
     class_weights: bool = True
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(1e-4, ge=0, description="adamw only (decoupled)")
+    schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="plateau: halve on val AUC plateaus | cosine: warm-up, then cosine decay to 0"
+    )
+    warmup_epochs: int = Field(1, ge=0, description="cosine only: linear warm-up from 0")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()
     max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
@@ -159,6 +172,15 @@ class EvaluateParams(Strict):
     plots_dir: str = "reports/plots"
     figures_dir: str = "reports/figures"
     predictions: str = "reports/predictions.csv"
+
+
+class StressParams(Strict):
+    """The shift-stress set the stress stage scores each trained model on (pipeline/data/stress.py)."""
+
+    per_class: int = Field(30, ge=1, description="test images per class and transform")
+    originals: str | None = Field(None, description="optional labelled folder (NORMAL/, PNEUMONIA/) scored as is")
+    out: str = "data/stress"
+    report: str = "reports/stress.json"
 
 
 class MlflowParams(Strict):
@@ -202,6 +224,7 @@ class Params(Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    stress: StressParams = StressParams()
     mlflow: MlflowParams = MlflowParams()
     registry: RegisterParams = RegisterParams()
     package: PackageParams = PackageParams()

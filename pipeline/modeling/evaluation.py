@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from sklearn import metrics as skm
 
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.config import EvaluateParams
+from pipeline.core.errors import PipelineError
 from pipeline.modeling.inputs import SplitData, make_dataset
 from pipeline.modeling.metrics import (
     BinaryMetrics,
@@ -58,6 +60,13 @@ class Evaluation:
         ci95 = {k: (v[0], v[1]) for k, v in saved.get("ci95", {}).items()}
         rest = {k: v for k, v in saved.items() if k not in (*metrics, "ci95")}
         return cls(**rest, **metrics, ci95=ci95)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Evaluation:
+        """reports/metrics.json as the evaluate stage wrote it."""
+        if not Path(path).is_file():
+            raise PipelineError(f"{path}: no evaluation (run the evaluate stage first)")
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def flat(self) -> dict[str, float]:
         """Scalars for MLflow: test_* at the chosen threshold, test05_* at 0.5, val_*, *_ci_low/high."""

@@ -65,6 +65,41 @@ def split_data(
     return SplitData(split, paths, labels, TASKS[task], rows["patient_id"].astype(str).tolist())
 
 
+class IntensityJitter(keras.layers.Layer):
+    """What differs between X-ray machines and exports, drawn per image: exposure (brightness), gamma,
+    sharpness (a blend towards a Gaussian blur) and sensor noise. Inputs and outputs are in [0, 255]."""
+
+    def __init__(self, params: AugmentParams, seed: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.p = params
+        self.seeds = keras.random.SeedGenerator(seed)
+        sigma = max(params.blur, 1e-3)
+        radius = max(1, round(2 * sigma))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        self.kernel = (taps / taps.sum()).astype("float32")
+
+    def _uniform(self, batch: tf.Tensor, low: float, high: float) -> tf.Tensor:
+        return keras.random.uniform((batch, 1, 1, 1), low, high, seed=self.seeds)
+
+    def call(self, x):
+        p, batch = self.p, tf.shape(x)[0]
+        if p.brightness:
+            x = x * self._uniform(batch, 1 - p.brightness, 1 + p.brightness)
+        if p.gamma:
+            log_g = float(-np.log(1 - p.gamma))
+            x = 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, tf.exp(self._uniform(batch, -log_g, log_g)))
+        if p.blur:
+            k = tf.constant(self.kernel)
+            blurred = tf.nn.conv2d(x, tf.reshape(k, (-1, 1, 1, 1)), 1, "SAME")
+            blurred = tf.nn.conv2d(blurred, tf.reshape(k, (1, -1, 1, 1)), 1, "SAME")
+            amount = self._uniform(batch, 0.0, 1.0)
+            x = amount * blurred + (1 - amount) * x
+        if p.noise:
+            sd = self._uniform(batch, 0.0, p.noise * 255.0)
+            x = x + sd * keras.random.normal(tf.shape(x), seed=self.seeds)
+        return tf.clip_by_value(x, 0.0, 255.0)
+
+
 def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
     layers = []
     if params.rotation:
@@ -77,6 +112,8 @@ def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
         )
     if params.contrast:
         layers.append(keras.layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 3))
+    if params.brightness or params.gamma or params.blur or params.noise:
+        layers.append(IntensityJitter(params, seed + 4, name="intensity"))
     return keras.Sequential(layers, name="augment") if layers else None
 
 
@@ -90,8 +127,11 @@ def make_dataset(
     seed: int = 0,
     cache: bool = True,
     one_hot: bool = False,
+    weights: dict[int, float] | None = None,
+    mixup: float = 0.0,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels); shuffled and augmented only when `training`."""
+    """Batches of (images, labels) or, with class `weights`, (images, labels, sample weights); shuffled,
+    augmented and (``mixup`` > 0) mixed only when `training`."""
     n_classes = len(data.class_names)
     ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
     ds = ds.map(
@@ -105,11 +145,37 @@ def make_dataset(
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:
         ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTOTUNE)
-    if one_hot:
-        ds = ds.map(lambda x, y: (x, tf.one_hot(y, n_classes)), num_parallel_calls=AUTOTUNE)
-    else:
-        ds = ds.map(lambda x, y: (x, tf.cast(y, tf.float32)), num_parallel_calls=AUTOTUNE)
+    table = tf.constant([(weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
+
+    def targets(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        w = tf.gather(table, y)
+        y = tf.one_hot(y, n_classes) if one_hot else tf.cast(y, tf.float32)
+        return x, y, w
+
+    ds = ds.map(targets, num_parallel_calls=AUTOTUNE)
+    if training and mixup:
+        mix_seed = tf.random.Generator.from_seed(seed + 5)
+        ds = ds.map(lambda x, y, w: mix_batch(x, y, w, mixup, mix_seed), num_parallel_calls=AUTOTUNE)
+    if weights is None:
+        ds = ds.map(lambda x, y, w: (x, y), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def mix_batch(
+    x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, alpha: float, rng: tf.random.Generator
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch by lam ~ Beta(a, a); its
+    label and class weight mixed by the same lam (lam >= 0.5, so the image keeps its own identity)."""
+    batch = tf.shape(x)[0]
+    a, b = (tf.random.stateless_gamma((batch,), rng.make_seeds(1)[:, 0], alpha) for _ in range(2))
+    lam = a / tf.maximum(a + b, 1e-12)  # Beta(a, a) from two Gamma(a) draws
+    lam = tf.maximum(lam, 1.0 - lam)
+    order = tf.random.experimental.stateless_shuffle(tf.range(batch), rng.make_seeds(1)[:, 0])
+    mix_y = tf.reshape(lam, [-1] + [1] * (len(y.shape) - 1))
+    x = tf.reshape(lam, (-1, 1, 1, 1)) * x + tf.reshape(1 - lam, (-1, 1, 1, 1)) * tf.gather(x, order)
+    y = mix_y * y + (1 - mix_y) * tf.gather(y, order)
+    w = lam * w + (1 - lam) * tf.gather(w, order)
+    return x, y, w
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:

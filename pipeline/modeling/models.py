@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from pipeline.core.config import ARCHITECTURES
 from pipeline.core.errors import PipelineError
@@ -75,6 +76,26 @@ class StandardizeIntensity(keras.layers.Layer):
         return keras.ops.clip((x - mean) / keras.ops.maximum(std, 1.0) * 48.0 + 128.0, 0.0, 255.0)
 
 
+@keras.saving.register_keras_serializable(package="pneumo")
+class EqualizeHistogram(keras.layers.Layer):
+    """Per-image histogram equalization: each grey level becomes its mid-rank in the image, scaled to [0, 255].
+
+    Exposure, gamma and any other monotone change of the grey levels that keeps them apart give the
+    same output, so the network sees tissue contrast, not how a machine or an export mapped it.
+    """
+
+    def call(self, x):
+        x32 = tf.cast(x, tf.float32)
+        batch, pixels = tf.shape(x32)[0], tf.reduce_prod(tf.shape(x32)[1:])
+        levels = tf.cast(tf.clip_by_value(tf.round(tf.reshape(x32, [batch, -1])), 0.0, 255.0), tf.int32)
+        ids = levels + tf.range(batch)[:, None] * 256  # one histogram per image, in one bincount
+        counts = tf.math.bincount(tf.reshape(ids, [-1]), minlength=batch * 256, maxlength=batch * 256)
+        counts = tf.cast(tf.reshape(counts, [batch, 256]), tf.float32)
+        mid_rank = (tf.cumsum(counts, axis=1) - 0.5 * counts) / tf.cast(pixels, tf.float32) * 255.0
+        out = tf.gather(mid_rank, levels, batch_dims=1)
+        return tf.cast(tf.reshape(out, tf.shape(x)), self.compute_dtype)
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     model: keras.Model
@@ -119,14 +140,17 @@ def build_model(
     weights: str = "none",
     dropout: float = 0.3,
     standardize: bool = False,
+    equalize: bool = False,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
-    ``standardize``: per-image intensity standardization as the model's first layer."""
+    ``equalize``, ``standardize``: per-image histogram equalization, then intensity standardization, as
+    the model's first layers (so every caller gets them)."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    pixels = StandardizeIntensity(name="standardize")(inputs) if standardize else inputs
+    pixels = EqualizeHistogram(name="equalize")(inputs) if equalize else inputs
+    pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
     if architecture == "compact_cnn":
         if weights == "imagenet":
             raise PipelineError("model.weights: compact_cnn has no ImageNet weights; use none or a weights file")
@@ -146,7 +170,9 @@ def build_model(
                     f"put the Keras .h5 file in ~/.keras/models/ or set model.weights to none or a weights file"
                 ) from None
             raise
-        names = [layer.name for layer in base.layers if layer.name not in ("image", "standardize", "preprocess")]
+        names = [
+            layer.name for layer in base.layers if layer.name not in ("image", "equalize", "standardize", "preprocess")
+        ]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
     if weights not in ("none", "imagenet"):
         _load_weights_file(built, Path(weights), architecture)

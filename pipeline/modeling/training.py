@@ -83,11 +83,38 @@ class _PhaseRecorder(keras.callbacks.Callback):
             self.sink(row)
 
 
-def _compile(model: keras.Model, learning_rate: float, n_classes: int) -> None:
-    loss = "binary_crossentropy" if n_classes == 2 else "categorical_crossentropy"
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[keras.metrics.AUC(name="auc"), "accuracy"]
+def learning_rate_schedule(
+    params: TrainParams, learning_rate: float, epochs: int, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """plateau: a constant rate (ReduceLROnPlateau halves it); cosine: linear warm-up, then cosine decay to 0."""
+    if params.schedule == "plateau":
+        return learning_rate
+    warmup = min(params.warmup_epochs, epochs - 1) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate * 0.01 if warmup else learning_rate,
+        decay_steps=max(1, epochs * steps_per_epoch - warmup),
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
     )
+
+
+def _compile(
+    model: keras.Model,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    n_classes: int,
+    params: TrainParams,
+) -> None:
+    smoothing = params.label_smoothing
+    if n_classes == 2:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    if params.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=params.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate)
+    # Class weights arrive as sample weights in the batches: they weight the loss, not the AUC and accuracy.
+    model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.AUC(name="auc"), "accuracy"])
 
 
 def _fit_phase(
@@ -120,8 +147,14 @@ def _fit_phase(
             initial_value_threshold=best_so_far,
         ),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
+        *(
+            [
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
+                )
+            ]
+            if params.schedule == "plateau"
+            else []
         ),
         keras.callbacks.TensorBoard(str(Path(params.tensorboard_dir) / phase), histogram_freq=0),
         recorder,
@@ -150,7 +183,9 @@ def train(
     weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
     one_hot = n_classes > 2
     with strategy.scope():
-        built = build_model(mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout, mp.standardize)
+        built = build_model(
+            mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout, mp.standardize, mp.equalize
+        )
     outcome = TrainOutcome(built, train_data.class_names, device)
     state_dir = Path(tp.resume_dir) / state_key(params, index)
     start = time.perf_counter()
@@ -159,10 +194,19 @@ def train(
 
     def fit_on_images(phase: str, epochs: int, learning_rate: float) -> None:
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
+        steps = -(-len(train_data) // tp.batch_size)
         with strategy.scope():
-            _compile(model, learning_rate, n_classes)
+            _compile(model, learning_rate_schedule(tp, learning_rate, epochs, steps), n_classes, tp)
         train_ds = dp.make_dataset(
-            train_data, mp.image_size, tp.batch_size, training=True, augment=tp.augment, seed=tp.seed, one_hot=one_hot
+            train_data,
+            mp.image_size,
+            tp.batch_size,
+            training=True,
+            augment=tp.augment,
+            seed=tp.seed,
+            one_hot=one_hot,
+            weights=weights,
+            mixup=tp.mixup,
         )
         val_ds = dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot)
         outcome.history.extend(
@@ -177,7 +221,6 @@ def train(
                 len(outcome.history),
                 sink,
                 extra,
-                class_weight=weights,
                 shuffle=False,
             )
         )
@@ -231,7 +274,8 @@ def _train_head_on_features(
     with strategy.scope():
         inputs = keras.Input(xt.shape[1:], name="features")
         head = keras.Model(inputs, model.get_layer("prediction")(model.get_layer("head_dropout")(inputs)), name="head")
-        _compile(head, tp.learning_rate, n_classes)
+        steps = -(-len(xt) // tp.batch_size)
+        _compile(head, learning_rate_schedule(tp, tp.learning_rate, tp.epochs, steps), n_classes, tp)
     return _fit_phase(
         head,
         "head",

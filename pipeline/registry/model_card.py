@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.modeling.evaluation import Evaluation
 from pipeline.serving.classifier import ModelInfo
@@ -21,6 +22,7 @@ class CardFacts:
     decision: str
     decision_reason: str
     examples: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
+    stress: dict[str, Any] = field(default_factory=dict)  # reports/stress.json of the stress stage
 
 
 RELIABILITY_FIGURE = "model_card/reliability.png"
@@ -58,6 +60,27 @@ def _calibration(ev: Evaluation) -> list[str]:
         f"{c['val_log_loss']['calibrated']:.4f} |",
         "",
         f"![Reliability diagram]({RELIABILITY_FIGURE})",
+        "",
+    ]
+
+
+def _stress(report: dict[str, Any]) -> list[str]:
+    if not report.get("sets"):
+        return []
+    rows = [
+        f"| {name} | {v['images']} | {v['roc_auc']:.3f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} | "
+        f"{v['missed']} | {v['false_alarms']} |"
+        for name, v in report["sets"].items()
+    ]
+    return [
+        "## Robustness to acquisition shift",
+        "",
+        "Test images changed the way other hospitals' images differ (exposure, contrast, gamma, resolution, a "
+        "black border, a tighter crop; `fullres`: original files as distributed), scored as served:",
+        "",
+        "| set | images | ROC AUC | sensitivity | specificity | missed | false alarms |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
         "",
     ]
 
@@ -130,6 +153,7 @@ def render(facts: CardFacts) -> str:
         "with the model: batch prediction, the REST service and the MLflow pyfunc all apply it.",
         "",
         *_calibration(ev),
+        *_stress(facts.stress),
         "## Known limitations",
         "",
         "- One hospital, one population, one acquisition protocol: expect lower figures elsewhere; "

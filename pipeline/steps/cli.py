@@ -24,6 +24,7 @@ STAGE_HELP = {
     "validate": "check the index with Great Expectations, write a JSON report and Data Docs, fail on unmet ones",
     "train": "train the model in params.yaml (model, train, task), save it under train.model_dir, track it in MLflow",
     "evaluate": "choose the threshold on val, report test metrics with CIs, curves and figures; log to the MLflow run",
+    "stress": "score the model on the test images changed as other hospitals' are (exposure, gamma, border...)",
     "register": "register the evaluated model in MLflow and apply the champion policy (registry.* params)",
 }
 

@@ -24,13 +24,6 @@ from pipeline.registry import champion, model_card, packaging, tracking
 from pipeline.serving import classifier
 
 
-def load_evaluation(params: Params) -> Evaluation:
-    path = Path(params.evaluate.metrics)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no evaluation (run the evaluate stage first)")
-    return Evaluation.from_dict(json.loads(path.read_text()))
-
-
 def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champion.Candidate:
     """The candidate as the train and evaluate stages left it (run reference and evaluation)."""
     ref = tracking.load_run_ref(params.mlflow.run_file)
@@ -133,7 +126,7 @@ def run(params: Params) -> str:
     uri = tracking.tracking_uri(params.mlflow)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    ev = load_evaluation(params)
+    ev = Evaluation.load(params.evaluate.metrics)
     candidate = candidate_from_outputs(params, client, ev)
     with tempfile.TemporaryDirectory(prefix="pneumo-register-") as tmp:
         bundle, examples_dir = Path(tmp) / "bundle", Path(tmp) / "examples"
@@ -157,6 +150,7 @@ def run(params: Params) -> str:
             decision="",
             decision_reason="",
             examples=[(f"model_card/{name}", caption) for name, caption in examples],
+            stress=json.loads(Path(params.stress.report).read_text()) if Path(params.stress.report).is_file() else {},
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
         decision = champion.register(client, candidate, params.registry, rescorer(params), finalize=finalize)
