@@ -90,17 +90,20 @@ def queue_and_run(workdir: Path, levers: list[str], env: dict[str, str]) -> None
     start, seen = time.monotonic(), ""
     while True:  # `dvc queue status` until nothing is queued or running; progress on the way
         status = sh("dvc", "queue", "status", cwd=workdir, env=env, capture=True)
-        running = [line for line in status.splitlines() if " Running " in line or " Queued " in line]
-        summary = f"{len(levers) - len(running)}/{len(levers)} finished"
+        tasks = {line.split()[1]: line.split()[-1] for line in status.splitlines()[1:] if len(line.split()) >= 4}
+        running = [name for name, state in tasks.items() if state not in ("Success", "Failed")]
+        summary = f"{len(levers) - len(running)}/{len(levers)} finished" + (
+            f", running {running[0]}" if running else ""
+        )
         if summary != seen:
             print(f"[{(time.monotonic() - start) / 60:5.1f} min] {summary}", flush=True)
             seen = summary
         if not running:
             break
         time.sleep(20)
-    failed = [line for line in status.splitlines() if " Failed " in line]
+    failed = [name for name, state in tasks.items() if state == "Failed"]
     if failed:
-        print("failed experiments (see `dvc queue logs <name>`):\n" + "\n".join(failed), file=sys.stderr)
+        print(f"failed experiments: {', '.join(failed)} (see `dvc queue logs <name>` in {workdir})", file=sys.stderr)
 
 
 def table(workdir: Path, env: dict[str, str]) -> str:
@@ -157,6 +160,7 @@ def main() -> None:
         prepare(args.workdir, args.protocol, env)
         queue_and_run(args.workdir, args.only or list(LEVERS), env)
     print(table(args.workdir, env))
+    print(f"\nevery figure: cd {args.workdir} && dvc exp show --only-changed")
 
 
 if __name__ == "__main__":
