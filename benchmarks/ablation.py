@@ -42,6 +42,7 @@ LEVERS: dict[str, list[str]] = {
         "train.augment.blur=1.0",
         "train.augment.noise=0.02",
     ],
+    "wider-framing-aug": ["train.augment.zoom=0.25", "train.augment.translation=0.1"],
     "adamw-cosine": ["train.optimizer=adamw", "train.schedule=cosine", "train.weight_decay=0.0001"],
     "label-smoothing": ["train.label_smoothing=0.1"],
     "mixup": ["train.mixup=0.2"],
@@ -90,7 +91,8 @@ def queue_and_run(workdir: Path, levers: list[str], env: dict[str, str]) -> None
     start, seen = time.monotonic(), ""
     while True:  # `dvc queue status` until nothing is queued or running; progress on the way
         status = sh("dvc", "queue", "status", cwd=workdir, env=env, capture=True)
-        tasks = {line.split()[1]: line.split()[-1] for line in status.splitlines()[1:] if len(line.split()) >= 4}
+        rows = [line.split() for line in status.split("\n\n")[0].splitlines()[1:]]  # the task table only
+        tasks = {row[1]: row[-1] for row in rows if len(row) >= 4}
         running = [name for name, state in tasks.items() if state not in ("Success", "Failed")]
         summary = f"{len(levers) - len(running)}/{len(levers)} finished" + (
             f", running {running[0]}" if running else ""
@@ -109,13 +111,15 @@ def queue_and_run(workdir: Path, levers: list[str], env: dict[str, str]) -> None
 def table(workdir: Path, env: dict[str, str]) -> str:
     """The experiments' figures as a markdown table, from `dvc exp show --json`."""
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=workdir, env=env, capture=True))
+    refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=workdir, capture=True).split()
+    finished = {ref.rsplit("/", 1)[-1] for ref in refs if "/celery/" not in ref}  # queued/running: no ref yet
     rows = []
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
                 name = rev.get("name") or exp.get("name")
-                if name not in LEVERS or rev.get("error"):
+                if name not in LEVERS or name not in finished or rev.get("error"):
                     continue
                 values: dict[str, float] = {}
                 for path, metric in (data.get("metrics") or {}).items():

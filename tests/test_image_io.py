@@ -1,17 +1,20 @@
-"""Reading images for prediction: the same pixels as training, DICOM in and out of spec, bad files."""
+"""Reading images for prediction: the same pixels as training, DICOM in and out of spec, CMYK and turned
+JPEG/PNG, bad files. Compressed and deflated DICOM: tests/test_dicom_inputs.py."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image, ImageOps
 
 from pipeline.modeling import preprocess
 from pipeline.serving import image_io
-from tests.images import bad_inputs, dicom_bytes, png_bytes, stretched
+from tests.images import bad_inputs, cmyk_jpeg, dicom_bytes, oriented, png_bytes, stretched, ycck_jpeg
 
 pytestmark = pytest.mark.realdata
 
@@ -103,3 +106,68 @@ def test_dicom_out_of_spec_is_one_clear_error(xray: Path, make, reason: str) -> 
 def test_bad_files_get_their_reason(xray: Path, name: str, error: type, reason: str) -> None:
     with pytest.raises(error, match=reason):
         image_io.load(bad_inputs(xray)[name])
+
+
+def tinted(grey: np.ndarray) -> np.ndarray:
+    """A colour picture of `grey`, so every colour conversion on the way matters."""
+    return np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.5).astype(np.uint8)], axis=-1)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    return np.round(rgb.astype(np.float64) @ image_io.LUMA.astype(np.float64))
+
+
+@pytest.mark.parametrize(("make", "transform"), [(cmyk_jpeg, 0), (ycck_jpeg, 2)], ids=["cmyk", "ycck"])
+def test_cmyk_and_ycck_jpegs_are_read_as_grey(xray: Path, make, transform: int) -> None:
+    """TensorFlow cannot decode them (it called them corrupt); Pillow does, then the same luma weights."""
+    rgb = tinted(stretched(xray))
+    data = make(rgb)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "CMYK" and img.info["adobe_transform"] == transform
+    image = image_io.load(data)
+    assert image.kind == "jpeg" and image.pixels.shape == (*rgb.shape[:2], 1) and image.warnings == []
+    error = np.abs(image.pixels[..., 0] - luma(rgb))
+    assert error.max() <= 10 and error.mean() <= 1.5, (error.max(), error.mean())
+    np.testing.assert_allclose(model_input(data), model_input(png_bytes(rgb)), atol=2.0)  # the original, as trained
+
+
+def test_ycck_planes_are_not_read_as_plain_cmyk(xray: Path) -> None:
+    """The YCCK file really is YCCK: the same planes flagged as CMYK (transform 0) are a different picture."""
+    rgb = tinted(stretched(xray))
+    data = bytearray(ycck_jpeg(rgb))
+    data[data.index(b"\xff\xee\x00\x0eAdobe") + 15] = 0
+    assert np.abs(image_io.load(bytes(data)).pixels[..., 0] - luma(rgb)).mean() > 20
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_a_png_upright_exactly(xray: Path, orientation: int) -> None:
+    upright = stretched(xray)[:, :180]  # not square: a transposition shows in the shape
+    data = oriented(upright, orientation, "PNG")
+    with Image.open(io.BytesIO(data)) as img:  # the file is tagged as viewers read it
+        np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(img)), upright)
+    image = image_io.load(data)
+    assert (image.width, image.height) == (180, upright.shape[0]) and image.pixels.flags.c_contiguous
+    np.testing.assert_array_equal(image.pixels[..., 0], upright)
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7, 8])
+def test_exif_orientation_turns_a_jpeg_upright_decoded_as_in_training(xray: Path, orientation: int) -> None:
+    """Pixels still come from TensorFlow's decoder, turned with numpy exactly as Pillow would turn them;
+    the turned file then matches the upright one within JPEG noise, and as a model input."""
+    upright = stretched(xray)[:, :176]
+    data = oriented(upright, orientation, "JPEG")
+    stored = Image.fromarray(tf.io.decode_image(data, channels=1).numpy()[..., 0])
+    stored.info["exif"] = Image.open(io.BytesIO(data)).info["exif"]
+    image = image_io.load(data)
+    np.testing.assert_array_equal(image.pixels[..., 0], np.asarray(ImageOps.exif_transpose(stored)))
+    reference = image_io.load(oriented(upright, 1, "JPEG"))
+    error = np.abs(image.pixels.astype(int) - reference.pixels)
+    assert error.mean() <= 1.0 and error.max() <= 16, (error.mean(), error.max())
+    np.testing.assert_allclose(image_io.model_input(image, 64), image_io.model_input(reference, 64), atol=1.5)
+
+
+def test_unreadable_exif_is_a_warning_not_an_error(xray: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(stretched(xray)).save(buffer, format="JPEG", exif=b"Exif\x00\x00not a TIFF header")
+    image = image_io.load(buffer.getvalue())
+    assert image.warnings == ["unreadable EXIF block: the image is predicted as stored, orientation not applied"]

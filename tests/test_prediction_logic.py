@@ -65,7 +65,9 @@ def test_csv_and_json_outputs() -> None:
         {"file": "b.jpeg", "probability": None, "label": None, "status": "error", "error": "empty file"},
     ]
     text = render(rows, "csv")
-    assert text.splitlines()[0].startswith("file,probability,label,threshold,model,model_version,status,error")
+    assert text.splitlines()[0].startswith(
+        "file,probability,label,threshold,ood_score,refused,model,model_version,status,error"
+    )
     assert text.splitlines()[2].startswith("b.jpeg,,,") and "empty file" in text
     assert json.loads(render(rows, "json"))[1]["error"] == "empty file"
 
@@ -104,3 +106,28 @@ def test_the_registered_temperature_is_applied_to_every_prediction() -> None:
     assert [p.probability for p in softened] == pytest.approx(1 / (1 + np.exp(-(logit / 2 + 0.5))), abs=1e-6)
     record = softened[0].record(info)
     assert record["probability"] == round(softened[0].probability, 6) and record["threshold"] == 0.5
+
+
+def test_out_of_distribution_images_are_refused_or_flagged_in_every_output() -> None:
+    """Above ood_threshold: no label, the reason instead; between ood_warning and it: the label and a warning."""
+    from pipeline.serving import ood
+
+    model = build_model("compact_cnn", 32).model
+    rng = np.random.default_rng(0)
+    layout = np.tile(np.linspace(20, 230, 32, dtype=np.float32), (32, 1))[..., None]
+    train = np.clip(layout + rng.normal(0, 6, (200, 32, 32, 1)), 0, 255).astype(np.float32)
+    info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3", ood_threshold=3.0, ood_warning=2.0)
+    plain = Classifier(model, info)
+    reference = {"ood": ood.build(plain.embed(train), train)}
+    guarded = Classifier(model, info, reference)
+    batch = np.stack([train[0], np.full((32, 32, 1), 90.0, np.float32), train[1][::-1, ::-1]])  # like, blank, odd
+    preds = guarded.predict(batch)
+    scores = [p.ood_score for p in preds]
+    assert scores[0] < 2.0 and preds[0].label and preds[0].refused is None
+    assert preds[1].label is None and preds[1].refused == ood.BLANK_REASON
+    record = preds[1].record(info)
+    assert record["label"] is None and record["refused"] == ood.BLANK_REASON and record["ood_score"] == 999.0
+    assert scores[2] > 2.0, "the upside-down layout is unusual"
+    odd = preds[2]
+    assert (odd.label is None and odd.refused) or any("out-of-distribution" in w for w in odd.record(info)["warnings"])
+    assert plain.predict(batch)[1].ood_score is None and plain.predict(batch)[1].label  # no reference: no check

@@ -205,6 +205,10 @@ class RegisterParams(Strict):
 class PackageParams(Strict):
     reference_images: int = Field(500, ge=20, description="training images sampled for the drift reference")
     gradcam_examples: int = Field(1, ge=0, le=5, description="model card examples per outcome (TP, FN, TN, FP)")
+    ood_threshold: float | None = Field(
+        3.0, gt=0, description="out-of-distribution score above which serving refuses a label; null: never refuse"
+    )
+    ood_warning: float | None = Field(2.0, gt=0, description="... above which the label comes with a warning")
 
 
 class ServeParams(Strict):
@@ -213,6 +217,16 @@ class ServeParams(Strict):
     max_upload_mb: float = Field(20.0, gt=0)
     poll_seconds: float = Field(10.0, gt=0, description="how often the service checks where the alias points")
     batch_size: int = Field(32, ge=1, description="pneumo predict / drift batch size")
+    docs: bool = Field(True, description="serve the OpenAPI docs (/docs, /redoc, /openapi.json)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection whose request headers take longer is closed"
+    )
+    body_timeout_seconds: float = Field(30.0, gt=0, description="an upload that takes longer to arrive gets 408")
+    max_connections: int = Field(
+        64, ge=1, description="open connections and requests; beyond them new requests get 503"
+    )
+    max_concurrent_decodes: int = Field(2, ge=1, description="images decoded and predicted at once; the rest wait")
+    drift_window: int = Field(200, ge=0, description="last served images compared with the training sample; 0: off")
 
 
 class Params(Strict):

@@ -23,6 +23,7 @@ class CardFacts:
     decision_reason: str
     examples: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
     stress: dict[str, Any] = field(default_factory=dict)  # reports/stress.json of the stress stage
+    ood: dict[str, Any] = field(default_factory=dict)  # packaging.ood_validation
 
 
 RELIABILITY_FIGURE = "model_card/reliability.png"
@@ -81,6 +82,30 @@ def _stress(report: dict[str, Any]) -> list[str]:
         "| set | images | ROC AUC | sensitivity | specificity | missed | false alarms |",
         "|---|---|---|---|---|---|---|",
         *rows,
+        "",
+    ]
+
+
+def _ood(check: dict[str, Any]) -> list[str]:
+    if not check:
+        return []
+    limit, warn = check["threshold"], check.get("warning")
+    rule = f"above **{limit:.2f}** serving gives no label" if limit is not None else "serving never refuses"
+    if warn is not None:
+        rule += f", above **{warn:.2f}** the label comes with a warning to check the image"
+    probes = ", ".join(f"{name} {score:.1f}" for name, score in check["probes"].items())
+    return [
+        "## Out-of-distribution check",
+        "",
+        "Every prediction carries a score of how far the image's features lie from the training images' "
+        f"(1.0 = as unusual as the 1% most unusual training images); {rule}, with the reason.",
+        "",
+        f"- Test split, read as served: {check['test_images']} images, highest score {check['test_max']:.2f}, "
+        f"99th percentile {check['test_p99']:.2f}; **{check['test_refused']} refused**, "
+        f"{check.get('test_flagged', 0)} with a warning.",
+        f"- Synthetic images that are not chest X-rays (scores): {probes}; **{check['probes_refused']} of "
+        f"{len(check['probes'])} refused**, {check.get('probes_flagged', 0)} above the warning level.",
+        "- Not validated on other body parts or adult chest X-rays: none are in the data set.",
         "",
     ]
 
@@ -154,6 +179,7 @@ def render(facts: CardFacts) -> str:
         "",
         *_calibration(ev),
         *_stress(facts.stress),
+        *_ood(facts.ood),
         "## Known limitations",
         "",
         "- One hospital, one population, one acquisition protocol: expect lower figures elsewhere; "

@@ -5,6 +5,7 @@ Called by the register stage, because only after evaluation is the threshold kno
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import asdict
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pipeline.core.atomic import write_bytes
 from pipeline.core.config import Params
@@ -20,14 +23,28 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import model_store
 from pipeline.modeling.evaluation import Evaluation
-from pipeline.serving import drift, pyfunc_entry
-from pipeline.serving.classifier import BUNDLE_ARTIFACT, DRIFT_FILE, MODEL_FILE, SERVING_FILE, Classifier, ModelInfo
-from pipeline.serving.drift import batch_features
-from pipeline.serving.predict import explain, prepare
+from pipeline.serving import drift, image_io, ood, pyfunc_entry
+from pipeline.serving.classifier import (
+    BUNDLE_ARTIFACT,
+    DRIFT_FILE,
+    MODEL_FILE,
+    OOD_CAP,
+    SERVING_FILE,
+    Classifier,
+    ModelInfo,
+)
+from pipeline.serving.predict import explain, prepare, prepared_batches
 from pipeline.serving.pyfunc_model import example_input, signature
 
 
-def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str) -> ModelInfo:
+def model_info(
+    metadata: dict[str, Any],
+    ev: Evaluation,
+    run_id: str,
+    name: str,
+    ood_threshold: float | None = None,
+    ood_warning: float | None = None,
+) -> ModelInfo:
     return ModelInfo(
         threshold=float(ev.threshold),
         class_names=tuple(metadata["class_names"]),
@@ -40,6 +57,8 @@ def model_info(metadata: dict[str, Any], ev: Evaluation, run_id: str, name: str)
         target_sensitivity=float(ev.target_sensitivity),
         temperature=float(ev.temperature),
         calibration_bias=float(ev.calibration_bias),
+        ood_threshold=ood_threshold,
+        ood_warning=ood_warning,
         data_version=str(metadata.get("data_version", "unknown")),
         run_id=run_id,
         name=name,
@@ -54,10 +73,47 @@ def reference_sample(index: pd.DataFrame, root: str, n: int, seed: int) -> list[
 
 
 def drift_reference(classifier: Classifier, files: list[str], batch_size: int = 64) -> dict[str, Any]:
-    features, embeddings, _ = batch_features(classifier, files, batch_size)
-    if len(features) < 2:
-        raise PipelineError("drift reference: fewer than two readable training images")
-    return drift.build_reference(features, embeddings)
+    features, embeddings, inputs = [], [], []
+    for batch in prepared_batches(files, classifier.info.image_size, batch_size, workers=4):
+        ok = [item for item in batch if item.x is not None and item.image is not None]
+        if ok:
+            inputs.append(np.stack([item.x for item in ok]))
+            embeddings.append(classifier.embed(inputs[-1]))
+            features += [drift.image_features(i.x, i.image.width, i.image.height) for i in ok]  # type: ignore[union-attr]
+    if len(features) < 10:
+        raise PipelineError("drift reference: fewer than ten readable training images")
+    emb = np.concatenate(embeddings)
+    return {**drift.build_reference(features, emb), "ood": ood.build(emb, np.concatenate(inputs))}
+
+
+def ood_validation(classifier: Classifier, test_files: list[str], batch_size: int = 64) -> dict[str, Any]:
+    """The out-of-distribution score on the test split (every image should pass) and on synthetic probes
+    that are not chest X-rays (every one should be refused), both read as served."""
+    scores = []
+    for batch in prepared_batches(test_files, classifier.info.image_size, batch_size, workers=4):
+        ok = [item.x for item in batch if item.x is not None]
+        if ok:
+            scores += [float(v) for v in classifier.ood_scores(np.stack(ok))]  # type: ignore[union-attr]
+    probes = {}
+    for name, pixels in ood.probe_images().items():
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        x = image_io.model_input(image_io.load(buffer.getvalue()), classifier.info.image_size)
+        probes[name] = float(classifier.ood_scores(x[None])[0])  # type: ignore[index]
+    limit, warn = classifier.info.ood_threshold, classifier.info.ood_warning
+    test = np.array(scores)
+    return {
+        "threshold": limit,
+        "warning": warn,
+        "test_flagged": int((test > warn).sum()) if warn is not None else 0,
+        "test_images": len(test),
+        "test_max": float(test.max()) if len(test) else float("nan"),
+        "test_p99": float(np.quantile(test, 0.99)) if len(test) else float("nan"),
+        "test_refused": int((test > limit).sum()) if limit is not None else 0,
+        "probes": {k: min(v, OOD_CAP) for k, v in probes.items()},
+        "probes_refused": sum(v > limit for v in probes.values()) if limit is not None else 0,
+        "probes_flagged": sum(v > warn for v in probes.values()) if warn is not None else 0,
+    }
 
 
 def pick_examples(predictions_csv: str | Path, threshold: float, per_kind: int = 1) -> list[tuple[str, str]]:
@@ -102,10 +158,10 @@ def write_bundle(dest: Path, model_file: Path, info: ModelInfo, reference: dict[
 def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tuple[Classifier, dict[str, Any]]:
     """Write the bundle of the trained model into dest, with its drift reference; returns the classifier."""
     model, metadata = model_store.load(params.train.model_dir)
-    info = model_info(metadata, ev, run_id, params.registry.model_name)
-    classifier = Classifier(model, info)
+    pp = params.package
+    info = model_info(metadata, ev, run_id, params.registry.model_name, pp.ood_threshold, pp.ood_warning)
     files = reference_sample(read_index(params.index.path), params.data.root, params.package.reference_images, 0)
-    classifier.drift_reference = drift_reference(classifier, files)
+    classifier = Classifier(model, info, drift_reference(Classifier(model, info), files))
     write_bundle(dest, Path(params.train.model_dir) / model_store.MODEL_FILE, info, classifier.drift_reference)
     return classifier, metadata
 

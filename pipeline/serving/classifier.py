@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling import models  # noqa: F401 - registers the custom layer for loading
 from pipeline.modeling.metrics import apply_temperature, class_probabilities
+from pipeline.serving import ood
 from pipeline.serving.gradcam import Explainer
 
 SERVING_FILE = "serving.json"
@@ -47,6 +48,8 @@ class ModelInfo:
     target_sensitivity: float | None = None
     temperature: float = 1.0  # calibration fitted on val (metrics.apply_temperature), applied to every prediction
     calibration_bias: float = 0.0
+    ood_threshold: float | None = None  # out-of-distribution score above which no label is given (ood.py)
+    ood_warning: float | None = None  # ... above which the label comes with a warning
     data_version: str = "unknown"
     run_id: str = ""
     name: str = ""
@@ -58,22 +61,31 @@ class ModelInfo:
         return asdict(self)
 
 
+OOD_CAP = 999.0  # the score reported for a constant image (JSON has no infinity)
+
+
 @dataclass(frozen=True)
 class Prediction:
     probability: float  # P(pneumonia)
-    label: str
+    label: str | None  # None when refused
     class_probabilities: dict[str, float]
+    ood_score: float | None = None  # None: the bundle has no out-of-distribution reference
+    refused: str | None = None  # why no label was given
+    flagged: str | None = None  # a label given, but the image is unusual for the training data
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # pooled features, for drift
 
     def record(self, info: ModelInfo, warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         """The one output format of a prediction: CLI rows, the REST body and the pyfunc frame all start here."""
         return {
             "probability": round(self.probability, 6),
             "label": self.label,
+            "refused": self.refused,
+            "ood_score": None if self.ood_score is None else round(min(self.ood_score, OOD_CAP), 3),
             "threshold": round(info.threshold, 6),
             "class_probabilities": {k: round(v, 6) for k, v in self.class_probabilities.items()},
             "model": info.name or info.uri,
             "model_version": info.version or "",
-            "warnings": list(warnings),
+            "warnings": [*warnings, *([self.flagged] if self.flagged else [])],
         }
 
 
@@ -82,10 +94,11 @@ class Classifier:
 
     def __init__(self, model: Any, info: ModelInfo, drift_reference: dict[str, Any] | None = None) -> None:
         self.model, self.info, self.drift_reference = model, info, drift_reference
+        self.ood_reference = (drift_reference or {}).get("ood")
         size = info.image_size
         spec = tf.TensorSpec([None, size, size, 1], tf.float32)
-        self._infer = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        self._embedder: Any = None
+        both = keras.Model(model.input, [model.output, model.get_layer("gap").output])  # one pass, two outputs
+        self._infer = tf.function(lambda x: both(x, training=False), input_signature=[spec])
         self._explainer: Any = None
 
     @classmethod
@@ -107,12 +120,24 @@ class Classifier:
         drift = folder / DRIFT_FILE
         return cls(model, info, json.loads(drift.read_text()) if drift.is_file() else None)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(n, size, size, 1) float32 in [0, 255] -> (n, classes) calibrated probabilities."""
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, size, size, 1) float32 in [0, 255] -> calibrated probabilities (n, classes), features (n, d)."""
         if len(batch) == 0:
-            return np.zeros((0, len(self.info.class_names)), np.float32)
-        out = np.asarray(self._infer(np.asarray(batch, np.float32)), dtype=np.float64)
-        return class_probabilities(apply_temperature(out, self.info.temperature, self.info.calibration_bias))
+            return np.zeros((0, len(self.info.class_names))), np.zeros((0, 0))
+        out, features = self._infer(np.asarray(batch, np.float32))
+        probs = apply_temperature(np.asarray(out, np.float64), self.info.temperature, self.info.calibration_bias)
+        return class_probabilities(probs), np.asarray(features)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self._forward(batch)[0]
+
+    def ood_scores(self, batch: np.ndarray, features: np.ndarray | None = None) -> np.ndarray | None:
+        """Out-of-distribution scores (ood.py), or None when the bundle has no reference."""
+        if self.ood_reference is None:
+            return None
+        if features is None:
+            features = self.embed(batch)
+        return ood.scores(self.ood_reference, features, batch)
 
     def label(self, probs: np.ndarray) -> str:
         names = self.info.class_names
@@ -122,18 +147,24 @@ class Classifier:
         return names[1] if len(names) == 2 else names[1 + int(np.argmax(probs[1:]))]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
-        probs = self.probabilities(batch)
-        names = self.info.class_names
-        return [
-            Prediction(1.0 - float(p[0]), self.label(p), {n: float(v) for n, v in zip(names, p, strict=True)})
-            for p in probs
-        ]
+        """A label per image at the threshold, or a refusal when the image is out of distribution."""
+        probs, features = self._forward(batch)
+        names, limit, warn = self.info.class_names, self.info.ood_threshold, self.info.ood_warning
+        scores = self.ood_scores(batch, features)
+        out = []
+        for i, p in enumerate(probs):
+            score = None if scores is None else float(scores[i])
+            refused = ood.reason(score, limit) if score is not None and limit is not None and score > limit else None
+            flagged = ood.warning(score) if score is not None and warn is not None and score > warn else None
+            by_class = {n: float(v) for n, v in zip(names, p, strict=True)}
+            label = None if refused else self.label(p)
+            flagged = None if refused else flagged
+            out.append(Prediction(1.0 - float(p[0]), label, by_class, score, refused, flagged, features[i]))
+        return out
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """Pooled features (the `gap` layer), for drift statistics."""
-        if self._embedder is None:
-            self._embedder = keras.Model(self.model.input, self.model.get_layer("gap").output)
-        return np.asarray(self._embedder(np.asarray(batch, np.float32), training=False))
+        """Pooled features (the `gap` layer), for drift and out-of-distribution statistics."""
+        return self._forward(batch)[1]
 
     def heatmap(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of one (size, size, 1) input, with the explainer built once per model."""
@@ -173,8 +204,11 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
         raise TransientError(f"MLflow registry unreachable ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
-def load(uri: str, tracking_uri: str | None = None) -> Classifier:
-    """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder."""
+def load(uri: str, tracking_uri: str | None = None, *, version: str | None = None) -> Classifier:
+    """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder.
+
+    `version` pins models:/name@alias to the version the caller already resolved (the alias may have moved since).
+    """
     if Path(uri).is_dir():
         return Classifier.from_bundle(uri, uri=uri)
     if tracking_uri:
@@ -183,8 +217,8 @@ def load(uri: str, tracking_uri: str | None = None) -> Classifier:
     source = uri
     parsed = parse_registry_uri(uri)
     if parsed:
-        name, version, alias = parsed
-        mv = resolve_version(MlflowClient(), name, version, alias)
+        name, number, alias = parsed
+        mv = resolve_version(MlflowClient(), name, version or number, None if version else alias)
         registry.update(name=name, version=str(mv.version), alias=alias)
         source = f"models:/{name}/{mv.version}"  # pinned: an alias moving mid-download cannot mix versions
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-model-"))

@@ -1,33 +1,71 @@
 """Reading images for prediction: JPEG, PNG and DICOM, checked before decoding, each failure one line.
 
 JPEG and PNG are decoded once, by the TensorFlow decoder training used, and resized by the same
-``modeling.preprocess.resize_square``. DICOM pixels (8- or 16-bit, MONOCHROME1/2 or RGB) are windowed to
-8-bit grayscale with the file's own modality and VOI LUTs, then resized the same way. DICOM header fields that put an
-image outside the model's intended use (not a chest radiograph, not AP/PA, not a young child) do
-not stop the prediction: they come back as warnings next to it.
+``modeling.preprocess.resize_square``; an EXIF orientation other than upright is then undone with numpy, so
+an upright file gives exactly the training pixels. CMYK and YCCK JPEGs, which TensorFlow cannot decode, go
+through Pillow to RGB and then to grey with TensorFlow's luma weights.
+
+DICOM is read with its header checked before any pixel is decoded: pixel count and decoded size, one
+frame, 8- or 16-bit samples, a decoder installed for its transfer syntax (JPEG baseline and lossless,
+JPEG-LS, JPEG 2000 and RLE through the pydicom plugin packages), and a compressed frame's own dimensions
+equal to the header's, since decoders allocate what the codestream claims. Element values over
+``DEFER_SIZE`` (the pixel data, large private blobs) stay in the upload until used. A deflated data set is
+inflated here, a chunk at a time, and refused past ``MAX_INFLATED_BYTES``: a small upload cannot inflate to
+gigabytes. Grayscale pixels go through the file's own modality LUT or rescale and VOI LUT or window, then
+min-max, MONOCHROME1 inverted, computed once per stored value as a lookup table; colour (RGB, or YBR which
+pydicom hands back as RGB) goes to grey with TensorFlow's luma weights. DICOM header fields that put an
+image outside the model's intended use (not a chest radiograph, not AP/PA, not a young child) do not stop
+the prediction: they come back as warnings next to it, as does an unreadable EXIF block.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
 import tensorflow as tf
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import generate_fragmented_frames
+from pydicom.filereader import read_dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipeline.core.errors import DataError
 from pipeline.modeling.preprocess import resize_square
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MAX_PIXELS = 50_000_000  # a larger header is a decompression bomb, not an X-ray
+MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # decoded DICOM pixel data: 16-bit grayscale at the pixel limit
+MAX_INFLATED_BYTES = MAX_PIXEL_BYTES + 16 * 2**20  # a deflated DICOM data set: those pixels and 16 MiB of header
+INFLATE_CHUNK = 2**20
+DEFER_SIZE = 64 * 1024  # DICOM element values over this are read from the upload only when used
 MIN_SIDE = 16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RADIOGRAPHY = {"CR", "DX", "DR", "RG"}
 MAX_AGE_YEARS = 5  # the Kermany cohort: children aged one to five
+LUMA = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)  # TensorFlow's rgb_to_grayscale weights
+COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}  # pydicom decodes all of these to RGB
+JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # frame headers: JPEG SOF0-15, JPEG-LS SOF55
+J2K_SIZ = b"\xff\x4f\xff\x51"  # JPEG 2000: SOC then SIZ
+EXIF_ORIENTATION = 0x0112
+UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {  # EXIF orientation -> the (H, W, C) transform undoing it
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 class ImageError(DataError):
@@ -44,7 +82,7 @@ class ImageTooLarge(ImageError):
 
 @dataclass
 class LoadedImage:
-    pixels: np.ndarray  # (H, W, 1) uint8 grayscale at the original size
+    pixels: np.ndarray  # (H, W, 1) uint8 grayscale at the original size, upright
     kind: str  # jpeg | png | dicom
     width: int
     height: int
@@ -63,6 +101,22 @@ def sniff(data: bytes) -> str:
     raise UnsupportedImage("not a JPEG, PNG or DICOM image")
 
 
+def _reason(exc: BaseException, limit: int = 100) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+@contextmanager
+def _parsing(kind: str) -> Iterator[None]:
+    """Any parser failure other than our own becomes one line: corrupt KIND (reason)."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types for corrupt input
+        raise ImageError(f"corrupt {kind} ({_reason(exc)})") from None
+
+
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,}")
@@ -70,21 +124,56 @@ def _check_size(width: int, height: int) -> None:
         raise ImageError(f"{width}x{height} pixels is too small for an X-ray (min side {MIN_SIDE})")
 
 
-def _raster(data: bytes, kind: str) -> LoadedImage:
+def _luma(rgb: np.ndarray, full_scale: float = 255.0) -> np.ndarray:
+    """(H, W, 3) RGB with values up to `full_scale` -> (H, W, 1) uint8, one float32 plane at a time."""
+    grey = np.zeros(rgb.shape[:2], dtype=np.float32)
+    for channel, weight in zip(np.moveaxis(rgb, -1, 0), LUMA * np.float32(255.0 / full_scale), strict=True):
+        grey += channel * weight
+    return np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def _orientation(img: Image.Image) -> tuple[int, list[str]]:
+    """The EXIF orientation (1 = upright) from the header; a PNG's eXIf after the pixels is not seen."""
+    exif = img.info.get("exif")
+    if not exif:
+        return 1, []
     try:
-        with Image.open(io.BytesIO(data)) as img:  # the header only: cheap, and catches bombs before decoding
-            width, height = img.size
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"the {kind.upper()} header claims more pixels than the limit of {MAX_PIXELS:,}") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt headers
-        raise ImageError(f"corrupt {kind.upper()} ({str(exc).splitlines()[0][:100] or type(exc).__name__})") from None
-    _check_size(width, height)
+        parsed = Image.Exif()
+        parsed.load(exif)
+        orientation = int(parsed.get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unreadable
+        return 1, ["unreadable EXIF block: the image is predicted as stored, orientation not applied"]
+    return (orientation if orientation in UPRIGHT else 1), []
+
+
+def _tf_decode(data: bytes, kind: str) -> np.ndarray:
     try:  # the training decoder; a truncated or corrupt body fails here, not silently as grey pixels
-        pixels = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8).numpy()
+        return tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8).numpy()
     except tf.errors.InvalidArgumentError as exc:
         reason = str(exc.message).split("}} ")[-1].splitlines()[0][:100]
         raise ImageError(f"corrupt {kind.upper()} ({reason})") from None
-    return LoadedImage(pixels, kind, width, height)
+
+
+def _pillow_decode(data: bytes, kind: str) -> np.ndarray:
+    """CMYK (and YCCK, which Pillow also reads as CMYK) -> RGB -> grey with TensorFlow's weights."""
+    with _parsing(kind.upper()), Image.open(io.BytesIO(data)) as img:
+        return _luma(np.asarray(img.convert("RGB")))
+
+
+def _raster(data: bytes, kind: str) -> LoadedImage:
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only: cheap, and catches bombs before decoding
+            (width, height), mode = img.size, img.mode
+            orientation, warnings = _orientation(img)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the {kind.upper()} header claims more pixels than the limit of {MAX_PIXELS:,}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt headers
+        raise ImageError(f"corrupt {kind.upper()} ({_reason(exc)})") from None
+    _check_size(width, height)
+    pixels = _pillow_decode(data, kind) if mode == "CMYK" else _tf_decode(data, kind)
+    if orientation in UPRIGHT:
+        pixels = np.ascontiguousarray(UPRIGHT[orientation](pixels))
+    return LoadedImage(pixels, kind, pixels.shape[1], pixels.shape[0], warnings)
 
 
 def _age_years(text: str) -> float | None:
@@ -112,51 +201,172 @@ def intended_use_warnings(ds: object) -> list[str]:
     return warnings
 
 
-def dicom_to_uint8(ds: object) -> np.ndarray:
-    """Stored DICOM pixels -> (H, W, 1) uint8: modality LUT, VOI window (or min-max), MONOCHROME1 inverted."""
-    arr = ds.pixel_array  # type: ignore[attr-defined]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric in {"RGB", "YBR_FULL", "YBR_FULL_422"}:
-        if photometric != "RGB":
-            arr = convert_color_space(arr, photometric, "RGB")
-        gray = arr.astype(np.float64) @ np.array([0.2989, 0.5870, 0.1140])  # TensorFlow's rgb_to_grayscale
-        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
-    if not photometric.startswith("MONOCHROME"):
-        raise ImageError(f"DICOM photometric interpretation {photometric} is not supported")
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    windowed = "WindowCenter" in ds or "VOILUTSequence" in ds  # type: ignore[operator]
-    if windowed:
-        values = apply_voi_lut(values, ds).astype(np.float64)
-    lo, hi = float(values.min()), float(values.max())
+def _monochrome(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """Stored values -> uint8 via a lookup table over every value the dtype holds: the same arithmetic as
+    mapping each pixel (modality LUT, VOI, min-max over the values present), without float copies of the image."""
+    if arr.ndim != 2 or arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        raise ImageError(f"DICOM pixels decoded as {arr.dtype} {arr.shape} are not one grayscale plane")
+    codes = arr.view(f"u{arr.dtype.itemsize}")  # the bit pattern: an index for signed values too
+    present = np.zeros(2 ** (8 * arr.dtype.itemsize), dtype=bool)
+    present[codes] = True
+    values = apply_modality_lut(np.arange(present.size, dtype=codes.dtype).view(arr.dtype), ds)  # float if rescaled
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds)
+    values = values.astype(np.float64)
+    lo, hi = float(values[present].min()), float(values[present].max())
     scaled = np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo) * 255.0
     if photometric == "MONOCHROME1":  # high values are dark
         scaled = 255.0 - scaled
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)[..., None]
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)[codes][..., None]
+
+
+def dicom_to_uint8(ds: Dataset) -> np.ndarray:
+    """Stored DICOM pixels -> (H, W, 1) uint8: modality LUT, VOI window (or min-max), MONOCHROME1 inverted;
+    colour (RGB, or YBR which pydicom converts to RGB) to grey with TensorFlow's weights."""
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in COLOUR and not photometric.startswith("MONOCHROME"):
+        raise ImageError(f"DICOM photometric interpretation {photometric} is not supported")
+    arr = ds.pixel_array
+    if photometric not in COLOUR:
+        return _monochrome(arr, ds, photometric)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageError(f"DICOM {photometric} pixels decoded as {arr.shape}, not three samples per pixel")
+    return _luma(arr, full_scale=2 ** int(ds.get("BitsStored", 8)) - 1)
+
+
+def _inflate(deflated: memoryview, limit: int = MAX_INFLATED_BYTES) -> io.BytesIO:
+    """Raw deflate -> a buffer, fed and drained a chunk at a time, refused once past `limit` bytes."""
+    inflater, out = zlib.decompressobj(-zlib.MAX_WBITS), io.BytesIO()
+
+    def drain(pending: bytes | memoryview) -> None:
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            out.write(chunk)
+            if out.tell() > limit:
+                raise ImageTooLarge(f"deflated DICOM inflates past the limit of {limit:,} bytes")
+            pending = inflater.unconsumed_tail
+            if not pending and not chunk:
+                return
+
+    for start in range(0, len(deflated), INFLATE_CHUNK):
+        drain(deflated[start : start + INFLATE_CHUNK])
+    drain(b"")  # what zlib still holds once the input has run out
+    if not inflater.eof:
+        raise ImageError("corrupt DICOM (the deflated data set is truncated)")
+    out.seek(0)
+    return out
+
+
+def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
+def _file_meta(buffer: io.BytesIO) -> FileMetaDataset:
+    """The file meta group read as pydicom's dcmread reads it (explicit VR, or implicit where the first element
+    does not parse), so both agree on whether the data set is deflated; `buffer` is left after the group."""
+    start = buffer.tell()
+    meta = FileMetaDataset(read_dataset(buffer, False, True, stop_when=_past_file_meta))
+    try:
+        _ = [meta[tag] for tag in list(meta.keys())[:1]]
+    except NotImplementedError:
+        buffer.seek(start)
+        meta = FileMetaDataset(read_dataset(buffer, True, True, stop_when=_past_file_meta))
+    return meta
+
+
+def _read_dicom(data: bytes) -> FileDataset:
+    """The data set with values over DEFER_SIZE left unread; a deflated one inflated here, under a cap."""
+    with _parsing("DICOM"):
+        buffer = io.BytesIO(data)
+        buffer.seek(132)  # the preamble and "DICM", checked by sniff
+        meta = _file_meta(buffer)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            buffer.seek(0)
+            return pydicom.dcmread(buffer, defer_size=DEFER_SIZE)
+        body = _inflate(memoryview(data)[buffer.tell() :])
+        dataset = read_dataset(body, False, True, defer_size=DEFER_SIZE)
+        return FileDataset(body, dataset, data[:128], meta, is_implicit_VR=False, is_little_endian=True)
+
+
+def _check_dicom_header(ds: Dataset) -> tuple[int, int]:
+    """(width, height) once the header promises one decodable frame within the limits."""
+    if "PixelData" not in ds:
+        raise ImageError("DICOM has no pixel data")
+    with _parsing("DICOM header"):
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        width, height = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
+        bits, samples = int(ds.get("BitsAllocated", 0)), int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        raise ImageError(f"multi-frame DICOM ({frames} frames) is not a radiograph")
+    _check_size(width, height)
+    if bits not in (8, 16):
+        raise ImageError(f"DICOM with {bits}-bit pixels is not supported (8 or 16)")
+    decoded = width * height * frames * samples * bits // 8
+    if decoded > MAX_PIXEL_BYTES:
+        raise ImageTooLarge(
+            f"{width}x{height} DICOM of {samples}x{bits}-bit samples decodes to {decoded:,} bytes, "
+            f"over the limit of {MAX_PIXEL_BYTES:,}"
+        )
+    return width, height
+
+
+def _check_decoder(ds: FileDataset) -> str:
+    """The transfer syntax's name, once a decoder for it is installed."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None:  # pydicom guesses the encoding
+        return "unknown"
+    name = syntax.name
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageError(f"no decoder for DICOM transfer syntax {name}") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        raise ImageError(f"no decoder installed for DICOM transfer syntax {name} (one of: {needs})")
+    return name
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG, JPEG-LS or JPEG 2000 codestream's own header; None for anything else."""
+    if frame[:2] != b"\xff\xd8":
+        siz = frame.find(J2K_SIZ, 0, 4096)  # at 0 in a bare codestream, later inside a JP2 wrapper
+        if siz < 0:
+            return None
+        xsiz, ysiz, x_offset, y_offset = struct.unpack_from(">4I", frame, siz + 8)
+        return xsiz - x_offset, ysiz - y_offset
+    pos = 2
+    while pos + 9 <= len(frame) and frame[pos] == 0xFF:  # JPEG marker segments up to the frame header
+        marker, length = frame[pos + 1], struct.unpack_from(">H", frame, pos + 2)[0]
+        if marker in JPEG_SOF:
+            height, width = struct.unpack_from(">HH", frame, pos + 5)
+            return width, height
+        pos += 1 if marker == 0xFF else 2 + length  # 0xFF: a fill byte
+    return None
+
+
+def _check_codestream(ds: FileDataset, width: int, height: int) -> None:
+    """Decoders allocate what the codestream claims, not what the DICOM header says: they must agree."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    size = _codestream_size(b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=1))))
+    if size is None or size == (width, height):
+        return
+    message = f"the {syntax.name} codestream is {size[0]}x{size[1]} but the DICOM header says {width}x{height}"
+    raise (ImageTooLarge if size[0] * size[1] > width * height else ImageError)(message)
 
 
 def _dicom(data: bytes) -> LoadedImage:
+    ds = _read_dicom(data)
+    width, height = _check_dicom_header(ds)
+    syntax = _check_decoder(ds)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"corrupt DICOM ({str(exc).splitlines()[0][:100] or type(exc).__name__})") from None
-    if "PixelData" not in ds:
-        raise ImageError("DICOM has no pixel data")
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise ImageError(f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not a radiograph")
-    width, height = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
-    _check_size(width, height)
-    bits = int(ds.get("BitsAllocated", 0))
-    if bits not in (8, 16):
-        raise ImageError(f"DICOM with {bits}-bit pixels is not supported (8 or 16)")
-    try:
+        _check_codestream(ds, width, height)
         pixels = dicom_to_uint8(ds)
     except ImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - missing decoder plugins, bad lengths, ...
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise ImageError(f"cannot decode DICOM pixels (transfer syntax {name}): {reason}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt codestreams, bad lengths, ...
+        raise ImageError(f"cannot decode DICOM pixels (transfer syntax {syntax}): {_reason(exc, 120)}") from None
     return LoadedImage(pixels, "dicom", width, height, intended_use_warnings(ds))
 
 

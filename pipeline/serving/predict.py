@@ -29,7 +29,10 @@ from pipeline.core.errors import PipelineError
 from pipeline.serving import gradcam, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo
 
-COLUMNS = ["file", "probability", "label", "threshold", "model", "model_version", "status", "error", "warnings"]
+COLUMNS = [
+    "file", "probability", "label", "threshold", "ood_score", "refused", "model", "model_version", "status", "error",
+    "warnings",
+]  # fmt: skip
 
 
 @dataclass
@@ -136,7 +139,8 @@ def predict_files(
             pred = next(predictions)
             record = pred.record(info, item.image.warnings if item.image else ())
             probabilities = record.pop("class_probabilities")
-            row: dict[str, Any] = {"file": item.file, **record, "status": "ok", "error": ""}
+            status = "refused" if pred.refused else "ok"
+            row: dict[str, Any] = {"file": item.file, **record, "status": status, "error": ""}
             row["warnings"] = "; ".join(record["warnings"])
             if len(info.class_names) > 2:
                 row.update({f"p_{name}": p for name, p in probabilities.items()})
@@ -160,6 +164,8 @@ def error_row(file: str, info: ModelInfo, error: str) -> dict[str, Any]:
         "probability": None,
         "label": None,
         "threshold": round(info.threshold, 6),
+        "ood_score": None,
+        "refused": None,
         "model": info.name or info.uri,
         "model_version": info.version or "",
         "status": "error",
@@ -188,7 +194,7 @@ def run(
     explain_dir: str | None,
     workers: int = 4,
 ) -> tuple[int, str]:
-    """(exit status, summary): 0 all predicted, 1 some inputs failed, 2 none predicted."""
+    """(exit status, summary): 0 all labelled, 1 some inputs unreadable or refused, 2 none labelled."""
     files, missing = expand(inputs)
     if not files:
         reasons = "; ".join(f"{item}: {why}" for item, why in missing) or "no inputs"
@@ -202,13 +208,17 @@ def run(
     else:
         sys.stdout.write(text)
     failed = [row for row in rows if row["status"] == "error"]
+    refused = [row for row in rows if row["status"] == "refused"]
     info = classifier.info
     summary = (
-        f"predicted {len(rows) - len(failed)} of {len(rows)} inputs with {info.name or info.uri}"
+        f"predicted {len(rows) - len(failed) - len(refused)} of {len(rows)} inputs with {info.name or info.uri}"
         f"{' v' + info.version if info.version else ''} (threshold {info.threshold:.4f})"
         + (f" -> {output}" if output else "")
     )
     for row in failed:
         summary += f"\n  unreadable: {row['file']}: {row['error']}"
-    status = 0 if not failed else (2 if len(failed) == len(rows) else 1)
+    for row in refused:
+        summary += f"\n  refused: {row['file']}: {row['refused']}"
+    not_labelled = len(failed) + len(refused)
+    status = 0 if not not_labelled else (2 if not_labelled == len(rows) else 1)
     return status, summary

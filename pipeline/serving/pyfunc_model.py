@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.serving import image_io
 from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier
 
-OUTPUT_COLUMNS = ("probability", "label", "threshold", "warnings")
+OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings")
 
 
 class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
@@ -78,8 +78,10 @@ def signature() -> Any:
         outputs=Schema(
             [
                 ColSpec("double", "probability"),
-                ColSpec("string", "label"),
+                ColSpec("string", "label", required=False),
                 ColSpec("double", "threshold"),
+                ColSpec("double", "ood_score", required=False),
+                ColSpec("string", "refused", required=False),
                 ColSpec("string", "warnings"),
             ]
         ),

@@ -1,99 +1,113 @@
-"""``pneumo serve``: the REST service. GET /health, GET /model, POST /predict.
+"""``pneumo serve``: the REST service. GET /health, GET /model, POST /predict, GET /metrics.
 
-The service follows an alias (``@champion`` by default): a background thread checks where it points
-every ``serve.poll_seconds`` and swaps in the new version once it is fully loaded, so requests never
-see a half-loaded model. A failed reload keeps the old model and shows up in /health.
+The service follows an alias (``@champion`` by default) and swaps in a new version only once it is fully
+loaded (``model_holder``). POST /predict takes the image as a multipart field ``file``
+(``curl -F file=@xray.jpeg``) or as the raw request body. Everything that is the client's fault gets a
+4xx and one line: 401 no or wrong API key, 408 an upload slower than ``serve.body_timeout_seconds``,
+411 no Content-Length, 413 over ``serve.max_upload_mb`` (or too many pixels), 415 not an image,
+422 a corrupt image. At most ``serve.max_concurrent_decodes`` images are decoded and predicted at once.
 
-POST /predict takes the image as a multipart field ``file`` (``curl -F file=@xray.jpeg``) or as the
-raw request body. Uploads over ``serve.max_upload_mb`` get 413, non-images 415, corrupt images 422.
+With ``PNEUMO_API_KEY`` (or ``PNEUMO_API_KEY_FILE``) set, /predict and /model need the key; /health and
+/metrics stay open for probes and scrapers. Nothing of an upload is logged (``request_log``).
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
+import ipaddress
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
-from mlflow import MlflowClient
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from pipeline import __version__
-from pipeline.core.errors import PipelineError
-from pipeline.serving import classifier as clf
-from pipeline.serving import image_io
+from pipeline.core.config import ServeParams
+from pipeline.serving import api_key, image_io, request_log
+from pipeline.serving.classifier import Classifier, Prediction
+from pipeline.serving.http_limits import with_header_timeout
+from pipeline.serving.model_holder import ModelHolder
+from pipeline.serving.service_metrics import InputDriftWindow, ServiceMetrics
 
 MULTIPART_SLACK = 16 * 1024  # form boundaries and headers around the file
+KEEP_ALIVE_SECONDS = 5  # idle connections count against serve.max_connections: let them go soon
+CLOSE = {"Connection": "close"}  # the rest of an unread upload is not worth reading
+IMAGE_ERRORS: tuple[tuple[type[image_io.ImageError], int, str], ...] = (  # most specific first
+    (image_io.UnsupportedImage, 415, "unsupported"),
+    (image_io.ImageTooLarge, 413, "too_large"),
+    (image_io.ImageError, 422, "corrupt"),
+)
 
 
-class ModelHolder:
-    """The model in service, and the reloads that follow its alias."""
+class DecodeFailure(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
 
-    def __init__(self, uri: str, loader: Callable[[str], clf.Classifier] = clf.load) -> None:
-        self.uri, self._loader = uri, loader
-        parsed = clf.parse_registry_uri(uri)
-        self.alias = parsed[2] if parsed else None
-        self.current = loader(uri)
-        self.loaded_at = time.time()
-        self.reloads = 0
-        self.last_error: str | None = None
-        self.last_check: float | None = None
-        self._failed_version: str | None = None  # not retried until the alias moves again
-        self._stop = threading.Event()
 
-    def check(self) -> bool:
-        """Reload when the alias points at another version; True if the model changed."""
-        if self.alias is None:
-            return False
+class DecodeSlots:
+    """At most `n` uploads decoded and predicted at once (memory stays flat); the others wait their turn."""
 
-        name = self.current.info.name
-        version = None
+    def __init__(self, n: int, metrics: ServiceMetrics) -> None:
+        self._free, self._metrics = asyncio.Semaphore(n), metrics
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        with self._metrics.decodes_waiting.track_inprogress():
+            try:
+                await self._free.acquire()
+            finally:
+                self.waiting -= 1
         try:
-            version = str(clf.resolve_version(MlflowClient(), name, None, self.alias).version)
-            if version == self.current.info.version:
-                self.last_error = self._failed_version = None
-                return False
-            if version == self._failed_version:
-                return False
-            fresh = self._loader(self.uri)
-        except PipelineError as exc:
-            self.last_error, self._failed_version = str(exc), version
-            return False
+            with self._metrics.decodes_running.track_inprogress():
+                yield
         finally:
-            self.last_check = time.time()
-        self.current, self.loaded_at, self.last_error = fresh, time.time(), None  # one reference swap
-        self.reloads += 1
-        print(f"serve: {self.uri} moved to version {fresh.info.version}; reloaded", flush=True)
-        return True
-
-    def poll(self, seconds: float) -> threading.Thread:
-        def loop() -> None:
-            while not self._stop.wait(seconds):
-                try:
-                    self.check()
-                except Exception as exc:  # noqa: BLE001 - the poller must outlive any one bad check
-                    self.last_error = f"reload failed: {type(exc).__name__}: {str(exc)[:160]}"
-
-        thread = threading.Thread(target=loop, name="alias-poller", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+            self._free.release()
 
 
-def predict_bytes(model: clf.Classifier, data: bytes, filename: str) -> dict[str, Any]:
-    image = image_io.load(data)
-    x = image_io.model_input(image, model.info.image_size)
+def predict_bytes(
+    model: Classifier, data: bytes, filename: str, window: InputDriftWindow | None = None
+) -> tuple[dict[str, Any], Prediction]:
+    """Decode, predict, and note the image's drift features: the REST body and the prediction."""
+    try:
+        image = image_io.load(data)
+        x = image_io.model_input(image, model.info.image_size)
+    except image_io.ImageError as exc:
+        status, reason = next((s, r) for kind, s, r in IMAGE_ERRORS if isinstance(exc, kind))
+        raise DecodeFailure(status, reason, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a decoder failing in an unexpected way is still a bad upload
+        raise DecodeFailure(422, "corrupt", f"cannot decode ({type(exc).__name__})") from None
     pred = model.predict(x[None])[0]
-    return {"file": filename, **pred.record(model.info, image.warnings)}
+    if window is not None:
+        window.add(model, x, image.width, image.height, pred.embedding)
+    return {"file": filename, **pred.record(model.info, image.warnings)}, pred
 
 
-def create_app(holder: ModelHolder, max_bytes: int) -> FastAPI:
-    app = FastAPI(title="pneumo", version=__version__, description=__doc__)
+async def read_upload(request: Request) -> tuple[bytes, str]:
+    filename = request.query_params.get("filename", "")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await request.body(), filename
+    form = await request.form(max_files=1, max_fields=4)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise HTTPException(400, "no file: send the image as the multipart field 'file'")
+    return await upload.read(), upload.filename or filename
+
+
+def create_app(holder: ModelHolder, cfg: ServeParams, key: str | None = None) -> FastAPI:
+    docs = {} if cfg.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="pneumo", version=__version__, description=__doc__, **docs)
+    metrics = ServiceMetrics(holder, cfg.drift_window)
+    guarded = [Depends(api_key.requirement(key))] if key else []
+    slots = DecodeSlots(cfg.max_concurrent_decodes, metrics)
+    max_bytes = int(cfg.max_upload_mb * 1e6)
     limit_mb = max_bytes / 1e6
 
     @app.get("/health")
@@ -106,57 +120,106 @@ def create_app(holder: ModelHolder, max_bytes: int) -> FastAPI:
             "last_error": holder.last_error,
         }
 
-    @app.get("/model")
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        body, media_type = metrics.render()
+        return Response(body, media_type=media_type)
+
+    @app.get("/model", dependencies=guarded)
     def model() -> dict[str, Any]:
         return {
             **holder.current.info.public(),
             "follows": holder.uri,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(holder.loaded_at)),
+            "loaded_at": time_text(holder.loaded_at),
             "reloads": holder.reloads,
         }
 
-    @app.post("/predict")
+    @app.post("/predict", dependencies=guarded)
     async def predict(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
-            raise HTTPException(411, "send a Content-Length header with the upload")
+            raise HTTPException(411, "send a Content-Length header with the upload", CLOSE)
         if int(length) > max_bytes + MULTIPART_SLACK:
-            raise HTTPException(413, f"upload of {int(length):,} bytes is over the limit of {limit_mb:g} MB")
-        filename = request.query_params.get("filename", "")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=4)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, "no file: send the image as the multipart field 'file'")
-            data, filename = await upload.read(), upload.filename or filename
-        else:
-            data = await request.body()
+            raise HTTPException(413, f"upload of {int(length):,} bytes is over the limit of {limit_mb:g} MB", CLOSE)
+        try:
+            async with asyncio.timeout(cfg.body_timeout_seconds):
+                data, filename = await read_upload(request)
+        except TimeoutError:
+            raise HTTPException(
+                408, f"the upload did not arrive within {cfg.body_timeout_seconds:g} s", CLOSE
+            ) from None
         if len(data) > max_bytes:
             raise HTTPException(413, f"image of {len(data):,} bytes is over the limit of {limit_mb:g} MB")
         try:
-            return await run_in_threadpool(predict_bytes, holder.current, data, filename)
-        except image_io.UnsupportedImage as exc:
-            raise HTTPException(415, f"{filename or 'upload'}: {exc}") from None
-        except image_io.ImageTooLarge as exc:
-            raise HTTPException(413, f"{filename or 'upload'}: {exc}") from None
-        except image_io.ImageError as exc:
-            raise HTTPException(422, f"{filename or 'upload'}: {exc}") from None
+            async with slots.slot():
+                served = holder.current  # this request's version, whatever the poller swaps in meanwhile
+                request.state.model_version = served.info.version
+                window = metrics.window
+                body, pred = await run_in_threadpool(predict_bytes, served, data, filename, window)
+        except DecodeFailure as exc:
+            metrics.decode_failures.labels(exc.reason).inc()
+            raise HTTPException(exc.status, f"{filename or 'upload'}: {exc}") from None
+        metrics.observe_prediction(served.info.version, pred)
+        return body
 
+    paths = frozenset(getattr(route, "path", "") for route in app.routes)
+    app.add_middleware(
+        request_log.RequestLog, metrics=metrics, paths=paths, model_version=lambda: holder.current.info.version
+    )
     return app
 
 
-def serve(uri: str, host: str, port: int, max_upload_mb: float, poll_seconds: float) -> None:
-    holder = ModelHolder(uri)
-    info = holder.current.info
-    print(
-        f"serve: {uri} = {info.name or info.uri} version {info.version} (threshold {info.threshold:.4f}) "
-        f"on http://{host}:{port}" + (f"; following @{holder.alias} every {poll_seconds:g} s" if holder.alias else ""),
-        flush=True,
-    )
-    if holder.alias:
-        holder.poll(poll_seconds)
-    app = create_app(holder, int(max_upload_mb * 1e6))
+def time_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def is_loopback(host: str) -> bool:
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=64, timeout_keep_alive=30)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def server_config(app: FastAPI, cfg: ServeParams) -> uvicorn.Config:
+    """uvicorn's own limits where they fit: connections, idle keep-alive, and (ours) a header deadline."""
+    return uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        http=with_header_timeout(cfg.header_timeout_seconds),
+        limit_concurrency=cfg.max_connections,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+    )
+
+
+def serve(uri: str, cfg: ServeParams) -> None:
+    request_log.setup()
+    key = api_key.from_environment(os.environ)
+    holder = ModelHolder(uri, on_event=request_log.event)
+    info = holder.current.info
+    request_log.event(
+        "start",
+        model=info.name or info.uri,
+        model_version=info.version,
+        threshold=round(info.threshold, 4),
+        url=f"http://{cfg.host}:{cfg.port}",
+        follows=f"@{holder.alias}" if holder.alias else None,
+        poll_seconds=cfg.poll_seconds if holder.alias else None,
+        api_key="required on /predict and /model" if key else "none: open service",
+        docs=cfg.docs,
+    )
+    if key is None and not is_loopback(cfg.host):
+        request_log.event(
+            "warning", message=f"listening on {cfg.host} without an API key: anyone who reaches the port can use it"
+        )
+    if holder.alias:
+        holder.poll(cfg.poll_seconds)
+    app = create_app(holder, cfg, key)
+    try:
+        uvicorn.Server(server_config(app, cfg)).run()
     finally:
         holder.stop()

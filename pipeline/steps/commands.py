@@ -26,13 +26,8 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
     uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
     cfg = params.serve
     if args.command == "serve":
-        rest.serve(
-            uri,
-            args.host or cfg.host,
-            args.port or cfg.port,
-            args.max_upload_mb or cfg.max_upload_mb,
-            args.poll_seconds or cfg.poll_seconds,
-        )
+        flags = ("host", "port", "max_upload_mb", "poll_seconds")
+        rest.serve(uri, cfg.model_copy(update={k: getattr(args, k) for k in flags if getattr(args, k)}))
         return 0
     model = classifier.load(uri)
     if args.command == "predict":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
@@ -131,6 +132,8 @@ def run(params: Params) -> str:
     with tempfile.TemporaryDirectory(prefix="pneumo-register-") as tmp:
         bundle, examples_dir = Path(tmp) / "bundle", Path(tmp) / "examples"
         classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
+        test_files = pd.read_csv(params.evaluate.predictions)["path"].astype(str).tolist()
+        ood_check = packaging.ood_validation(classifier, test_files)
         picks = packaging.pick_examples(params.evaluate.predictions, ev.threshold, params.package.gradcam_examples)
         examples = packaging.gradcam_examples(classifier, picks, examples_dir)
         if ev.calibration:
@@ -150,6 +153,7 @@ def run(params: Params) -> str:
             decision="",
             decision_reason="",
             examples=[(f"model_card/{name}", caption) for name, caption in examples],
+            ood=ood_check,
             stress=json.loads(Path(params.stress.report).read_text()) if Path(params.stress.report).is_file() else {},
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
@@ -161,6 +165,7 @@ def run(params: Params) -> str:
         client.log_text(candidate.run_id, record, "registry/decision.json")
         client.set_tag(candidate.run_id, "registry_decision", decision.outcome)
         client.set_tag(candidate.run_id, "registered_version", str(decision.version))
+        client.log_dict(candidate.run_id, ood_check, "registry/ood_validation.json")
 
     champion.with_retries(log_to_run, "logging the decision to the run", params.registry)
     hint = ""
