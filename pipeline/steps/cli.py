@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, help="images per model call (default: serve.batch_size)")
     sv = sub.add_parser(
         "serve",
-        help="REST service: GET /health, GET /model, POST /predict; follows @champion",
-        description="Serve the model over HTTP; when it follows an alias, reload as soon as the alias moves.",
+        help="REST service: GET /health, /model, /metrics (Prometheus), POST /predict; follows @champion",
+        description="Serve the model over HTTP (an API key from PNEUMO_API_KEY or PNEUMO_API_KEY_FILE when set); "
+        "when it follows an alias, reload as soon as the alias moves.",
     )
     sv.add_argument("--model", help=model_help)
     sv.add_argument("--host", help="bind address (default: serve.host)")
