@@ -144,8 +144,8 @@ def stages(params: Params) -> list[Stage]:
                 *([p.stress.originals] if p.stress.originals else []),
             ],
             params=["stress"],
+            outs=[p.stress.out],  # cached: `dvc pull` restores it like the model
             metrics=[p.stress.report],
-            uncached_outs=[p.stress.out],
         ),
         Stage(
             "register",
