@@ -122,12 +122,9 @@ def table(workdir: Path, env: dict[str, str]) -> str:
                 if name not in LEVERS or name not in finished or rev.get("error"):
                     continue
                 values: dict[str, float] = {}
-                for path, metric in (data.get("metrics") or {}).items():
+                for metric in (data.get("metrics") or {}).values():
                     flat = _flatten(metric.get("data", {}))
-                    values.update({k: v for k, v in flat.items() if k.startswith(("test.", "summary."))})
-                    if "train_seconds" in flat:
-                        values["train_seconds"] = flat["train_seconds"]
-                    del path
+                    values.update({k: v for k, v in flat.items() if k.startswith(("test.", "summary.", "train_"))})
                 rows.append((name, values))
     rows.sort(key=lambda r: list(LEVERS).index(r[0]))
     head = "| lever | switch | " + " | ".join(c[1] for c in COLUMNS) + " |"

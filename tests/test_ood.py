@@ -25,7 +25,7 @@ def test_score_is_one_at_the_reference_99th_percentile_and_grows_off_distributio
         return np.clip(layout + rng.normal(0, 8, (n, 32, 32, 1)), 0, 255)
 
     train, train_images = features(600), images(600)
-    ref = ood.build(train, train_images)
+    ref = ood.build(train, ood.thumbnails(train_images))
     assert np.isclose(np.quantile(ood.scores(ref, train, train_images), 0.99), 1.0, atol=0.05)
     fresh, fresh_images = features(400), images(400)  # the same distributions, unseen
     fresh_scores = ood.scores(ref, fresh, fresh_images)
@@ -38,7 +38,7 @@ def test_score_is_one_at_the_reference_99th_percentile_and_grows_off_distributio
     assert np.isinf(ood.scores(ref, fresh[:1], blank)[0]) and ood.reason(np.inf, 3.0) == ood.BLANK_REASON
     assert "out-of-distribution score 4.20 > 3.00" in ood.reason(4.2, 3.0)
     with pytest.raises(ValueError, match="at least 10 images"):
-        ood.build(train[:5], train_images[:5])
+        ood.build(train[:5], ood.thumbnails(train_images[:5]))
 
 
 @pytest.mark.realdata

@@ -118,7 +118,7 @@ def test_out_of_distribution_images_are_refused_or_flagged_in_every_output() -> 
     train = np.clip(layout + rng.normal(0, 6, (200, 32, 32, 1)), 0, 255).astype(np.float32)
     info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3", ood_threshold=3.0, ood_warning=2.0)
     plain = Classifier(model, info)
-    reference = {"ood": ood.build(plain.embed(train), train)}
+    reference = {"ood": ood.build(plain.embed(train), ood.thumbnails(train))}
     guarded = Classifier(model, info, reference)
     batch = np.stack([train[0], np.full((32, 32, 1), 90.0, np.float32), train[1][::-1, ::-1]])  # like, blank, odd
     preds = guarded.predict(batch)

@@ -73,17 +73,10 @@ def reference_sample(index: pd.DataFrame, root: str, n: int, seed: int) -> list[
 
 
 def drift_reference(classifier: Classifier, files: list[str], batch_size: int = 64) -> dict[str, Any]:
-    features, embeddings, inputs = [], [], []
-    for batch in prepared_batches(files, classifier.info.image_size, batch_size, workers=4):
-        ok = [item for item in batch if item.x is not None and item.image is not None]
-        if ok:
-            inputs.append(np.stack([item.x for item in ok]))
-            embeddings.append(classifier.embed(inputs[-1]))
-            features += [drift.image_features(i.x, i.image.width, i.image.height) for i in ok]  # type: ignore[union-attr]
+    features, embeddings, layouts, _ = drift.batch_features(classifier, files, batch_size)
     if len(features) < 10:
         raise PipelineError("drift reference: fewer than ten readable training images")
-    emb = np.concatenate(embeddings)
-    return {**drift.build_reference(features, emb), "ood": ood.build(emb, np.concatenate(inputs))}
+    return {**drift.build_reference(features, embeddings), "ood": ood.build(embeddings, layouts)}
 
 
 def ood_validation(classifier: Classifier, test_files: list[str], batch_size: int = 64) -> dict[str, Any]:

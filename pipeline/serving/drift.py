@@ -17,6 +17,7 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from pipeline.core.errors import PipelineError
+from pipeline.serving import ood
 from pipeline.serving.classifier import Classifier
 from pipeline.serving.predict import expand, prepared_batches
 
@@ -126,16 +127,21 @@ def compare(reference: dict[str, object], features: list[dict[str, float]], embe
 
 def batch_features(
     classifier: Classifier, files: list[str], batch_size: int = 32
-) -> tuple[list[dict[str, float]], np.ndarray, list[str]]:
-    """Image features and embeddings of the readable files, and the unreadable ones (path: reason)."""
-    features, embeddings, skipped = [], [], []
+) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray, list[str]]:
+    """Image features, embeddings and layouts (``ood.thumbnails``) of the readable files, and the unreadable
+    ones (path: reason)."""
+    features, embeddings, layouts, skipped = [], [], [], []
     for batch in prepared_batches(files, classifier.info.image_size, batch_size, workers=4):
         ok = [item for item in batch if item.x is not None and item.image is not None]
         skipped += [f"{item.file}: {item.error}" for item in batch if item.error]
         if ok:
-            embeddings.append(classifier.embed(np.stack([item.x for item in ok])))
+            inputs = np.stack([item.x for item in ok])
+            embeddings.append(classifier.embed(inputs))
+            layouts.append(ood.thumbnails(inputs))
             features += [image_features(i.x, i.image.width, i.image.height) for i in ok]  # type: ignore[union-attr]
-    return features, np.concatenate(embeddings) if embeddings else np.zeros((0, 0)), skipped
+    if not embeddings:
+        return features, np.zeros((0, 0)), np.zeros((0, 0)), skipped
+    return features, np.concatenate(embeddings), np.concatenate(layouts), skipped
 
 
 def check(classifier: Classifier, inputs: list[str], batch_size: int = 32) -> tuple[DriftReport, list[str]]:
@@ -143,7 +149,7 @@ def check(classifier: Classifier, inputs: list[str], batch_size: int = 32) -> tu
     if classifier.drift_reference is None:
         raise PipelineError(f"{classifier.info.uri}: the model has no drift reference (register it again)")
     files, missing = expand(inputs)
-    features, embeddings, skipped = batch_features(classifier, files, batch_size)
+    features, embeddings, _, skipped = batch_features(classifier, files, batch_size)
     if not features:
         raise PipelineError(f"drift: no readable images in {' '.join(inputs)}")
     return compare(classifier.drift_reference, features, embeddings), [f"{i}: {why}" for i, why in missing] + skipped

@@ -75,13 +75,14 @@ def thumbnails(model_inputs: np.ndarray) -> np.ndarray:
     return np.array(out).reshape(len(out), THUMBNAIL * THUMBNAIL)
 
 
-def build(embeddings: np.ndarray, model_inputs: np.ndarray) -> dict[str, Any]:
-    """The reference from the training sample: the model's pooled features and the images' layout."""
+def build(embeddings: np.ndarray, layouts: np.ndarray) -> dict[str, Any]:
+    """The reference from the training sample: the model's pooled features and the images' layouts
+    (``thumbnails`` of the model inputs)."""
     return {
         "n": len(embeddings),
         "quantile": QUANTILE,
         "features": fit_space(embeddings),
-        "appearance": fit_space(thumbnails(model_inputs)),
+        "appearance": fit_space(layouts),
     }
 
 

@@ -55,16 +55,11 @@ class DecodeSlots:
 
     def __init__(self, n: int, metrics: ServiceMetrics) -> None:
         self._free, self._metrics = asyncio.Semaphore(n), metrics
-        self.waiting = 0
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        self.waiting += 1
         with self._metrics.decodes_waiting.track_inprogress():
-            try:
-                await self._free.acquire()
-            finally:
-                self.waiting -= 1
+            await self._free.acquire()
         try:
             with self._metrics.decodes_running.track_inprogress():
                 yield
