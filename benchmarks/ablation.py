@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/ablation.py -P model.image_size=64 -P train.epochs=6   # a cheaper protocol
     .venv/bin/python benchmarks/ablation.py --only default equalize  # some levers
     .venv/bin/python benchmarks/ablation.py --show                  # the table of a finished run
+    .venv/bin/python benchmarks/ablation.py --add mixup             # more levers in an existing --workdir
 
 It clones this repository (its last commit) into ``--workdir``, points params.yaml at the shared 224 px
 images (``data.local_path``) and their 48 full-resolution originals (``stress.originals``), applies the
@@ -47,6 +48,14 @@ LEVERS: dict[str, list[str]] = {
     "label-smoothing": ["train.label_smoothing=0.1"],
     "mixup": ["train.mixup=0.2"],
     "no-calibration": ["evaluate.calibrate=false"],
+    # Combinations of the levers that helped on their own
+    "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
+    "smoothing+mixup+framing": [
+        "train.label_smoothing=0.1",
+        "train.mixup=0.2",
+        "train.augment.zoom=0.25",
+        "train.augment.translation=0.1",
+    ],
 }
 COLUMNS = [
     ("train_seconds", "train min", lambda v: f"{v / 60:.1f}"),
@@ -152,10 +161,15 @@ def main() -> None:
                         help="params for every experiment (the baseline commit), e.g. model.image_size=64")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="these levers only")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --workdir")
+    parser.add_argument("--add", nargs="+", choices=list(LEVERS), help="queue these levers in an existing --workdir")
     args = parser.parse_args()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir.resolve()}/mlflow.db"
-    if not args.show:
+    if args.add:
+        if not (args.workdir / "dvc.yaml").exists():
+            sys.exit(f"--add: {args.workdir} holds no ablation (run without --add first)")
+        queue_and_run(args.workdir, args.add, env)
+    elif not args.show:
         if args.workdir.exists():
             sys.exit(f"--workdir {args.workdir} exists: remove it, or pass --show to print its table")
         prepare(args.workdir, args.protocol, env)

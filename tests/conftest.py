@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import Params, load_params
+from tests.servers import SeaweedS3
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -248,3 +249,28 @@ def official_layout(real_224: Path, tmp_path_factory: pytest.TempPathFactory) ->
     if not OFFICIAL_TEST_NAMES.is_file():
         pytest.skip(f"official test names not found at {OFFICIAL_TEST_NAMES} (see ../shared/data/README.md)")
     return build_official_layout(real_224, tmp_path_factory.mktemp("official") / "chest_xray")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """SeaweedFS's S3 gateway on loopback for the whole session (about 4 s to start); a bucket per test."""
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+from tests.servers import PG_BIN, Postgres  # noqa: E402 - the PostgreSQL fixture's section
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """One PostgreSQL server on loopback for the whole session (about 1 s to start); a database per use."""
+    if not (PG_BIN / "postgres").is_file():
+        pytest.skip(f"no PostgreSQL server in {PG_BIN} (apt-get install postgresql)")
+    server = Postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -75,3 +75,27 @@ def test_every_subcommand_has_help(command: str) -> None:
     )
     assert proc.returncode == 0
     assert f"usage: pneumo {command}" in proc.stdout
+
+
+def test_registry_lock_url_validated_and_the_environment_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.core.config import LOCK_URL_ENV
+
+    monkeypatch.delenv(LOCK_URL_ENV, raising=False)
+    assert load_params(REPO / "params.yaml").registry.effective_lock_url() is None  # the lock file
+    url = "postgresql://mlflow@db.example.org:5432/mlflow"
+    registry = load_params(REPO / "params.yaml", [f"registry.lock_url={url}"]).registry
+    assert registry.effective_lock_url() == url
+    for bad, expected in [
+        ("mysql://db/x", "must be a postgresql://user@host:port/database URL (got scheme 'mysql')"),
+        ("postgresql:///x", "names no host"),
+        ("postgresql://u:s3cret@db/x", "holds a password; keep credentials out of params.yaml"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_params(REPO / "params.yaml", [f"registry.lock_url={bad}"])
+        assert str(err.value).removeprefix(f"{REPO}/").startswith(f"params.yaml: registry.lock_url: {expected}")
+        assert "s3cret" not in str(err.value)
+    monkeypatch.setenv(LOCK_URL_ENV, "postgresql://mlflow:s3cret@db.example.org/mlflow")  # a password is fine here
+    assert registry.effective_lock_url() == "postgresql://mlflow:s3cret@db.example.org/mlflow"
+    monkeypatch.setenv(LOCK_URL_ENV, "http://db.example.org")
+    with pytest.raises(ConfigError, match=f"^{LOCK_URL_ENV}: must be a postgresql://"):
+        registry.effective_lock_url()

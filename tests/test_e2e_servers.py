@@ -1,11 +1,15 @@
-"""End to end as users run it: `mlflow server`, a Prefect server, a process work pool, `prefect deploy`
-from prefect.yaml, a worker, `prefect deployment run` (twice), then checks through the MLflow client
-and a screenshot of the registered model page in headless Chromium. Loopback only; every process
-started here is stopped by process id.
+"""End to end on the team stack as real processes on loopback: PostgreSQL, SeaweedFS's S3 gateway,
+`mlflow server` on both (PostgreSQL backend, artifacts proxied into the bucket with --serve-artifacts),
+a Prefect server, a process work pool, `prefect deploy` from prefect.yaml and a worker. Then
+`prefect deployment run` (three times), checks through the MLflow client, a screenshot of the
+registered model page in headless Chromium, and the DVC remote on S3: `pneumo remote`, `dvc push`, a
+second clone that pulls and predicts with the champion. Only the tracking server holds S3 keys. Every
+process started here is stopped by process id (PostgreSQL and SeaweedFS by their session fixtures).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,58 +17,63 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project
-from tests.servers import Service, free_port
+from tests.servers import Postgres, SeaweedS3, Service, free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 MODEL = "pneumo-chest-xray"
 
 
+@dataclass(frozen=True)
+class Stack:
+    root: Path
+    project: Path
+    env: dict[str, str]  # the clients' environment: the pipeline, the worker, the CLI; no S3 keys
+    tracking_uri: str
+    bucket: str
+    mlflow: Service
+    worker: Service
+
+    def run(self, *args: str, cwd: Path | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, cwd=cwd or self.project, env={**self.env, **extra}, capture_output=True, text=True)
+
+
+S3_CLIENT_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def stack(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres, s3: SeaweedS3) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e")
     # A two-epoch model may miss the clinical floor: the first version must become champion here.
     project = copy_project(root / "project", *SMALL_SYNTHETIC, *FAST_TRAIN, "registry.sensitivity_floor=0.5")
     shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
     bin_dir = str(Path(sys.executable).parent)
-    mlflow_port, prefect_port = free_port(), free_port()
-    env = {
-        **os.environ,
+    prefect_port = free_port()
+    bucket = s3.create_bucket("e2e-team")
+    # The clients get no S3 keys from anywhere (variables, ~/.aws, instance metadata): artifacts go
+    # through the tracking server, which alone holds the keys.
+    none = str(root / "no-aws-config")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in S3_CLIENT_KEYS}
+    env |= {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "PWD": str(project),
         "PREFECT_HOME": str(root / "prefect_home"),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "AWS_SHARED_CREDENTIALS_FILE": none,
+        "AWS_CONFIG_FILE": none,
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
     services: list[Service] = []
     try:
-        mlflow = Service(
-            "mlflow server",
-            [
-                f"{bin_dir}/mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(root / "mlruns" / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-            ],
-            env,
-            root,
-            root / "mlflow.log",
-        )
-        services.append(mlflow)
-        (root / "mlruns").mkdir(exist_ok=True)
         prefect = Service(
             "prefect server",
             [f"{bin_dir}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
@@ -73,23 +82,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             root / "prefect.log",
         )
         services.append(prefect)
+        mlflow, tracking_uri = mlflow_server(
+            "mlflow", root, postgres.create_database("e2e_servers"), f"s3://{bucket}/mlflow", {**env, **s3.env()}
+        )
+        services.append(mlflow)
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
         prefect.wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health")
-        mlflow.wait_healthy(f"http://127.0.0.1:{mlflow_port}/health")
         run = lambda *args: subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
         created = run("prefect", "work-pool", "create", "pneumo-process", "--type", "process")
         assert created.returncode == 0, created.stdout + created.stderr
-        deployed = run("prefect", "--no-prompt", "deploy", "--all")
+        deployed = run("prefect", "--no-prompt", "deploy", "-n", "pipeline")  # the process-pool deployment
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-        services.append(
-            Service(
-                "prefect worker",
-                [f"{bin_dir}/prefect", "worker", "start", "--pool", "pneumo-process"],
-                env,
-                project,
-                root / "worker.log",
-            )
+        worker = Service(
+            "prefect worker",
+            [f"{bin_dir}/prefect", "worker", "start", "--pool", "pneumo-process"],
+            env,
+            project,
+            root / "worker.log",
         )
-        yield {"root": root, "project": project, "run": run, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+        services.append(worker)
+        yield Stack(root, project, env, tracking_uri, bucket, mlflow, worker)
     finally:
         for service in reversed(services):
             service.stop()
@@ -97,27 +109,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             assert service.proc.poll() is not None, f"{service.name} still running"
 
 
-def deployment_run(stack: dict[str, object], params: dict[str, object]) -> None:
-    run = stack["run"]
-    proc = run(
+def deployment_run(stack: Stack, params: dict[str, object]) -> None:
+    proc = stack.run(
         "prefect",
         "deployment",
         "run",
         "pneumonia-pipeline/pipeline",
         "--params",
-        json.dumps(params),  # type: ignore[operator]
+        json.dumps(params),
         "--watch",
         "--watch-timeout",
         "900",
     )
-    worker_log = (stack["root"] / "worker.log").read_text()[-4000:]  # type: ignore[operator]
+    worker_log = (stack.root / "worker.log").read_text()[-4000:]
     assert proc.returncode == 0 and "Completed" in proc.stdout, proc.stdout[-2000:] + worker_log
 
 
-def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str, object]) -> None:
+def test_deployment_registers_a_champion_then_applies_the_policy(stack: Stack) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(str(stack["tracking_uri"]))
+    client = MlflowClient(stack.tracking_uri)
     deployment_run(stack, {"ingest": True})
     v1 = client.get_model_version_by_alias(MODEL, "champion")
     assert str(v1.version) == "1" and v1.tags["decision"] == "champion"
@@ -129,7 +140,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     # The hospital side loads @champion through the tracking server: bundle, threshold and drift reference.
     from pipeline.serving import classifier
 
-    served = classifier.load(f"models:/{MODEL}@champion", str(stack["tracking_uri"]))
+    served = classifier.load(f"models:/{MODEL}@champion", stack.tracking_uri)
     assert served.info.version == "1" and served.info.threshold == pytest.approx(float(v1.tags["threshold"]), abs=1e-6)
     assert served.drift_reference is not None and served.info.alias == "champion"
 
@@ -144,20 +155,20 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     aliases = {a: str(v) for a, v in client.get_registered_model(MODEL).aliases.items()}
     assert v2.tags["decision"] == ("challenger" if wins else "rejected")
     assert aliases == ({"champion": "1", "challenger": "2"} if wins else {"champion": "1"})
-    decision = json.loads((stack["project"] / "reports" / "champion.json").read_text())  # type: ignore[operator]
+    decision = json.loads((stack.project / "reports" / "champion.json").read_text())
     assert decision["version"] == "2" and decision["champion"]["version"] == "1"
 
     # Nothing changed since: the deployment run trains nothing, DVC reports every stage cached.
-    lock = (stack["project"] / "dvc.lock").read_text()  # type: ignore[operator]
+    lock = (stack.project / "dvc.lock").read_text()
     start = time.perf_counter()
     deployment_run(stack, {})
     print(f"\nno-change deployment run: {time.perf_counter() - start:.1f} s (prefect deployment run --watch)")
-    assert (stack["project"] / "dvc.lock").read_text() == lock  # type: ignore[operator]
+    assert (stack.project / "dvc.lock").read_text() == lock
     assert {str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")} == {"1", "2"}
-    log = (stack["root"] / "worker.log").read_text()  # type: ignore[operator]
+    log = (stack.root / "worker.log").read_text()
     assert "ran: []" in log
 
-    shot = stack["project"] / "reports" / "screenshots" / "mlflow_registered_model.png"  # type: ignore[operator]
+    shot = stack.project / "reports" / "screenshots" / "mlflow_registered_model.png"
     if shutil.which("chromium") is None:
         if os.environ.get("CI"):
             pytest.fail("CI must have Debian's chromium (.ci/run installs it) for the MLflow UI screenshot")
@@ -167,7 +178,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
             sys.executable,
             str(REPO / "scripts" / "screenshot_mlflow.py"),
             "--tracking-uri",
-            str(stack["tracking_uri"]),
+            stack.tracking_uri,
             "--model",
             MODEL,
             "--out",
@@ -185,3 +196,73 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: dict[str
     keep = REPO / "reports" / "screenshots"
     keep.mkdir(parents=True, exist_ok=True)
     shutil.copy2(shot, keep / "e2e_mlflow_registered_model.png")  # for a person to look at
+
+
+def environ(pid: int) -> dict[str, str]:
+    """A running process's environment, as the kernel has it."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().partition("=")[::2] for e in entries if e)
+
+
+def digests(root: Path, paths: list[str]) -> dict[str, str]:
+    """SHA-256 of every file under `paths` (files or folders) relative to `root`."""
+    files = [f for p in paths for f in ([root / p] if (root / p).is_file() else sorted((root / p).rglob("*")))]
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def test_team_remote_on_s3_and_artifacts_in_the_bucket(stack: Stack, s3: SeaweedS3) -> None:
+    """The DVC remote on S3 from one command: push, a second clone pulls (up to date, same bytes) and
+    predicts with the champion through the server; the MLflow artifacts are in the bucket, and the
+    pipeline ran without S3 keys."""
+    from mlflow import MlflowClient
+
+    if not (stack.project / "dvc.lock").is_file():  # run on its own: one deployment run first
+        deployment_run(stack, {"ingest": True})
+    # Only the tracking server has S3 keys; the worker (and the flow runs it starts) has none.
+    assert not set(S3_CLIENT_KEYS) & set(environ(stack.worker.proc.pid))
+    assert environ(stack.mlflow.proc.pid)["AWS_ACCESS_KEY_ID"] == s3.access_key
+    client = MlflowClient(stack.tracking_uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    run = client.get_run(champion.run_id).info
+    assert run.artifact_uri == f"mlflow-artifacts:/{run.experiment_id}/{run.run_id}/artifacts"  # proxied
+    keys = s3.keys(stack.bucket, "mlflow/")
+    assert f"mlflow/{run.experiment_id}/{run.run_id}/artifacts/model_card/model_card.md" in keys
+    model_files = client.get_model_version_download_uri(MODEL, champion.version).removeprefix("mlflow-artifacts:/")
+    assert any(k.startswith(f"mlflow/{model_files}/") and k.endswith(".keras") for k in keys), model_files
+
+    # One command configures the remote; the keys come from the person's environment, not .dvc/config.
+    remote = ("pneumo", "remote", f"s3://{stack.bucket}/dvc", "--endpoint-url", s3.endpoint, "--default")
+    configured = stack.run(*remote)
+    assert configured.returncode == 0 and "dvc remote add --force --default team" in configured.stdout, (
+        configured.stdout + configured.stderr
+    )
+    config = (stack.project / ".dvc" / "config").read_text()
+    assert f"url = s3://{stack.bucket}/dvc" in config and s3.secret_key not in config
+    pushed = stack.run("dvc", "push", **s3.env())
+    assert pushed.returncode == 0 and "files pushed" in pushed.stdout, pushed.stdout + pushed.stderr
+    assert len(s3.keys(stack.bucket, "dvc/files/md5/")) >= len(list((stack.project / "data" / "raw").rglob("*.jpeg")))
+
+    # A teammate's clone: git brings code, params, dvc.lock and the remote; `dvc pull` the rest.
+    git = ("git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost")
+    for args in (("git", "add", "-A"), (*git, "commit", "-qm", "pipeline outputs on the team remote")):
+        done = stack.run(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+    clone = stack.root / "clone"
+    assert stack.run("git", "clone", "-q", str(stack.project), str(clone)).returncode == 0
+    again = stack.run(*remote, cwd=clone)  # the same command again: nothing changes
+    assert again.returncode == 0 and (clone / ".dvc" / "config").read_text() == config, again.stderr
+    pulled = stack.run("dvc", "pull", cwd=clone, **s3.env())
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    status = stack.run("dvc", "status", cwd=clone)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
+    lock = yaml.safe_load((stack.project / "dvc.lock").read_text())
+    outs = sorted({o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])})
+    assert {"data/raw", "models/model.keras", "reports/mlflow_run.json"} <= set(outs)
+    assert digests(clone, outs) == digests(stack.project, outs)
+
+    # The clone predicts with @champion, loaded through the tracking server without S3 keys.
+    test_images = clone / "data" / "raw" / "test"
+    predicted = stack.run("pneumo", "predict", str(test_images), "-o", str(stack.root / "clone.csv"), cwd=clone)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    n = len(list(test_images.rglob("*.jpeg")))
+    assert f"predicted {n} of {n} inputs with {MODEL} v{champion.version}" in predicted.stderr

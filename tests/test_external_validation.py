@@ -87,3 +87,28 @@ def test_not_a_labelled_folder_is_one_clear_error(real_champion: Champion, tmp_p
     proc = _pneumo(real_champion, "external-validation", str(tmp_path / "scans"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "NORMAL/ and PNEUMONIA/" in proc.stderr
+
+
+def test_prior_adjustment_moves_the_scores_to_the_folder_balance(
+    real_champion: Champion, hospital: Path, tmp_path: Path
+) -> None:
+    """--prior auto: EM estimates the folder's pneumonia fraction (half, here) from the unlabelled predictions
+    and moves every probability there; below the calibration's fraction, no decision can become positive."""
+    plain, adjusted = tmp_path / "plain", tmp_path / "adjusted"
+    for out, extra in ((plain, []), (adjusted, ["--prior", "auto"])):
+        proc = _pneumo(real_champion, "external-validation", str(hospital), "--name", "balanced", "-o", str(out),
+                       *extra)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    before = json.loads((plain / "report.json").read_text())
+    after = json.loads((adjusted / "report.json").read_text())
+    prior = after["prior"]
+    print(f"\ncalibrated at {prior['source']:.3f}, estimated {prior['target']:.3f} ({prior['how']})")
+    assert before["prior"] is None and 0.6 < prior["source"] < 0.9  # the validation split's balance
+    assert abs(prior["target"] - 0.5) < 0.15, prior
+    # Every score moved down (target below source), the ranking did not: same AUC, fewer or equal positives.
+    assert all(a < b for a, b in zip(after["scores"], before["scores"], strict=True))
+    assert after["at_threshold"]["roc_auc"] == pytest.approx(before["at_threshold"]["roc_auc"], abs=1e-9)
+    assert after["at_threshold"]["specificity"] >= before["at_threshold"]["specificity"]
+    assert after["at_threshold"]["sensitivity"] <= before["at_threshold"]["sensitivity"]
+    bad = _pneumo(real_champion, "external-validation", str(hospital), "--prior", "1.5")
+    assert bad.returncode == 2 and "--prior '1.5'" in bad.stderr.strip().splitlines()[-1]

@@ -7,9 +7,11 @@ key, e.g. ``params.yaml: split.val_fraction: Input should be less than 1 (got 1.
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -190,6 +192,24 @@ class MlflowParams(Strict):
     run_file: str = "reports/mlflow_run.json"
 
 
+LOCK_URL_ENV = "PNEUMO_REGISTRY_LOCK_URL"
+LOCK_URL_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+
+
+def lock_url_problem(url: str) -> str | None:
+    """Why `url` cannot name the registration lock's PostgreSQL database (never echoing a password), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in LOCK_URL_SCHEMES:
+        return f"must be a postgresql://user@host:port/database URL (got scheme {parts.scheme!r})"
+    if not parts.hostname and "host=" not in parts.query:
+        return "names no host (postgresql://user@host:port/database)"
+    return None
+
+
 class RegisterParams(Strict):
     model_name: str = Field("pneumo-chest-xray", min_length=1)
     primary_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
@@ -198,8 +218,37 @@ class RegisterParams(Strict):
     promotion: Literal["manual", "auto"] = "manual"
     decision_file: str = "reports/champion.json"
     lock_file: str = Field("mlruns/.registry.lock", description="serialises registrations from this machine")
+    lock_url: str | None = Field(
+        None,
+        description=f"postgresql://user@host:port/db: a PostgreSQL advisory lock shared by every machine, "
+        f"instead of lock_file; {LOCK_URL_ENV} overrides it (and may carry the password)",
+    )
+    lock_timeout_seconds: float = Field(600.0, gt=0, description="waiting longer for the lock fails (transient)")
     retries: int = Field(3, ge=0, le=10)
     retry_backoff_seconds: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _lock_url_valid(self) -> RegisterParams:
+        if self.lock_url is not None:
+            problem = lock_url_problem(self.lock_url)
+            if problem:
+                raise ValueError(f"lock_url: {problem}")
+            if urlsplit(self.lock_url).password is not None:
+                raise ValueError(
+                    f"lock_url: holds a password; keep credentials out of params.yaml ({LOCK_URL_ENV}, "
+                    "~/.pgpass or PGPASSWORD)"
+                )
+        return self
+
+    def effective_lock_url(self) -> str | None:
+        """The registration lock's database: $PNEUMO_REGISTRY_LOCK_URL, else lock_url; None: the lock file."""
+        env = os.environ.get(LOCK_URL_ENV, "").strip()
+        if not env:
+            return self.lock_url
+        problem = lock_url_problem(env)
+        if problem:
+            raise ConfigError(f"{LOCK_URL_ENV}: {problem}")
+        return env
 
 
 class PackageParams(Strict):

@@ -11,33 +11,50 @@ champion is recorded), unless a person moved ``@champion`` since the pipeline la
 registered model's ``pipeline_champion`` tag): a person's choice is never overridden, the winner
 gets ``@challenger``.
 
-The decision is computed before anything is written; the version is created with its tags in one
-call; a failure after that deletes the version again, so the registry is never left half-updated.
-Registry I/O is retried with exponential backoff; registrations on one machine are serialised by a
-lock file so two racing runs leave exactly one champion.
+Safety, on one machine or many. Registrations of a model take turns under the registration lock
+(registry_lock: a lock file, or a PostgreSQL advisory lock shared by every machine), from reading
+``@champion`` to moving the aliases, so two racing runs leave exactly one champion. Registry I/O is
+retried (retrying: tenacity, transient errors only), so every step is idempotent:
+
+- one version per training run: the version carries ``pneumo.registration_key`` (the run id) from the
+  call that creates it. A create whose response was lost is not repeated blindly: the retry first
+  looks for this run's version and reuses it;
+- the decision is computed before anything is written; the version is created ``pending`` with all its
+  tags in one call, then the model card (``finalize``), then it is marked ``complete``, and only then
+  are aliases set: a ``pending`` version never holds an alias;
+- a failure after the version exists, once its retries are spent, rolls back (the previous champion
+  restored, the version deleted), so the registry is not left half-updated;
+- if the process died before it could roll back, the next register for the same run cleans up: a
+  ``pending`` version is deleted and the registration starts over (decided afresh, under the lock);
+  a ``complete`` one is kept and finished: its recorded decision's alias is set if ``@champion`` is
+  still the version it was decided against (``pneumo.compared_with``), else left alone with a warning.
+  A re-run for a registered run therefore never adds a second version.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-import requests
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.config import RegisterParams
-from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.errors import PipelineError
+from pipeline.registry.registry_lock import registry_lock
+from pipeline.registry.retrying import with_retries  # also the steps' retry policy (champion.with_retries)
 
 T = TypeVar("T")
 CHAMPION, CHALLENGER = "champion", "challenger"
 PIPELINE_CHAMPION_TAG = "pipeline_champion"  # the version this pipeline last gave @champion
+KEY_TAG = "pneumo.registration_key"  # the candidate's run id: one version per training run
+STATE_TAG = "pneumo.registration"  # pending (created) -> complete (tags and card written); aliases only then
+COMPARED_TAG = "pneumo.compared_with"  # the @champion version the decision was made against ("": none)
+PENDING, COMPLETE = "pending", "complete"
 SCORE_KEYS = ("roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "brier")
 
 
@@ -63,6 +80,7 @@ class Decision:
     model_name: str = ""
     aliases: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    resumed: bool = False  # this run's version was already registered (a re-run): finished, not duplicated
 
     def summary(self) -> str:
         head = f"register: {self.model_name} version {self.version}: {self.outcome} ({self.reason})"
@@ -87,46 +105,6 @@ def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -
     return "rejected", f"{key} {cand:.4f} does not beat champion v{champion.version} {champ:.4f}", []
 
 
-def is_io_error(exc: BaseException) -> bool:
-    """Errors worth retrying: the tracking server or the registry unreachable or failing, not bad input."""
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, MlflowException):
-        text = str(exc)
-        return any(s in text for s in ("Max retries", "Connection", "timed out", "database is locked", " 50"))
-    return isinstance(exc, requests.exceptions.RequestException)
-
-
-def with_retries(fn: Callable[[], T], what: str, params: RegisterParams, log: Callable[[str], None] = print) -> T:
-    for attempt in range(params.retries + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_io_error(exc):
-                raise
-            if attempt == params.retries:
-                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                raise TransientError(f"register: {what} failed after {attempt + 1} attempts: {first}") from None
-            delay = params.retry_backoff_seconds * 2**attempt
-            log(
-                f"register: {what} failed ({type(exc).__name__}); retry {attempt + 1}/{params.retries} in {delay:.1f} s"
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def registry_lock(path: str | Path) -> Iterator[None]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def version_scores(version: Any) -> Scores:
     """A registered version's recorded figures (from the tags register wrote)."""
     tags = version.tags
@@ -138,8 +116,12 @@ def version_scores(version: Any) -> Scores:
 
 
 def champion_version(client: Any, name: str) -> Any | None:
+    return alias_version(client, name, CHAMPION)
+
+
+def alias_version(client: Any, name: str, alias: str) -> Any | None:
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             return None
@@ -165,16 +147,28 @@ def register(
 ) -> Decision:
     """Register `candidate` and apply the champion policy; `rescore(model_uri, threshold)` scores a
     registered model on the candidate's test set when the champion was scored on another one.
-    `finalize(decision)` runs last (the model card); if it fails, the version is rolled back too."""
+    `finalize(decision)` writes the model card, after the version exists and before any alias moves;
+    if it fails, the version is rolled back too. It runs again when a re-run finds the run registered."""
     name = params.model_name
 
     def retry(fn: Callable[[], T], what: str) -> T:
         return with_retries(fn, what, params, log)
 
-    with registry_lock(params.lock_file):
+    with registry_lock(params, log) as still_held:
         if retry(lambda: _registered_model(client, name), "reading the registered model") is None:
-            text = DESCRIPTION.format(name=name)
-            retry(lambda: client.create_registered_model(name, description=text), "creating the model")
+            retry(lambda: _create_registered_model(client, name), "creating the model")
+        earlier = retry(lambda: _versions_of_run(client, name, candidate.run_id), "looking for this run's versions")
+        for old in earlier:
+            if old.tags.get(STATE_TAG) != COMPLETE:
+                log(f"register: version {old.version} of run {candidate.run_id} was left half-registered; deleting it")
+                retry(lambda v=old.version: _delete_version(client, name, v), "deleting a half-registered version")
+        complete = [v for v in earlier if v.tags.get(STATE_TAG) == COMPLETE]
+        if complete:
+            decision = _finish(client, complete[0], candidate, params, retry, still_held, log)
+            if finalize is not None:
+                finalize(decision)
+            return decision
+
         current = retry(lambda: champion_version(client, name), "reading @champion")
         champion, rescored = None, False
         if current is not None:
@@ -192,40 +186,109 @@ def register(
                 outcome = CHALLENGER
                 reason += f"; @champion v{current.version} was set by a person, so only @challenger moves"
         decision = Decision(outcome, reason, candidate.scores, champion, rescored, model_name=name, warnings=warnings)
-        tags = {**candidate.tags, "decision": outcome, "decision_reason": reason}
-        version = retry(lambda: _create_version(client, name, candidate, tags), "creating the model version")
+        tags = {
+            **candidate.tags,
+            "decision": outcome,
+            "decision_reason": reason,
+            KEY_TAG: candidate.run_id,
+            STATE_TAG: PENDING,
+            COMPARED_TAG: str(current.version) if current is not None else "",
+        }
+        if outcome == CHAMPION and current is not None:
+            decision.previous_champion = tags["previous_champion"] = str(current.version)
+        version = retry(_idempotent_create(client, name, candidate, tags, log), "creating the model version")
         decision.version = str(version.version)
         try:
-            if outcome == CHAMPION:
-                if current is not None:
-                    decision.previous_champion = str(current.version)
-                    retry(
-                        lambda: client.set_model_version_tag(
-                            name, version.version, "previous_champion", str(current.version)
-                        ),
-                        "tagging the version",
-                    )
-                retry(lambda: client.set_registered_model_alias(name, CHAMPION, version.version), "moving @champion")
-                decision.aliases.append(CHAMPION)
-                retry(
-                    lambda: client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, str(version.version)),
-                    "recording who set @champion",
-                )
-            elif outcome == CHALLENGER:
-                retry(
-                    lambda: client.set_registered_model_alias(name, CHALLENGER, version.version), "setting @challenger"
-                )
-                decision.aliases.append(CHALLENGER)
             if finalize is not None:
                 finalize(decision)
+            retry(
+                lambda: client.set_model_version_tag(name, decision.version, STATE_TAG, COMPLETE),
+                "marking the version complete",
+            )
+            still_held()  # a lock lost with its connection: another registration may be deciding right now
+            _set_aliases(client, decision, retry)
         except BaseException:
-            with contextlib.suppress(Exception):  # best effort: the version must not stay half-registered
+            with contextlib.suppress(Exception):  # best effort; a version left behind is cleaned up by a re-run
                 if decision.previous_champion and CHAMPION in decision.aliases:
                     client.set_registered_model_alias(name, CHAMPION, decision.previous_champion)
                     client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, decision.previous_champion)
-                client.delete_model_version(name, version.version)
+                client.delete_model_version(name, decision.version)
             raise
     return decision
+
+
+def _set_aliases(client: Any, decision: Decision, retry: Callable[[Callable[[], Any], str], Any]) -> None:
+    """The decision's alias on its complete version (each call idempotent, so safe to repeat)."""
+    name, version = decision.model_name, decision.version
+    if decision.outcome == CHAMPION:
+        retry(lambda: client.set_registered_model_alias(name, CHAMPION, version), "moving @champion")
+        decision.aliases.append(CHAMPION)
+        retry(
+            lambda: client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, str(version)),
+            "recording who set @champion",
+        )
+    elif decision.outcome == CHALLENGER:
+        retry(lambda: client.set_registered_model_alias(name, CHALLENGER, version), "setting @challenger")
+        decision.aliases.append(CHALLENGER)
+
+
+def _finish(
+    client: Any,
+    version: Any,
+    candidate: Candidate,
+    params: RegisterParams,
+    retry: Callable[[Callable[[], Any], str], Any],
+    still_held: Callable[[], None],
+    log: Callable[[str], None],
+) -> Decision:
+    """A re-run for a run already registered (complete): no new version; the recorded decision's alias is
+    set if it is missing and the registry has not moved since the decision."""
+    name, tags = params.model_name, version.tags
+    decision = Decision(
+        tags.get("decision", "rejected"),
+        tags.get("decision_reason", ""),
+        candidate.scores,
+        previous_champion=tags.get("previous_champion"),
+        version=str(version.version),
+        model_name=name,
+        resumed=True,
+    )
+    log(f"register: run {candidate.run_id} is already version {decision.version} ({decision.outcome}); finishing it")
+    alias = {CHAMPION: CHAMPION, CHALLENGER: CHALLENGER}.get(decision.outcome)
+    if alias is None:
+        return decision
+    holder = retry(lambda: alias_version(client, name, alias), f"reading @{alias}")
+    current = retry(lambda: champion_version(client, name), "reading @champion")
+    unchanged = (str(current.version) if current is not None else "") == tags.get(COMPARED_TAG)
+    if (holder is not None and str(holder.version) == decision.version) or unchanged:
+        still_held()
+        _set_aliases(client, decision, retry)
+    else:
+        now = f"v{current.version}" if current is not None else "none"
+        decision.warnings.append(
+            f"@champion changed since this version was decided (now {now}); its @{alias} was not set"
+        )
+    return decision
+
+
+def _idempotent_create(
+    client: Any, name: str, candidate: Candidate, tags: dict[str, str], log: Callable[[str], None]
+) -> Callable[[], Any]:
+    """create_model_version for retrying: after a failed try the server may have committed the version and
+    lost only the response, so a retry first looks for this run's version and reuses it."""
+    tried = False
+
+    def create() -> Any:
+        nonlocal tried
+        if tried:
+            found = _versions_of_run(client, name, candidate.run_id)
+            if found:
+                log(f"register: version {found[0].version} was created before the response was lost; reusing it")
+                return found[0]
+        tried = True
+        return _create_version(client, name, candidate, tags)
+
+    return create
 
 
 DESCRIPTION = (
@@ -241,6 +304,29 @@ def _registered_model(client: Any, name: str) -> Any | None:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
             return None
         raise
+
+
+def _create_registered_model(client: Any, name: str) -> None:
+    try:
+        client.create_registered_model(name, description=DESCRIPTION.format(name=name))
+    except MlflowException as exc:  # a retry after a lost response, or a registration on another machine
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+
+
+def _versions_of_run(client: Any, name: str, run_id: str) -> list[Any]:
+    """The versions of `name` this pipeline registered for `run_id` (its registration key), oldest first."""
+    found = client.search_model_versions(f"run_id = '{run_id}'")
+    ours = [v for v in found if v.name == name and v.tags.get(KEY_TAG) == run_id]
+    return sorted(ours, key=lambda v: int(v.version))
+
+
+def _delete_version(client: Any, name: str, version: str) -> None:
+    try:
+        client.delete_model_version(name, version)
+    except MlflowException as exc:  # already gone: a retry after a lost response
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise
 
 
 def _create_version(client: Any, name: str, candidate: Candidate, tags: dict[str, str]) -> Any:

@@ -23,6 +23,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import model_store
 from pipeline.modeling.evaluation import Evaluation
+from pipeline.modeling.metrics import BinaryMetrics
 from pipeline.serving import drift, image_io, ood, pyfunc_entry
 from pipeline.serving.classifier import (
     BUNDLE_ARTIFACT,
@@ -57,12 +58,19 @@ def model_info(
         target_sensitivity=float(ev.target_sensitivity),
         temperature=float(ev.temperature),
         calibration_bias=float(ev.calibration_bias),
+        source_prior=positive_fraction(ev.val),
         ood_threshold=ood_threshold,
         ood_warning=ood_warning,
         data_version=str(metadata.get("data_version", "unknown")),
         run_id=run_id,
         name=name,
     )
+
+
+def positive_fraction(m: BinaryMetrics) -> float:
+    """The pneumonia fraction of a scored set, from its confusion matrix."""
+    (tn, fp), (fn, tp) = m.confusion
+    return float((fn + tp) / max(tn + fp + fn + tp, 1))
 
 
 def reference_sample(index: pd.DataFrame, root: str, n: int, seed: int) -> list[str]:

@@ -48,6 +48,7 @@ class ModelInfo:
     target_sensitivity: float | None = None
     temperature: float = 1.0  # calibration fitted on val (metrics.apply_temperature), applied to every prediction
     calibration_bias: float = 0.0
+    source_prior: float | None = None  # the pneumonia fraction the calibration was fitted on (prior_shift.py)
     ood_threshold: float | None = None  # out-of-distribution score above which no label is given (ood.py)
     ood_warning: float | None = None  # ... above which the label comes with a warning
     data_version: str = "unknown"

@@ -19,6 +19,7 @@ from sklearn import metrics as skm
 from pipeline.core.config import LABELS
 from pipeline.core.errors import PipelineError
 from pipeline.data import naming
+from pipeline.modeling import prior_shift
 from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, reliability
 from pipeline.serving import image_io
 from pipeline.serving.classifier import Classifier
@@ -67,6 +68,7 @@ class ExternalResult:
     labels: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    prior: dict[str, Any] | None = None  # the class-balance adjustment, when one was asked for
 
     def summary(self, name: str) -> str:
         t, c = self.at_threshold, self.ci95
@@ -84,6 +86,11 @@ class ExternalResult:
             f"  calibration: Brier {self.brier:.4f}, expected calibration error {self.ece:.4f}; 95% intervals: "
             f"{self.ci_method}",
         ]
+        if self.prior:
+            lines.append(
+                f"  probabilities adjusted to a pneumonia fraction of {self.prior['target']:.3f} "
+                f"({self.prior['how']}; calibrated at {self.prior['source']:.3f})"
+            )
         lines += [f"  unreadable: {u}" for u in self.unreadable]
         return "\n".join(lines)
 
@@ -91,10 +98,44 @@ class ExternalResult:
         return asdict(self)
 
 
+def parse_prior(value: str | None) -> float | str | None:
+    """--prior: None, 'auto', or a fraction in (0, 1)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        prior = float(value)
+    except ValueError:
+        raise PipelineError(f"--prior {value!r}: give a number between 0 and 1, or 'auto'") from None
+    if not 0.0 < prior < 1.0:
+        raise PipelineError(f"--prior {value!r}: give a number between 0 and 1, or 'auto'")
+    return prior
+
+
+def adjust_for_prior(
+    classifier: Classifier, scores: np.ndarray, prior: float | str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Scores moved to `prior` (a fraction, or 'auto': estimated by EM on the scores themselves)."""
+    source = classifier.info.source_prior
+    if source is None:
+        raise PipelineError("--prior: this model version does not record the class balance it was calibrated on")
+    if prior == "auto":
+        target, steps = prior_shift.estimate_prior(scores, source)
+        how = f"estimated by EM from the unlabelled predictions in {steps} steps"
+    else:
+        target, how = float(prior), "given"
+    return prior_shift.adjust(scores, source, target), {"source": source, "target": target, "how": how}
+
+
 def score(
-    classifier: Classifier, items: list[tuple[str, int]], batch_size: int = 32, bootstrap: int = 1000, seed: int = 0
+    classifier: Classifier,
+    items: list[tuple[str, int]],
+    batch_size: int = 32,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    prior: float | str | None = None,
 ) -> ExternalResult:
-    """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored."""
+    """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored.
+    With `prior`, the probabilities are first moved to that class balance (see prior_shift.py)."""
     label_of = dict(items)
     files, labels, scores, unreadable = [], [], [], []
     for batch in prepared_batches([f for f, _ in items], classifier.info.image_size, batch_size, workers=4):
@@ -108,6 +149,9 @@ def score(
     if len(set(labels)) < 2:
         raise PipelineError("external validation needs readable images of both NORMAL and PNEUMONIA")
     y, s = np.array(labels), np.array(scores)
+    adjusted = None
+    if prior is not None:
+        s, adjusted = adjust_for_prior(classifier, s, prior)
     patients = [naming.patient_id(Path(f).name) for f in files]
     grouped = len(set(patients)) < len(patients)
     table, ece = reliability(y, s)
@@ -123,6 +167,7 @@ def score(
         reliability=table,
         files=files,
         labels=labels,
-        scores=[round(v, 6) for v in scores],
+        scores=[round(float(v), 6) for v in s],
         unreadable=unreadable,
+        prior=adjusted,
     )

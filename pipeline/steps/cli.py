@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="for the Kaggle layout: the split to score (default: test)")
     ev.add_argument("--name", help="a short name for this data set (default: the folder's name)")
     ev.add_argument("-o", "--output", help="report and figures folder (default: reports/external/NAME)")
+    ev.add_argument(
+        "--prior",
+        help="adjust the probabilities to this folder's pneumonia fraction before scoring: a number in (0, 1) if "
+        "known, or 'auto' to estimate it from the unlabelled predictions (EM); default: as calibrated",
+    )
     sub.add_parser(
         "show",
         help="print the latest test metrics and where to see the run in MLflow",
@@ -116,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     group = dv.add_mutually_exclusive_group()
     group.add_argument("--write", action="store_true", help="write dvc.yaml")
     group.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs")
+    rm = sub.add_parser(
+        "remote",
+        help="set up the team's DVC remote on S3 (AWS, MinIO, SeaweedFS...) in one command",
+        description="Run the `dvc remote add` / `dvc remote modify` calls for an S3 remote and print them. "
+        "Credentials are not written: DVC reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+        "~/.aws), or `dvc remote modify --local NAME access_key_id ...`. Running it again replaces the remote.",
+    )
+    rm.add_argument("url", metavar="URL", help="s3://BUCKET/PATH")
+    rm.add_argument("--endpoint-url", help="an S3-compatible store's endpoint, e.g. http://storage.local:8333")
+    rm.add_argument("--name", default="team", help="remote name (default: team)")
+    rm.add_argument("-d", "--default", action="store_true", help="make it the default remote for dvc push/pull")
+    rm.add_argument("--region", help="S3 region (default: from the AWS configuration)")
+    rm.add_argument("--profile", help="AWS profile with the credentials (default: the AWS_* variables)")
+    rm.add_argument("--local", action="store_true", help="write to .dvc/config.local (this machine, git-ignored)")
     return parser
 
 
@@ -123,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 # stays fast, and a DVC stage run through `pneumo <stage>` loads only its own step module.
 STAGE_MODULE = "pipeline.steps.{name}"
 COMMANDS_MODULE = "pipeline.steps.commands"
+REMOTE_MODULE = "pipeline.steps.remote"  # needs neither params nor the model libraries
 
 
 def trace_modules(command: str) -> None:
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         console.configure(loud=True)
     atexit.register(trace_modules, args.command)
     try:
+        if args.command == "remote":
+            return importlib.import_module(REMOTE_MODULE).run(args)
         params = load_params(args.params, args.overrides)
         if args.command in STAGE_HELP:
             print(importlib.import_module(STAGE_MODULE.format(name=args.command)).run(params))

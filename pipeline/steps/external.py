@@ -44,7 +44,13 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
             "",
             f"`{path}`: {result.n} images of {result.n_patients} patients, scored as served (registered "
             f"temperature and threshold {t.threshold:.4f}); MLflow run `{run_id}` in experiment `{EXPERIMENT}`. "
-            f"95% intervals: {result.ci_method}.",
+            f"95% intervals: {result.ci_method}."
+            + (
+                f" Probabilities adjusted to a pneumonia fraction of {result.prior['target']:.3f} "
+                f"({result.prior['how']}; calibrated at {result.prior['source']:.3f})."
+                if result.prior
+                else ""
+            ),
             "",
             "| metric | value | 95% CI | at threshold 0.5 |",
             "|---|---|---|---|",
@@ -72,6 +78,9 @@ def record(model: Classifier, name: str, path: str, result: scoring.ExternalResu
         mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
         mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
         mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
+        if result.prior:
+            mlflow.log_params({"prior_source": result.prior["source"], "prior_adjustment": result.prior["how"]})
+            mlflow.log_metric("prior_target", result.prior["target"])
         mlflow.log_artifacts(str(out), "external")
     if info.name and info.version:
 
@@ -99,9 +108,12 @@ def run(args: argparse.Namespace, params: Params) -> int:
     name = args.name or Path(args.path).resolve().name
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise PipelineError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    prior = scoring.parse_prior(args.prior)
     items = scoring.labelled_files(args.path, args.split)
     model = classifier.load(uri)
-    result = scoring.score(model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed)
+    result = scoring.score(
+        model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed, prior=prior
+    )
     out = Path(args.output or f"reports/external/{name}")
     write_text(out / "report.json", json.dumps({"name": name, "model": uri, **result.to_dict()}, indent=2) + "\n")
     calibration = {"test_reliability": {"calibrated": result.reliability}, "test_ece": {"calibrated": result.ece}}

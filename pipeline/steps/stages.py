@@ -35,9 +35,8 @@ class Stage:
     name: str
     data_deps: list[str]
     params: list[str]
-    outs: list[str] = field(default_factory=list)
+    outs: list[str] = field(default_factory=list)  # all cached: `dvc pull` in a clone restores every one
     metrics: list[str] = field(default_factory=list)
-    uncached_outs: list[str] = field(default_factory=list)
     plots: list[dict[str, dict[str, str]] | str] = field(default_factory=list)
 
     @property
@@ -92,23 +91,21 @@ def stages(params: Params) -> list[Stage]:
             "index",
             [p.data.root],
             params=["index", "split"],
-            outs=[p.index.path],
-            uncached_outs=[p.index.quarantine],
+            outs=[p.index.path, p.index.quarantine],
         ),
         Stage(
             "validate",
             [p.index.path],
             params=["validation"],
             metrics=[p.validation.report],
-            uncached_outs=[p.validation.data_docs],
+            outs=[p.validation.data_docs],
         ),
         Stage(
             "train",
             [p.index.path, p.validation.report, p.data.root],
             params=["task", "model", "train"],
-            outs=[model, f"{p.train.model_dir}/metadata.json"],
+            outs=[model, f"{p.train.model_dir}/metadata.json", p.train.tensorboard_dir, p.mlflow.run_file],
             metrics=["reports/train.json"],
-            uncached_outs=[p.train.tensorboard_dir, p.mlflow.run_file],
             plots=[
                 {"reports/training/history.csv": {"x": "epoch", "y": "val_auc", "title": "Validation AUC"}},
                 "reports/training/history.png",
@@ -119,7 +116,7 @@ def stages(params: Params) -> list[Stage]:
             [model, p.index.path, p.data.root, p.mlflow.run_file],
             params=["evaluate"],
             metrics=[p.evaluate.metrics],
-            uncached_outs=[p.evaluate.predictions],
+            outs=[p.evaluate.predictions],
             plots=[
                 {f"{p.evaluate.plots_dir}/roc.csv": {"x": "fpr", "y": "tpr", "title": "ROC (test)"}},
                 {f"{p.evaluate.plots_dir}/pr.csv": {"x": "recall", "y": "precision", "title": "PR (test)"}},
@@ -144,7 +141,7 @@ def stages(params: Params) -> list[Stage]:
                 *([p.stress.originals] if p.stress.originals else []),
             ],
             params=["stress"],
-            outs=[p.stress.out],  # cached: `dvc pull` restores it like the model
+            outs=[p.stress.out],
             metrics=[p.stress.report],
         ),
         Stage(
@@ -170,9 +167,8 @@ def dvc_yaml(params: Params) -> str:
     out: dict[str, Any] = {}
     for s in stages(params):
         spec: dict[str, Any] = {"cmd": f"pneumo {s.name}", "deps": s.deps, "params": s.params}
-        outs: list[Any] = list(s.outs) + [{o: {"cache": False}} for o in s.uncached_outs]
-        if outs:
-            spec["outs"] = outs
+        if s.outs:
+            spec["outs"] = list(s.outs)
         if s.metrics:
             spec["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         if s.plots:

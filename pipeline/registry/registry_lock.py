@@ -1,0 +1,135 @@
+"""The registration lock: one registration of a model at a time, from one machine or from many.
+
+Without ``registry.lock_url`` (the embedded default) a lock file (``registry.lock_file``) serialises
+registrations on this machine. With a PostgreSQL URL (``registry.lock_url`` or
+``$PNEUMO_REGISTRY_LOCK_URL``) it is a session-level advisory lock on a key derived from the model
+name, so every machine that reaches that database takes turns. The lock belongs to the connection:
+if the holder dies, PostgreSQL ends its session and the lock is free (TCP keepalives bound how long a
+vanished machine keeps it). Waiting longer than ``registry.lock_timeout_seconds`` fails with one
+TransientError line naming the lock (never its password).
+
+The library does not import Prefect (an import-linter contract), hence a database lock rather than a
+Prefect concurrency limit: it needs nothing but a database the team already runs for MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.errors
+
+from pipeline.core.config import RegisterParams
+from pipeline.core.errors import TransientError
+from pipeline.registry.retrying import first_line, with_retries
+
+Check = Callable[[], None]  # raises TransientError if the lock is no longer held
+
+
+def lock_key(model_name: str) -> int:
+    """The advisory lock key of a model: a signed 64-bit number from its name."""
+    digest = hashlib.sha256(f"pneumo.registry:{model_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def redact(url: str) -> str:
+    """`url` with its password (in the user part or the query) replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+@contextlib.contextmanager
+def registry_lock(params: RegisterParams, log: Callable[[str], None] = print) -> Iterator[Check]:
+    """Hold the registration lock of `params.model_name`; yields a check to call before moving aliases."""
+    url = params.effective_lock_url()
+    if url is None:
+        with file_lock(Path(params.lock_file), params.lock_timeout_seconds, log):
+            yield lambda: None
+    else:
+        with advisory_lock(url, params, log) as check:
+            yield check
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float, log: Callable[[str], None] = print) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"register: waiting for the registration lock file {path} (another registration holds it)")
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TransientError(
+                            f"register: timed out after {timeout:g} s waiting for the registration lock file {path}"
+                        ) from None
+                    time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Server-side keepalives: a holder whose machine vanishes (no FIN) loses the lock after about a minute.
+KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, params: RegisterParams, log: Callable[[str], None] = print) -> Iterator[Check]:
+    shown, name, timeout = redact(url), params.model_name, params.lock_timeout_seconds
+    dsn = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", url)  # an SQLAlchemy URL (MLflow's) will do
+
+    def connect() -> Any:
+        try:
+            return psycopg2.connect(dsn, connect_timeout=10, application_name="pneumo-register", options=KEEPALIVES)
+        except psycopg2.OperationalError as exc:  # retried as an I/O error; the message carries no password
+            raise ConnectionError(f"{shown}: {first_line(exc)}") from None
+
+    conn = with_retries(connect, "connecting to the registration lock", params, log)
+    conn.autocommit = True
+    key = lock_key(name)
+    held = f"the registration lock on {shown} (another registration of {name} holds it)"
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            if not cur.fetchone()[0]:
+                log(f"register: waiting for {held}")
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout * 1000)}ms",))
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg2.errors.LockNotAvailable:
+        conn.close()
+        raise TransientError(f"register: timed out after {timeout:g} s waiting for {held}") from None
+    except psycopg2.Error as exc:
+        conn.close()
+        raise TransientError(f"register: taking the registration lock on {shown} failed: {first_line(exc)}") from None
+
+    def check() -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        except psycopg2.Error as exc:
+            raise TransientError(f"register: lost the registration lock on {shown}: {first_line(exc)}") from None
+
+    try:
+        yield check
+    finally:
+        with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.close()  # ending the session releases the lock in any case
