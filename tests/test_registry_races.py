@@ -418,19 +418,6 @@ def test_two_machines_racing_leave_one_champion(stack: Stack, tmp_path: Path) ->
     assert f"champion v{first['version']}" in loser["decision_reason"]
 
 
-def test_without_a_shared_lock_the_same_race_crowns_two(stack: Stack, tmp_path: Path) -> None:
-    """Lock files on two machines serialise nothing: both decide against the same (absent) champion."""
-    from mlflow import MlflowClient
-
-    name, client = "race-unlocked", MlflowClient(stack.url)
-    client.create_registered_model(name)
-    first, second = race(stack, tmp_path, name, [log_candidate(stack, 0.90), log_candidate(stack, 0.91)], False)
-    assert first["rival_seen"] and first["last"] > second["first"]  # both inside at once
-    versions = versions_of(client, name)
-    assert [v.tags["decision"] for v in versions.values()] == ["champion", "champion"]
-    assert len(aliases(client, name)) == 1  # two versions told they are champion; one holds the alias
-
-
 # --- the tracking server dies mid-registration -----------------------------------------------------------
 
 
