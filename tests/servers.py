@@ -41,11 +41,11 @@ class Service:
                 time.sleep(0.5)
         raise TimeoutError(f"{self.name} not healthy at {url} after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
 
-    def stop(self) -> None:
-        """SIGTERM the whole process group by id, SIGKILL what is left after 15 s."""
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the whole process group by id, SIGKILL what is left after `grace` seconds."""
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(15)
+            self.proc.wait(grace)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:
@@ -300,15 +300,9 @@ class SeaweedS3:
         if service is None:
             return
         if service.proc.poll() is None:
-            try:
-                os.killpg(service.proc.pid, signal.SIGTERM)
-                service.proc.wait(3)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(service.proc.pid, signal.SIGKILL)
-                service.proc.wait(5)
-        service.handle.close()
+            service.stop(grace=3.0)  # weed's graceful stop takes ~15 s; nothing of it is kept
+        else:
+            service.handle.close()
         for key, port in self.ports.items():
             if key.endswith(".g"):
                 for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
