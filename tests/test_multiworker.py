@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from flows.distributed_flow import loopback_hosts, run_workers, tf_config
 from pipeline.data.dataset_index import write_index
+from pipeline.modeling.distributed import Cluster, cluster_from_env
 from tests.conftest import REPO, SMALL_SYNTHETIC
-
-pytestmark = pytest.mark.slow
 
 WORKER = [sys.executable, "-m", "tests.multiworker_worker"]
 # No randomness that differs between a 2-worker and a 1-process run: no augmentation, no dropout,
@@ -75,6 +75,7 @@ def of(rows: list[dict], event: str) -> list[dict]:
     return [r for r in rows if r["event"] == event]
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_lockstep_like_one_process_and_only_the_chief_writes(data: Path, tmp_path: Path) -> None:
     """mobilenetv2's head on a frozen backbone (inference-mode BatchNorm: the batch split changes nothing):
     2 workers x 16 per replica against 1 process x 32, the same global batch and learning rate."""
@@ -84,7 +85,7 @@ def test_two_workers_train_in_lockstep_like_one_process_and_only_the_chief_write
         folder.mkdir(parents=True)
     started = time.monotonic()
     single_proc = subprocess.Popen(
-        [*WORKER, str(single / "log"), "stage", *overrides(data, single, *head, "train.batch_size=32")],
+        [*WORKER, str(single / "log"), "train", *overrides(data, single, *head, "train.batch_size=32")],
         cwd=single / "cwd",
         env={**os.environ, **env(single)},
         stdout=subprocess.PIPE,
@@ -97,9 +98,9 @@ def test_two_workers_train_in_lockstep_like_one_process_and_only_the_chief_write
         cwd=multi / "cwd",
         env=env(multi),
         echo=lambda line: None,
-        timeout=240,
+        timeout=900,
     )
-    single_out, _ = single_proc.communicate(timeout=240)
+    single_out, _ = single_proc.communicate(timeout=900)
     seconds = time.monotonic() - started
     assert [r.returncode for r in runs] == [0, 0], runs[0].output[-3000:] + runs[1].output[-3000:]
     assert single_proc.returncode == 0, single_out[-3000:]
@@ -126,7 +127,7 @@ def test_two_workers_train_in_lockstep_like_one_process_and_only_the_chief_write
     metadata = json.loads((multi / "models" / "metadata.json").read_text())
     assert metadata["mlflow_run_id"] == run_ids[0] and "MultiWorkerMirroredStrategy" in metadata["device"]
     assert "worker 1 of 2: trained 2 epochs in lockstep" in runs[1].output
-    assert sorted(p.name for p in (multi / "models").iterdir()) == sorted(p.name for p in (single / "models").iterdir())
+    assert sorted(p.name for p in (multi / "models").iterdir()) == ["metadata.json", "model.keras"]
     tb = sorted(str(p.parent.relative_to(multi / "tensorboard")) for p in (multi / "tensorboard").rglob("events.out*"))
     assert tb == ["head/train", "head/validation"], "one set of TensorBoard logs: the chief's"
     assert not list((multi / "scratch").iterdir()), "the non-chief worker's temporary folder is removed"
@@ -134,6 +135,7 @@ def test_two_workers_train_in_lockstep_like_one_process_and_only_the_chief_write
     print(f"2 workers + 1 process: {seconds:.0f} s; fixed-batch loss {loss}")
 
 
+@pytest.mark.slow
 def test_killed_cluster_resumes_from_the_shared_checkpoint(data: Path, tmp_path: Path) -> None:
     """The compact CNN, 3 epochs: both workers are killed (SIGKILL) after epoch 1's state is saved and the
     cluster is started again, as a Job restarts its pods; training continues at epoch 2."""
@@ -151,7 +153,7 @@ def test_killed_cluster_resumes_from_the_shared_checkpoint(data: Path, tmp_path:
         for i in range(2)
     ]
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while not all(of(events(Path(f"{log}-worker{i}.jsonl")), "paused") for i in range(2)):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not reach epoch 1"
             time.sleep(0.5)
@@ -170,7 +172,7 @@ def test_killed_cluster_resumes_from_the_shared_checkpoint(data: Path, tmp_path:
         cwd=tmp_path,
         env=env(tmp_path),
         echo=lambda line: None,
-        timeout=180,
+        timeout=900,
     )
     assert [r.returncode for r in runs] == [0, 0], runs[0].output[-3000:] + runs[1].output[-3000:]
     for i in range(2):
@@ -181,3 +183,73 @@ def test_killed_cluster_resumes_from_the_shared_checkpoint(data: Path, tmp_path:
     assert [r["sha256"] for r in of(chief, "batch")] == [r["sha256"] for r in of(other, "batch")]
     assert of(chief, "history")[0]["epochs"] == [1, 2, 3], "the chief's history keeps the epoch before the kill"
     assert not any((tmp_path / "resume").iterdir())
+
+
+# --- the cluster spec, the launcher and the Kubernetes manifest (no training) ------------------------------
+
+
+def test_tf_config_names_the_chief() -> None:
+    hosts = ["127.0.0.1:1", "127.0.0.1:2"]
+    assert cluster_from_env({}) is None
+    assert cluster_from_env({"TF_CONFIG": tf_config(hosts[:1], 0)}) is None, "one task: plain training"
+    assert cluster_from_env({"TF_CONFIG": tf_config(hosts, 0)}) == Cluster(2, "worker", 0)
+    assert cluster_from_env({"TF_CONFIG": tf_config(hosts, 0)}).is_chief
+    assert not cluster_from_env({"TF_CONFIG": tf_config(hosts, 1)}).is_chief
+    with_chief = {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}
+    worker0 = cluster_from_env({"TF_CONFIG": json.dumps(with_chief)})
+    assert worker0 is not None and worker0.size == 2 and not worker0.is_chief
+    chief = cluster_from_env({"TF_CONFIG": json.dumps({**with_chief, "task": {"type": "chief", "index": 0}})})
+    assert chief is not None and chief.is_chief
+    with pytest.raises(ValueError, match="task worker 2 is not in the cluster"):
+        cluster_from_env({"TF_CONFIG": tf_config(hosts, 2)})
+    with pytest.raises(ValueError, match="TF_CONFIG: not a cluster spec"):
+        cluster_from_env({"TF_CONFIG": "{}"})
+
+
+def test_launcher_stops_the_cluster_when_a_worker_fails() -> None:
+    script = (
+        "import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+        "print('hello from', i, flush=True); sys.exit(3) if i == 1 else time.sleep(120)"
+    )
+    lines: list[str] = []
+    started = time.monotonic()
+    runs = run_workers([sys.executable, "-c", script], loopback_hosts(2), echo=lines.append)
+    assert time.monotonic() - started < 60, "the waiting worker is stopped, not waited for"
+    assert [r.returncode for r in runs] == [-signal.SIGKILL, 3]
+    assert sorted(lines) == ["[worker 0] hello from 0", "[worker 1] hello from 1"]
+
+
+def test_kubernetes_indexed_job_builds_tf_config_from_its_completion_index() -> None:
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "multiworker-job.yaml").read_text()))
+    service, job = docs
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"]
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    container = pod["containers"][0]
+    variables = {e["name"]: e["value"] for e in container["env"]}
+    workers = int(variables["WORKERS"])
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == workers
+    assert container["args"][0] == "pneumo" and container["args"][-1] == "train"
+    # The pod's shell prologue, run for index 1, with a command that prints what it got instead of pneumo.
+    shown = subprocess.run(
+        [*container["command"], sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"],
+        env={**os.environ, **variables, "JOB_COMPLETION_INDEX": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config = json.loads(shown.stdout)
+    name, port = job["metadata"]["name"], variables["PORT"]
+    assert config["cluster"]["worker"] == [f"{name}-{i}.{name}:{port}" for i in range(workers)]
+    assert cluster_from_env({"TF_CONFIG": shown.stdout}) == Cluster(workers, "worker", 1)
+
+
+def test_prefect_yaml_deploys_the_launcher() -> None:
+    from flows.distributed_flow import distributed_train
+
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    entry = deployments["distributed-train"]
+    assert entry["entrypoint"] == "flows/distributed_flow.py:distributed_train"
+    assert set(entry["parameters"]) <= set(distributed_train.parameters.properties)
