@@ -95,9 +95,11 @@ def run_workers(
         readers.append(reader)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs):
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            if failed or (deadline is not None and time.monotonic() > deadline):
+        while True:
+            codes = [p.poll() for p in procs]  # every one polled (any() would stop at the first running)
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
