@@ -139,8 +139,13 @@ class AugmentParams(Strict):
 
 class TrainParams(Strict):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(
+        32, ge=1, description="per replica (GPU or worker); the global batch is batch_size x replicas"
+    )
     learning_rate: float = Field(1e-3, gt=0)
+    scale_learning_rate: bool = Field(
+        False, description="multiply learning_rate and fine_tune_learning_rate by the replicas (linear scaling)"
+    )
     fine_tune_epochs: int = Field(0, ge=0, description="phase 2, backbones only: 0 keeps the backbone frozen")
     fine_tune_layers: int = Field(30, ge=0, description="top backbone layers unfrozen in phase 2")
     fine_tune_learning_rate: float = Field(1e-5, gt=0)

@@ -4,8 +4,14 @@ Phase ``head`` trains the classifier on a frozen backbone (on features computed 
 ``train.cache_features``); phase ``fine_tune`` unfreezes the top ``train.fine_tune_layers`` at a
 lower rate. The compact CNN trains in one phase, ``full``. Each phase keeps a resumable state in
 ``train.resume_dir/<key>``: a training interrupted mid-way continues from its last finished epoch.
-The key covers the data, the settings and the training code (``state_key``), and a finished
-training deletes its state, so no later run can pick up another's weights.
+The key covers the data, the settings, the training code and the cluster size (``state_key``), and a
+finished training deletes its state, so no later run can pick up another's weights.
+
+Multi-worker (TF_CONFIG, ``pipeline.modeling.distributed``): ``train.batch_size`` is per replica, the
+global batch is ``batch_size x replicas`` and, with ``train.scale_learning_rate``, the learning rates are
+multiplied by the replicas. Only the chief writes the resume state, checkpoints, TensorBoard logs and
+history; the other workers write to a temporary folder (removed at the end), seeded from the chief's
+shared state at each phase's start so that every worker restores the same epoch and weights.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +33,8 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline.core.config import Params, TrainParams
+from pipeline.modeling import distributed, models
 from pipeline.modeling import inputs as dp
-from pipeline.modeling import models
 from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
 EpochSink = Callable[[dict[str, float]], None]
@@ -47,18 +54,31 @@ class TrainOutcome:
         return max((h["val_auc"] for h in self.history if "val_auc" in h), default=float("nan"))
 
 
+# How a multi-worker strategy splits the file-path datasets between workers: DATA (each worker keeps its
+# share of every global batch). Sharded TFRecord inputs would use FILE.
+SHARD_POLICY = tf.data.experimental.AutoShardPolicy.DATA
+
+
 def configure_hardware(params: TrainParams) -> tuple[tf.distribute.Strategy, str]:
-    """Seeds, optional op determinism, and the device: every GPU (mixed precision) or the CPU."""
+    """The strategy and device (with seeds and optional op determinism): MultiWorkerMirroredStrategy when
+    TF_CONFIG names a cluster of several tasks, else every GPU (mixed precision) or the CPU."""
+    cluster = distributed.cluster_from_env()
+    # Created before any other TensorFlow op: the collective runtime must start first.
+    multi = distributed.multi_worker_strategy() if cluster else None
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        keras.mixed_precision.set_global_policy("float32")
-        return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)"
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    return strategy, f"{len(gpus)} GPU(s), mixed precision" + (", MirroredStrategy" if len(gpus) > 1 else "")
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
+    local = f"{len(gpus)} GPU(s), mixed precision" if gpus else f"CPU ({os.cpu_count()} cores)"
+    if multi is not None and cluster is not None:
+        return multi, (
+            f"{local}, MultiWorkerMirroredStrategy ({cluster.size} workers, {multi.num_replicas_in_sync} "
+            f"replicas; this is {cluster.name})"
+        )
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(), f"{local}, MirroredStrategy"
+    return tf.distribute.get_strategy(), local
 
 
 class _PhaseRecorder(keras.callbacks.Callback):
@@ -67,6 +87,7 @@ class _PhaseRecorder(keras.callbacks.Callback):
     def __init__(self, phase: str, path: Path, sink: EpochSink | None, offset: int) -> None:
         super().__init__()
         self.phase, self.path, self.sink, self.offset = phase, path, sink, offset
+        # Only the chief's copy is the shared state; a non-chief worker's is a private copy of it.
         self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
@@ -117,6 +138,21 @@ def _compile(
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.AUC(name="auc"), "accuracy"])
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where this process writes: the shared state (chief, or single process) or a private copy of it."""
+
+    state_dir: Path  # what this process writes its resume state to
+    tensorboard_dir: Path
+    shared_state_dir: Path  # the chief's; a non-chief worker copies it in at each phase's start
+    strategy: tf.distribute.Strategy
+    chief: bool = True
+
+    @property
+    def multi_worker(self) -> bool:
+        return distributed.is_multi_worker(self.strategy)
+
+
 def _fit_phase(
     model: keras.Model,
     phase: str,
@@ -124,14 +160,20 @@ def _fit_phase(
     val: object,
     epochs: int,
     params: TrainParams,
-    state_dir: Path,
+    place: _Place,
     offset: int,
     sink: EpochSink | None,
     extra: list[keras.callbacks.Callback],
     **fit_kwargs: object,
 ) -> list[dict[str, float]]:
     """Fit one phase with early stopping and a best checkpoint on val AUC, LR decay, TensorBoard, resume."""
-    phase_dir = state_dir / phase
+    phase_dir = place.state_dir / phase
+    shared = place.shared_state_dir / phase
+    if not place.chief and shared.is_dir():
+        # Restore what the chief saved (read before the first epoch ends, so before the chief writes again):
+        # every worker starts at the same epoch, weights and best-so-far, and keeps to the same step count.
+        shutil.rmtree(phase_dir, ignore_errors=True)
+        shutil.copytree(shared, phase_dir)
     phase_dir.mkdir(parents=True, exist_ok=True)
     recorder = _PhaseRecorder(phase, phase_dir / "history.json", sink, offset)
     best_so_far = max((r.get("val_auc", -np.inf) for r in recorder.rows), default=None)
@@ -156,11 +198,16 @@ def _fit_phase(
             if params.schedule == "plateau"
             else []
         ),
-        keras.callbacks.TensorBoard(str(Path(params.tensorboard_dir) / phase), histogram_freq=0),
+        keras.callbacks.TensorBoard(str(place.tensorboard_dir / phase), histogram_freq=0),
         recorder,
         *extra,
     ]
-    model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=2, **fit_kwargs)
+    if place.multi_worker:
+        distributed.fit_ready(model)
+        with place.strategy.scope():
+            model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=2, **fit_kwargs)
+    else:
+        model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=2, **fit_kwargs)
     if best.is_file():
         model.load_weights(best)
     return recorder.rows
@@ -172,10 +219,35 @@ def train(
     sink: EpochSink | None = None,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainOutcome:
-    """Train the configured model on the index's train split, selecting on its val split."""
-    tp, mp = params.train, params.model
+    """Train the configured model on the index's train split, selecting on its val split.
+
+    Under TF_CONFIG every worker calls this; only the chief's outputs (resume state, checkpoints,
+    TensorBoard logs, `sink`) are real, the other workers' go to a temporary folder removed at the end.
+    """
     extra = extra_callbacks or []
-    strategy, device = configure_hardware(tp)
+    strategy, device = configure_hardware(params.train)
+    cluster = distributed.cluster_from_env()
+    scratch = None if cluster is None or cluster.is_chief else Path(tempfile.mkdtemp(prefix="pneumo-worker-"))
+    try:
+        return _train(params, index, sink if scratch is None else None, extra, strategy, device, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(
+    params: Params,
+    index: pd.DataFrame,
+    sink: EpochSink | None,
+    extra: list[keras.callbacks.Callback],
+    strategy: tf.distribute.Strategy,
+    device: str,
+    scratch: Path | None,
+) -> TrainOutcome:
+    tp, mp = params.train, params.model
+    replicas = strategy.num_replicas_in_sync
+    global_batch = tp.batch_size * replicas  # train.batch_size is per replica
+    lr_scale = replicas if tp.scale_learning_rate else 1
     limit = tp.max_images_per_split
     train_data = dp.split_data(index, "train", params.data.root, params.task, limit, tp.seed)
     val_data = dp.split_data(index, "val", params.data.root, params.task, limit, tp.seed)
@@ -187,20 +259,27 @@ def train(
             mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout, mp.standardize, mp.equalize
         )
     outcome = TrainOutcome(built, train_data.class_names, device)
-    state_dir = Path(tp.resume_dir) / state_key(params, index)
+    shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
+    place = _Place(
+        state_dir=shared_state if scratch is None else scratch / "state",
+        tensorboard_dir=Path(tp.tensorboard_dir) if scratch is None else scratch / "tensorboard",
+        shared_state_dir=shared_state,
+        strategy=strategy,
+        chief=scratch is None,
+    )
     start = time.perf_counter()
 
     model = built.model
 
     def fit_on_images(phase: str, epochs: int, learning_rate: float) -> None:
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
-        steps = -(-len(train_data) // tp.batch_size)
+        steps = -(-len(train_data) // global_batch)
         with strategy.scope():
-            _compile(model, learning_rate_schedule(tp, learning_rate, epochs, steps), n_classes, tp)
+            _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp)
         train_ds = dp.make_dataset(
             train_data,
             mp.image_size,
-            tp.batch_size,
+            global_batch,
             training=True,
             augment=tp.augment,
             seed=tp.seed,
@@ -208,7 +287,10 @@ def train(
             weights=weights,
             mixup=tp.mixup,
         )
-        val_ds = dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot)
+        val_ds = dp.make_dataset(val_data, mp.image_size, global_batch, one_hot=one_hot)
+        if place.multi_worker:  # the batches are global: the strategy gives each worker its share
+            train_ds = distributed.distribute_options(train_ds, SHARD_POLICY)
+            val_ds = distributed.distribute_options(val_ds, SHARD_POLICY)
         outcome.history.extend(
             _fit_phase(
                 model,
@@ -217,7 +299,7 @@ def train(
                 val_ds,
                 epochs,
                 tp,
-                state_dir,
+                place,
                 len(outcome.history),
                 sink,
                 extra,
@@ -229,10 +311,8 @@ def train(
         fit_on_images("full", tp.epochs, tp.learning_rate)
     else:
         set_backbone_trainable(built, 0)
-        if tp.cache_features:
-            outcome.history += _train_head_on_features(
-                built, train_data, val_data, params, state_dir, weights, sink, extra, strategy
-            )
+        if tp.cache_features and not place.multi_worker:  # multi-worker: the head trains on images
+            outcome.history += _train_head_on_features(built, train_data, val_data, params, place, weights, sink, extra)
         else:
             fit_on_images("head", tp.epochs, tp.learning_rate)
         if tp.fine_tune_epochs:
@@ -240,7 +320,8 @@ def train(
             fit_on_images("fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * len(outcome.history)
-    shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing is left for a later run to pick up
+    if place.chief:  # finished: nothing is left for a later run to pick up
+        shutil.rmtree(place.state_dir, ignore_errors=True)
     return outcome
 
 
@@ -249,11 +330,10 @@ def _train_head_on_features(
     train_data: dp.SplitData,
     val_data: dp.SplitData,
     params: Params,
-    state_dir: Path,
+    place: _Place,
     weights: dict[int, float] | None,
     sink: EpochSink | None,
     extra: list[keras.callbacks.Callback],
-    strategy: tf.distribute.Strategy,
 ) -> list[dict[str, float]]:
     """Frozen backbone: run it once over train and val, then fit the head (dropout + dense) on the features.
 
@@ -261,21 +341,24 @@ def _train_head_on_features(
     does not apply to cached features (the features are computed on the un-augmented images).
     """
     tp, size = params.train, params.model.image_size
+    replicas = place.strategy.num_replicas_in_sync
+    batch = tp.batch_size * replicas  # per replica -> global
+    learning_rate = tp.learning_rate * (replicas if tp.scale_learning_rate else 1)
     model = built.model
     extractor = keras.Model(model.input, model.get_layer("gap").output)
     n_classes = len(train_data.class_names)
 
     def features(data: dp.SplitData) -> tuple[np.ndarray, np.ndarray]:
-        x = extractor.predict(dp.make_dataset(data, size, tp.batch_size, cache=False), verbose=0)
+        x = extractor.predict(dp.make_dataset(data, size, batch, cache=False), verbose=0)
         y = keras.utils.to_categorical(data.labels, n_classes) if n_classes > 2 else data.labels.astype("float32")
         return x, y
 
     (xt, yt), (xv, yv) = features(train_data), features(val_data)
-    with strategy.scope():
+    with place.strategy.scope():
         inputs = keras.Input(xt.shape[1:], name="features")
         head = keras.Model(inputs, model.get_layer("prediction")(model.get_layer("head_dropout")(inputs)), name="head")
-        steps = -(-len(xt) // tp.batch_size)
-        _compile(head, learning_rate_schedule(tp, tp.learning_rate, tp.epochs, steps), n_classes, tp)
+        steps = -(-len(xt) // batch)
+        _compile(head, learning_rate_schedule(tp, learning_rate, tp.epochs, steps), n_classes, tp)
     return _fit_phase(
         head,
         "head",
@@ -283,22 +366,28 @@ def _train_head_on_features(
         (xv, yv),
         tp.epochs,
         tp,
-        state_dir,
+        place,
         0,
         sink,
         extra,
         y=yt,
-        batch_size=tp.batch_size,
+        batch_size=batch,
         class_weight=weights,
         shuffle=True,
     )
 
 
-def state_key(params: Params, index: pd.DataFrame) -> str:
+def _cluster_size() -> int:
+    cluster = distributed.cluster_from_env()
+    return cluster.size if cluster else 1
+
+
+def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     """Everything that determines a training's result: a resume matches only the same run.
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
-    and split params (output folders aside), and the source of the modules that train.
+    and split params (output folders aside), the source of the modules that train, and the number of
+    workers (a cluster of another size splits the batches differently).
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
@@ -307,7 +396,8 @@ def state_key(params: Params, index: pd.DataFrame) -> str:
         params.model.model_dump(),
         params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
         params.split.model_dump(),
+        workers,
     ]
-    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models)]
+    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models, distributed)]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,4 +1,8 @@
-"""The train stage: train, save the model with its metadata, and track everything in one MLflow run."""
+"""The train stage: train, save the model with its metadata, and track everything in one MLflow run.
+
+Under a multi-worker TF_CONFIG every worker runs this stage; only the chief opens the MLflow run and
+writes the model, metadata and reports, the other workers train in lockstep and write nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keras
 import mlflow
 import numpy as np
 from mlflow.models import infer_signature
@@ -18,7 +23,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
 from pipeline.data.dataset_index import read_index
 from pipeline.data.version import dvc_data_version, index_fingerprint
-from pipeline.modeling import model_store, training
+from pipeline.modeling import distributed, model_store, training
 from pipeline.modeling.evaluation import history_figure
 from pipeline.registry import tracking
 
@@ -35,8 +40,15 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def run(params: Params) -> str:
+def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> str:
     index = read_index(params.index.path)
+    cluster = distributed.cluster_from_env()
+    if cluster is not None and not cluster.is_chief:
+        outcome = training.train(params, index, extra_callbacks=extra_callbacks)
+        return (
+            f"{cluster.name} of {cluster.size}: trained {len(outcome.history)} epochs in lockstep on "
+            f"{outcome.device}; the chief writes the model and the MLflow run"
+        )
     experiment_id = tracking.configure(params.mlflow)
     data_version = dvc_data_version(params.data.root, index=params.index.path) or "untracked"
     fingerprint = index_fingerprint(index)
@@ -66,7 +78,7 @@ def run(params: Params) -> str:
         def log_epoch(row: dict[str, Any]) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=int(row["epoch"]))
 
-        outcome = training.train(params, index, sink=log_epoch)
+        outcome = training.train(params, index, sink=log_epoch, extra_callbacks=extra_callbacks)
         mlflow.set_tag("device", outcome.device)
         model = outcome.built.model
         metadata = {

@@ -1,0 +1,161 @@
+"""Multi-worker training on one machine: N `pneumo train` processes joined by TF_CONFIG on loopback.
+
+Each worker is the unchanged `pneumo train` with its own TF_CONFIG (the same cluster, its own task
+index); TensorFlow's MultiWorkerMirroredStrategy keeps them in lockstep and worker 0, the chief, writes
+the model, the reports and the MLflow run (pipeline/modeling/distributed.py). The flow streams each
+worker's lines with a ``[worker i]`` prefix, waits for all of them, stops the others as soon as one
+fails (a cluster missing a worker would wait for it forever), and returns the chief's result.
+
+Across machines, run the same command in each pod: deploy/k8s/multiworker-job.yaml builds TF_CONFIG
+from a Kubernetes Indexed Job's completion index and a headless service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.pipeline_flow import as_overrides
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on loopback now (held open together, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tf_config(hosts: Sequence[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of a cluster of `hosts` (host:port each); worker 0 is the chief."""
+    return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
+
+
+@dataclass
+class WorkerRun:
+    index: int
+    returncode: int
+    output: str
+
+
+def run_workers(
+    command: Sequence[str],
+    hosts: Sequence[str],
+    *,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    echo: Callable[[str], None] = print,
+    timeout: float | None = None,
+) -> list[WorkerRun]:
+    """Start `command` once per host with its TF_CONFIG, stream prefixed lines to `echo`, wait for all.
+
+    When a worker fails (or `timeout` seconds pass), the others are stopped: they would otherwise wait
+    in a collective for a peer that never comes.
+    """
+    base = {**os.environ, **(env or {})}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+    procs, outputs, readers = [], [], []
+    for i in range(len(hosts)):
+        proc = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env={**base, "TF_CONFIG": tf_config(hosts, i), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        lines: list[str] = []
+
+        def read(proc: subprocess.Popen[str] = proc, lines: list[str] = lines, i: int = i) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                echo(f"[worker {i}] {line.rstrip()}")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        procs.append(proc)
+        outputs.append(lines)
+        readers.append(reader)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]  # every one polled (any() would stop at the first running)
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        for r in readers:
+            r.join(timeout=10)
+    return [WorkerRun(i, p.returncode, "".join(outputs[i])) for i, p in enumerate(procs)]
+
+
+def loopback_hosts(workers: int) -> list[str]:
+    return [f"127.0.0.1:{port}" for port in free_ports(workers)]
+
+
+@flow(name="pneumonia-distributed-train", log_prints=True)
+def distributed_train(
+    workers: int = 2,
+    hosts: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    params_file: str = "params.yaml",
+    workdir: str | None = None,
+    timeout_seconds: float | None = None,
+) -> str:
+    """Train with `workers` processes of `pneumo train` on this machine; returns the chief's summary line.
+
+    `hosts` (host:port each, one per worker) are the cluster's addresses; default: loopback on free
+    ports. `overrides` maps dotted params.yaml keys to values (passed as `pneumo -S`, the file is not
+    changed), e.g. {"train.batch_size": 16}: train.batch_size is per worker, the global batch is
+    batch_size x workers.
+    """
+    logger = get_run_logger()
+    if hosts is not None and len(hosts) != workers:
+        raise ValueError(f"hosts: {len(hosts)} addresses for {workers} workers")
+    if workers < 1:
+        raise ValueError("workers: at least 1")
+    cluster = hosts or loopback_hosts(workers)
+    command = [str(Path(sys.executable).parent / "pneumo"), "--params", params_file]
+    for item in as_overrides(overrides):
+        command += ["-S", item]
+    command.append("train")
+    logger.info("cluster %s: %s", cluster, " ".join(command))
+    runs = run_workers(command, cluster, cwd=workdir, echo=logger.info, timeout=timeout_seconds)
+    failed = [r for r in runs if r.returncode != 0]
+    if failed:
+        first = failed[0]
+        tail = first.output.strip().splitlines()[-1:] or [""]
+        raise RuntimeError(
+            f"worker {first.index} exited with {first.returncode} ({tail[0][:300]}); "
+            f"exit statuses {[r.returncode for r in runs]}"
+        )
+    chief = runs[0].output.strip().splitlines()
+    return "\n".join(line for line in chief if line.startswith(("trained", "model:"))) or (chief[-1] if chief else "")
+
+
+if __name__ == "__main__":
+    distributed_train()
