@@ -138,7 +138,7 @@ def test_sweep_runs_nested_trials_and_registers_the_val_winner_as_a_candidate(
     table = client.download_artifacts(parent, "sweep/comparison.csv", str(tmp_path))
     assert len(Path(table).read_text().strip().splitlines()) == 1 + 3
     markdown = _summary()
-    assert markdown.count("| t0") == 3 and f"**{best['trial']}** (winner)" in markdown
+    assert markdown.count("| t0") + markdown.count("| **t0") == 3 and f"| **{best['trial']}** (winner) |" in markdown
 
     # Registered as a candidate: a version with its decision, @challenger at most, never @champion.
     version = client.get_model_version("sweep-test", result["version"])
