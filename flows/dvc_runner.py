@@ -104,3 +104,35 @@ def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | 
             raise TransientError(message)
         raise PipelineError(f"stage {name}: {message}")
     return StageRun(name, f"Running stage '{name}'" in out, seconds, out, lock_outs(name, cwd))
+
+
+def run_pneumo(
+    args: list[str], cwd: str | Path, env: dict[str, str] | None = None, echo: Callable[[str], None] | None = None
+) -> str:
+    """`pneumo ARGS` in `cwd` (a stage command outside DVC, e.g. a sweep trial); its output, or its own
+    error typed by exit status as for a DVC stage."""
+    script = Path(sys.executable).parent / "pneumo"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.steps.cli"]
+    proc = subprocess.Popen(
+        [*command, *args],
+        cwd=cwd,
+        env={**_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if echo and line.strip():
+            echo(line.rstrip())
+    code, out = proc.wait(), "".join(lines)
+    if code == EXIT_VALIDATION:
+        raise DataError(_last_error(out))
+    if code == EXIT_TRANSIENT:
+        raise TransientError(_last_error(out))
+    if code != 0:
+        raise PipelineError(f"pneumo {' '.join(args)} in {cwd}: {_last_error(out)}")
+    return out

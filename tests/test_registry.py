@@ -93,6 +93,30 @@ def test_first_candidate_below_the_floor_is_registered_but_never_champion(
         assert second.outcome == "champion" and aliases(client, params.model_name) == {"champion": "2"}
 
 
+def test_candidate_promotion_never_takes_champion(store: tuple[str, Any], tmp_path: Path) -> None:
+    """A sweep's winner (promotion: candidate): @challenger at most, even as the first version of a model."""
+    import dataclasses
+
+    _, client = store
+    params = policy(tmp_path, promotion="candidate")
+    swept = dataclasses.replace(log_candidate(0.90, 0.95), origin="from sweep abc123")
+    first = champion.register(client, swept, params, never)
+    assert (first.outcome, first.version, first.aliases) == ("challenger", "1", ["challenger"])
+    assert first.reason == "no champion yet; promotion: candidate gives @challenger at most; from sweep abc123"
+    assert client.get_model_version("pneumo-test", "1").tags["decision_reason"] == first.reason
+    assert aliases(client) == {"challenger": "1"}
+    # A re-run for the same run finishes it without a second version and without @champion.
+    again = champion.register(client, swept, params, never)
+    assert again.resumed and again.version == "1" and aliases(client) == {"challenger": "1"}
+
+    champion.register(client, log_candidate(0.92, 0.95), policy(tmp_path), never)  # v2: the first champion
+    better = champion.register(client, log_candidate(0.99, 0.95), params, never)
+    assert better.outcome == "challenger" and aliases(client) == {"champion": "2", "challenger": "3"}
+    worse = champion.register(client, log_candidate(0.80, 0.95), params, never)
+    unsafe = champion.register(client, log_candidate(0.99, 0.50), params, never)
+    assert worse.outcome == unsafe.outcome == "rejected" and aliases(client) == {"champion": "2", "challenger": "3"}
+
+
 def test_auto_promotion_never_overrides_a_person(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path, promotion="auto")

@@ -220,7 +220,11 @@ class RegisterParams(Strict):
     primary_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
     sensitivity_floor: float = Field(0.9, ge=0, le=1, description="a candidate below it never wins")
     min_improvement: float = Field(0.0, ge=0, description="margin the candidate must beat the champion by")
-    promotion: Literal["manual", "auto"] = "manual"
+    promotion: Literal["manual", "auto", "candidate"] = Field(
+        "manual",
+        description="manual: a winner gets @challenger | auto: it takes @champion | candidate: "
+        "@challenger at most, never @champion, not even as the first version (sweeps)",
+    )
     decision_file: str = "reports/champion.json"
     lock_file: str = Field("mlruns/.registry.lock", description="serialises registrations from this machine")
     lock_url: str | None = Field(

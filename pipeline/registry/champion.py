@@ -9,7 +9,8 @@ primary metric beats the champion's by ``min_improvement``. A winner gets ``@cha
 human to promote (``promotion: manual``) or takes ``@champion`` itself (``auto``; the previous
 champion is recorded), unless a person moved ``@champion`` since the pipeline last set it (the
 registered model's ``pipeline_champion`` tag): a person's choice is never overridden, the winner
-gets ``@challenger``.
+gets ``@challenger``. ``promotion: candidate`` (a sweep's winner) never takes ``@champion``, not even
+as the first version: a winner gets ``@challenger`` at most, and the decision names where it came from.
 
 Safety, on one machine or many. Registrations of a model take turns under the registration lock
 (registry_lock: a lock file, or a PostgreSQL advisory lock shared by every machine), from reading
@@ -94,6 +95,8 @@ def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -
         where = "no champion is set" if champion is None else f"champion v{champion.version} stays"
         return "rejected", f"test sensitivity {sens:.4f} is below the floor {floor}; {where}", []
     if champion is None:
+        if params.promotion == "candidate":  # a sweep's winner waits for a person, even as the first version
+            return CHALLENGER, "no champion yet; promotion: candidate gives @challenger at most", []
         return CHAMPION, "no champion yet", []
     if champion.test_set != candidate.test_set:
         raise PipelineError("register: champion and candidate scored on different test sets (internal error)")
@@ -135,6 +138,7 @@ class Candidate:
     scores: Scores
     tags: dict[str, str]
     description: str
+    origin: str = ""  # where the candidate came from (e.g. "from sweep <run id>"), added to the decision reason
 
 
 def register(
@@ -179,6 +183,7 @@ def register(
                 champion = Scores(metrics, champion.threshold, candidate.scores.test_set, champion.version)
                 rescored = True
         outcome, reason, warnings = decide(candidate.scores, champion, params)
+        reason += f"; {candidate.origin}" if candidate.origin else ""
         if outcome == CHAMPION and current is not None:
             registered = retry(lambda: _registered_model(client, name), "reading the registered model")
             if registered.tags.get(PIPELINE_CHAMPION_TAG) != str(current.version):
@@ -256,6 +261,9 @@ def _finish(
     log(f"register: run {candidate.run_id} is already version {decision.version} ({decision.outcome}); finishing it")
     alias = {CHAMPION: CHAMPION, CHALLENGER: CHALLENGER}.get(decision.outcome)
     if alias is None:
+        return decision
+    if alias == CHAMPION and params.promotion == "candidate":
+        decision.warnings.append("promotion: candidate never sets @champion; its recorded @champion was not set")
         return decision
     holder = retry(lambda: alias_version(client, name, alias), f"reading @{alias}")
     current = retry(lambda: champion_version(client, name), "reading @champion")

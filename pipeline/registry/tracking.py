@@ -22,6 +22,10 @@ from pipeline.core.config import MlflowParams
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.data.version import split_fingerprint
 
+PARENT_RUN_ENV = "PNEUMO_MLFLOW_PARENT_RUN_ID"  # set by a sweep: its trials' runs nest under the sweep's run
+TRIAL_ENV = "PNEUMO_SWEEP_TRIAL"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI folds child runs under the parent)
+
 
 @dataclass(frozen=True)
 class RunRef:
@@ -65,6 +69,12 @@ def configure(params: MlflowParams) -> str:
             f"mlflow: cannot use tracking URI {uri} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
         ) from None
+
+
+def parent_tags() -> dict[str, str]:
+    """The nesting tags of a run started inside a sweep trial (none outside one)."""
+    parent, trial = os.environ.get(PARENT_RUN_ENV, "").strip(), os.environ.get(TRIAL_ENV, "").strip()
+    return {PARENT_RUN_TAG: parent, **({"sweep_trial": trial} if trial else {})} if parent else {}
 
 
 def git_commit() -> str:

@@ -48,6 +48,9 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
         "task": run.data.params.get("task", "unknown"),
         "mlflow_run_id": ref.run_id,
     }
+    sweep = run_tags.get(tracking.PARENT_RUN_TAG, "")
+    if sweep:  # a sweep trial's run: the version says which sweep chose it
+        tags["sweep_parent_run_id"] = sweep
     auc_ci = ev.ci95.get("roc_auc", (float("nan"), float("nan")))
     description = (
         f"{tags['architecture']} ({tags['task']}) trained on data version {tags['data_version']} at git "
@@ -56,7 +59,8 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
         f"{ev.test.specificity:.3f} at threshold {ev.threshold:.4f}, chosen on validation to reach "
         f"sensitivity >= {ev.target_sensitivity}. Decision support only."
     )
-    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description)
+    origin = f"from sweep {sweep}" if sweep else ""
+    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin)
 
 
 def rescorer(params: Params) -> Any:

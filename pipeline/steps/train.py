@@ -53,7 +53,9 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
     data_version = dvc_data_version(params.data.root, index=params.index.path) or "untracked"
     fingerprint = index_fingerprint(index)
     run_name = f"{params.model.architecture}-{params.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
+    tags = tracking.parent_tags()  # a sweep trial: nested under the sweep's run
+    run_name = f"{tags['sweep_trial']}-{run_name}" if "sweep_trial" in tags else run_name
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as active:
         ref = tracking.RunRef(active.info.run_id, experiment_id, tracking.tracking_uri(params.mlflow))
         mlflow.set_tags(
             {

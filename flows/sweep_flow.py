@@ -1,0 +1,368 @@
+"""A hyperparameter sweep as a Prefect flow: one trial per combination of params.yaml overrides, in parallel.
+
+The sweep expands a grid of dotted params.yaml keys (or draws random combinations, seeded), and checks
+every combination against the typed schema before anything runs: a bad key or value fails the flow with
+the schema's one-line error naming it. The data stages (ingest, index, validate) are brought up to date
+through DVC first, as the pipeline flow does (``data_stages=False``: they must already be, e.g. after
+``dvc pull``). Each trial is a Prefect task, submitted to a thread pool limited to ``parallel``, that
+runs the ordinary stage commands ``pneumo train`` and ``pneumo evaluate`` as subprocesses in its own
+folder, ``sweeps/<sweep>/<trial>/``: its own params.yaml (the project's, with the trial's overrides),
+its own outputs, the project's data shared read-only through a symlink and a copy of dvc.lock (so the
+run records the real data version). Each trial's MLflow run is a normal tracked run, nested under one
+parent run for the sweep (``mlflow.parentRunId``, from ``PNEUMO_MLFLOW_PARENT_RUN_ID``).
+
+The comparison table (trial, overrides, best val AUC, test ROC AUC, sensitivity, specificity, train
+seconds, MLflow run) is printed, published as a Prefect markdown artifact and logged to the parent run
+(CSV and markdown). The winner is the trial with the best **validation** AUC; test figures are only
+reported. The winner is registered by ``pneumo register`` with ``registry.promotion: candidate``: a
+model version with its decision that gets ``@challenger`` at most, never ``@champion``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from random import Random
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from flows.dvc_runner import changed_stages, run_pneumo
+from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, stage_task
+from pipeline.core.config import Params, load_params, write_overrides
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.registry import tracking
+from pipeline.steps.stages import ROOT as CODE_ROOT
+
+DATA_STAGES = ("ingest", "index", "validate")
+SWEEPABLE = ("task", "model", "train", "evaluate")  # what a trial may change: the data stages are shared
+SUMMARY_KEY = "pneumonia-sweep-summary"
+
+
+def _draw(key: str, spec: Any, rng: Random) -> Any:
+    """One value of a random-search dimension: a list (a choice), or {uniform|loguniform|randint|choice: ...}."""
+    if isinstance(spec, list) and spec:
+        return rng.choice(spec)
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, arg),) = spec.items()
+        if kind == "choice" and isinstance(arg, list) and arg:
+            return rng.choice(arg)
+        if kind in ("uniform", "loguniform", "randint") and isinstance(arg, list) and len(arg) == 2:
+            lo, hi = arg
+            if kind == "randint":
+                return rng.randint(int(lo), int(hi))
+            if kind == "uniform":
+                return float(f"{rng.uniform(float(lo), float(hi)):.6g}")
+            if float(lo) > 0 and float(hi) > 0:
+                return float(f"{math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi)))):.6g}")
+    raise ConfigError(
+        f"sweep: random {key}: expected a list of values or one of {{uniform|loguniform|randint: [low, high]}}, "
+        f"{{choice: [values]}} (got {spec!r})"
+    )
+
+
+def expand(
+    grid: dict[str, list[Any]] | None = None,
+    random: dict[str, Any] | None = None,
+    trials: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The trials' overrides. A grid gives every combination (``trials``: a seeded sample of that many);
+    ``random`` draws ``trials`` combinations from its distributions with ``seed``."""
+    if grid and random:
+        raise ConfigError("sweep: give grid or random, not both")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"sweep: trials: must be at least 1 (got {trials})")
+    rng = Random(seed)
+    if grid:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep: grid {key}: expected a non-empty list of values (got {values!r})")
+        keys = list(grid)
+        combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+        if trials is not None and trials < len(combos):
+            combos = [combos[i] for i in sorted(rng.sample(range(len(combos)), trials))]
+        return combos
+    if random:
+        if trials is None:
+            raise ConfigError("sweep: random needs trials (how many combinations to draw)")
+        return [{key: _draw(key, spec, rng) for key, spec in random.items()} for _ in range(trials)]
+    raise ConfigError("sweep: nothing to sweep (give grid: {key: [values]} or random: {key: distribution})")
+
+
+def validate(
+    combos: list[dict[str, Any]], common: dict[str, Any] | None = None, params_file: str | Path = "params.yaml"
+) -> list[Params]:
+    """Every trial's params through the typed schema, before anything runs (ConfigError naming the key)."""
+    checked = []
+    for combo in combos:
+        for key in [*(common or {}), *combo]:
+            if key.split(".")[0] not in SWEEPABLE:
+                raise ConfigError(
+                    f"sweep: {key}: trials share the data stages; sweep keys of {', '.join(SWEEPABLE)} only"
+                )
+        checked.append(load_params(params_file, as_overrides({**(common or {}), **combo})))
+    return checked
+
+
+def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict[str, Any], uri: str) -> Path:
+    """sweeps/<sweep>/<trial>/: params.yaml with the overrides, the project's data linked read-only,
+    the shared MLflow store, registration lock and validation report by absolute path."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    shutil.copy2(params_file, folder / "params.yaml")
+    project = load_params(params_file)
+    for path in (project.data.root, project.index.path):
+        top = Path(path).parts[0]
+        if not Path(path).is_absolute() and not (folder / top).exists():
+            (folder / top).symlink_to(Path(top).resolve(), target_is_directory=Path(top).is_dir())
+    if Path("dvc.lock").is_file():  # the data version the trial's run records (checked against the index)
+        shutil.copy2("dvc.lock", folder / "dvc.lock")
+    shared = {
+        "validation.report": str(Path(project.validation.report).resolve()),
+        "mlflow.tracking_uri": uri,
+        "mlflow.artifact_root": str(Path(project.mlflow.artifact_root).resolve()),
+        "registry.lock_file": str(Path(project.registry.lock_file).resolve()),
+        "registry.promotion": "candidate",  # a sweep's winner never takes @champion by itself
+    }
+    write_overrides(folder / "params.yaml", as_overrides({**overrides, **shared}))
+    return folder
+
+
+def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:
+    return {
+        "MLFLOW_TRACKING_URI": uri,
+        tracking.PARENT_RUN_ENV: parent_run_id,
+        tracking.TRIAL_ENV: trial,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`pneumo train` and `pneumo evaluate` in the trial's folder; the trial's row of the comparison."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    for stage in ("train", "evaluate"):
+        run_pneumo([stage], folder, env, echo=lambda line: logger.info("%s: %s", trial, line))
+    params = load_params(Path(folder) / "params.yaml")
+    trained = json.loads((Path(folder) / "reports" / "train.json").read_text())
+    test = json.loads((Path(folder) / params.evaluate.metrics).read_text())["test"]
+    return {
+        "trial": trial,
+        "overrides": overrides,
+        "best_val_auc": float(trained["best_val_auc"]),
+        "test_roc_auc": float(test["roc_auc"]),
+        "sensitivity": float(test["sensitivity"]),
+        "specificity": float(test["specificity"]),
+        "train_seconds": float(trained["train_seconds"]),
+        "run_id": trained["mlflow_run_id"],
+        "folder": folder,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def run_register(folder: str, env: dict[str, str]) -> dict[str, Any]:
+    logger = get_run_logger()
+    run_pneumo(["register"], folder, env, echo=logger.info)
+    params = load_params(Path(folder) / "params.yaml")
+    return json.loads((Path(folder) / params.registry.decision_file).read_text())
+
+
+register_task = task(
+    run_register,
+    name="register winner",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=retry_on_transient,
+    cache_policy=NO_CACHE,
+)
+
+
+def winner_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best validation AUC (the first such trial on a tie). Test figures never choose."""
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        raise PipelineError("sweep: every trial failed: " + "; ".join(f"{r['trial']}: {r['error']}" for r in rows))
+    return max(done, key=lambda r: r["best_val_auc"])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+TABLE_KEYS = ("best_val_auc", "test_roc_auc", "sensitivity", "specificity", "train_seconds", "run_id")
+
+
+def table_markdown(rows: list[dict[str, Any]], winner: str) -> str:
+    lines = [
+        "| trial | overrides | best val AUC | test ROC AUC | sensitivity | specificity | train s | MLflow run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = f"**{r['trial']}** (winner)" if r["trial"] == winner else r["trial"]
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items())
+        if "error" in r:
+            lines.append(f"| {name} | {overrides} | failed: {r['error']} | | | | | |")
+        else:
+            cells = [f"{r['train_seconds']:.1f}" if k == "train_seconds" else _fmt(r[k]) for k in TABLE_KEYS]
+            lines.append(f"| {name} | {overrides} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["trial", "overrides", *TABLE_KEYS, "error"])
+    for r in rows:
+        writer.writerow(
+            [r["trial"], json.dumps(r["overrides"]), *(r.get(k, "") for k in TABLE_KEYS), r.get("error", "")]
+        )
+    return buf.getvalue()
+
+
+def prepare_data(params: Params, run_stages: bool) -> None:
+    """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are."""
+    logger = get_run_logger()
+    if run_stages:
+        changed, started = changed_stages(), False
+        for name in [s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES]:
+            started = started or name in changed
+            logger.info("%s: %s", name, stage_task(name, cached=not started)(name).status)
+        return
+    for path in (params.index.path, params.validation.report):
+        if not Path(path).is_file():
+            raise PipelineError(f"sweep: {path} is missing: run `dvc repro validate` (or `dvc pull`) first")
+
+
+@flow(name="pneumonia-sweep", log_prints=True)
+def pneumonia_sweep(
+    grid: dict[str, list[Any]] | None = None,
+    random: dict[str, Any] | None = None,
+    trials: int | None = None,
+    parallel: int = 2,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    data_stages: bool = True,
+    register_winner: bool = True,
+    params_file: str = "params.yaml",
+    workdir: str | None = None,
+    sweep_dir: str = "sweeps",
+) -> dict[str, Any]:
+    """Train and evaluate one trial per combination, `parallel` at a time; register the winner on val AUC.
+
+    `grid` maps dotted params.yaml keys to lists of values ({"train.learning_rate": [0.001, 0.0003]});
+    `random` maps them to distributions ({"model.dropout": {"uniform": [0.1, 0.5]}}) drawn `trials`
+    times with `seed`. `overrides` apply to every trial. Returns the parent run, the winner and the table.
+    """
+    if workdir:
+        os.chdir(workdir)
+    combos = expand(grid, random, trials, seed)
+    validate(combos, overrides, params_file)  # a bad key or value fails here, before any work
+    logger = get_run_logger()
+    params = load_params(params_file)
+    prepare_data(params, data_stages)
+
+    uri = tracking.tracking_uri(params.mlflow)
+    experiment_id = tracking.configure(params.mlflow)
+    client = MlflowClient(uri)
+    spec = {"grid": grid, "random": random, "trials": len(combos), "seed": seed, "overrides": overrides or {}}
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"pneumo.sweep": "parent", "git_commit": tracking.git_commit()},
+    ).info.run_id
+    try:
+        client.log_dict(parent, spec, "sweep/spec.json")
+        for key, value in {"sweep.trials": len(combos), "sweep.parallel": parallel, "sweep.seed": seed}.items():
+            client.log_param(parent, key, value)
+        root = Path(sweep_dir).resolve() / parent
+        names = [f"t{i + 1:02d}" for i in range(len(combos))]
+        logger.info("sweep %s: %d trials, %d at a time, in %s", parent, len(combos), parallel, root)
+        rows = []
+        with ThreadPoolTaskRunner(max_workers=max(1, parallel)) as runner:
+            futures = []
+            for name, combo in zip(names, combos, strict=True):
+                trial_overrides = {**(overrides or {}), **combo}
+                folder = trial_folder(root, name, params_file, trial_overrides, uri)
+                parameters = {
+                    "trial": name,
+                    "folder": str(folder),
+                    "overrides": combo,
+                    "env": trial_env(uri, parent, name),
+                }
+                futures.append(runner.submit(run_trial.with_options(task_run_name=f"trial {name}"), parameters))
+            for name, combo, future in zip(names, combos, futures, strict=True):
+                future.wait()
+                state = future.state
+                if state.is_completed():
+                    rows.append(future.result())
+                else:
+                    error = state.result(raise_on_failure=False)
+                    rows.append({"trial": name, "overrides": combo, "error": str(error).splitlines()[0][:300]})
+        best = winner_of(rows)
+        table = table_markdown(rows, best["trial"])
+        client.log_text(parent, table, "sweep/comparison.md")
+        client.log_text(parent, table_csv(rows), "sweep/comparison.csv")
+        client.log_metric(parent, "winner_best_val_auc", best["best_val_auc"])
+        client.set_tag(parent, "winner_trial", best["trial"])
+        client.set_tag(parent, "winner_run_id", best["run_id"])
+        decision: dict[str, Any] = {}
+        if register_winner:
+            decision = register_task(best["folder"], trial_env(uri, parent, best["trial"]))
+            client.set_tag(parent, "winner_version", str(decision["version"]))
+            client.set_tag(parent, "winner_decision", decision["outcome"])
+        print(table)
+        registered = (
+            f"{decision['model_name']} version {decision['version']}: **{decision['outcome']}** ({decision['reason']})"
+            if decision
+            else "not registered (register_winner=False)"
+        )
+        summary = (
+            f"# Pneumonia sweep {parent}\n\n{len(rows)} trials, {parallel} at a time. The winner is chosen on "
+            f"**validation AUC**; test figures are reported only.\n\n{table}\n"
+            f"**Winner:** {best['trial']} (MLflow run {best['run_id']}), best val AUC {best['best_val_auc']:.4f}.\n\n"
+            f"**Registry:** {registered}.\n"
+        )
+        create_markdown_artifact(summary, key=SUMMARY_KEY, description="Sweep trials compared; the winner on val AUC")
+        client.set_terminated(parent, "FINISHED")
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    logger.info("sweep %s: winner %s (%s)", parent, best["trial"], best["run_id"])
+    return {
+        "parent_run_id": parent,
+        "winner": best["trial"],
+        "winner_run_id": best["run_id"],
+        "version": decision.get("version"),
+        "decision": decision.get("outcome"),
+        "rows": rows,
+    }
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Run a sweep: python -m flows.sweep_flow --grid '{...}'")
+    cli.add_argument("--grid", type=json.loads, help='JSON, e.g. {"train.learning_rate": [0.001, 0.0003]}')
+    cli.add_argument("--random", type=json.loads, help='JSON, e.g. {"model.dropout": {"uniform": [0.1, 0.5]}}')
+    cli.add_argument("--trials", type=int)
+    cli.add_argument("--parallel", type=int, default=2)
+    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--overrides", type=json.loads, help='JSON, for every trial, e.g. {"train.epochs": 5}')
+    cli.add_argument("--no-register", dest="register_winner", action="store_false")
+    args = cli.parse_args()
+    pneumonia_sweep(
+        args.grid, args.random, args.trials, args.parallel, args.seed, args.overrides, True, args.register_winner
+    )

@@ -1,0 +1,150 @@
+"""The sweep flow: grid and random expansion checked against the schema before anything runs, then three
+real trials (train + evaluate as subprocesses, in parallel) through a real Prefect server, nested MLflow
+runs under one parent, the winner chosen on validation AUC and registered as a candidate, never champion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.sweep_flow import expand, pneumonia_sweep, table_markdown, validate, winner_of
+from pipeline.core.errors import ConfigError, PipelineError
+from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
+from tests.projects import copy_project
+
+
+def test_grid_and_random_expansion() -> None:
+    grid = {"train.learning_rate": [0.001, 0.0003], "model.dropout": [0.2, 0.4, 0.5]}
+    combos = expand(grid)
+    assert len(combos) == 6 and combos[0] == {"train.learning_rate": 0.001, "model.dropout": 0.2}
+    assert len({json.dumps(c, sort_keys=True) for c in combos}) == 6
+    sample = expand(grid, trials=3, seed=1)
+    assert len(sample) == 3 and all(c in combos for c in sample) and sample == expand(grid, trials=3, seed=1)
+
+    spec = {
+        "train.learning_rate": {"loguniform": [1e-4, 1e-2]},
+        "model.dropout": {"uniform": [0.1, 0.5]},
+        "train.batch_size": [16, 32],
+        "train.epochs": {"randint": [1, 3]},
+    }
+    drawn = expand(random=spec, trials=5, seed=3)
+    assert drawn == expand(random=spec, trials=5, seed=3) and drawn != expand(random=spec, trials=5, seed=4)
+    for c in drawn:
+        assert 1e-4 <= c["train.learning_rate"] <= 1e-2 and 0.1 <= c["model.dropout"] <= 0.5
+        assert c["train.batch_size"] in (16, 32) and c["train.epochs"] in (1, 2, 3)
+    assert len(validate(drawn, {"train.epochs": 1}, REPO / "params.yaml")) == 5
+
+    with pytest.raises(ConfigError, match="random needs trials"):
+        expand(random=spec)
+    with pytest.raises(ConfigError, match="not both"):
+        expand(grid, spec, trials=2)
+    with pytest.raises(ConfigError, match=r"^sweep: random model\.dropout: expected"):
+        expand(random={"model.dropout": {"normal": [0, 1]}}, trials=1)
+
+
+def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = REPO / "params.yaml"
+    with pytest.raises(ConfigError, match=r"^[^\n]*params\.yaml: train\.learnin_rate: unknown key$"):
+        validate(expand({"train.learnin_rate": [0.1, 0.2]}), None, params)
+    with pytest.raises(ConfigError, match=r"params\.yaml: model\.dropout: Input should be less than 1 \(got 1\.5\)"):
+        validate(expand({"model.dropout": [0.2, 1.5]}), None, params)
+    with pytest.raises(ConfigError, match=r"^sweep: data\.synthetic\.seed: trials share the data stages"):
+        validate(expand({"data.synthetic.seed": [1, 2]}), None, params)
+    # The flow fails the same way, before a sweep folder, an MLflow run or a data stage exists.
+    with pytest.raises(ConfigError, match=r"train\.learnin_rate: unknown key"):
+        monkeypatch.chdir(tmp_path)
+        pneumonia_sweep.fn(grid={"train.learnin_rate": [0.1]}, params_file=str(params))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_winner_is_chosen_on_validation_never_on_test() -> None:
+    rows = [
+        {"trial": "t01", "overrides": {"a": 1}, "best_val_auc": 0.80, "test_roc_auc": 0.99},
+        {"trial": "t02", "overrides": {"a": 2}, "best_val_auc": 0.90, "test_roc_auc": 0.70},
+        {"trial": "t03", "overrides": {"a": 3}, "error": "boom"},
+    ]
+    assert winner_of(rows)["trial"] == "t02"
+    with pytest.raises(PipelineError, match="every trial failed: t03: boom"):
+        winner_of(rows[2:])
+    assert "failed: boom" in table_markdown([rows[2]], "t02")
+
+
+# Three trials of the small synthetic set at 32 px, one epoch each: about a minute on 2 busy cores.
+SWEEP_PROJECT = [
+    *SMALL_SYNTHETIC,
+    *FAST_TRAIN,
+    "model.image_size=32",
+    "train.epochs=1",
+    "evaluate.bootstrap=20",
+    "package.reference_images=20",
+    "package.gradcam_examples=0",
+    "registry.sensitivity_floor=0",
+    "registry.model_name=sweep-test",
+]
+GRID = {"train.learning_rate": [0.003, 0.0003, 0.001]}
+
+
+def _summary() -> str:
+    from prefect.client.orchestration import get_client
+
+    async def latest() -> str:
+        body = {"artifacts": {"key": {"any_": ["pneumonia-sweep-summary"]}}, "sort": "CREATED_DESC", "limit": 1}
+        async with get_client() as client:
+            response = await client._client.post("/artifacts/filter", json=body)
+            response.raise_for_status()
+            return response.json()[0]["data"]
+
+    return asyncio.run(latest())
+
+
+@pytest.mark.slow
+def test_sweep_runs_nested_trials_and_registers_the_val_winner_as_a_candidate(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    work = copy_project(tmp_path / "project", *SWEEP_PROJECT)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    start = time.perf_counter()
+    result = pneumonia_sweep(grid=GRID, parallel=2)
+    print(f"\nsweep of 3 trials: {time.perf_counter() - start:.1f} s")
+
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    parent = result["parent_run_id"]
+    experiment = client.get_experiment_by_name("pneumonia")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 4 and len(children) == 3  # the parent and exactly three nested trials
+    rows = {r["trial"]: r for r in result["rows"]}
+    assert len(rows) == 3 and not any("error" in r for r in rows.values())
+    by_run = {r.info.run_id: r for r in children}
+    for row, lr in zip(sorted(rows.values(), key=lambda r: r["trial"]), GRID["train.learning_rate"], strict=True):
+        run = by_run[row["run_id"]]
+        assert row["overrides"] == {"train.learning_rate": lr}
+        assert run.data.params["train.learning_rate"] == str(lr) and run.data.params["model.image_size"] == "32"
+        assert run.data.params["train.epochs"] == "1" and run.data.tags["sweep_trial"] == row["trial"]
+        assert run.data.metrics["best_val_auc"] == pytest.approx(row["best_val_auc"])
+        assert run.data.metrics["test_roc_auc"] == pytest.approx(row["test_roc_auc"])
+        assert run.data.metrics["test_sensitivity"] == pytest.approx(row["sensitivity"])
+        assert run.data.tags["data_version"] != "untracked"  # the shared data, read through the trial's link
+
+    best = max(rows.values(), key=lambda r: r["best_val_auc"])
+    assert result["winner"] == best["trial"] and result["winner_run_id"] == best["run_id"]
+    table = client.download_artifacts(parent, "sweep/comparison.csv", str(tmp_path))
+    assert len(Path(table).read_text().strip().splitlines()) == 1 + 3
+    markdown = _summary()
+    assert markdown.count("| t0") + markdown.count("| **t0") == 3 and f"| **{best['trial']}** (winner) |" in markdown
+
+    # Registered as a candidate: a version with its decision, @challenger at most, never @champion.
+    version = client.get_model_version("sweep-test", result["version"])
+    assert version.run_id == best["run_id"] and result["decision"] == "challenger"
+    assert f"from sweep {parent}" in version.tags["decision_reason"]
+    assert "champion" not in version.aliases and "champion" not in client.get_registered_model("sweep-test").aliases
+    assert client.get_run(parent).data.tags["winner_version"] == result["version"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert "sweep-test version 1: **challenger**" in markdown
