@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from pipeline.core.config import Params, TrainParams
 from pipeline.modeling import inputs as dp
-from pipeline.modeling import models
+from pipeline.modeling import models, records
 from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
 EpochSink = Callable[[dict[str, float]], None]
@@ -179,6 +179,8 @@ def train(
     limit = tp.max_images_per_split
     train_data = dp.split_data(index, "train", params.data.root, params.task, limit, tp.seed)
     val_data = dp.split_data(index, "val", params.data.root, params.task, limit, tp.seed)
+    if tp.input == "shards":
+        train_data, val_data = from_shards(params, index, train_data, val_data)
     n_classes = len(train_data.class_names)
     weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
     one_hot = n_classes > 2
@@ -207,6 +209,7 @@ def train(
             one_hot=one_hot,
             weights=weights,
             mixup=tp.mixup,
+            shuffle_buffer=tp.shuffle_buffer,
         )
         val_ds = dp.make_dataset(val_data, mp.image_size, tp.batch_size, one_hot=one_hot)
         outcome.history.extend(
@@ -294,11 +297,23 @@ def _train_head_on_features(
     )
 
 
+def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> list[dp.SplitData]:
+    """`data` read from the shards in ``shards.out`` (refused when they were written from another index)."""
+    out = params.shards.out
+    manifest = records.load_manifest(out)
+    records.check_manifest(manifest, index, out)
+    return [
+        replace(d, shards=tuple(records.shard_files(out, manifest, d.split)), compression=manifest["compression"])
+        for d in data
+    ]
+
+
 def state_key(params: Params, index: pd.DataFrame) -> str:
     """Everything that determines a training's result: a resume matches only the same run.
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
-    and split params (output folders aside), and the source of the modules that train.
+    and split params (output folders aside), where the images are read from (``train.input``; for
+    shards, their manifest: the shard files' hashes), and the source of the modules that train.
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
@@ -308,6 +323,8 @@ def state_key(params: Params, index: pd.DataFrame) -> str:
         params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
         params.split.model_dump(),
     ]
-    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models)]
+    if params.train.input == "shards":
+        settings.append(records.manifest_digest(params.shards.out))
+    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models, records)]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
