@@ -41,10 +41,16 @@ def sharded(synthetic_index: tuple[Path, pd.DataFrame], tmp_path_factory: pytest
 def test_two_writes_are_byte_identical(sharded, tmp_path: Path) -> None:
     folder, index, out, _ = sharded
     again = tmp_path / "again"
-    records.write_shards(
-        index.sample(frac=1, random_state=3), _root(folder), ShardsParams(out=str(again), images_per_shard=50)
-    )
+    shuffled = index.sample(frac=1, random_state=3)
+    records.write_shards(shuffled, _root(folder), ShardsParams(out=str(again), images_per_shard=50))
     assert _tree(out) == _tree(again)
+    gz = [tmp_path / "gz1", tmp_path / "gz2"]
+    for target in gz:
+        records.write_shards(index, _root(folder), ShardsParams(out=str(target), compression="gzip"))
+    assert _tree(gz[0]) == _tree(gz[1])
+    manifest = records.load_manifest(gz[0])
+    got = list(records.read_records(records.shard_files(gz[0], manifest, "val"), "gzip").as_numpy_iterator())
+    assert [r["path"].decode() for r in got] == records.usable_rows(index, "val")["path"].tolist()
 
 
 def test_round_trip_every_record_equals_its_row_and_file(sharded) -> None:
