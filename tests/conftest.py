@@ -41,6 +41,7 @@ def rooted_params(tmp: Path, *overrides: str) -> Params:
         f"index.quarantine={tmp / 'reports' / 'quarantine.csv'}",
         f"validation.report={tmp / 'reports' / 'validation.json'}",
         f"validation.data_docs={tmp / 'reports' / 'data_docs'}",
+        f"shards.out={tmp / 'data' / 'shards'}",
         f"train.model_dir={tmp / 'models'}",
         f"train.tensorboard_dir={tmp / 'reports' / 'tensorboard'}",
         f"train.resume_dir={tmp / 'cache' / 'resume'}",
@@ -62,13 +63,15 @@ def params_in(tmp_path: Path) -> Callable[..., Params]:
 
 @pytest.fixture(scope="session")
 def synthetic_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
-    """The small synthetic data set, ingested and indexed once per session: (folder, index)."""
+    """The small synthetic data set, ingested, indexed and sharded once per session: (folder, index)."""
     from pipeline.data import dataset_index, ingest, splits
+    from pipeline.modeling import records
 
     tmp = tmp_path_factory.mktemp("synthetic")
     params = rooted_params(tmp, *SMALL_SYNTHETIC)
     ingest.ingest(params.data)
     index = splits.assign_splits(dataset_index.build_index(params.data.root), params.split)
+    records.write_shards(index, params.data.root, params.shards)  # where rooted params' train.input reads
     return tmp, index
 
 

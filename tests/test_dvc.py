@@ -21,7 +21,7 @@ from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run, write_params
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "index", "validate", "train", "evaluate", "stress", "register"]
+STAGES = ["ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"]
 
 
 @pytest.fixture(scope="module")

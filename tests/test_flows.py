@@ -20,7 +20,7 @@ from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "index", "validate", "train", "evaluate", "stress", "register"]
+STAGES = ["ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"]
 # A two-epoch model on tiny data may miss the clinical floor: these runs check orchestration, not the model.
 FLOW_PROJECT = [*SMALL_SYNTHETIC, *FAST_TRAIN, "registry.sensitivity_floor=0", "registry.model_name=flow-test"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -73,8 +74,10 @@ def test_resume_state_is_keyed_by_data_settings_and_code(synthetic_index: tuple[
         training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "split.seed=1"), index),
     ]
     assert len({key, *others}) == 6
-    # Output folders are not content: moving them keeps the key.
-    assert training.state_key(rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN), index) == key
+    # Folders are not content: moving them (the same shards elsewhere included) keeps the key.
+    elsewhere = rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN)
+    shutil.copytree(params.shards.out, elsewhere.shards.out, dirs_exist_ok=True)
+    assert training.state_key(elsewhere, index) == key
 
 
 def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index: tuple[Path, pd.DataFrame]) -> None:

@@ -111,6 +111,16 @@ class ValidationParams(Strict):
     examples: int = Field(5, ge=1, le=100)
 
 
+class ShardsParams(Strict):
+    """The shard stage: each split's decodable images packed into TFRecord files (original bytes + index fields)."""
+
+    out: str = "data/shards"
+    images_per_shard: int = Field(1024, ge=1, description="records per shard file (the last one holds the rest)")
+    compression: Literal["none", "gzip", "zlib"] = Field(
+        "none", description="TFRecord compression; JPEG bytes barely compress, none reads fastest"
+    )
+
+
 ARCHITECTURES = ("compact_cnn", "resnet50", "vgg16", "inceptionv3", "densenet121", "efficientnetb0", "mobilenetv2")
 TASKS = {"binary": ("NORMAL", "PNEUMONIA"), "three_class": ("NORMAL", "BACTERIAL", "VIRAL")}
 
@@ -162,6 +172,10 @@ class TrainParams(Strict):
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()
+    input: Literal["shards", "files"] = Field(
+        "shards", description="shards: stream train/val from shards.out | files: read the images under data.root"
+    )
+    shuffle_buffer: int = Field(4096, ge=1, description="shards: records in the shuffle buffer (memory stays flat)")
     max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
     seed: int = 42
     deterministic: bool = False
@@ -292,6 +306,7 @@ class Params(Strict):
     index: IndexParams = IndexParams()
     split: SplitParams = SplitParams()
     validation: ValidationParams
+    shards: ShardsParams = ShardsParams()
     task: Literal["binary", "three_class"] = "binary"
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()

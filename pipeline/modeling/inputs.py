@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from pipeline.core.config import TASKS, AugmentParams
 from pipeline.core.errors import DataError
+from pipeline.modeling import records
 from pipeline.modeling.preprocess import decode_image
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -28,6 +29,9 @@ class SplitData:
     labels: np.ndarray  # int class ids
     class_names: tuple[str, ...]
     patients: list[str] = field(default_factory=list)  # scoped patient id of each image
+    keys: list[str] = field(default_factory=list)  # each image's path as the index writes it (relative to root)
+    shards: tuple[str, ...] = ()  # TFRecord files holding these images (records.py): stream from them, not paths
+    compression: str = "none"  # the shards' TFRecord compression
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,7 +66,9 @@ def split_data(
         )
         rows, labels = rows.iloc[keep], labels[keep]
     paths = [str(Path(root) / p) for p in rows["path"]]
-    return SplitData(split, paths, labels, TASKS[task], rows["patient_id"].astype(str).tolist())
+    return SplitData(
+        split, paths, labels, TASKS[task], rows["patient_id"].astype(str).tolist(), rows["path"].astype(str).tolist()
+    )
 
 
 class IntensityJitter(keras.layers.Layer):
@@ -129,18 +135,47 @@ def make_dataset(
     one_hot: bool = False,
     weights: dict[int, float] | None = None,
     mixup: float = 0.0,
+    shuffle_buffer: int = 4096,
+    deterministic: bool = True,
 ) -> tf.data.Dataset:
     """Batches of (images, labels) or, with class `weights`, (images, labels, sample weights); shuffled,
-    augmented and (``mixup`` > 0) mixed only when `training`."""
+    augmented and (``mixup`` > 0) mixed only when `training`.
+
+    From files (``data.paths``): decoded once into an in-memory cache (`cache`), shuffled over the whole
+    split. From shards (``data.shards``): streamed, encoded records shuffled in a buffer of `shuffle_buffer`
+    and decoded each epoch; training never caches (memory stays flat), evaluation caches when `cache`.
+    Without `training`, images come in ``data`` order either way.
+    """
     n_classes = len(data.class_names)
-    ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
-    ds = ds.map(
-        lambda p, y: (decode_image(tf.io.read_file(p), image_size), y), num_parallel_calls=AUTOTUNE, deterministic=True
-    )
-    if cache:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+
+    def decode(encoded: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return decode_image(encoded, image_size), y
+
+    if data.shards:
+        ds = records.stream(
+            list(data.shards),
+            data.keys,
+            data.labels.tolist(),
+            compression=data.compression,
+            training=training,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            deterministic=deterministic,
+        )
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
+        if cache and not training:
+            ds = ds.cache()
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
+        ds = ds.map(
+            lambda p, y: decode(tf.io.read_file(p), y),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic or not training,
+        )
+        if cache:
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -33,7 +33,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline.core.config import Params, TrainParams
-from pipeline.modeling import distributed, models
+from pipeline.modeling import distributed, models, records
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
@@ -251,6 +251,8 @@ def _train(
     limit = tp.max_images_per_split
     train_data = dp.split_data(index, "train", params.data.root, params.task, limit, tp.seed)
     val_data = dp.split_data(index, "val", params.data.root, params.task, limit, tp.seed)
+    if tp.input == "shards":
+        train_data, val_data = from_shards(params, index, train_data, val_data)
     n_classes = len(train_data.class_names)
     weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
     one_hot = n_classes > 2
@@ -286,6 +288,7 @@ def _train(
             one_hot=one_hot,
             weights=weights,
             mixup=tp.mixup,
+            shuffle_buffer=tp.shuffle_buffer,
         )
         val_ds = dp.make_dataset(val_data, mp.image_size, global_batch, one_hot=one_hot)
         if place.multi_worker:  # the batches are global: the strategy gives each worker its share
@@ -382,12 +385,24 @@ def _cluster_size() -> int:
     return cluster.size if cluster else 1
 
 
+def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> list[dp.SplitData]:
+    """`data` read from the shards in ``shards.out`` (refused when they were written from another index)."""
+    out = params.shards.out
+    manifest = records.load_manifest(out)
+    records.check_manifest(manifest, index, out)
+    return [
+        replace(d, shards=tuple(records.shard_files(out, manifest, d.split)), compression=manifest["compression"])
+        for d in data
+    ]
+
+
 def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     """Everything that determines a training's result: a resume matches only the same run.
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
-    and split params (output folders aside), the source of the modules that train, and the number of
-    workers (a cluster of another size splits the batches differently).
+    and split params (output folders aside), where the images are read from (``train.input``; for
+    shards, their manifest: the shard files' hashes), the source of the modules that train, and the
+    number of workers (a cluster of another size splits the batches differently).
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
@@ -398,6 +413,9 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
         params.split.model_dump(),
         workers,
     ]
-    code = [Path(m.__file__).read_bytes().decode() for m in (sys.modules[__name__], dp, models, distributed)]
+    if params.train.input == "shards":
+        settings.append(records.manifest_digest(params.shards.out))
+    modules = (sys.modules[__name__], dp, models, records, distributed)
+    code = [Path(m.__file__).read_bytes().decode() for m in modules]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

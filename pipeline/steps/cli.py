@@ -22,6 +22,7 @@ STAGE_HELP = {
     "ingest": "write the data set (synthetic, local folder/zip, or Kaggle) in the Kaggle layout under data.root",
     "index": "scan the images into the index table (hash, size, mode, decodability) and carve patient-grouped splits",
     "validate": "check the index with Great Expectations, write a JSON report and Data Docs, fail on unmet ones",
+    "shard": "pack each split's images (original bytes + index fields) into TFRecord shards under shards.out",
     "train": "train the model in params.yaml (model, train, task), save it under train.model_dir, track it in MLflow",
     "evaluate": "choose the threshold on val, report test metrics with CIs, curves and figures; log to the MLflow run",
     "stress": "score the model on the test images changed as other hospitals' are (exposure, gamma, border...)",

@@ -101,8 +101,15 @@ def stages(params: Params) -> list[Stage]:
             outs=[p.validation.data_docs],
         ),
         Stage(
-            "train",
+            "shard",
             [p.index.path, p.validation.report, p.data.root],
+            params=["shards"],
+            outs=[p.shards.out],
+        ),
+        Stage(
+            "train",
+            # shards: training streams them and never opens data.root; files: it reads the images there
+            [p.index.path, p.validation.report, p.shards.out if p.train.input == "shards" else p.data.root],
             params=["task", "model", "train"],
             outs=[model, f"{p.train.model_dir}/metadata.json", p.train.tensorboard_dir, p.mlflow.run_file],
             metrics=["reports/train.json"],
