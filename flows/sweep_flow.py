@@ -2,7 +2,7 @@
 
 The sweep expands a grid of dotted params.yaml keys (or draws random combinations, seeded), and checks
 every combination against the typed schema before anything runs: a bad key or value fails the flow with
-the schema's one-line error naming it. The data stages (ingest, index, validate) are brought up to date
+the schema's one-line error naming it. The data stages (ingest, index, validate, shard) are brought up to date
 through DVC first, as the pipeline flow does (``data_stages=False``: they must already be, e.g. after
 ``dvc pull``). Each trial is a Prefect task, submitted to a thread pool limited to ``parallel``, that
 runs the ordinary stage commands ``pneumo train`` and ``pneumo evaluate`` as subprocesses in its own
@@ -47,7 +47,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.registry import tracking
 from pipeline.steps.stages import ROOT as CODE_ROOT
 
-DATA_STAGES = ("ingest", "index", "validate")
+DATA_STAGES = ("ingest", "index", "validate", "shard")
 SWEEPABLE = ("task", "model", "train", "evaluate")  # what a trial may change: the data stages are shared
 SUMMARY_KEY = "pneumonia-sweep-summary"
 
@@ -125,7 +125,7 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
     folder.mkdir(parents=True)
     shutil.copy2(params_file, folder / "params.yaml")
     project = load_params(params_file)
-    for path in (project.data.root, project.index.path):
+    for path in (project.data.root, project.index.path, project.shards.out):
         top = Path(path).parts[0]
         if not Path(path).is_absolute() and not (folder / top).exists():
             (folder / top).symlink_to(Path(top).resolve(), target_is_directory=Path(top).is_dir())
@@ -243,9 +243,12 @@ def prepare_data(params: Params, run_stages: bool) -> None:
             started = started or name in changed
             logger.info("%s: %s", name, stage_task(name, cached=not started)(name).status)
         return
-    for path in (params.index.path, params.validation.report):
+    needed = [params.index.path, params.validation.report]
+    if params.train.input == "shards":
+        needed.append(str(Path(params.shards.out) / "manifest.json"))
+    for path in needed:
         if not Path(path).is_file():
-            raise PipelineError(f"sweep: {path} is missing: run `dvc repro validate` (or `dvc pull`) first")
+            raise PipelineError(f"sweep: {path} is missing: run `dvc repro shard` (or `dvc pull`) first")
 
 
 @flow(name="pneumonia-sweep", log_prints=True)

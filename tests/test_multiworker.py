@@ -43,6 +43,7 @@ def overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.root={data / 'data' / 'raw'}",
         f"index.path={data / 'index.parquet'}",
+        f"shards.out={data / 'data' / 'shards'}",
         f"validation.report={out / 'reports' / 'validation.json'}",
         f"train.model_dir={out / 'models'}",
         f"train.tensorboard_dir={out / 'tensorboard'}",
@@ -60,6 +61,13 @@ def data(synthetic_index: tuple[Path, pd.DataFrame]) -> Path:
     tmp, index = synthetic_index
     write_index(index, tmp / "index.parquet", tmp / "quarantine.csv")
     return tmp
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers inherit this environment: an MLFLOW_TRACKING_URI left by an earlier test in the session
+    (mlflow.set_tracking_uri exports it) would beat their params and point them at a stopped server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def env(tmp: Path) -> dict[str, str]:
