@@ -62,7 +62,7 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     run = client.get_run(ref["run_id"])
     metrics = json.loads((repo_copy / "reports" / "metrics.json").read_text())
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["test"]["roc_auc"])
-    assert run.data.tags["threshold"].startswith(f"{metrics['threshold']:.4f}"[:5])
+    assert float(run.data.tags["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-4)
     assert run.data.tags["data_version"] == dvc_data_version("data/raw", repo_copy / "dvc.lock")
     assert run.data.tags["git_commit"] and run.data.params["model.architecture"] == "compact_cnn"
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # per epoch
