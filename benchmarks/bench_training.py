@@ -1,6 +1,6 @@
 """Benchmark: input pipeline, training throughput per model, cached-feature head epochs (prints figures).
 
-    .venv/bin/python benchmarks/bench_training.py [--shared ../shared/data] [--size 128] [--images 1024]
+    .venv/bin/python benchmarks/bench_training.py [--shared ../shared/data] [--size 128] [--images 1024] [--models '']
 
 1. Input pipeline images/s: pneumo's tf.data pipeline (parallel decode + resize, cached after the
    first pass) against keras.utils.image_dataset_from_directory on the same files, and the shard
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--models", default=",".join(ARCHITECTURES))
+    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="architectures to train ('' for none)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     data = sample(args.shared, args.images, tmp / "images")
@@ -112,6 +112,9 @@ def main() -> None:
         f"shard reader, every epoch {stream:7.0f} img/s ({stream / baseline:.2f}x)"
     )
 
+    if not args.models:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     batches = dp.make_dataset(data, size, 32, training=True, seed=0)
     for arch in args.models.split(","):
         if arch in BACKBONES and size < BACKBONES[arch].min_size:

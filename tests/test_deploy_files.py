@@ -22,6 +22,7 @@ from typing import Any
 import docker.types
 import httpx
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from prefect.utilities.templating import apply_values, find_placeholders
@@ -207,6 +208,29 @@ def test_kubernetes_template_requests_gpus_on_selected_tolerated_nodes() -> None
     assert default["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1} and "nodeSelector" not in default
     with pytest.raises(jsonschema.ValidationError, match="Maybe"):
         render("kubernetes", {"tolerations": [{"key": "gpu", "operator": "Maybe"}]})
+
+
+K8S_VERSION = "1.33"  # validated against this Kubernetes API's OpenAPI schemas, unknown fields rejected
+
+
+def test_kubernetes_manifests_match_the_api_schemas() -> None:
+    manifests = [
+        (f.name, doc) for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(f.read_text())
+    ]
+    rendered = render("kubernetes", {"gpu_count": 2, "node_selector": {"pool": "gpu"}})["job_manifest"]
+    for container in rendered["spec"]["template"]["spec"]["containers"]:  # as prefect-kubernetes' worker does
+        container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    manifests.append(("work-pools/kubernetes.json (rendered)", rendered))
+    assert {doc["kind"] for _, doc in manifests} == {"Service", "Job"}
+    for name, doc in manifests:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name} ({doc['kind']}): {e.message}")
+    broken = copy.deepcopy(manifests[0][1] if manifests[0][1]["kind"] == "Job" else manifests[1][1])
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError, match="imagePullPolicyy"):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
 def test_docker_template_requests_gpus_as_docker_py_expects() -> None:

@@ -11,15 +11,19 @@ import tensorflow as tf
 
 
 def resize_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """(H, W, 1) uint8 -> (size, size, 1) float32 in [0, 255], stretched to a square."""
+    """(H, W, 1) uint8 -> (size, size, 1) float32 in [0, 255], stretched to a square.
+
+    Shrinking by 2x or more (full-resolution X-rays): area averaging, antialiased (2.6x faster than
+    antialiased bilinear). Anything milder, or enlarging: bilinear, whose 2x2 taps miss no source pixel
+    below a 2x reduction (what image_dataset_from_directory does everywhere, at about half area's cost).
+    Both average source pixels, so the result stays in [0, 255] without clipping.
+    """
     shape = tf.shape(image)
-    # Shrinking: area averaging (antialiased, 2.6x faster than antialiased bilinear); enlarging: bilinear.
-    image = tf.cond(
-        tf.logical_and(shape[0] >= image_size, shape[1] >= image_size),
+    return tf.cond(
+        tf.maximum(shape[0], shape[1]) >= 2 * image_size,
         lambda: tf.image.resize(image, (image_size, image_size), method="area"),
         lambda: tf.image.resize(image, (image_size, image_size), method="bilinear"),
     )
-    return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
