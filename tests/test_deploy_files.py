@@ -227,7 +227,7 @@ def test_kubernetes_manifests_match_the_api_schemas() -> None:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{name} ({doc['kind']}): {e.message}")
-    broken = copy.deepcopy(manifests[0][1] if manifests[0][1]["kind"] == "Job" else manifests[1][1])
+    broken = copy.deepcopy(next(doc for _, doc in manifests if doc["kind"] == "Job"))
     broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError, match="imagePullPolicyy"):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)

@@ -55,7 +55,9 @@ def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Pat
     assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"
 
 
-def test_resume_state_is_keyed_by_data_settings_and_code(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+def test_resume_state_is_keyed_by_data_settings_and_code(
+    synthetic_index: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
     tmp, index = synthetic_index
     params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN)
     key = training.state_key(params, index)
@@ -78,6 +80,11 @@ def test_resume_state_is_keyed_by_data_settings_and_code(synthetic_index: tuple[
     elsewhere = rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN)
     shutil.copytree(params.shards.out, elsewhere.shards.out, dirs_exist_ok=True)
     assert training.state_key(elsewhere, index) == key
+    # Another image decoding (preprocess.py) makes other inputs: a resume folder from before is not reused.
+    edited = tmp / "preprocess_edited.py"
+    edited.write_text(Path(preprocess.__file__).read_text() + "\n# resize changed\n")
+    monkeypatch.setattr(preprocess, "__file__", str(edited))
+    assert training.state_key(params, index) != key
 
 
 def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index: tuple[Path, pd.DataFrame]) -> None:

@@ -33,7 +33,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline.core.config import Params, TrainParams
-from pipeline.modeling import distributed, models, records
+from pipeline.modeling import distributed, models, preprocess, records
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
@@ -401,7 +401,7 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
     and split params (output folders aside), where the images are read from (``train.input``; for
-    shards, their manifest: the shard files' hashes), the source of the modules that train, and the
+    shards, their manifest: the shard files' hashes), the source of the modules that decode and train, and the
     number of workers (a cluster of another size splits the batches differently).
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
@@ -415,7 +415,7 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))
-    modules = (sys.modules[__name__], dp, models, records, distributed)
+    modules = (sys.modules[__name__], dp, preprocess, models, records, distributed)
     code = [Path(m.__file__).read_bytes().decode() for m in modules]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
