@@ -101,7 +101,7 @@ def worker(form: str, work: Path, size: int, batch: int) -> None:
     model.fit(tf.data.Dataset.from_tensors((zeros, tf.zeros((batch,)))).repeat(2), verbose=0)  # tracing
     before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # TF, the model, the index
     start = time.perf_counter()
-    model.fit(ds, epochs=1, verbose=0)
+    model.fit(ds, epochs=1, steps_per_epoch=dp.steps_per_epoch(len(data), batch), verbose=0)  # endless batches
     secs = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

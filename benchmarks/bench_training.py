@@ -1,11 +1,15 @@
 """Benchmark: input pipeline, training throughput per model, cached-feature head epochs (prints figures).
 
-    .venv/bin/python benchmarks/bench_training.py [--shared ../shared/data] [--size 128] [--images 1024] [--models '']
+    .venv/bin/python benchmarks/bench_training.py [--shared ../shared/data] [--size 128] [--images 1024]
+        [--rounds 7] [--models '']
 
-1. Input pipeline images/s: pneumo's tf.data pipeline (parallel decode + resize, cached after the
-   first pass) against keras.utils.image_dataset_from_directory on the same files, and the shard
-   reader (train.input: shards: TFRecords streamed, decoded every epoch). Each pipeline is measured
-   after a warm-up pass over 64 other images, so TF's one-time start-up is charged to none of them.
+1. Input pipeline images/s: pneumo's training pipeline from files (the first epoch decodes, later
+   epochs read the cache) against keras.utils.image_dataset_from_directory on the same files, and
+   the shard reader (train.input: shards: TFRecords streamed, decoded every epoch). TF's one-time
+   start-up is spent on a warm-up pass over 64 images first; then each round builds every pipeline
+   afresh (outside the clock) and times its iterator from creation, the pipelines taking turns;
+   printed: the median of `--rounds` rounds with the range, and the median of the per-round ratios
+   to Keras (pairing rounds cancels the machine's slow drifts).
 2. Training images/s per architecture (weights: none, batch 32, one epoch after a warm-up).
 3. A frozen-backbone head epoch on cached features against a full forward pass per epoch.
 Compare figures as ratios within one run: the machine is shared and noisy.
@@ -14,9 +18,11 @@ Compare figures as ratios within one run: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from PIL import Image
 
 from pipeline.core.config import ARCHITECTURES, ShardsParams
 from pipeline.modeling import inputs as dp
@@ -45,7 +52,8 @@ def sample(shared: Path, n: int, out: Path) -> dp.SplitData:
             shutil.copy2(f, out / label / f.name)
             paths.append(str(out / label / f.name))
             labels.append(label_id)
-    return dp.SplitData("train", paths, np.array(labels), ("NORMAL", "PNEUMONIA"))
+    sides = [max(Image.open(p).size) for p in paths]  # as the index records them
+    return dp.SplitData("train", paths, np.array(labels), ("NORMAL", "PNEUMONIA"), long_sides=sides)
 
 
 def sharded(data: dp.SplitData, root: Path, out: Path) -> dp.SplitData:
@@ -72,11 +80,31 @@ def sharded(data: dp.SplitData, root: Path, out: Path) -> dp.SplitData:
     return dp.SplitData(**{**data.__dict__, "keys": keys, "shards": tuple(records.shard_files(out, manifest, "train"))})
 
 
-def rate(ds: tf.data.Dataset, n: int) -> float:
+def epoch_rates(ds: tf.data.Dataset, n: int, steps: int | None, epochs: int = 1) -> list[float]:
+    """img/s of `epochs` consecutive epochs of `steps` batches read from one iterator, as fit reads them
+    (the first includes creating the iterator); `steps` None: one pass to the end of a finite dataset."""
     start = time.perf_counter()
-    for _ in ds:
-        pass
-    return n / (time.perf_counter() - start)
+    it, rates = iter(ds), []
+    for _ in range(epochs):
+        batches = it if steps is None else (next(it) for _ in range(steps))
+        for _ in batches:
+            pass
+        now = time.perf_counter()
+        rates.append(n / (now - start))
+        start = now
+    del it, batches  # an endless pipeline reads ahead until its iterator is gone: stop it before the next
+    gc.collect()
+    time.sleep(0.2)
+    return rates
+
+
+def spread(rates: list[float], base: list[float] | None = None) -> str:
+    """Median img/s (range) and, against `base` (the same rounds), the median of the per-round ratios."""
+    text = f"{statistics.median(rates):7.0f} img/s ({min(rates):.0f}-{max(rates):.0f})"
+    if base:
+        ratios = sorted(r / b for r, b in zip(rates, base, strict=True))
+        text += f"  {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
+    return text
 
 
 def main() -> None:
@@ -84,6 +112,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(ARCHITECTURES), help="architectures to train ('' for none)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
@@ -92,25 +121,29 @@ def main() -> None:
     print(f"{n} real 224px images resized to {size}px, batch 32, {os.cpu_count()} CPU cores, TF {tf.__version__}")
 
     streamed = sharded(data, tmp / "images", tmp / "shards")
+    steps = dp.steps_per_epoch(n, 32)
     warm = dp.SplitData("train", data.paths[:32] + data.paths[-32:], np.array([0] * 32 + [1] * 32), data.class_names)
-    rate(dp.make_dataset(warm, size, 32, training=True, seed=1), 64)  # start-up: thread pools, tracing, autotune
-    keras_ds = keras.utils.image_dataset_from_directory(
-        tmp / "images", image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
-    ).prefetch(tf.data.AUTOTUNE)
-    # Best of 3 rounds, the pipelines taking turns (the machine is shared); a new pipeline each round, so each
-    # first pass really decodes (a cached pipeline's later epochs are the "cached" figure).
-    first = stream = baseline = cached = 0.0
-    for _ in range(3):
-        ours = dp.make_dataset(data, size, 32, training=True, seed=0)
-        first = max(first, rate(ours, n))
-        cached = max(cached, rate(ours, n))
-        stream = max(stream, rate(dp.make_dataset(streamed, size, 32, training=True, seed=0), n))
-        baseline = max(baseline, rate(keras_ds, n))
-    print(
-        f"input pipeline: image_dataset_from_directory {baseline:7.0f} img/s | pneumo first pass {first:7.0f} "
-        f"img/s ({first / baseline:.2f}x) | pneumo cached epochs {cached:7.0f} img/s ({cached / baseline:.2f}x) | "
-        f"shard reader, every epoch {stream:7.0f} img/s ({stream / baseline:.2f}x)"
-    )
+    epoch_rates(dp.make_dataset(warm, size, 32, training=True, seed=1), 64, 2)  # thread pools, tracing
+
+    def keras_folder() -> tf.data.Dataset:
+        return keras.utils.image_dataset_from_directory(
+            tmp / "images", image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
+        ).prefetch(tf.data.AUTOTUNE)
+
+    baseline, first, cached, stream = [], [], [], []
+    for _ in range(args.rounds):
+        # deterministic=False as training reads (train.deterministic: false, one worker)
+        pipelines = (keras_folder(), dp.make_dataset(data, size, 32, training=True, seed=0, deterministic=False))
+        baseline += epoch_rates(pipelines[0], n, None)
+        a, b = epoch_rates(pipelines[1], n, steps, 2)
+        first.append(a)
+        cached.append(b)
+        stream += epoch_rates(dp.make_dataset(streamed, size, 32, training=True, seed=0, deterministic=False), n, steps)
+    print(f"input pipeline, median of {args.rounds} rounds (range); ratio to Keras in the same round, median (range):")
+    print(f"  keras.utils.image_dataset_from_directory  {spread(baseline)}")
+    print(f"  pneumo first epoch (decode, fill cache)   {spread(first, baseline)}")
+    print(f"  pneumo later epochs (cached, reshuffled)  {spread(cached, baseline)}")
+    print(f"  shard reader, every epoch                 {spread(stream, baseline)}")
 
     if not args.models:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,7 +156,7 @@ def main() -> None:
         built.model.compile(optimizer="adam", loss="binary_crossentropy")
         built.model.fit(batches.take(2), epochs=1, verbose=0, shuffle=False)  # warm-up: tracing, allocation
         start = time.perf_counter()
-        built.model.fit(batches, epochs=1, verbose=0, shuffle=False)
+        built.model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
         secs = time.perf_counter() - start
         print(f"training {arch:15s} {n / secs:7.1f} img/s ({secs:.2f} s for {n} images, all layers trainable)")
 
@@ -134,7 +167,7 @@ def main() -> None:
     model.compile(optimizer="adam", loss="binary_crossentropy")
     model.fit(batches.take(2), epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
-    model.fit(batches, epochs=1, verbose=0, shuffle=False)
+    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     full = time.perf_counter() - start
     extractor = keras.Model(model.input, model.get_layer("gap").output)
     start = time.perf_counter()

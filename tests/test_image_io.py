@@ -163,7 +163,8 @@ def test_exif_orientation_turns_a_jpeg_upright_decoded_as_in_training(xray: Path
     reference = image_io.load(oriented(upright, 1, "JPEG"))
     error = np.abs(image.pixels.astype(int) - reference.pixels)
     assert error.mean() <= 1.0 and error.max() <= 16, (error.mean(), error.max())
-    np.testing.assert_allclose(image_io.model_input(image, 64), image_io.model_input(reference, 64), atol=1.5)
+    # Model inputs are whole gray levels: rounding can turn a 1.5 difference into 2.
+    np.testing.assert_allclose(image_io.model_input(image, 64), image_io.model_input(reference, 64), atol=2.0)
 
 
 def test_unreadable_exif_is_a_warning_not_an_error(xray: Path) -> None:

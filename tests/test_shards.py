@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 import yaml
 
 from pipeline.core.config import ShardsParams
@@ -106,6 +107,7 @@ def test_streamed_dataset_matches_files(sharded) -> None:
 
     def labels(data: dp.SplitData) -> Counter:
         ds = dp.make_dataset(data, 32, 16, training=True, seed=1, weights=weights, shuffle_buffer=20)
+        ds = ds.take(dp.steps_per_epoch(len(data), 16))  # training batches never end: one epoch
         batches = list(ds.as_numpy_iterator())
         assert all(len(b) == 3 and b[0].shape[1:] == (32, 32, 1) for b in batches)  # images, labels, weights
         return Counter(np.concatenate([b[1] for b in batches]).tolist())
@@ -117,6 +119,11 @@ def test_streamed_dataset_matches_files(sharded) -> None:
     np.testing.assert_array_equal(first_stream, first_files)
     expected = decode_image(Path(files.paths[0]).read_bytes(), 32).numpy()
     np.testing.assert_array_equal(first_stream[0], expected)
+    # Evaluation batches state their count (Keras then never runs past the end), checked against the records.
+    assert int(dp.make_dataset(shards, 32, 8).cardinality()) == dp.steps_per_epoch(len(shards), 8)
+    missing = dp.SplitData(**{**shards.__dict__, "keys": [*shards.keys[:-1], "not/in/any/shard.jpeg"]})
+    with pytest.raises(tf.errors.FailedPreconditionError, match="expected to contain"):
+        list(dp.make_dataset(missing, 32, 8, cache=False))
     # A stratified subset reads only its own records.
     subset = dp.split_data(index, "train", _root(folder), "binary", limit=40, seed=0)
     subset = dp.SplitData(**{**subset.__dict__, "shards": shards.shards})

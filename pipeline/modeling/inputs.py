@@ -1,4 +1,4 @@
-"""The tf.data input pipeline: parallel decode and resize, cache, shuffle, batch, augment, prefetch.
+"""The tf.data input pipeline: parallel decode and resize, batch, cache, shuffle, augment, prefetch.
 
 ``preprocess.decode_image`` is the one preprocessing function: training, evaluation and prediction all feed
 the model (H, W, 1) float32 in [0, 255], stretched to a square as in the published data set.
@@ -17,7 +17,7 @@ import tensorflow as tf
 from pipeline.core.config import TASKS, AugmentParams
 from pipeline.core.errors import DataError
 from pipeline.modeling import records
-from pipeline.modeling.preprocess import decode_image
+from pipeline.modeling.preprocess import decode_image, resize_method
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -32,9 +32,15 @@ class SplitData:
     keys: list[str] = field(default_factory=list)  # each image's path as the index writes it (relative to root)
     shards: tuple[str, ...] = ()  # TFRecord files holding these images (records.py): stream from them, not paths
     compression: str = "none"  # the shards' TFRecord compression
+    long_sides: list[int] = field(default_factory=list)  # each image's longer side in pixels, as indexed
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Batches in one pass over `n_images` (the last one partial): the epoch of a training dataset."""
+    return -(-n_images // batch_size)
 
 
 def class_ids(rows: pd.DataFrame, task: str) -> np.ndarray:
@@ -66,8 +72,15 @@ def split_data(
         )
         rows, labels = rows.iloc[keep], labels[keep]
     paths = [str(Path(root) / p) for p in rows["path"]]
+    sides = rows[["width", "height"]].max(axis=1).astype(int).tolist() if {"width", "height"} <= set(rows) else []
     return SplitData(
-        split, paths, labels, TASKS[task], rows["patient_id"].astype(str).tolist(), rows["path"].astype(str).tolist()
+        split,
+        paths,
+        labels,
+        TASKS[task],
+        rows["patient_id"].astype(str).tolist(),
+        rows["path"].astype(str).tolist(),
+        long_sides=sides,
     )
 
 
@@ -138,19 +151,39 @@ def make_dataset(
     shuffle_buffer: int = 4096,
     deterministic: bool = True,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels) or, with class `weights`, (images, labels, sample weights); shuffled,
-    augmented and (``mixup`` > 0) mixed only when `training`.
+    """Batches of (images, labels) or, with class `weights`, (images, labels, sample weights).
 
-    From files (``data.paths``): decoded once into an in-memory cache (`cache`), shuffled over the whole
-    split. From shards (``data.shards``): streamed, encoded records shuffled in a buffer of `shuffle_buffer`
-    and decoded each epoch; training never caches (memory stays flat), evaluation caches when `cache`.
-    Without `training`, images come in ``data`` order either way.
+    Not `training`: one pass in ``data`` order, batches cached in memory after the first (`cache`).
+    `training`: endless, reshuffled every epoch (``steps_per_epoch`` batches), augmented and (``mixup``
+    > 0) mixed; fit it with ``steps_per_epoch``. Images are decoded a batch per call, batches in
+    parallel. From files (``data.paths``) the first epoch reads the files in a shuffled order and
+    caches the decoded batches (`cache`); later epochs reshuffle the whole cached split. From shards
+    (``data.shards``): streamed, encoded records shuffled in a buffer of `shuffle_buffer` and decoded
+    every epoch, nothing cached, so memory stays flat.
     """
     n_classes = len(data.class_names)
+    method = resize_method(data.long_sides, image_size) if len(data.long_sides) == len(data) else "auto"
+    table = tf.constant([(weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
+    carry_weights = weights is not None or (training and mixup > 0)  # mixup blends the weights too
 
-    def decode(encoded: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return decode_image(encoded, image_size), y
+    # Cached images are held as uint8 (exact: decode_image gives whole gray levels), a quarter of the
+    # memory, and become float32 batch by batch after the cache.
+    cached = cache and not data.shards
+    dtype = tf.uint8 if cached else tf.float32
 
+    def examples(images: tf.Tensor, y: tf.Tensor, *, from_paths: bool) -> tuple[tf.Tensor, ...]:
+        """A batch of encoded images (or of their paths) -> decoded images, targets and class weights.
+        One call per batch, not per image: tf.data's per-element overhead is paid once per batch."""
+
+        def one(item: tf.Tensor) -> tf.Tensor:
+            image = decode_image(tf.io.read_file(item) if from_paths else item, image_size, method)
+            return tf.cast(image, dtype)
+
+        x = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec((image_size, image_size, 1), dtype))
+        target = tf.one_hot(y, n_classes) if one_hot else tf.cast(y, tf.float32)
+        return (x, target, tf.gather(table, y)) if carry_weights else (x, target)
+
+    order = deterministic or not training
     if data.shards:
         ds = records.stream(
             list(data.shards),
@@ -162,37 +195,35 @@ def make_dataset(
             shuffle_buffer=shuffle_buffer,
             deterministic=deterministic,
         )
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
-        if cache and not training:
-            ds = ds.cache()
+        # The record filter hides the count: state it (Keras then knows where an epoch ends), checked on
+        # every pass, so shards that lack a record fail loudly instead of training on less.
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(data)))
+        decode = lambda images, y: examples(images, y, from_paths=False)  # noqa: E731
+        ds = ds.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=order)
+        ds = ds.repeat() if training else ds.cache() if cache else ds
     else:
         ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
-        ds = ds.map(
-            lambda p, y: decode(tf.io.read_file(p), y),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=deterministic or not training,
-        )
+        if training:  # reshuffled whenever the files are read again
+            ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+        read = lambda paths, y: examples(paths, y, from_paths=True)  # noqa: E731
+        ds = ds.batch(batch_size).map(read, num_parallel_calls=AUTOTUNE, deterministic=order)
         if cache:
             ds = ds.cache()
-        if training:
-            ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
+        if training and cache:  # later epochs: every cached image reshuffled
+            reshuffled = ds.unbatch().shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.concatenate(reshuffled.batch(batch_size).repeat())
+        elif training:
+            ds = ds.repeat()
+        if cached:
+            ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=AUTOTUNE)
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:
-        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTOTUNE)
-    table = tf.constant([(weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
-
-    def targets(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        w = tf.gather(table, y)
-        y = tf.one_hot(y, n_classes) if one_hot else tf.cast(y, tf.float32)
-        return x, y, w
-
-    ds = ds.map(targets, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest), num_parallel_calls=AUTOTUNE)
     if training and mixup:
         mix_seed = tf.random.Generator.from_seed(seed + 5)
         ds = ds.map(lambda x, y, w: mix_batch(x, y, w, mixup, mix_seed), num_parallel_calls=AUTOTUNE)
-    if weights is None:
-        ds = ds.map(lambda x, y, w: (x, y), num_parallel_calls=AUTOTUNE)
+        if weights is None:
+            ds = ds.map(lambda x, y, w: (x, y), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 

@@ -275,7 +275,7 @@ def _train(
 
     def fit_on_images(phase: str, epochs: int, learning_rate: float) -> None:
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
-        steps = -(-len(train_data) // global_batch)
+        steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
             _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp)
         train_ds = dp.make_dataset(
@@ -289,6 +289,9 @@ def _train(
             weights=weights,
             mixup=tp.mixup,
             shuffle_buffer=tp.shuffle_buffer,
+            # Images in the order they finish decoding, unless asked for determinism or several workers
+            # read the same global batches (each keeps its share, so every worker must see one order).
+            deterministic=tp.deterministic or place.multi_worker,
         )
         val_ds = dp.make_dataset(val_data, mp.image_size, global_batch, one_hot=one_hot)
         if place.multi_worker:  # the batches are global: the strategy gives each worker its share
@@ -306,6 +309,7 @@ def _train(
                 len(outcome.history),
                 sink,
                 extra,
+                steps_per_epoch=steps,  # the training batches never end: an epoch is one pass
                 shuffle=False,
             )
         )

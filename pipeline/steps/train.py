@@ -96,7 +96,8 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
                 "dtype": "float32",
                 "range": [0, 255],
                 "preprocessing": "decode as 8-bit grayscale, resize (stretch) to a square "
-                "(area when shrinking 2x or more, else bilinear); pipeline.modeling.preprocess.decode_image",
+                "(area when shrinking 2x or more, else bilinear), round to whole gray levels; "
+                "pipeline.modeling.preprocess.decode_image",
             },
             "output": "P(PNEUMONIA)" if params.task == "binary" else "softmax over class_names",
             "data_version": data_version,
