@@ -79,7 +79,7 @@ def main() -> None:
         f"batch {args.batch}, {args.steps} steps per figure, {len(data)} real images"
     )
     ds = pipeline()
-    for _ in ds.take(-(-len(data) // args.batch) + 1):  # one full pass fills the decode cache
+    for _ in ds.take(dp.steps_per_epoch(len(data), args.batch) + 1):  # one full pass fills the decode cache
         pass
     batch = next(iter(ds))
     start = time.perf_counter()

@@ -167,8 +167,8 @@ def make_dataset(
     carry_weights = weights is not None or (training and mixup > 0)  # mixup blends the weights too
 
     # Cached images are held as uint8 (exact: decode_image gives whole gray levels), a quarter of the
-    # memory, and become float32 batch by batch after the cache.
-    cached = cache and not data.shards
+    # memory, and become float32 batch by batch after the cache. Streamed training never caches.
+    cached = cache and not (data.shards and training)
     dtype = tf.uint8 if cached else tf.float32
 
     def examples(images: tf.Tensor, y: tf.Tensor, *, from_paths: bool) -> tuple[tf.Tensor, ...]:
@@ -200,7 +200,7 @@ def make_dataset(
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(data)))
         decode = lambda images, y: examples(images, y, from_paths=False)  # noqa: E731
         ds = ds.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=order)
-        ds = ds.repeat() if training else ds.cache() if cache else ds
+        ds = ds.repeat() if training else ds.cache() if cached else ds
     else:
         ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
         if training:  # reshuffled whenever the files are read again
@@ -214,8 +214,8 @@ def make_dataset(
             ds = ds.concatenate(reshuffled.batch(batch_size).repeat())
         elif training:
             ds = ds.repeat()
-        if cached:
-            ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=AUTOTUNE)
+    if cached:
+        ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=AUTOTUNE)
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:
         ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest), num_parallel_calls=AUTOTUNE)

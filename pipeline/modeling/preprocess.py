@@ -34,15 +34,17 @@ def resize_square(image: tf.Tensor, image_size: int, method: Resize = "auto") ->
     cost). Both average source pixels, so the result stays in [0, 255] without clipping. ``area`` and
     ``bilinear`` force one branch, for callers that know which applies (``resize_method``).
     """
-    size = (image_size, image_size)
-    if method != "auto":
-        return tf.round(tf.image.resize(image, size, method=method))
-    shape = tf.shape(image)
-    resized = tf.cond(
-        tf.maximum(shape[0], shape[1]) >= 2 * image_size,
-        lambda: tf.image.resize(image, size, method="area"),
-        lambda: tf.image.resize(image, size, method="bilinear"),
-    )
+
+    def resize(how: str) -> tf.Tensor:
+        return tf.image.resize(image, (image_size, image_size), method=how)
+
+    if method == "auto":
+        shape = tf.shape(image)
+        resized = tf.cond(
+            tf.maximum(shape[0], shape[1]) >= 2 * image_size, lambda: resize("area"), lambda: resize("bilinear")
+        )
+    else:
+        resized = resize(method)
     return tf.round(resized)
 
 

@@ -364,7 +364,7 @@ def _train_head_on_features(
     with place.strategy.scope():
         inputs = keras.Input(xt.shape[1:], name="features")
         head = keras.Model(inputs, model.get_layer("prediction")(model.get_layer("head_dropout")(inputs)), name="head")
-        steps = -(-len(xt) // batch)
+        steps = dp.steps_per_epoch(len(xt), batch)
         _compile(head, learning_rate_schedule(tp, learning_rate, tp.epochs, steps), n_classes, tp)
     return _fit_phase(
         head,
