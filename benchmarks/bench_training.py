@@ -10,7 +10,8 @@
    afresh (outside the clock) and times its iterator from creation, the pipelines taking turns;
    printed: the median of `--rounds` rounds with the range, and the median of the per-round ratios
    to Keras (pairing rounds cancels the machine's slow drifts).
-2. Training images/s per architecture (weights: none, batch 32, one epoch after a warm-up).
+2. Training images/s per architecture (weights: none, batch 32, median of epochs 2-3 of one fit). TensorFlow's
+   own CPU kernels instead of oneDNN's: prefix the command with ``TF_ENABLE_ONEDNN_OPTS=0``.
 3. A frozen-backbone head epoch on cached features against a full forward pass per epoch.
 Compare figures as ratios within one run: the machine is shared and noisy.
 """
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `import pipeline` sets it (pipeline/core/tf_defaults.py)
 
 import keras
 import numpy as np
@@ -98,6 +100,27 @@ def epoch_rates(ds: tf.data.Dataset, n: int, steps: int | None, epochs: int = 1)
     return rates
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of every epoch of a fit (Keras waits for the epoch's last step before its end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def epoch_seconds(model: keras.Model, batches: tf.data.Dataset, steps: int, epochs: int = 3) -> list[float]:
+    """Seconds per epoch after the first (which traces the step function and fills the input cache)."""
+    timer = EpochTimer()
+    model.fit(batches, epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[timer])
+    return timer.seconds[1:]
+
+
 def spread(rates: list[float], base: list[float] | None = None) -> str:
     """Median img/s (range) and, against `base` (the same rounds), the median of the per-round ratios."""
     text = f"{statistics.median(rates):7.0f} img/s ({min(rates):.0f}-{max(rates):.0f})"
@@ -118,7 +141,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     data = sample(args.shared, args.images, tmp / "images")
     n, size = len(data), args.size
-    print(f"{n} real 224px images resized to {size}px, batch 32, {os.cpu_count()} CPU cores, TF {tf.__version__}")
+    print(
+        f"{n} real 224px images resized to {size}px, batch 32, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
+        f"TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}"
+    )
 
     streamed = sharded(data, tmp / "images", tmp / "shards")
     steps = dp.steps_per_epoch(n, 32)
@@ -154,21 +180,18 @@ def main() -> None:
             continue
         built = build_model(arch, size)
         built.model.compile(optimizer="adam", loss="binary_crossentropy")
-        built.model.fit(batches.take(2), epochs=1, verbose=0, shuffle=False)  # warm-up: tracing, allocation
-        start = time.perf_counter()
-        built.model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-        secs = time.perf_counter() - start
-        print(f"training {arch:15s} {n / secs:7.1f} img/s ({secs:.2f} s for {n} images, all layers trainable)")
+        secs = epoch_seconds(built.model, batches, steps)
+        print(
+            f"training {arch:15s} {n / statistics.median(secs):7.1f} img/s (epochs 2-3 of one fit: "
+            f"{', '.join(f'{s:.1f}' for s in secs)} s for {n} images, all layers trainable)"
+        )
 
     arch = "mobilenetv2" if "mobilenetv2" in args.models else args.models.split(",")[-1]
     built = build_model(arch, size)
     set_backbone_trainable(built, 0)
     model = built.model
     model.compile(optimizer="adam", loss="binary_crossentropy")
-    model.fit(batches.take(2), epochs=1, verbose=0, shuffle=False)
-    start = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    full = time.perf_counter() - start
+    full = statistics.median(epoch_seconds(model, batches, steps))
     extractor = keras.Model(model.input, model.get_layer("gap").output)
     start = time.perf_counter()
     feats = extractor.predict(dp.make_dataset(data, size, 32, cache=False), verbose=0)
