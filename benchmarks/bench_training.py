@@ -82,22 +82,34 @@ def sharded(data: dp.SplitData, root: Path, out: Path) -> dp.SplitData:
     return dp.SplitData(**{**data.__dict__, "keys": keys, "shards": tuple(records.shard_files(out, manifest, "train"))})
 
 
-def epoch_rates(ds: tf.data.Dataset, n: int, steps: int | None, epochs: int = 1) -> list[float]:
+def epoch_rates(ds: tf.data.Dataset, n: int, steps: int | None, epochs: int = 1) -> tuple[list[float], float]:
     """img/s of `epochs` consecutive epochs of `steps` batches read from one iterator, as fit reads them
-    (the first includes creating the iterator); `steps` None: one pass to the end of a finite dataset."""
+    (the first includes creating the iterator), and the start-up: seconds from creating the iterator to
+    its first batch. `steps` None: one pass to the end of a finite dataset."""
     start = time.perf_counter()
     it, rates = iter(ds), []
-    for _ in range(epochs):
-        batches = it if steps is None else (next(it) for _ in range(steps))
+    first = next(it)
+    startup = time.perf_counter() - start
+    for epoch in range(epochs):
+        left = (steps or 0) - (epoch == 0)  # the first epoch's first batch is read
+        batches = it if steps is None else (next(it) for _ in range(left))
         for _ in batches:
             pass
         now = time.perf_counter()
         rates.append(n / (now - start))
         start = now
-    del it, batches  # an endless pipeline reads ahead until its iterator is gone: stop it before the next
+    del it, batches, first  # an endless pipeline reads ahead until its iterator is gone: stop it before the next
     gc.collect()
     time.sleep(0.2)
-    return rates
+    return rates, startup
+
+
+def whole_split(shared: Path) -> dp.SplitData:
+    """Every training image of the 224 px copy, read where it lies."""
+    folder = shared / "chest_xray_224" / "train"
+    paths = sorted(str(p) for p in folder.glob("*/*"))
+    labels = np.array([int(Path(p).parent.name == "PNEUMONIA") for p in paths])
+    return dp.SplitData("train", paths, labels, ("NORMAL", "PNEUMONIA"), long_sides=[224] * len(paths))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -136,6 +148,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--split-rounds", type=int, default=3, help="rounds over the whole 224 px train split")
     parser.add_argument("--models", default=",".join(ARCHITECTURES), help="architectures to train ('' for none)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
@@ -156,20 +169,45 @@ def main() -> None:
             tmp / "images", image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
         ).prefetch(tf.data.AUTOTUNE)
 
-    baseline, first, cached, stream = [], [], [], []
+    def pneumo(split: dp.SplitData) -> tf.data.Dataset:  # deterministic=False as training reads (one worker)
+        return dp.make_dataset(split, size, 32, training=True, seed=0, deterministic=False)
+
+    baseline, first, cached, stream, startups = [], [], [], [], ([], [])
     for _ in range(args.rounds):
-        # deterministic=False as training reads (train.deterministic: false, one worker)
-        pipelines = (keras_folder(), dp.make_dataset(data, size, 32, training=True, seed=0, deterministic=False))
-        baseline += epoch_rates(pipelines[0], n, None)
-        a, b = epoch_rates(pipelines[1], n, steps, 2)
+        pipelines = (keras_folder(), pneumo(data))
+        rates, start = epoch_rates(pipelines[0], n, None)
+        baseline += rates
+        startups[0].append(start)
+        (a, b), start = epoch_rates(pipelines[1], n, steps, 2)
         first.append(a)
         cached.append(b)
-        stream += epoch_rates(dp.make_dataset(streamed, size, 32, training=True, seed=0, deterministic=False), n, steps)
+        startups[1].append(start)
+        stream += epoch_rates(pneumo(streamed), n, steps)[0]
     print(f"input pipeline, median of {args.rounds} rounds (range); ratio to Keras in the same round, median (range):")
     print(f"  keras.utils.image_dataset_from_directory  {spread(baseline)}")
     print(f"  pneumo first epoch (decode, fill cache)   {spread(first, baseline)}")
     print(f"  pneumo later epochs (cached, reshuffled)  {spread(cached, baseline)}")
     print(f"  shard reader, every epoch                 {spread(stream, baseline)}")
+    k_ms, p_ms = (1000 * statistics.median(s) for s in startups)
+    print(f"  start-up, iterator creation to first batch: Keras {k_ms:.0f} ms, pneumo {p_ms:.0f} ms")
+
+    whole = whole_split(args.shared)
+    if args.split_rounds and len(whole):
+        base, ours = [], []
+        for _ in range(args.split_rounds):
+            folder = keras.utils.image_dataset_from_directory(
+                args.shared / "chest_xray_224" / "train",
+                image_size=(size, size),
+                batch_size=32,
+                color_mode="grayscale",
+                seed=0,
+                verbose=False,
+            ).prefetch(tf.data.AUTOTUNE)
+            base += epoch_rates(folder, len(whole), None)[0]
+            ours += epoch_rates(pneumo(whole), len(whole), dp.steps_per_epoch(len(whole), 32))[0]
+        print(f"first pass over the whole 224 px train split ({len(whole)} images), {args.split_rounds} rounds:")
+        print(f"  keras.utils.image_dataset_from_directory  {spread(base)}")
+        print(f"  pneumo first epoch (decode, fill cache)   {spread(ours, base)}")
 
     if not args.models:
         shutil.rmtree(tmp, ignore_errors=True)
