@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -43,16 +44,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def dvc(*args: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> tuple[int, str]:
-    """Run `dvc ARGS` with this interpreter; stream its lines to `echo`; (exit status, output)."""
+def _stream(
+    command: list[str], cwd: str | Path, env: dict[str, str], echo: Callable[[str], None] | None
+) -> tuple[int, str]:
+    """Run `command`, stderr into stdout; stream its lines to `echo`; (exit status, output)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     lines = []
     assert proc.stdout is not None
@@ -61,6 +58,21 @@ def dvc(*args: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = 
         if echo and line.strip():
             echo(line.rstrip())
     return proc.wait(), "".join(lines)
+
+
+def _raise_typed(status: int | None, message: str, where: str) -> NoReturn:
+    """`pneumo`'s exit status as an error type: validation, transient I/O (retried), or a pipeline error
+    (its message prefixed by `where`)."""
+    if status == EXIT_VALIDATION:
+        raise DataError(message)
+    if status == EXIT_TRANSIENT:
+        raise TransientError(message)
+    raise PipelineError(f"{where}: {message}")
+
+
+def dvc(*args: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run `dvc ARGS` with this interpreter; stream its lines to `echo`; (exit status, output)."""
+    return _stream([sys.executable, "-m", "dvc", *args], cwd, _env(), echo)
 
 
 def changed_stages(cwd: str | Path = ".") -> set[str]:
@@ -97,12 +109,7 @@ def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | 
     if code != 0:
         exited = _EXITED.search(out)
         status = int(exited.group(1)) if exited else None
-        message = _last_error(out)
-        if status == EXIT_VALIDATION:
-            raise DataError(message)
-        if status == EXIT_TRANSIENT:
-            raise TransientError(message)
-        raise PipelineError(f"stage {name}: {message}")
+        _raise_typed(status, _last_error(out), f"stage {name}")
     return StageRun(name, f"Running stage '{name}'" in out, seconds, out, lock_outs(name, cwd))
 
 
@@ -113,26 +120,7 @@ def run_pneumo(
     error typed by exit status as for a DVC stage."""
     script = Path(sys.executable).parent / "pneumo"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.steps.cli"]
-    proc = subprocess.Popen(
-        [*command, *args],
-        cwd=cwd,
-        env={**_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if echo and line.strip():
-            echo(line.rstrip())
-    code, out = proc.wait(), "".join(lines)
-    if code == EXIT_VALIDATION:
-        raise DataError(_last_error(out))
-    if code == EXIT_TRANSIENT:
-        raise TransientError(_last_error(out))
+    code, out = _stream([*command, *args], cwd, {**_env(), **(env or {})}, echo)
     if code != 0:
-        raise PipelineError(f"pneumo {' '.join(args)} in {cwd}: {_last_error(out)}")
+        _raise_typed(code, _last_error(out), f"pneumo {' '.join(args)} in {cwd}")
     return out

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.dvc_runner import _raise_typed, run_pneumo
 from flows.pipeline_flow import as_overrides, flow_stage_names, pneumonia_pipeline, retry_on_transient
 from pipeline.core.config import load_params
-from pipeline.core.errors import ConfigError, DataError, TransientError
+from pipeline.core.errors import EXIT_TRANSIENT, EXIT_VALIDATION, ConfigError, DataError, PipelineError, TransientError
 from pipeline.data.version import dvc_data_version
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
@@ -47,6 +48,19 @@ def test_retries_only_transient_io() -> None:
     assert not retry_on_transient(None, None, _State(DataError("validation failed")))
     assert not retry_on_transient(None, None, _State(ValueError("a training bug")))
     assert as_overrides({"train.epochs": 3, "model.weights": "none"}) == ["train.epochs=3", 'model.weights="none"']
+
+
+def test_a_command_outside_dvc_streams_and_fails_with_its_own_typed_error(tmp_path: Path) -> None:
+    """A sweep trial's `pneumo` runs as a real process: its lines reach `echo` as they come, and its exit
+    status picks the error type (1 bad data, 75 transient I/O, anything else a pipeline error)."""
+    lines: list[str] = []
+    with pytest.raises(PipelineError, match=r"^pneumo validate in .+: params.yaml: no such file"):
+        run_pneumo(["validate"], tmp_path, echo=lines.append)
+    assert any("params.yaml: no such file" in line for line in lines)
+    for status, error in ((EXIT_VALIDATION, DataError), (EXIT_TRANSIENT, TransientError), (3, PipelineError)):
+        with pytest.raises(error, match=r"it went wrong$") as raised:
+            _raise_typed(status, "it went wrong", "stage train")
+        assert type(raised.value) is error and str(raised.value).startswith("stage train: ") == (status == 3)
 
 
 def _summary() -> str:
