@@ -109,7 +109,8 @@ def whole_split(shared: Path) -> dp.SplitData:
     folder = shared / "chest_xray_224" / "train"
     paths = sorted(str(p) for p in folder.glob("*/*"))
     labels = np.array([int(Path(p).parent.name == "PNEUMONIA") for p in paths])
-    return dp.SplitData("train", paths, labels, ("NORMAL", "PNEUMONIA"), long_sides=[224] * len(paths))
+    sides = [max(Image.open(p).size) for p in paths]  # as the index records them
+    return dp.SplitData("train", paths, labels, ("NORMAL", "PNEUMONIA"), long_sides=sides)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -164,9 +165,9 @@ def main() -> None:
     warm = dp.SplitData("train", data.paths[:32] + data.paths[-32:], np.array([0] * 32 + [1] * 32), data.class_names)
     epoch_rates(dp.make_dataset(warm, size, 32, training=True, seed=1), 64, 2)  # thread pools, tracing
 
-    def keras_folder() -> tf.data.Dataset:
+    def keras_folder(folder: Path = tmp / "images") -> tf.data.Dataset:
         return keras.utils.image_dataset_from_directory(
-            tmp / "images", image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
+            folder, image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
         ).prefetch(tf.data.AUTOTUNE)
 
     def pneumo(split: dp.SplitData) -> tf.data.Dataset:  # deterministic=False as training reads (one worker)
@@ -195,15 +196,7 @@ def main() -> None:
     if args.split_rounds and len(whole):
         base, ours = [], []
         for _ in range(args.split_rounds):
-            folder = keras.utils.image_dataset_from_directory(
-                args.shared / "chest_xray_224" / "train",
-                image_size=(size, size),
-                batch_size=32,
-                color_mode="grayscale",
-                seed=0,
-                verbose=False,
-            ).prefetch(tf.data.AUTOTUNE)
-            base += epoch_rates(folder, len(whole), None)[0]
+            base += epoch_rates(keras_folder(args.shared / "chest_xray_224" / "train"), len(whole), None)[0]
             ours += epoch_rates(pneumo(whole), len(whole), dp.steps_per_epoch(len(whole), 32))[0]
         print(f"first pass over the whole 224 px train split ({len(whole)} images), {args.split_rounds} rounds:")
         print(f"  keras.utils.image_dataset_from_directory  {spread(base)}")
