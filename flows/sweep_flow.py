@@ -6,10 +6,14 @@ the schema's one-line error naming it. The data stages (ingest, index, validate,
 through DVC first, as the pipeline flow does (``data_stages=False``: they must already be, e.g. after
 ``dvc pull``). Each trial is a Prefect task, submitted to a thread pool limited to ``parallel``, that
 runs the ordinary stage commands ``pneumo train`` and ``pneumo evaluate`` as subprocesses in its own
-folder, ``sweeps/<sweep>/<trial>/``: its own params.yaml (the project's, with the trial's overrides),
-its own outputs, the project's data shared read-only through a symlink and a copy of dvc.lock (so the
-run records the real data version). Each trial's MLflow run is a normal tracked run, nested under one
-parent run for the sweep (``mlflow.parentRunId``, from ``PNEUMO_MLFLOW_PARENT_RUN_ID``).
+folder, ``sweeps/<sweep>/<trial>/``. With ``trial_deployment`` set, each of those tasks instead starts
+the trial as a flow run of that deployment (``pneumonia-sweep-trial``, flow ``sweep_trial``) and waits
+for it: the runs fan out to whichever workers serve the deployment's work pool, ``parallel`` at a time,
+and the sweep folder must then be on a file system those workers share. Each trial folder holds its
+own params.yaml (the project's, with the trial's overrides), its own outputs, the project's data shared
+read-only through a symlink and a copy of dvc.lock (so the run records the real data version). Each
+trial's MLflow run is a normal tracked run, nested under one parent run for the sweep
+(``mlflow.parentRunId``, from ``PNEUMO_MLFLOW_PARENT_RUN_ID``).
 
 The comparison table (trial, overrides, best val AUC, test ROC AUC, sensitivity, specificity, train
 seconds, MLflow run) is printed, published as a Prefect markdown artifact and logged to the parent run
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from random import Random
@@ -37,11 +42,15 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import changed_stages, run_pneumo
 from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, stage_task
+from pipeline.core import atomic
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.registry import tracking
@@ -50,6 +59,8 @@ from pipeline.steps.stages import ROOT as CODE_ROOT
 DATA_STAGES = ("ingest", "index", "validate", "shard")
 SWEEPABLE = ("task", "model", "train", "evaluate")  # what a trial may change: the data stages are shared
 SUMMARY_KEY = "pneumonia-sweep-summary"
+TRIAL_ROW = "trial.json"  # a finished trial's row of the comparison, in its folder
+TRIAL_POLL_SECONDS = 2
 
 
 def _draw(key: str, spec: Any, rng: Random) -> Any:
@@ -153,7 +164,8 @@ def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:
 
 @task(cache_policy=NO_CACHE)
 def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """`pneumo train` and `pneumo evaluate` in the trial's folder; the trial's row of the comparison."""
+    """`pneumo train` and `pneumo evaluate` in the trial's folder; the trial's row of the comparison, also
+    written to the folder's trial.json (where a sweep reads the rows of trials other workers ran)."""
     logger = get_run_logger()
     start = time.perf_counter()
     for stage in ("train", "evaluate"):
@@ -161,7 +173,7 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
     params = load_params(Path(folder) / "params.yaml")
     trained = json.loads((Path(folder) / "reports" / "train.json").read_text())
     test = json.loads((Path(folder) / params.evaluate.metrics).read_text())["test"]
-    return {
+    row = {
         "trial": trial,
         "overrides": overrides,
         "best_val_auc": float(trained["best_val_auc"]),
@@ -172,7 +184,38 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
         "run_id": trained["mlflow_run_id"],
         "folder": folder,
         "seconds": round(time.perf_counter() - start, 1),
+        "ran_on": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()},
     }
+    atomic.write_text(Path(folder) / TRIAL_ROW, json.dumps(row, indent=2))
+    return row
+
+
+@flow(name="pneumonia-sweep-trial", log_prints=True)
+def sweep_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """One sweep trial as a flow run of its own: what a worker of the trial deployment's pool runs."""
+    return run_trial.with_options(task_run_name=f"trial {trial}")(trial, folder, overrides, env)
+
+
+@task(cache_policy=NO_CACHE)
+def run_trial_on_pool(deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Start one trial as a run of `deployment` (a sub-flow run of this task) and wait for it to end;
+    its row is the trial.json it wrote to the shared trial folder."""
+    trial, folder = parameters["trial"], Path(parameters["folder"])
+    run = run_deployment(
+        deployment,
+        parameters=parameters,
+        flow_run_name=f"trial {trial}",
+        idempotency_key=str(folder),  # one flow run per trial folder, even if this task is run again
+        timeout=None,
+        poll_interval=TRIAL_POLL_SECONDS,
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        message = (run.state.message or "") if run.state else ""
+        raise PipelineError(f"trial {trial}: flow run {run.name} of {deployment} ended {state}: {message}".strip())
+    if not (folder / TRIAL_ROW).is_file():
+        raise PipelineError(f"trial {trial}: {folder / TRIAL_ROW} is missing: does the worker share {folder}?")
+    return json.loads((folder / TRIAL_ROW).read_text())
 
 
 def run_register(folder: str, env: dict[str, str]) -> dict[str, Any]:
@@ -234,6 +277,18 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def check_deployment(name: str) -> None:
+    """The trial deployment exists on the Prefect server (before any folder, run or data stage)."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ConfigError(
+            f"sweep: trial_deployment {name!r}: no such deployment (`prefect deploy -n sweep-trial` creates "
+            "pneumonia-sweep-trial/sweep-trial)"
+        ) from None
+
+
 def prepare_data(params: Params, run_stages: bool) -> None:
     """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are."""
     logger = get_run_logger()
@@ -264,17 +319,22 @@ def pneumonia_sweep(
     params_file: str = "params.yaml",
     workdir: str | None = None,
     sweep_dir: str = "sweeps",
+    trial_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one trial per combination, `parallel` at a time; register the winner on val AUC.
 
     `grid` maps dotted params.yaml keys to lists of values ({"train.learning_rate": [0.001, 0.0003]});
     `random` maps them to distributions ({"model.dropout": {"uniform": [0.1, 0.5]}}) drawn `trials`
-    times with `seed`. `overrides` apply to every trial. Returns the parent run, the winner and the table.
+    times with `seed`. `overrides` apply to every trial. `trial_deployment` ("pneumonia-sweep-trial/
+    sweep-trial"): run each trial as a flow run of that deployment, on its pool's workers, instead of in
+    this flow run's process. Returns the parent run, the winner and the table.
     """
     if workdir:
         os.chdir(workdir)
     combos = expand(grid, random, trials, seed)
     validate(combos, overrides, params_file)  # a bad key or value fails here, before any work
+    if trial_deployment:
+        check_deployment(trial_deployment)
     logger = get_run_logger()
     params = load_params(params_file)
     prepare_data(params, data_stages)
@@ -290,7 +350,9 @@ def pneumonia_sweep(
     ).info.run_id
     try:
         client.log_dict(parent, spec, "sweep/spec.json")
-        for key, value in {"sweep.trials": len(combos), "sweep.parallel": parallel, "sweep.seed": seed}.items():
+        logged = {"sweep.trials": len(combos), "sweep.parallel": parallel, "sweep.seed": seed}
+        logged["sweep.trials_on"] = trial_deployment or "this flow run"
+        for key, value in logged.items():
             client.log_param(parent, key, value)
         root = Path(sweep_dir).resolve() / parent
         names = [f"t{i + 1:02d}" for i in range(len(combos))]
@@ -307,7 +369,11 @@ def pneumonia_sweep(
                     "overrides": combo,
                     "env": trial_env(uri, parent, name),
                 }
-                futures.append(runner.submit(run_trial.with_options(task_run_name=f"trial {name}"), parameters))
+                if trial_deployment:
+                    on_pool = run_trial_on_pool.with_options(task_run_name=f"trial {name} on the pool")
+                    futures.append(runner.submit(on_pool, {"deployment": trial_deployment, "parameters": parameters}))
+                else:
+                    futures.append(runner.submit(run_trial.with_options(task_run_name=f"trial {name}"), parameters))
             for name, combo, future in zip(names, combos, futures, strict=True):
                 future.wait()
                 state = future.state
@@ -365,7 +431,16 @@ if __name__ == "__main__":
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--overrides", type=json.loads, help='JSON, for every trial, e.g. {"train.epochs": 5}')
     cli.add_argument("--no-register", dest="register_winner", action="store_false")
+    cli.add_argument("--trial-deployment", help="run the trials as flow runs of this deployment, on its workers")
     args = cli.parse_args()
     pneumonia_sweep(
-        args.grid, args.random, args.trials, args.parallel, args.seed, args.overrides, True, args.register_winner
+        args.grid,
+        args.random,
+        args.trials,
+        args.parallel,
+        args.seed,
+        args.overrides,
+        True,
+        args.register_winner,
+        trial_deployment=args.trial_deployment,
     )

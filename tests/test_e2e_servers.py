@@ -3,8 +3,9 @@
 a Prefect server, a process work pool, `prefect deploy` from prefect.yaml and a worker. Then
 `prefect deployment run` (three times), checks through the MLflow client, a screenshot of the
 registered model page in headless Chromium, and the DVC remote on S3: `pneumo remote`, `dvc push`, a
-second clone that pulls and predicts with the champion. Only the tracking server holds S3 keys. Every
-process started here is stopped by process id (PostgreSQL and SeaweedFS by their session fixtures).
+second clone that pulls and predicts with the champion; a sweep whose trials run on two more workers
+of a trial pool. Only the tracking server holds S3 keys. Every process started here is stopped by
+process id (PostgreSQL and SeaweedFS by their session fixtures).
 """
 
 from __future__ import annotations
@@ -266,3 +267,77 @@ def test_team_remote_on_s3_and_artifacts_in_the_bucket(stack: Stack, s3: Seaweed
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     n = len(list(test_images.rglob("*.jpeg")))
     assert f"predicted {n} of {n} inputs with {MODEL} v{champion.version}" in predicted.stderr
+
+
+def test_sweep_trials_fan_out_to_the_workers_of_the_trial_pool(stack: Stack) -> None:
+    """A sweep whose trials are flow runs of the sweep-trial deployment, two at a time, on a pool served by
+    two workers that each take one run at a time: both workers run trials; three nested MLflow runs under
+    one parent on the tracking server; the winner on validation AUC registered as a candidate."""
+    from mlflow import MlflowClient
+
+    from tests.test_sweep import GRID, SWEEP_PROJECT
+
+    project = copy_project(stack.root / "sweep-project", *SWEEP_PROJECT)
+    shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
+    env = {**stack.env, "PWD": str(project), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    run = lambda *args: subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
+    created = run("prefect", "work-pool", "create", "pneumo-trials", "--type", "process")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = run("prefect", "--no-prompt", "deploy", "-n", "sweep-trial")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    workers = [
+        Service(
+            f"trial worker {i}",
+            [prefect, "worker", "start", "--pool", "pneumo-trials", "--limit", "1", "--name", f"trials-{i}"],
+            env,
+            project,
+            stack.root / f"trials-{i}.log",
+        )
+        for i in (1, 2)
+    ]
+    try:
+        start = time.perf_counter()
+        sweep = run(
+            sys.executable,
+            "-m",
+            "flows.sweep_flow",
+            "--grid",
+            json.dumps(GRID),
+            "--parallel",
+            "2",
+            "--trial-deployment",
+            "pneumonia-sweep-trial/sweep-trial",
+        )
+        print(f"\nsweep of 3 trials on two workers: {time.perf_counter() - start:.1f} s")
+        logs = "".join(w.log.read_text()[-1500:] for w in workers)
+        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:] + logs
+        trial_pids = {w.proc.pid for w in workers}
+    finally:
+        for worker in workers:
+            worker.stop()
+
+    client = MlflowClient(stack.tracking_uri)
+    parents = client.search_runs(
+        [client.get_experiment_by_name("pneumonia").experiment_id], "tags.`pneumo.sweep` = 'parent'"
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    found = client.search_runs([parents[0].info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    children = sorted(found, key=lambda r: r.data.tags["sweep_trial"])
+    assert [r.data.tags["sweep_trial"] for r in children] == ["t01", "t02", "t03"]
+    assert [float(r.data.params["train.learning_rate"]) for r in children] == GRID["train.learning_rate"]
+
+    # Each trial ran in a flow run that one of the two workers started, and each worker ran at least one.
+    rows = [json.loads((project / "sweeps" / parent / t / "trial.json").read_text()) for t in ("t01", "t02", "t03")]
+    assert {row["run_id"] for row in rows} == {r.info.run_id for r in children}
+    ran_by = [row["ran_on"]["parent_pid"] for row in rows]
+    assert set(ran_by) == trial_pids, f"trials started by {ran_by}, workers {trial_pids}"
+    assert all(row["ran_on"]["pid"] != os.getpid() for row in rows)
+
+    best = max(rows, key=lambda r: r["best_val_auc"])
+    tags = client.get_run(parent).data.tags
+    assert tags["winner_trial"] == best["trial"] and tags["winner_run_id"] == best["run_id"]
+    version = client.get_model_version("sweep-test", tags["winner_version"])
+    assert version.run_id == best["run_id"] and tags["winner_decision"] == "challenger"
+    assert "champion" not in client.get_registered_model("sweep-test").aliases

@@ -61,6 +61,19 @@ def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unknown_trial_deployment_fails_before_anything_runs(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^sweep: trial_deployment 'pneumonia-sweep-trial/nope': no such deployment"):
+        pneumonia_sweep.fn(
+            grid={"train.learning_rate": [0.1]},
+            params_file=str(REPO / "params.yaml"),
+            trial_deployment="pneumonia-sweep-trial/nope",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_winner_is_chosen_on_validation_never_on_test() -> None:
     rows = [
         {"trial": "t01", "overrides": {"a": 1}, "best_val_auc": 0.80, "test_roc_auc": 0.99},
