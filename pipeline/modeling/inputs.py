@@ -36,6 +36,17 @@ def _lean_options() -> tf.data.Options:
     return options
 
 
+def batch_map(fn: tf.types.experimental.ConcreteFunction, items: tf.Tensor, spec: tf.TensorSpec) -> tf.Tensor:
+    """`fn` over every element of the batch `items` (in a tf.data function), as one ``MapDefun`` op: what
+    ``tf.map_fn`` computes, without its while loop, which Grappler optimises again for every new iterator
+    (iterator creation 16 against 34 ms; the same pixels; later batches faster too)."""
+    fn.add_to_graph(tf.compat.v1.get_default_graph())  # the op calls `fn` by name: it joins this library
+    (out,) = tf.raw_ops.MapDefun(
+        arguments=[items], captured_inputs=[], output_types=[spec.dtype], output_shapes=[spec.shape], f=fn
+    )
+    return out
+
+
 def _unbatch(ds: tf.data.Dataset) -> tf.data.Dataset:
     """``ds.unbatch()`` for dense tensors. The public op first maps every batch through an identity
     (``normalize_to_dense``) that only a graph rewrite removes; without rewrites that sequential map
@@ -192,15 +203,21 @@ def make_dataset(
     cached = cache and not (data.shards and training)
     dtype = tf.uint8 if cached else tf.float32
 
-    def examples(images: tf.Tensor, y: tf.Tensor, *, from_paths: bool) -> tuple[tf.Tensor, ...]:
-        """A batch of encoded images (or of their paths) -> decoded images, targets and class weights.
-        One call per batch, not per image: tf.data's per-element overhead is paid once per batch."""
+    spec = tf.TensorSpec((image_size, image_size, 1), dtype)
 
+    def decoder(from_paths: bool) -> tf.types.experimental.ConcreteFunction:
         def one(item: tf.Tensor) -> tf.Tensor:
             image = decode_image(tf.io.read_file(item) if from_paths else item, image_size, method)
             return tf.cast(image, dtype)
 
-        x = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec((image_size, image_size, 1), dtype))
+        return tf.function(one, input_signature=[tf.TensorSpec([], tf.string)], autograph=False).get_concrete_function()
+
+    def examples(
+        images: tf.Tensor, y: tf.Tensor, *, one: tf.types.experimental.ConcreteFunction
+    ) -> tuple[tf.Tensor, ...]:
+        """A batch of encoded images (or of their paths) -> decoded images, targets and class weights.
+        One call per batch, not per image: tf.data's per-element overhead is paid once per batch."""
+        x = batch_map(one, images, spec)
         target = tf.one_hot(y, n_classes) if one_hot else tf.cast(y, tf.float32)
         return (x, target, tf.gather(table, y)) if carry_weights else (x, target)
 
@@ -219,14 +236,16 @@ def make_dataset(
         # The record filter hides the count: state it (Keras then knows where an epoch ends), checked on
         # every pass, so shards that lack a record fail loudly instead of training on less.
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(data)))
-        decode = lambda images, y: examples(images, y, from_paths=False)  # noqa: E731
+        from_bytes = decoder(from_paths=False)
+        decode = lambda images, y: examples(images, y, one=from_bytes)  # noqa: E731
         ds = ds.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=order)
         ds = ds.repeat() if training else ds.cache() if cached else ds
     else:
         ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
         if training:  # reshuffled whenever the files are read again
             ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
-        read = lambda paths, y: examples(paths, y, from_paths=True)  # noqa: E731
+        from_files = decoder(from_paths=True)
+        read = lambda paths, y: examples(paths, y, one=from_files)  # noqa: E731
         ds = ds.batch(batch_size).map(read, num_parallel_calls=AUTOTUNE, deterministic=order)
         if cache:
             ds = ds.cache()
