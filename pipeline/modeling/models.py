@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
 from pipeline.core.config import ARCHITECTURES
 from pipeline.core.errors import PipelineError
@@ -85,6 +84,10 @@ class EqualizeHistogram(keras.layers.Layer):
     """
 
     def call(self, x):
+        # TensorFlow ops (bincount, batched gather): imported here, so the model's other architectures
+        # build on any Keras backend (benchmarks/bench_gpu_keras.py runs them on JAX where TF is missing).
+        import tensorflow as tf  # noqa: PLC0415
+
         x32 = tf.cast(x, tf.float32)
         batch, pixels = tf.shape(x32)[0], tf.reduce_prod(tf.shape(x32)[1:])
         levels = tf.cast(tf.clip_by_value(tf.round(tf.reshape(x32, [batch, -1])), 0.0, 255.0), tf.int32)
