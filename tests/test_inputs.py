@@ -49,6 +49,25 @@ def test_evaluation_batches_are_one_pass_in_order(tmp_path: Path) -> None:
         assert ids == list(range(7))
 
 
+def test_batches_hold_what_decode_image_gives_each_file(tmp_path: Path) -> None:
+    """The batch-wise decode (one MapDefun op per batch) is the one preprocessing function, image by image:
+    textured JPEGs and PNGs of several sizes, gray and RGB, a partial last batch."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (side, mode, ext) in enumerate(
+        [(40, "L", "jpeg"), (23, "RGB", "png"), (64, "L", "png"), (31, "RGB", "jpeg")] * 2
+    ):
+        pixels = rng.integers(0, 256, (side, side + i, 3 if mode == "RGB" else 1), np.uint8).squeeze()
+        paths.append(str(tmp_path / f"{i}.{ext}"))
+        Image.fromarray(pixels, mode).save(paths[-1])
+    data = SplitData("test", paths, np.zeros(len(paths), int), ("NORMAL", "PNEUMONIA"))
+    got = np.concatenate([x.numpy() for x, _ in make_dataset(data, 16, 3)])
+    assert got.shape == (8, 16, 16, 1) and got.dtype == np.float32
+    for path, image in zip(paths, got, strict=True):
+        expected = preprocess.decode_image(tf.io.read_file(path), 16).numpy()
+        np.testing.assert_array_equal(image, expected, err_msg=path)
+
+
 def test_resize_method_is_what_auto_picks_for_every_image(tmp_path: Path) -> None:
     assert preprocess.resize_method([300, 256], 128) == "area"
     assert preprocess.resize_method([255, 224, 60], 128) == "bilinear"
