@@ -5,14 +5,16 @@
     .venv/bin/python benchmarks/ablation.py --only default equalize  # some levers
     .venv/bin/python benchmarks/ablation.py --show                  # the table of a finished run
     .venv/bin/python benchmarks/ablation.py --add mixup             # more levers in an existing --workdir
+    .venv/bin/python benchmarks/ablation.py --only default aspect-aug --seeds 43 44   # repeats: the noise
 
 It clones this repository (its last commit) into ``--workdir``, points params.yaml at the shared 224 px
 images (``data.local_path``) and their 48 full-resolution originals (``stress.originals``), applies the
 protocol (``-P``) and commits that as the baseline. Then it queues one experiment per lever with
 ``dvc exp run --queue -n <lever> -S ...`` up to the stress stage, runs the queue (``dvc queue start``,
-one job: two cores), and prints ``dvc exp show``. Stages whose inputs an experiment does not change
-(ingest, index, validate; train for evaluation-only levers) come from DVC's run cache. Every run is also
-an MLflow run in ``<workdir>/mlflow.db``.
+one job: two cores), and prints ``dvc exp show``. ``--seeds`` repeats each lever with other training
+seeds (``<lever>-seed<N>``, ``train.seed=N``), so a difference can be told from run-to-run noise.
+Stages whose inputs an experiment does not change (ingest, index, validate; train for evaluation-only
+levers) come from DVC's run cache. Every run is also an MLflow run in ``<workdir>/mlflow.db``.
 
 The shared test split holds patients of the official *train* folder: these are not official-test figures.
 """
@@ -48,6 +50,7 @@ LEVERS: dict[str, list[str]] = {
     "label-smoothing": ["train.label_smoothing=0.1"],
     "mixup": ["train.mixup=0.2"],
     "no-calibration": ["evaluate.calibrate=false"],
+    "aspect-aug": ["train.augment.aspect=0.2"],  # against the aspect shortcut (stress sets aspect_*)
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [
@@ -92,9 +95,19 @@ def prepare(workdir: Path, protocol: list[str], env: dict[str, str]) -> None:
        f"ablation baseline: {' '.join(protocol) or 'params.yaml'}", cwd=workdir)  # fmt: skip
 
 
+def switches(name: str) -> list[str]:
+    """The overrides of an experiment: its lever's, plus ``train.seed=N`` for a ``<lever>-seed<N>`` repeat."""
+    lever, _, seed = name.partition("-seed")
+    return LEVERS[lever] + ([f"train.seed={seed}"] if seed else [])
+
+
+def experiments(levers: list[str], seeds: list[int]) -> list[str]:
+    return [*levers, *(f"{lever}-seed{seed}" for seed in seeds for lever in levers)]
+
+
 def queue_and_run(workdir: Path, levers: list[str], env: dict[str, str]) -> None:
     for name in levers:
-        sets = [arg for o in LEVERS[name] for arg in ("-S", o)]
+        sets = [arg for o in switches(name) for arg in ("-S", o)]
         sh("dvc", "exp", "run", "--queue", "--name", name, *sets, "stress", cwd=workdir, env=env)
     sh("dvc", "queue", "start", "--jobs", "1", cwd=workdir, env=env)
     start, seen = time.monotonic(), ""
@@ -128,19 +141,19 @@ def table(workdir: Path, env: dict[str, str]) -> str:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
                 name = rev.get("name") or exp.get("name")
-                if name not in LEVERS or name not in finished or rev.get("error"):
+                if name.partition("-seed")[0] not in LEVERS or name not in finished or rev.get("error"):
                     continue
                 values: dict[str, float] = {}
                 for metric in (data.get("metrics") or {}).values():
                     flat = _flatten(metric.get("data", {}))
                     values.update({k: v for k, v in flat.items() if k.startswith(("test.", "summary.", "train_"))})
                 rows.append((name, values))
-    rows.sort(key=lambda r: list(LEVERS).index(r[0]))
+    rows.sort(key=lambda r: (list(LEVERS).index(r[0].partition("-seed")[0]), r[0]))
     head = "| lever | switch | " + " | ".join(c[1] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, values in rows:
         cells = [fmt(values[key]) if key in values else "" for key, _, fmt in COLUMNS]
-        switch = ", ".join(f"`{o}`" for o in LEVERS[name]) or "(params.yaml)"
+        switch = ", ".join(f"`{o}`" for o in switches(name)) or "(params.yaml)"
         lines.append(f"| {name} | {switch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,6 +173,7 @@ def main() -> None:
     parser.add_argument("-P", "--protocol", action="append", default=[], metavar="KEY=VALUE",
                         help="params for every experiment (the baseline commit), e.g. model.image_size=64")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="these levers only")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], help="repeat each lever with these train.seed")
     parser.add_argument("--show", action="store_true", help="print the table of an existing --workdir")
     parser.add_argument("--add", nargs="+", choices=list(LEVERS), help="queue these levers in an existing --workdir")
     args = parser.parse_args()
@@ -168,12 +182,12 @@ def main() -> None:
     if args.add:
         if not (args.workdir / "dvc.yaml").exists():
             sys.exit(f"--add: {args.workdir} holds no ablation (run without --add first)")
-        queue_and_run(args.workdir, args.add, env)
+        queue_and_run(args.workdir, experiments(args.add, args.seeds), env)
     elif not args.show:
         if args.workdir.exists():
             sys.exit(f"--workdir {args.workdir} exists: remove it, or pass --show to print its table")
         prepare(args.workdir, args.protocol, env)
-        queue_and_run(args.workdir, args.only or list(LEVERS), env)
+        queue_and_run(args.workdir, experiments(args.only or list(LEVERS), args.seeds), env)
     print(table(args.workdir, env))
     print(f"\nevery figure: cd {args.workdir} && dvc exp show --only-changed")
 

@@ -2,7 +2,8 @@
 
 From a labelled folder (NORMAL/ and PNEUMONIA/), each transform writes its own labelled folder:
 intensity (darker, brighter), contrast (lower), gamma (both ways), resolution (down to 64 px and
-back), a black border (the image shrunk inside the frame) and a tighter crop. The full-resolution
+back), a black border (the image shrunk inside the frame), a tighter crop, and another aspect ratio
+(the original framed 25% wider or taller, then stretched to the square). The full-resolution
 originals, when given, are copied as one more set. Every set is scored like an external data set
 (``pneumo external-validation``), so a model's robustness is a table, not a guess.
 """
@@ -46,10 +47,17 @@ def _border(img: Image.Image, fraction: float) -> Image.Image:
     return frame
 
 
-def _crop(img: Image.Image, keep: float) -> Image.Image:
+def _crop(img: Image.Image, keep: float, keep_height: float | None = None) -> Image.Image:
     w, h = img.size
-    dx, dy = round(w * (1 - keep) / 2), round(h * (1 - keep) / 2)
+    dx, dy = round(w * (1 - keep) / 2), round(h * (1 - (keep if keep_height is None else keep_height)) / 2)
     return img.crop((dx, dy, w - dx, h - dy))
+
+
+def _aspect(img: Image.Image, wider: float) -> Image.Image:
+    """The image as if its original had been `wider` times wider than tall (< 1: taller) and then
+    stretched to this frame, as the published images are: the other axis cropped, the frame filled."""
+    keep_w, keep_h = (1.0, 1 / wider) if wider >= 1 else (wider, 1.0)
+    return _crop(img, keep_w, keep_h).resize(img.size, Image.Resampling.BILINEAR)
 
 
 TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
@@ -61,6 +69,10 @@ TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "resolution_64px": lambda i: _resolution(i, 64),
     "border_12pct": lambda i: _border(i, 0.12),
     "crop_80pct": lambda i: _crop(i, 0.8),
+    # Pneumonia originals are wider than normal ones (median width/height 1.50 against 1.20 in the 48
+    # full-resolution files), so stretched to a square they look narrower: a shortcut a model can learn.
+    "aspect_wider_x1.25": lambda i: _aspect(i, 1.25),
+    "aspect_taller_x1.25": lambda i: _aspect(i, 0.8),
 }
 
 

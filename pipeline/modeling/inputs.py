@@ -157,6 +157,9 @@ def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
         layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="constant", seed=seed))
     if params.zoom:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 1))
+    if params.aspect:  # the frame cropped along each axis on its own: originals of another aspect, stretched
+        a = (-params.aspect, 0.0)
+        layers.append(keras.layers.RandomZoom(a, a, fill_mode="constant", seed=seed + 5))
     if params.translation:
         layers.append(
             keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="constant", seed=seed + 2)

@@ -1,0 +1,68 @@
+"""The shift-stress transforms, and the aspect augmentation that trains against one of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.stress import TRANSFORMS, build_stress_set
+
+
+def _cross(size: int = 200, band: int = 20) -> np.ndarray:
+    """A horizontal band at 255 and a vertical one at 100 through the centre, on black."""
+    x = np.zeros((size, size), np.uint8)
+    lo = (size - band) // 2
+    x[lo : lo + band, :] = 255
+    x[:, lo : lo + band] = 100
+    return x
+
+
+def _thickness(img: np.ndarray) -> tuple[float, float]:
+    """Rows the horizontal band spans at the left edge, columns the vertical one spans at the top (its mass,
+    so interpolated edges count by their share)."""
+    return float(img[:, 2].astype(float).sum() / 255), float(img[2, :].astype(float).sum() / 100)
+
+
+def test_aspect_sets_stretch_one_axis_by_a_quarter_and_keep_the_frame() -> None:
+    img = Image.fromarray(_cross())
+    assert _thickness(np.asarray(img)) == (20, 20)
+    wider = np.asarray(TRANSFORMS["aspect_wider_x1.25"](img))
+    taller = np.asarray(TRANSFORMS["aspect_taller_x1.25"](img))
+    assert wider.shape == taller.shape == (200, 200)
+    # Wider original, stretched to the square: the vertical extent is magnified, the horizontal one kept.
+    assert _thickness(wider) == pytest.approx((25, 20), abs=0.3)
+    assert _thickness(taller) == pytest.approx((20, 25), abs=0.3)
+
+
+def test_the_stress_set_holds_every_transform_for_each_class(tmp_path: Path) -> None:
+    source = tmp_path / "test"
+    for label, value in (("NORMAL", 60), ("PNEUMONIA", 160)):
+        (source / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((96, 128), value + i, np.uint8)).save(source / label / f"{label}-{i}.jpeg")
+    counts = build_stress_set(source, tmp_path / "stress", per_class=2)
+    assert counts == dict.fromkeys(TRANSFORMS, 4)
+    for name in TRANSFORMS:
+        for label in ("NORMAL", "PNEUMONIA"):
+            files = sorted((tmp_path / "stress" / name / label).iterdir())
+            assert [f.name for f in files] == [f"{label}-0.png", f"{label}-1.png"], name  # the first two, sorted
+    assert Image.open(tmp_path / "stress" / "aspect_wider_x1.25" / "NORMAL" / "NORMAL-0.png").size == (128, 96)
+
+
+def test_aspect_augmentation_stretches_each_axis_on_its_own_within_its_range() -> None:
+    import tensorflow as tf
+
+    from pipeline.core.config import AugmentParams
+    from pipeline.modeling.inputs import augmenter
+
+    aug = augmenter(AugmentParams(rotation=0, zoom=0, aspect=0.2, translation=0, contrast=0), seed=1)
+    assert aug is not None
+    batch = np.repeat(_cross(100)[None, :, :, None].astype(np.float32), 16, axis=0)
+    out = aug(tf.constant(batch), training=True).numpy()[..., 0]
+    rows, cols = np.array([_thickness(o) for o in out]).T / 20  # band growth per axis: 1 .. 1 / (1 - 0.2)
+    assert rows.min() >= 0.95 and cols.min() >= 0.95 and rows.max() <= 1.3 and cols.max() <= 1.3
+    assert np.ptp(rows / cols) >= 0.1  # the aspect changes from image to image, not only the scale
+    assert (out.min(axis=(1, 2)) == 0).all() and not (out[:, :, :3] == 0).all()  # a crop: no fill at the edges
