@@ -50,7 +50,9 @@ LEVERS: dict[str, list[str]] = {
     "label-smoothing": ["train.label_smoothing=0.1"],
     "mixup": ["train.mixup=0.2"],
     "no-calibration": ["evaluate.calibrate=false"],
-    "aspect-aug": ["train.augment.aspect=0.2"],  # against the aspect shortcut (stress sets aspect_*)
+    # Against the framing shortcuts (pneumonia originals are wider and smaller): stress sets aspect_*, crop, border
+    "aspect-aug": ["train.augment.aspect=0.2"],
+    "aspect+zoom-aug": ["train.augment.aspect=0.25", "train.augment.zoom=0.2"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [
