@@ -53,6 +53,7 @@ LEVERS: dict[str, list[str]] = {
     # Against the framing shortcuts (pneumonia originals are wider and smaller): stress sets aspect_*, crop, border
     "aspect-aug": ["train.augment.aspect=0.2"],
     "aspect+zoom-aug": ["train.augment.aspect=0.25", "train.augment.zoom=0.2"],
+    "class-aspect": ["train.augment.class_aspect=0.5"],  # half the images reframed as the other class's
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [

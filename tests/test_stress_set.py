@@ -66,3 +66,25 @@ def test_aspect_augmentation_stretches_each_axis_on_its_own_within_its_range() -
     assert rows.min() >= 0.95 and cols.min() >= 0.95 and rows.max() <= 1.3 and cols.max() <= 1.3
     assert np.ptp(rows / cols) >= 0.1  # the aspect changes from image to image, not only the scale
     assert (out.min(axis=(1, 2)) == 0).all() and not (out[:, :, :3] == 0).all()  # a crop: no fill at the edges
+
+
+def test_reframing_gives_normal_images_a_wider_and_pneumonia_ones_a_taller_original() -> None:
+    import tensorflow as tf
+
+    from pipeline.modeling.inputs import MAX_REFRAME, reframe_batch
+
+    batch = np.repeat(_cross(100)[None, :, :, None].astype(np.float32), 64, axis=0)
+    labels = tf.constant([0.0, 1.0] * 32)
+    rng = tf.random.Generator.from_seed(1)
+    out = reframe_batch(tf.constant(batch), labels, 1.0, rng).numpy()[..., 0]
+    rows, cols = np.array([_thickness(o) for o in out]).T / 20
+    normal, pneumonia = slice(0, None, 2), slice(1, None, 2)
+    # Normal: the height cropped (its horizontal band grows), the width kept; pneumonia the other way.
+    assert np.allclose(cols[normal], 1, atol=0.03) and np.allclose(rows[pneumonia], 1, atol=0.03)
+    for grown in (rows[normal], cols[pneumonia]):
+        assert grown.min() >= 0.97 and grown.max() <= MAX_REFRAME + 0.05 and grown.mean() >= 1.1
+    # One-hot labels (NORMAL first) are read the same way; a share of 0 changes nothing.
+    one_hot = tf.one_hot(tf.cast(labels, tf.int32), 3)
+    again = reframe_batch(tf.constant(batch), one_hot, 1.0, tf.random.Generator.from_seed(1)).numpy()[..., 0]
+    assert np.allclose(again, out, atol=1e-4)
+    assert np.allclose(reframe_batch(tf.constant(batch), labels, 0.0, rng).numpy(), batch, atol=1e-3)

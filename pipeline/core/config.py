@@ -140,6 +140,9 @@ class AugmentParams(Strict):
     rotation: float = Field(0.03, ge=0, le=0.5, description="fraction of a full turn")
     zoom: float = Field(0.1, ge=0, lt=1)
     aspect: float = Field(0.0, ge=0, lt=0.5, description="each axis cropped by up to this; other aspects")
+    class_aspect: float = Field(
+        0.0, ge=0, le=1, description="share of images reframed as the other class's aspect (up to 1.5x)"
+    )
     translation: float = Field(0.05, ge=0, lt=1)
     contrast: float = Field(0.1, ge=0, lt=1)
     brightness: float = Field(0.0, ge=0, lt=1, description="grey levels scaled by 1 +- this")

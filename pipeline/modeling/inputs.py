@@ -262,12 +262,36 @@ def make_dataset(
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:
         ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest), num_parallel_calls=AUTOTUNE)
+    if training and augment and augment.class_aspect:
+        frame_seed = tf.random.Generator.from_seed(seed + 6)
+        reframe = lambda x, y, *rest: (reframe_batch(x, y, augment.class_aspect, frame_seed), y, *rest)  # noqa: E731
+        ds = ds.map(reframe, num_parallel_calls=AUTOTUNE)
     if training and mixup:
         mix_seed = tf.random.Generator.from_seed(seed + 5)
         ds = ds.map(lambda x, y, w: mix_batch(x, y, w, mixup, mix_seed), num_parallel_calls=AUTOTUNE)
         if weights is None:
             ds = ds.map(lambda x, y, w: (x, y), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(_lean_options())
+
+
+MAX_REFRAME = 1.5  # pneumonia originals: median width/height 1.50; normal ones 1.20 (48 full-size files)
+
+
+def reframe_batch(x: tf.Tensor, y: tf.Tensor, share: float, rng: tf.random.Generator) -> tf.Tensor:
+    """Against the stretch shortcut: pneumonia originals are wider than normal ones, so once stretched to
+    a square the chest's proportions tell the classes apart. A `share` of the images is reframed as the
+    other class's would be: a normal one as if its original were up to `MAX_REFRAME` times wider (the
+    height cropped, stretched back), a pneumonia one as if taller (the width cropped), the factor drawn
+    log-uniform per image. Then the proportions carry no label. Labels: 0/1, or one-hot with NORMAL first."""
+    batch = tf.shape(x)[0]
+    normal = tf.equal(y[:, 0] if len(y.shape) > 1 else y, 1.0 if len(y.shape) > 1 else 0.0)
+    draws = tf.random.stateless_uniform((2, batch), rng.make_seeds(1)[:, 0])
+    keep = tf.exp(-draws[1] * float(np.log(MAX_REFRAME)))  # the kept fraction of the cropped axis
+    keep = tf.where(draws[0] < share, keep, 1.0)
+    keep_h, keep_w = tf.where(normal, keep, 1.0), tf.where(normal, 1.0, keep)
+    boxes = tf.stack([(1 - keep_h) / 2, (1 - keep_w) / 2, (1 + keep_h) / 2, (1 + keep_w) / 2], axis=1)
+    size = tf.shape(x)[1:3]
+    return tf.image.crop_and_resize(x, boxes, tf.range(batch), size)
 
 
 def mix_batch(

@@ -188,7 +188,9 @@ def render(facts: CardFacts) -> str:
         "- The data set's official train and test splits differ in class balance and image "
         "characteristics (a known shift): figures on a split carved from the train folder, like this one "
         "when built from the Kaggle train folder, are optimistic about the official test split.",
-        "- Images are stretched to a square, as in the published data set; aspect ratio is lost.",
+        "- Images are stretched to a square, as in the published data set; aspect ratio is lost. Pneumonia "
+        "originals are wider than normal ones, so a model can learn the stretch as a sign of pneumonia: the "
+        "`aspect_*` rows of the robustness table show how far its score moves when a frame's shape changes.",
         "- Bacterial/viral labels come from file names; viral pneumonia is the hardest class.",
         "- Grad-CAM shows where the model's evidence is, coarsely; it is not a lesion segmentation, and "
         "attention outside the lungs (markers, text, devices) is a sign of shortcut learning.",
