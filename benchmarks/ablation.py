@@ -54,6 +54,7 @@ LEVERS: dict[str, list[str]] = {
     "aspect-aug": ["train.augment.aspect=0.2"],
     "aspect+zoom-aug": ["train.augment.aspect=0.25", "train.augment.zoom=0.2"],
     "class-aspect": ["train.augment.class_aspect=0.5"],  # half the images reframed as the other class's
+    "class-aspect-0.25": ["train.augment.class_aspect=0.25"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [
@@ -74,7 +75,11 @@ COLUMNS = [
     ("summary.sensitivity_mean", "stress sens mean", "{:.3f}".format),
     ("summary.specificity_mean", "stress spec mean", "{:.3f}".format),
     ("summary.specificity_min", "stress spec min", "{:.3f}".format),
+    ("sets.aspect_wider_x1.25.specificity", "wider spec", "{:.3f}".format),  # the stretch shortcut, both ways
+    ("sets.aspect_taller_x1.25.sensitivity", "taller sens", "{:.3f}".format),
 ]
+
+KEPT = ("test.", "summary.", "sets.", "train_")  # the figures a row may show
 
 
 def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None, capture: bool = False) -> str:
@@ -149,7 +154,7 @@ def table(workdir: Path, env: dict[str, str]) -> str:
                 values: dict[str, float] = {}
                 for metric in (data.get("metrics") or {}).values():
                     flat = _flatten(metric.get("data", {}))
-                    values.update({k: v for k, v in flat.items() if k.startswith(("test.", "summary.", "train_"))})
+                    values.update({k: v for k, v in flat.items() if k.startswith(KEPT)})
                 rows.append((name, values))
     rows.sort(key=lambda r: (list(LEVERS).index(r[0].partition("-seed")[0]), r[0]))
     head = "| lever | switch | " + " | ".join(c[1] for c in COLUMNS) + " |"

@@ -39,12 +39,14 @@ def test_champion_holds_up_on_the_shift_stress_set(real_champion: Champion) -> N
     report = json.loads((real_champion.root / real_champion.params.stress.report).read_text())
     sets = report["sets"]
     for name, v in sets.items():
-        print(f"{name:<16} n={v['images']:<3} ROC AUC {v['roc_auc']:.3f}  sens {v['sensitivity']:.3f}  "
+        print(f"{name:<20} n={v['images']:<3} ROC AUC {v['roc_auc']:.3f}  sens {v['sensitivity']:.3f}  "
               f"spec {v['specificity']:.3f}")  # fmt: skip
     assert set(sets) == {*TRANSFORMS, "fullres"}
     assert sets["fullres"]["images"] == 48 and all(v["images"] == 60 for k, v in sets.items() if k != "fullres")
     aucs = np.array([v["roc_auc"] for v in sets.values()])
-    specs = np.array([v["specificity"] for v in sets.values()])
+    # The aspect sets measure the stretch shortcut, which the default model has (README, Robustness:
+    # specificity 0.27-0.45 on normal images framed as wider originals); they are reported, not guarded.
+    specs = np.array([v["specificity"] for k, v in sets.items() if not k.startswith("aspect_")])
     assert np.isclose(report["summary"]["roc_auc_min"], aucs.min(), atol=1e-4)
     # Measured once each (64 px, 4 epochs): standardize off, AUC min 0.950 and specificity mean 0.678 (0.000
     # on the darker set); on (the default), AUC min 0.978 and specificity mean 0.974. Guards with margin:

@@ -69,7 +69,7 @@ def run(params: Params) -> str:
         mlflow.log_artifact(s.report, "evaluation")
     lines = [f"stress: {len(sets)} sets, scored at threshold {ev.threshold:.4f}"]
     lines += [
-        f"  {name:<18} AUC {v['roc_auc']:.3f}  sens {v['sensitivity']:.3f}  spec {v['specificity']:.3f}"
+        f"  {name:<20} AUC {v['roc_auc']:.3f}  sens {v['sensitivity']:.3f}  spec {v['specificity']:.3f}"
         for name, v in sets.items()
     ]
     summary = report["summary"]
