@@ -159,7 +159,7 @@ def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 1))
     if params.aspect:  # the frame cropped along each axis on its own: originals of another aspect, stretched
         a = (-params.aspect, 0.0)
-        layers.append(keras.layers.RandomZoom(a, a, fill_mode="constant", seed=seed + 5))
+        layers.append(keras.layers.RandomZoom(a, a, fill_mode="constant", seed=seed + 7))
     if params.translation:
         layers.append(
             keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="constant", seed=seed + 2)
@@ -284,7 +284,7 @@ def reframe_batch(x: tf.Tensor, y: tf.Tensor, share: float, rng: tf.random.Gener
     height cropped, stretched back), a pneumonia one as if taller (the width cropped), the factor drawn
     log-uniform per image. Then the proportions carry no label. Labels: 0/1, or one-hot with NORMAL first."""
     batch = tf.shape(x)[0]
-    normal = tf.equal(y[:, 0] if len(y.shape) > 1 else y, 1.0 if len(y.shape) > 1 else 0.0)
+    normal = tf.equal(y[:, 0], 1.0) if len(y.shape) > 1 else tf.equal(y, 0.0)
     draws = tf.random.stateless_uniform((2, batch), rng.make_seeds(1)[:, 0])
     keep = tf.exp(-draws[1] * float(np.log(MAX_REFRAME)))  # the kept fraction of the cropped axis
     keep = tf.where(draws[0] < share, keep, 1.0)
