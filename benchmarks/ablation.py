@@ -55,6 +55,7 @@ LEVERS: dict[str, list[str]] = {
     "aspect+zoom-aug": ["train.augment.aspect=0.25", "train.augment.zoom=0.2"],
     "class-aspect": ["train.augment.class_aspect=0.5"],  # half the images reframed as the other class's
     "class-aspect-0.25": ["train.augment.class_aspect=0.25"],
+    "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, same CPU cost
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [

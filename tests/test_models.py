@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -66,9 +67,10 @@ def test_imagenet_offline_is_one_clear_line() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"architecture": "alexnet"}, "model.architecture: unknown 'alexnet'; choose one of compact_cnn, resnet50"),
+        ({"architecture": "alexnet"}, "model.architecture: unknown 'alexnet'; choose one of compact_cnn, residual_cnn"),
         ({"architecture": "inceptionv3", "image_size": 64}, "model.image_size: inceptionv3 needs at least 75"),
         ({"architecture": "compact_cnn", "weights": "imagenet"}, "model.weights: compact_cnn has no ImageNet"),
+        ({"architecture": "residual_cnn", "weights": "imagenet"}, "model.weights: residual_cnn has no ImageNet"),
     ],
 )
 def test_bad_model_settings(kwargs: dict[str, object], message: str) -> None:
@@ -120,3 +122,24 @@ def test_equalized_model_ignores_any_monotone_grey_level_change(tmp_path: Path) 
     built.model.save(tmp_path / "m.keras")  # serializable: serving equalizes too
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     assert np.allclose(loaded.predict(2 * x + 1, verbose=0), a, atol=1e-5)
+
+
+@pytest.mark.parametrize(("architecture", "sees_corner"), [("compact_cnn", False), ("residual_cnn", True)])
+def test_receptive_field_of_the_from_scratch_models(architecture: str, sees_corner: bool) -> None:
+    """The residual CNN's central feature reads the far corner (its receptive field is the whole image); the compact
+    CNN's (about 38 px across) does not."""
+    import tensorflow as tf
+
+    size = 128
+    built = build_model(architecture, size)
+    features = keras.Model(built.model.input, built.model.get_layer(built.last_conv).output)
+    x = tf.Variable(np.random.default_rng(1).uniform(0, 255, (1, size, size, 1)).astype("float32"))
+    with tf.GradientTape() as tape:
+        out = features(x, training=False)
+        centre = out[0, out.shape[1] // 2, out.shape[2] // 2, :]
+        total = tf.reduce_sum(centre)
+    grad = np.abs(tape.gradient(total, x).numpy()[0, :, :, 0])
+    centre_grad = grad[size // 2 - 4 : size // 2 + 4, size // 2 - 4 : size // 2 + 4].max()
+    corner = grad[:8, :8].max() / centre_grad
+    assert centre_grad > 0
+    assert bool(corner > 0) is sees_corner, f"{architecture}: gradient at the corner / at the centre = {corner}"

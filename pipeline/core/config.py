@@ -121,7 +121,10 @@ class ShardsParams(Strict):
     )
 
 
-ARCHITECTURES = ("compact_cnn", "resnet50", "vgg16", "inceptionv3", "densenet121", "efficientnetb0", "mobilenetv2")
+ARCHITECTURES = (
+    *("compact_cnn", "residual_cnn"),  # from scratch
+    *("resnet50", "vgg16", "inceptionv3", "densenet121", "efficientnetb0", "mobilenetv2"),  # ImageNet backbones
+)
 TASKS = {"binary": ("NORMAL", "PNEUMONIA"), "three_class": ("NORMAL", "BACTERIAL", "VIRAL")}
 
 

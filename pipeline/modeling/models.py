@@ -1,4 +1,4 @@
-"""Keras models: a compact CNN from scratch, and transfer learning on six ImageNet backbones.
+"""Keras models: two CNNs from scratch (compact, residual), and transfer learning on six ImageNet backbones.
 
 The backbone is built on the model's own input tensor, so its layers sit in the outer model (not a
 nested sub-model): Grad-CAM can reach the last conv layer by name, and fine-tuning can unfreeze the
@@ -33,7 +33,6 @@ BACKBONES: dict[str, Backbone] = {
     "efficientnetb0": Backbone("EfficientNetB0", "raw", 32, "top_activation"),
     "mobilenetv2": Backbone("MobileNetV2", "tf", 32, "out_relu"),
 }
-assert set(ARCHITECTURES) == {"compact_cnn", *BACKBONES}
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
@@ -102,7 +101,7 @@ class EqualizeHistogram(keras.layers.Layer):
 @dataclass(frozen=True)
 class BuiltModel:
     model: keras.Model
-    backbone_layers: list[str]  # names, bottom to top; empty for the compact CNN
+    backbone_layers: list[str]  # names, bottom to top; empty for the from-scratch models
     last_conv: str
 
 
@@ -117,6 +116,40 @@ def _compact_cnn(inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: in
     return BuiltModel(_head(inputs, x, n_out, dropout, "compact_cnn"), [], last)
 
 
+def _residual_block(x: keras.KerasTensor, filters: int, stride: int, name: str) -> keras.KerasTensor:
+    """Two 3x3 convs with batch norm, channels re-weighted by squeeze-excitation, added to the shortcut."""
+    shortcut = x
+    if stride > 1 or x.shape[-1] != filters:  # a 1x1 projection where the shape changes
+        shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_proj_bn")(shortcut)
+    y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn1")(y)
+    y = keras.layers.Activation("relu", name=f"{name}_relu1")(y)
+    y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn2")(y)
+    squeeze = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(y)
+    squeeze = keras.layers.Dense(max(filters // 8, 4), activation="relu", name=f"{name}_se_reduce")(squeeze)
+    squeeze = keras.layers.Dense(filters, activation="sigmoid", name=f"{name}_se_expand")(squeeze)
+    y = keras.layers.Multiply(name=f"{name}_se")([y, squeeze])
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.Activation("relu", name=f"{name}_out")(y)
+
+
+def _residual_cnn(inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
+    """From scratch, CPU-sized: a stride-2 stem, then four residual SE stages (32-256 channels, /16 overall).
+
+    Every output unit sees the whole image at 128 px (the compact CNN's last layer sees about 38 px), so
+    the score can rest on the lung fields' extent and not only on local texture.
+    """
+    x = keras.layers.Rescaling(1 / 255.0, name="rescale")(pixels)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = keras.layers.Activation("relu", name="stem_relu")(x)
+    for i, (filters, stride) in enumerate(((32, 1), (64, 2), (128, 2), (256, 2)), start=1):
+        x = _residual_block(x, filters, stride, f"stage{i}")
+    return BuiltModel(_head(inputs, x, n_out, dropout, "residual_cnn"), [], "stage4_out")
+
+
 def _head(inputs: keras.KerasTensor, features: keras.KerasTensor, n_out: int, dropout: float, name: str) -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
@@ -124,6 +157,10 @@ def _head(inputs: keras.KerasTensor, features: keras.KerasTensor, n_out: int, dr
     # float32 output even under mixed precision, for numerically sane losses and probabilities.
     outputs = keras.layers.Dense(n_out, activation=activation, dtype="float32", name="prediction")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+FROM_SCRATCH = {"compact_cnn": _compact_cnn, "residual_cnn": _residual_cnn}
+assert set(ARCHITECTURES) == {*FROM_SCRATCH, *BACKBONES}
 
 
 def _load_weights_file(built: BuiltModel, path: Path, architecture: str) -> None:
@@ -154,10 +191,10 @@ def build_model(
     inputs = keras.Input((image_size, image_size, 1), name="image")
     pixels = EqualizeHistogram(name="equalize")(inputs) if equalize else inputs
     pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
-    if architecture == "compact_cnn":
+    if architecture in FROM_SCRATCH:
         if weights == "imagenet":
-            raise PipelineError("model.weights: compact_cnn has no ImageNet weights; use none or a weights file")
-        built = _compact_cnn(inputs, pixels, n_out, dropout)
+            raise PipelineError(f"model.weights: {architecture} has no ImageNet weights; use none or a weights file")
+        built = FROM_SCRATCH[architecture](inputs, pixels, n_out, dropout)
     else:
         spec = BACKBONES[architecture]
         if image_size < spec.min_size:

@@ -314,7 +314,7 @@ def _train(
             )
         )
 
-    if not built.backbone_layers:  # compact CNN: one phase, every layer
+    if not built.backbone_layers:  # from scratch: one phase, every layer
         fit_on_images("full", tp.epochs, tp.learning_rate)
     else:
         set_backbone_trainable(built, 0)
