@@ -56,6 +56,8 @@ LEVERS: dict[str, list[str]] = {
     "class-aspect": ["train.augment.class_aspect=0.5"],  # half the images reframed as the other class's
     "class-aspect-0.25": ["train.augment.class_aspect=0.25"],
     "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, same CPU cost
+    "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
+    "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [
