@@ -137,12 +137,50 @@ def test_platt_scaling_also_fixes_probabilities_that_are_too_low() -> None:
 
 def test_calibration_on_perfectly_separated_val_stays_finite() -> None:
     """Separable val data would drive an unregularised fit to probabilities of exactly 0 and 1."""
-    from pipeline.modeling.metrics import apply_temperature, fit_calibration
+    from pipeline.modeling.metrics import apply_temperature, calibration_at_bounds, fit_calibration
 
     y = np.array([0] * 20 + [1] * 40)
     p = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.3, 0.99, 40)])
     t, b = fit_calibration(y, p)
     calibrated = apply_temperature(p, t, b)
     assert t > 0.06 and abs(b) < 19  # not at the bounds
+    assert calibration_at_bounds(t, b) == []
     assert calibrated.min() > 1e-8 and calibrated.max() < 1 - 1e-8
     assert calibrated[y == 1].min() > calibrated[y == 0].max()  # still separated: the order is kept
+
+
+def test_a_fit_pressed_against_its_range_is_reported() -> None:
+    """A barely trained model's scores all sit near one value: the best Platt fit lies past the bias range."""
+    from pipeline.modeling.metrics import BIAS_RANGE, calibration_at_bounds, fit_calibration
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    logit = 5.0 + 0.05 * y + rng.normal(0, 0.03, 200)  # every image near 0.993, pneumonia a hair higher
+    p = 1 / (1 + np.exp(-logit))
+    t, b = fit_calibration(y, p)
+    assert "bias" in calibration_at_bounds(t, b) and b == pytest.approx(BIAS_RANGE[0], abs=0.02)
+    assert calibration_at_bounds(1.0, 0.0) == [] and calibration_at_bounds(20.0, 3.0) == ["temperature"]
+
+
+def test_the_evaluation_summary_says_when_calibration_hit_its_range() -> None:
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import calibrate, evaluate
+    from pipeline.registry.model_card import _calibration
+
+    rng = np.random.default_rng(4)
+    params = EvaluateParams(bootstrap=20)
+
+    def scores(n: int, centre: float, gap: float) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        return y, 1 / (1 + np.exp(-(centre + gap * y + rng.normal(0, 0.03, n))))
+
+    def summary_and_card(centre: float, gap: float) -> str:
+        (y_val, p_val), (y_test, p_test) = scores(200, centre, gap), scores(200, centre, gap)
+        calibrated = calibrate(y_val, p_val, y_test, p_test)
+        ev = evaluate(y_val, p_val, y_test, p_test, ("NORMAL", "PNEUMONIA"), params, calibrated=calibrated)
+        return ev.summary() + "\n".join(_calibration(ev))
+
+    far_off = summary_and_card(5.0, 0.05)  # every score near 0.993
+    assert "calibration: bias at the edge of the fitted range" in far_off
+    assert "**Note:** bias at the edge of the fitted range" in far_off  # the model card says it too
+    assert "edge of the fitted range" not in summary_and_card(0.0, 3.0)  # a trained model's spread

@@ -27,10 +27,16 @@ from pipeline.modeling.metrics import (
     apply_temperature,
     binary_metrics,
     bootstrap_ci,
+    calibration_at_bounds,
     choose_threshold,
     fit_calibration,
     log_loss,
     reliability,
+)
+
+CALIBRATION_AT_BOUNDS = (
+    "{} at the edge of the fitted range: val scores are far from their rates (e.g. a barely trained model), "
+    "so the calibrated probabilities are rough"
 )
 
 
@@ -99,6 +105,8 @@ class Evaluation:
                 f"{c['test_brier']['raw']:.4f} -> {c['test_brier']['calibrated']:.4f}, calibration error "
                 f"{c['test_ece']['raw']:.4f} -> {c['test_ece']['calibrated']:.4f}"
             )
+            if at_bounds := calibration_at_bounds(self.temperature, self.calibration_bias):
+                lines.append(f"calibration: {CALIBRATION_AT_BOUNDS.format(' and '.join(at_bounds))}")
         if self.multiclass:
             lines.append(
                 f"three-class: macro F1 {self.multiclass['macro_f1']:.3f}, "

@@ -168,11 +168,15 @@ def log_loss(y: np.ndarray, probs: np.ndarray, smoothed: bool = False) -> float:
     return float(-np.mean(np.sum(targets * np.log(p), axis=1)))
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+BIAS_RANGE = (-20.0, 20.0)
+
+
 def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
-    """The temperature in [0.05, 20] that minimises the (smoothed) log loss of `probs` for class ids `y`."""
+    """The temperature in TEMPERATURE_RANGE that minimises the (smoothed) log loss of `probs` for class ids `y`."""
     result = minimize_scalar(
         lambda log_t: log_loss(y, apply_temperature(probs, float(np.exp(log_t))), smoothed=True),
-        bounds=(np.log(0.05), np.log(20.0)),
+        bounds=tuple(np.log(TEMPERATURE_RANGE)),
         method="bounded",
     )
     return float(np.exp(result.x))
@@ -187,10 +191,21 @@ def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     result = minimize(
         lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1])), smoothed=True),
         x0=[np.log(t), 0.0],
-        bounds=[(np.log(0.05), np.log(20.0)), (-20.0, 20.0)],
+        bounds=[tuple(np.log(TEMPERATURE_RANGE)), BIAS_RANGE],
         method="L-BFGS-B",
     )
     return float(np.exp(result.x[0])), float(result.x[1])
+
+
+def calibration_at_bounds(temperature: float, bias: float) -> list[str]:
+    """The fitted parameters that sit on their range's edge (within 0.1%): the best fit lay beyond it, so the
+    calibrated probabilities are the range's best, not the data's (val scores far off, e.g. a barely trained model)."""
+    log_t, log_edges = np.log(temperature), np.log(TEMPERATURE_RANGE)
+    at = {
+        "temperature": bool(np.min(np.abs(log_t - log_edges)) < 1e-3),
+        "bias": bool(min(abs(bias - e) for e in BIAS_RANGE) < 1e-3 * max(BIAS_RANGE)),
+    }
+    return [name for name, hit in at.items() if hit]
 
 
 def reliability(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[list[dict[str, float]], float]:
