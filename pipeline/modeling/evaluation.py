@@ -34,11 +34,6 @@ from pipeline.modeling.metrics import (
     reliability,
 )
 
-CALIBRATION_AT_BOUNDS = (
-    "{} at the edge of the fitted range: val scores are far from their rates (e.g. a barely trained model), "
-    "so the calibrated probabilities are rough"
-)
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -84,6 +79,16 @@ class Evaluation:
             out["test_macro_roc_auc"] = self.multiclass["macro_roc_auc"]
         return out
 
+    def calibration_warning(self) -> str:
+        """What to know when the calibration fit ended on its range's edge; empty when it did not."""
+        at_bounds = calibration_at_bounds(self.temperature, self.calibration_bias) if self.calibration else []
+        if not at_bounds:
+            return ""
+        return (
+            f"{' and '.join(at_bounds)} at the edge of the fitted range: val scores are far from their rates "
+            "(e.g. a barely trained model), so the calibrated probabilities are rough"
+        )
+
     def summary(self) -> str:
         t, c = self.test, self.ci95
         lines = [
@@ -105,8 +110,8 @@ class Evaluation:
                 f"{c['test_brier']['raw']:.4f} -> {c['test_brier']['calibrated']:.4f}, calibration error "
                 f"{c['test_ece']['raw']:.4f} -> {c['test_ece']['calibrated']:.4f}"
             )
-            if at_bounds := calibration_at_bounds(self.temperature, self.calibration_bias):
-                lines.append(f"calibration: {CALIBRATION_AT_BOUNDS.format(' and '.join(at_bounds))}")
+            if warning := self.calibration_warning():
+                lines.append(f"calibration: {warning}")
         if self.multiclass:
             lines.append(
                 f"three-class: macro F1 {self.multiclass['macro_f1']:.3f}, "

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.modeling.evaluation import CALIBRATION_AT_BOUNDS, Evaluation
-from pipeline.modeling.metrics import calibration_at_bounds
+from pipeline.modeling.evaluation import Evaluation
 from pipeline.serving.classifier import ModelInfo
 
 PUBLISHED = "Kermany et al. 2018 (transfer learning, official test split): accuracy 92.8%, sensitivity 93.2%, specificity 90.1%, ROC AUC 0.968"  # noqa: E501
@@ -53,11 +52,7 @@ def _calibration(ev: Evaluation) -> list[str]:
         f"T = {ev.temperature:.3f} (T > 1 softens over-confident outputs) and b = {ev.calibration_bias:+.3f} "
         "(shifts outputs that are too low or too high overall). Ranking, and so the operating point, is "
         "unchanged; every interface applies the same calibration.",
-        *(
-            ["", f"**Note:** {CALIBRATION_AT_BOUNDS.format(' and '.join(at_bounds))}."]
-            if (at_bounds := calibration_at_bounds(ev.temperature, ev.calibration_bias))
-            else []
-        ),
+        *(["", f"**Note:** {warning}."] if (warning := ev.calibration_warning()) else []),
         "",
         "| | raw | calibrated |",
         "|---|---|---|",
