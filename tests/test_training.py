@@ -40,9 +40,45 @@ class CountEpochs(keras.callbacks.Callback):
         self.started.append(epoch + 1)
 
 
-def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+class KernelAtEpochEdges(keras.callbacks.Callback):
+    """The first conv kernel as the callbacks see it at each epoch's end, and as training resumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: list[np.ndarray] = []
+        self.begins: list[np.ndarray] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.begins.append(np.array(self.model.trainable_weights[0]))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.ends.append(np.array(self.model.trainable_weights[0]))
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_weight_averaging_is_what_validation_and_the_checkpoint_see(
+    synthetic_index: tuple[Path, pd.DataFrame], ema: float
+) -> None:
+    """train.ema: at each epoch's end the averaged weights are in the model (validated, checkpointed), the
+    raw ones train on at the next epoch's start, and the saved model is the best epoch's average."""
     tmp, index = synthetic_index
-    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=4", "train.early_stopping_patience=10")
+    params = rooted_params(
+        tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=3", "train.early_stopping_patience=10", f"train.ema={ema}"
+    )
+    edges = KernelAtEpochEdges()
+    outcome = training.train(params, index, extra_callbacks=[edges])
+    best = int(np.argmax([h["val_auc"] for h in outcome.history]))
+    np.testing.assert_array_equal(np.array(outcome.built.model.trainable_weights[0]), edges.ends[best])
+    swapped = [not np.array_equal(end, begin) for end, begin in zip(edges.ends[:-1], edges.begins[1:], strict=True)]
+    assert swapped == [bool(ema)] * 2
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Path, pd.DataFrame], ema: float) -> None:
+    tmp, index = synthetic_index
+    params = rooted_params(
+        tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=4", "train.early_stopping_patience=10", f"train.ema={ema}"
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         training.train(params, index, extra_callbacks=[Crash(after=2)])
     saved = list(Path(params.train.resume_dir).rglob("history.json"))

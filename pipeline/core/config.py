@@ -177,6 +177,9 @@ class TrainParams(Strict):
     warmup_epochs: int = Field(1, ge=0, description="cosine only: linear warm-up from 0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="momentum of an exponential moving average of the weights, per step; 0 = off"
+    )
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()
     input: Literal["shards", "files"] = Field(
@@ -191,11 +194,19 @@ class TrainParams(Strict):
     resume_dir: str = ".cache/train-resume"
 
 
+class TTAParams(Strict):
+    """Test-time augmentation (pipeline/modeling/tta.py): extra views scored and averaged; 0 turns one off."""
+
+    shift: float = Field(0.0, ge=0, lt=0.5, description="4 views moved by this fraction of the side")
+    zoom: float = Field(0.0, ge=0, lt=0.5, description="2 views zoomed in and out by this fraction")
+
+
 class EvaluateParams(Strict):
     target_sensitivity: float = Field(0.95, gt=0, lt=1, description="chosen on val; missing pneumonia is costly")
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
     calibrate: bool = Field(True, description="Platt/temperature scaling on val; it travels with the model")
+    tta: TTAParams = TTAParams()
     metrics: str = "reports/metrics.json"
     plots_dir: str = "reports/plots"
     figures_dir: str = "reports/figures"

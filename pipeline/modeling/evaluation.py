@@ -21,6 +21,7 @@ from sklearn import metrics as skm
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.config import EvaluateParams
 from pipeline.core.errors import PipelineError
+from pipeline.modeling import tta
 from pipeline.modeling.inputs import SplitData, make_dataset
 from pipeline.modeling.metrics import (
     BinaryMetrics,
@@ -50,6 +51,11 @@ class Evaluation:
     temperature: float = 1.0  # calibration (metrics.apply_temperature): T = 1 and bias 0 mean uncalibrated
     calibration_bias: float = 0.0
     calibration: dict[str, Any] | None = None
+    tta: dict[str, float] | None = None  # test-time augmentation views (tta.Views), when on
+
+    @property
+    def views(self) -> tta.Views:
+        return tta.Views(**(self.tta or {}))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +118,8 @@ class Evaluation:
             )
             if warning := self.calibration_warning():
                 lines.append(f"calibration: {warning}")
+        if self.views.enabled:
+            lines.append(f"test-time augmentation: {self.views.describe()}, outputs averaged")
         if self.multiclass:
             lines.append(
                 f"three-class: macro F1 {self.multiclass['macro_f1']:.3f}, "
@@ -120,10 +128,15 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def predict_split(model: Any, data: SplitData, image_size: int, batch_size: int) -> np.ndarray:
-    """The model's outputs for every image of a split, in the split's order."""
-    ds = make_dataset(data, image_size, batch_size, cache=False)
-    return model.predict(ds.map(lambda x, y: x), verbose=0)
+def predict_split(
+    model: Any, data: SplitData, image_size: int, batch_size: int, views: tta.Views | None = None
+) -> np.ndarray:
+    """The model's outputs for every image of a split, in the split's order (averaged over `views`)."""
+    ds = make_dataset(data, image_size, batch_size, cache=False).map(lambda x, y: x)
+    if views is None or not views.enabled:
+        return model.predict(ds, verbose=0)
+    run = tta.predictor(model, views, image_size)
+    return np.concatenate([np.asarray(run(x)) for x in ds])
 
 
 def pneumonia_score(probs: np.ndarray) -> np.ndarray:
@@ -218,6 +231,7 @@ def evaluate(
         temperature=calibrated.temperature if calibrated else 1.0,
         calibration_bias=calibrated.bias if calibrated else 0.0,
         calibration=calibrated.report if calibrated else None,
+        tta=params.tta.model_dump() if tta.Views(**params.tta.model_dump()).enabled else None,
     )
 
 

@@ -130,10 +130,11 @@ def _compile(
         loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    ema = {"use_ema": True, "ema_momentum": params.ema} if params.ema else {}
     if params.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=params.weight_decay)
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=params.weight_decay, **ema)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate)
+        optimizer = keras.optimizers.Adam(learning_rate, **ema)
     # Class weights arrive as sample weights in the batches: they weight the loss, not the AUC and accuracy.
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.AUC(name="auc"), "accuracy"])
 
@@ -180,6 +181,9 @@ def _fit_phase(
     best = phase_dir / "best.weights.h5"
     callbacks = [
         keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
+        # Weight averaging: the average is swapped in for validation and for the callbacks below it at each
+        # epoch's end (the backup above keeps the raw weights, and the average with the optimizer, to resume).
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema else []),
         keras.callbacks.ModelCheckpoint(
             str(best),
             monitor="val_auc",

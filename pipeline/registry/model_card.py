@@ -178,6 +178,16 @@ def render(facts: CardFacts) -> str:
         "images; a small validation split makes the threshold itself uncertain. The threshold travels "
         "with the model: batch prediction, the REST service and the MLflow pyfunc all apply it.",
         "",
+        *(
+            [
+                f"Test-time augmentation: every image is scored as {ev.views.describe()} and the outputs "
+                "averaged; the figures, threshold and calibration here are of those averages, and every "
+                "interface averages the same views (Grad-CAM explains the image as given).",
+                "",
+            ]
+            if ev.views.enabled
+            else []
+        ),
         *_calibration(ev),
         *_stress(facts.stress),
         *_ood(facts.ood),

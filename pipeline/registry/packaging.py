@@ -58,6 +58,8 @@ def model_info(
         target_sensitivity=float(ev.target_sensitivity),
         temperature=float(ev.temperature),
         calibration_bias=float(ev.calibration_bias),
+        tta_shift=ev.views.shift,
+        tta_zoom=ev.views.zoom,
         source_prior=positive_fraction(ev.val),
         ood_threshold=ood_threshold,
         ood_warning=ood_warning,

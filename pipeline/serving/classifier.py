@@ -23,7 +23,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.errors import PipelineError, TransientError
-from pipeline.modeling import models  # noqa: F401 - registers the custom layer for loading
+from pipeline.modeling import (
+    models,  # noqa: F401 - registers the custom layer for loading
+    tta,
+)
 from pipeline.modeling.metrics import apply_temperature, class_probabilities
 from pipeline.serving import ood
 from pipeline.serving.gradcam import Explainer
@@ -48,6 +51,8 @@ class ModelInfo:
     target_sensitivity: float | None = None
     temperature: float = 1.0  # calibration fitted on val (metrics.apply_temperature), applied to every prediction
     calibration_bias: float = 0.0
+    tta_shift: float = 0.0  # test-time augmentation views (tta.Views), averaged for every prediction
+    tta_zoom: float = 0.0
     source_prior: float | None = None  # the pneumonia fraction the calibration was fitted on (prior_shift.py)
     ood_threshold: float | None = None  # out-of-distribution score above which no label is given (ood.py)
     ood_warning: float | None = None  # ... above which the label comes with a warning
@@ -99,8 +104,19 @@ class Classifier:
         size = info.image_size
         spec = tf.TensorSpec([None, size, size, 1], tf.float32)
         both = keras.Model(model.input, [model.output, model.get_layer("gap").output])  # one pass, two outputs
-        self._infer = tf.function(lambda x: both(x, training=False), input_signature=[spec])
+        views = self.views
+
+        def infer(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            """Outputs averaged over the views; features (drift, OOD) of the image as given."""
+            out, features = both(x, training=False)
+            return tta.averaged(lambda v: model(v, training=False), x, out, views), features
+
+        self._infer = tf.function(infer, input_signature=[spec])
         self._explainer: Any = None
+
+    @property
+    def views(self) -> tta.Views:
+        return tta.Views(self.info.tta_shift, self.info.tta_zoom)
 
     @classmethod
     def from_bundle(cls, folder: str | Path, **registry: Any) -> Classifier:

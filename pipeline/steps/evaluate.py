@@ -15,7 +15,7 @@ from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_index import read_index
 from pipeline.data.version import split_fingerprint
-from pipeline.modeling import evaluation, model_store
+from pipeline.modeling import evaluation, model_store, tta
 from pipeline.modeling import inputs as dp
 from pipeline.registry import tracking
 
@@ -37,8 +37,9 @@ def run(params: Params) -> str:
     index = read_index(params.index.path)
     val = dp.split_data(index, "val", params.data.root, params.task)
     test = dp.split_data(index, "test", params.data.root, params.task)
-    p_val = evaluation.predict_split(model, val, size, params.train.batch_size)
-    p_test = evaluation.predict_split(model, test, size, params.train.batch_size)
+    views = tta.Views(**params.evaluate.tta.model_dump())
+    p_val = evaluation.predict_split(model, val, size, params.train.batch_size, views)
+    p_test = evaluation.predict_split(model, test, size, params.train.batch_size, views)
     calibrated = evaluation.calibrate(val.labels, p_val, test.labels, p_test) if params.evaluate.calibrate else None
     ev = evaluation.evaluate(
         val.labels,
