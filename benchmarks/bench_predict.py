@@ -1,12 +1,13 @@
 """Benchmark: batch prediction images/s on CPU, and REST latency under a bounded loopback load (prints figures).
 
     .venv/bin/python benchmarks/bench_predict.py [--shared ../shared/data] [--architecture compact_cnn]
-        [--size 128] [--images 512] [--requests 200] [--concurrency 1 4]
+        [--size 128] [--images 512] [--requests 200] [--concurrency 1 4] [--tta 0.05 0.1]
 
 The model is untrained (weights: none): speed does not depend on the weights, and the benchmark
 then needs no registry. It is packed as a serving bundle, exactly what `pneumo register` packs.
 1. Batch: `pneumo predict`'s code path over real 224 px JPEGs and the full-resolution originals:
-   decode + resize alone, the model alone, and both together (images/s).
+   decode + resize alone, the model alone, and both together (images/s); with `--tta SHIFT ZOOM`
+   also the same bundle with those test-time augmentation views (evaluate.tta), for the ratio.
 2. REST: `pneumo serve` as a real process on 127.0.0.1; `--concurrency` clients send one image
    per request, back to back, for `--requests` requests each level; p50/p99 latency and requests/s.
 Compare figures as ratios within one run: the machine is shared and noisy.
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--tta", type=float, nargs=2, metavar=("SHIFT", "ZOOM"), help="also time these views")
     args = parser.parse_args()
     test = args.shared / "chest_xray_224" / "test"
     if not test.is_dir():
@@ -113,6 +116,10 @@ def main() -> None:
         batch_rates(model, files, "224 px JPEG")
         if fullres:
             batch_rates(model, fullres, "full-resolution JPEG")
+        if args.tta:
+            views = replace(model.info, tta_shift=args.tta[0], tta_zoom=args.tta[1])
+            averaged = Classifier(model.model, views, model.drift_reference)
+            batch_rates(averaged, files, f"224 px JPEG, {averaged.views.count} views")
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"

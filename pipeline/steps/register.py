@@ -19,6 +19,7 @@ from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import inputs as dp
+from pipeline.modeling import tta
 from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
 from pipeline.modeling.metrics import apply_temperature, binary_metrics
 from pipeline.registry import champion, model_card, packaging, tracking
@@ -67,18 +68,18 @@ def rescorer(params: Params) -> Any:
     """Scores a registered model on the current test split at a given threshold."""
 
     def rescore(model_uri: str, threshold: float) -> dict[str, float]:
-        def load() -> tuple[Any, float]:
+        def load() -> tuple[Any, tuple[float, float], tta.Views]:
             try:
                 loaded = classifier.load(model_uri)
-                info = loaded.info  # the threshold is on calibrated scores
-                return loaded.model, (info.temperature, info.calibration_bias)
+                info = loaded.info  # the threshold is on calibrated scores of its views' average
+                return loaded.model, (info.temperature, info.calibration_bias), loaded.views
             except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
-                return mlflow.keras.load_model(model_uri), (1.0, 0.0)
+                return mlflow.keras.load_model(model_uri), (1.0, 0.0), tta.Views()
 
-        model, calibration = champion.with_retries(load, "loading the champion", params.registry)
+        model, calibration, views = champion.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
         test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
-        outputs = predict_split(model, test, size, params.train.batch_size)
+        outputs = predict_split(model, test, size, params.train.batch_size, views)
         scores = pneumonia_score(apply_temperature(outputs, *calibration))
         figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
         return {k: float(getattr(figures, k)) for k in champion.SCORE_KEYS}
