@@ -59,11 +59,11 @@ LEVERS: dict[str, list[str]] = {
     "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
     "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],
     # Averaging: over views at test time (the training augmentation's own shift and zoom; evaluation only, so
-    # DVC's run cache reuses the lever's training), and over the weights while training (EMA, ~1 epoch at 96 px)
+    # DVC's run cache reuses the lever's training), and over the weights while training (EMA over about an epoch)
     "tta": ["evaluate.tta.shift=0.05", "evaluate.tta.zoom=0.1"],
     "tta-shift": ["evaluate.tta.shift=0.05"],
-    "ema": ["train.ema=0.99"],
-    "ema+tta": ["train.ema=0.99", "evaluate.tta.shift=0.05", "evaluate.tta.zoom=0.1"],
+    "ema": ["train.ema_epochs=0.85"],  # measured as momentum 0.99 on 118 batches per epoch
+    "ema+tta": ["train.ema_epochs=0.85", "evaluate.tta.shift=0.05", "evaluate.tta.zoom=0.1"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [

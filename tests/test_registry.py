@@ -117,6 +117,24 @@ def test_candidate_promotion_never_takes_champion(store: tuple[str, Any], tmp_pa
     assert worse.outcome == unsafe.outcome == "rejected" and aliases(client) == {"champion": "2", "challenger": "3"}
 
 
+def test_a_new_evaluation_of_the_same_run_is_a_new_version(store: tuple[str, Any], tmp_path: Path) -> None:
+    """The registration key is the run and its evaluation: the same evaluation again finishes its version,
+    another one (e.g. evaluate.tta changed, the training restored from DVC's run cache) adds a version."""
+    import dataclasses
+
+    _, client = store
+    params = policy(tmp_path)
+    plain = dataclasses.replace(log_candidate(0.90, 0.95), evaluation="aaaa")
+    assert champion.register(client, plain, params, never).version == "1"
+    again = champion.register(client, plain, params, never)
+    assert again.resumed and again.version == "1"
+    views = dataclasses.replace(plain, evaluation="bbbb", scores=dataclasses.replace(plain.scores, threshold=0.6))
+    second = champion.register(client, views, params, never)
+    assert not second.resumed and second.version == "2" and second.champion.version == "1"
+    keys = {str(v.version): v.tags[champion.KEY_TAG] for v in client.search_model_versions("name = 'pneumo-test'")}
+    assert keys == {"1": f"{plain.run_id}:aaaa", "2": f"{plain.run_id}:bbbb"}
+
+
 def test_auto_promotion_never_overrides_a_person(store: tuple[str, Any], tmp_path: Path) -> None:
     _, client = store
     params = policy(tmp_path, promotion="auto")

@@ -348,7 +348,7 @@ def test_half_registered_version_left_behind_is_replaced_by_the_rerun(stack: Sta
     with pytest.raises(TransientError, match="creating the model version failed after 1 attempts"):
         champion.register(CommitThenDrop(client), candidate, params, never, lambda _: None)
     left = versions_of(client, name)["2"]
-    assert left.tags[STATE_TAG] == PENDING and left.tags[KEY_TAG] == candidate.run_id
+    assert left.tags[STATE_TAG] == PENDING and left.tags[KEY_TAG] == candidate.key
     assert aliases(client, name) == {"champion": "1"}  # nothing aliased on a pending version
     logs: list[str] = []
     decision = champion.register(client, candidate, params, never, logs.append)

@@ -55,15 +55,27 @@ class KernelAtEpochEdges(keras.callbacks.Callback):
         self.ends.append(np.array(self.model.trainable_weights[0]))
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_weight_average_momentum_follows_the_epochs_it_spans() -> None:
+    assert training.ema_momentum(1, 118) == pytest.approx(1 - 1 / 118)  # the real 224 px set at batch 32
+    assert training.ema_momentum(0.85, 118) == pytest.approx(0.99, abs=1e-4)
+    assert training.ema_momentum(2, 5) == pytest.approx(0.9)
+    assert training.ema_momentum(0.1, 5) == 0.0  # less than a step: no averaging
+
+
+@pytest.mark.parametrize("ema", [0.0, 1.0])
 def test_weight_averaging_is_what_validation_and_the_checkpoint_see(
     synthetic_index: tuple[Path, pd.DataFrame], ema: float
 ) -> None:
-    """train.ema: at each epoch's end the averaged weights are in the model (validated, checkpointed), the
+    """train.ema_epochs: at each epoch's end the averaged weights are in the model (validated, checkpointed), the
     raw ones train on at the next epoch's start, and the saved model is the best epoch's average."""
     tmp, index = synthetic_index
     params = rooted_params(
-        tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=3", "train.early_stopping_patience=10", f"train.ema={ema}"
+        tmp,
+        *SMALL_SYNTHETIC,
+        *FAST_TRAIN,
+        "train.epochs=3",
+        "train.early_stopping_patience=10",
+        f"train.ema_epochs={ema}",
     )
     edges = KernelAtEpochEdges()
     outcome = training.train(params, index, extra_callbacks=[edges])
@@ -73,11 +85,16 @@ def test_weight_averaging_is_what_validation_and_the_checkpoint_see(
     assert swapped == [bool(ema)] * 2
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+@pytest.mark.parametrize("ema", [0.0, 1.0])
 def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Path, pd.DataFrame], ema: float) -> None:
     tmp, index = synthetic_index
     params = rooted_params(
-        tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=4", "train.early_stopping_patience=10", f"train.ema={ema}"
+        tmp,
+        *SMALL_SYNTHETIC,
+        *FAST_TRAIN,
+        "train.epochs=4",
+        "train.early_stopping_patience=10",
+        f"train.ema_epochs={ema}",
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         training.train(params, index, extra_callbacks=[Crash(after=2)])

@@ -177,8 +177,8 @@ class TrainParams(Strict):
     warmup_epochs: int = Field(1, ge=0, description="cosine only: linear warm-up from 0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
-    ema: float = Field(
-        0.0, ge=0, lt=1, description="momentum of an exponential moving average of the weights, per step; 0 = off"
+    ema_epochs: float = Field(
+        0.0, ge=0, le=100, description="weights averaged (exponential moving average) over about N epochs; 0 = off"
     )
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()

@@ -119,18 +119,26 @@ def learning_rate_schedule(
     )
 
 
+def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step momentum of a weight average over about `ema_epochs` epochs (1 - 1 / steps averaged)."""
+    return 1.0 - 1.0 / max(ema_epochs * steps_per_epoch, 1.0)
+
+
 def _compile(
     model: keras.Model,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
     n_classes: int,
     params: TrainParams,
+    steps_per_epoch: int,
 ) -> None:
     smoothing = params.label_smoothing
     if n_classes == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
-    ema = {"use_ema": True, "ema_momentum": params.ema} if params.ema else {}
+    ema = {}
+    if params.ema_epochs:
+        ema = {"use_ema": True, "ema_momentum": ema_momentum(params.ema_epochs, steps_per_epoch)}
     if params.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=params.weight_decay, **ema)
     else:
@@ -183,7 +191,7 @@ def _fit_phase(
         keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
         # Weight averaging: the average is swapped in for validation and for the callbacks below it at each
         # epoch's end (the backup above keeps the raw weights, and the average with the optimizer, to resume).
-        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema else []),
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_epochs else []),
         keras.callbacks.ModelCheckpoint(
             str(best),
             monitor="val_auc",
@@ -281,7 +289,7 @@ def _train(
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
         steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
-            _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp)
+            _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp, steps)
         train_ds = dp.make_dataset(
             train_data,
             mp.image_size,
@@ -369,7 +377,7 @@ def _train_head_on_features(
         inputs = keras.Input(xt.shape[1:], name="features")
         head = keras.Model(inputs, model.get_layer("prediction")(model.get_layer("head_dropout")(inputs)), name="head")
         steps = dp.steps_per_epoch(len(xt), batch)
-        _compile(head, learning_rate_schedule(tp, learning_rate, tp.epochs, steps), n_classes, tp)
+        _compile(head, learning_rate_schedule(tp, learning_rate, tp.epochs, steps), n_classes, tp, steps)
     return _fit_phase(
         head,
         "head",

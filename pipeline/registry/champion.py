@@ -17,9 +17,12 @@ Safety, on one machine or many. Registrations of a model take turns under the re
 ``@champion`` to moving the aliases, so two racing runs leave exactly one champion. Registry I/O is
 retried (retrying: tenacity, transient errors only), so every step is idempotent:
 
-- one version per training run: the version carries ``pneumo.registration_key`` (the run id) from the
-  call that creates it. A create whose response was lost is not repeated blindly: the retry first
-  looks for this run's version and reuses it;
+- one version per evaluation of a training run: the version carries ``pneumo.registration_key`` (the
+  run id and a digest of the evaluation: threshold, calibration, test-time views, figures) from the call
+  that creates it, so an evaluate-only change (e.g. ``evaluate.tta``, with DVC's run cache restoring the
+  training) registers the model it now serves as a new version instead of rewriting the old one's card.
+  A create whose response was lost is not repeated blindly: the retry first looks for this key's
+  version and reuses it;
 - the decision is computed before anything is written; the version is created ``pending`` with all its
   tags in one call, then the model card (``finalize``), then it is marked ``complete``, and only then
   are aliases set: a ``pending`` version never holds an alias;
@@ -29,7 +32,7 @@ retried (retrying: tenacity, transient errors only), so every step is idempotent
   ``pending`` version is deleted and the registration starts over (decided afresh, under the lock);
   a ``complete`` one is kept and finished: its recorded decision's alias is set if ``@champion`` is
   still the version it was decided against (``pneumo.compared_with``), else left alone with a warning.
-  A re-run for a registered run therefore never adds a second version.
+  A re-run for a registered evaluation therefore never adds a second version.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from pipeline.registry.retrying import with_retries  # also the steps' retry pol
 T = TypeVar("T")
 CHAMPION, CHALLENGER = "champion", "challenger"
 PIPELINE_CHAMPION_TAG = "pipeline_champion"  # the version this pipeline last gave @champion
-KEY_TAG = "pneumo.registration_key"  # the candidate's run id: one version per training run
+KEY_TAG = "pneumo.registration_key"  # Candidate.key: one version per evaluation of a training run
 STATE_TAG = "pneumo.registration"  # pending (created) -> complete (tags and card written); aliases only then
 COMPARED_TAG = "pneumo.compared_with"  # the @champion version the decision was made against ("": none)
 PENDING, COMPLETE = "pending", "complete"
@@ -139,6 +142,12 @@ class Candidate:
     tags: dict[str, str]
     description: str
     origin: str = ""  # where the candidate came from (e.g. "from sweep <run id>"), added to the decision reason
+    evaluation: str = ""  # a digest of the evaluation this candidate was scored (and is served) with
+
+    @property
+    def key(self) -> str:
+        """The registration key: the run id, and the evaluation digest when there is one."""
+        return f"{self.run_id}:{self.evaluation}" if self.evaluation else self.run_id
 
 
 def register(
@@ -161,7 +170,7 @@ def register(
     with registry_lock(params, log) as still_held:
         if retry(lambda: _registered_model(client, name), "reading the registered model") is None:
             retry(lambda: _create_registered_model(client, name), "creating the model")
-        earlier = retry(lambda: _versions_of_run(client, name, candidate.run_id), "looking for this run's versions")
+        earlier = retry(lambda: _versions_of_key(client, name, candidate), "looking for this candidate's versions")
         for old in earlier:
             if old.tags.get(STATE_TAG) != COMPLETE:
                 log(f"register: version {old.version} of run {candidate.run_id} was left half-registered; deleting it")
@@ -195,7 +204,7 @@ def register(
             **candidate.tags,
             "decision": outcome,
             "decision_reason": reason,
-            KEY_TAG: candidate.run_id,
+            KEY_TAG: candidate.key,
             STATE_TAG: PENDING,
             COMPARED_TAG: str(current.version) if current is not None else "",
         }
@@ -289,7 +298,7 @@ def _idempotent_create(
     def create() -> Any:
         nonlocal tried
         if tried:
-            found = _versions_of_run(client, name, candidate.run_id)
+            found = _versions_of_key(client, name, candidate)
             if found:
                 log(f"register: version {found[0].version} was created before the response was lost; reusing it")
                 return found[0]
@@ -322,10 +331,10 @@ def _create_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def _versions_of_run(client: Any, name: str, run_id: str) -> list[Any]:
-    """The versions of `name` this pipeline registered for `run_id` (its registration key), oldest first."""
-    found = client.search_model_versions(f"run_id = '{run_id}'")
-    ours = [v for v in found if v.name == name and v.tags.get(KEY_TAG) == run_id]
+def _versions_of_key(client: Any, name: str, candidate: Candidate) -> list[Any]:
+    """The versions of `name` this pipeline registered under the candidate's key, oldest first."""
+    found = client.search_model_versions(f"run_id = '{candidate.run_id}'")
+    ours = [v for v in found if v.name == name and v.tags.get(KEY_TAG) == candidate.key]
     return sorted(ours, key=lambda v: int(v.version))
 
 
