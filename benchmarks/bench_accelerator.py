@@ -93,7 +93,9 @@ def main() -> None:
         policy, xla = config.split(":")
         keras.mixed_precision.set_global_policy(policy)
         keras.utils.set_random_seed(tp.seed)
-        built = build_model(mp.architecture, size, 2, "none", mp.dropout, mp.standardize, mp.equalize)
+        built = build_model(
+            mp.architecture, size, 2, "none", mp.dropout, mp.standardize, mp.equalize, trim=mp.trim_margins
+        )
         _compile(built.model, tp.learning_rate, 2, tp)
         built.model.compile(
             optimizer=built.model.optimizer, loss=built.model.loss, jit_compile=xla == "on"

@@ -124,6 +124,35 @@ def test_equalized_model_ignores_any_monotone_grey_level_change(tmp_path: Path) 
     assert np.allclose(loaded.predict(2 * x + 1, verbose=0), a, atol=1e-5)
 
 
+def test_trimmed_model_sees_the_image_inside_its_dark_margins(tmp_path: Path) -> None:
+    """model.trim_margins: black bars (and a letterbox) are cropped off per image and the rest resized back."""
+    import keras
+
+    size = 64
+    content = np.tile(np.linspace(40, 220, size, dtype=np.float32), (size, 1))[None, ..., None]  # a ramp
+    barred = content.copy()
+    barred[:, :, :8], barred[:, :, -9:] = 0.0, 3.0  # left and right bars (JPEG-dark, not exactly 0)
+    boxed = np.zeros_like(content)
+    boxed[:, 10:54, 10:54] = content[:, 10:54, 10:54]  # a black frame on all four sides
+    dark = np.full_like(content, 2.0)
+    dark[:, :20, :20] = 200.0  # less than half of each side above the level: not cropped
+    built = build_model("compact_cnn", size, trim=True)
+    trimmed = keras.Model(built.model.input, built.model.get_layer("trim").output)
+    out = trimmed.predict(np.concatenate([content, barred, boxed, dark]), verbose=0)
+    np.testing.assert_allclose(out[0], content[0], atol=1e-3)  # no margin: unchanged
+    np.testing.assert_allclose(out[1, :, 0, 0], barred[0, :, 8, 0], atol=1e-3)  # first column inside the bars
+    np.testing.assert_allclose(out[1, :, -1, 0], barred[0, :, size - 10, 0], atol=1e-3)  # last one
+    assert out[1].min() >= 40 - 1e-3  # no bar left
+    assert out[2].min() >= 40 - 1e-3 and out[2][0, 0, 0] == pytest.approx(content[0, 0, 10, 0], abs=1e-3)
+    np.testing.assert_allclose(out[3], dark[0], atol=1e-3)
+    # Part of the saved model: serving trims too, and the bars no longer reach the network.
+    built.model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    wide = np.zeros_like(content)
+    wide[:, :, 16:48] = 120.0  # a flat patch between wide bars
+    np.testing.assert_allclose(loaded.predict(wide, verbose=0), loaded.predict(np.full_like(content, 120.0), verbose=0))
+
+
 @pytest.mark.parametrize(("architecture", "sees_corner"), [("compact_cnn", False), ("residual_cnn", True)])
 def test_receptive_field_of_the_from_scratch_models(architecture: str, sees_corner: bool) -> None:
     """The residual CNN's central feature reads the far corner (its receptive field is the whole image); the compact

@@ -135,6 +135,7 @@ class ModelParams(Strict):
     dropout: float = Field(0.3, ge=0, lt=1)
     standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
     equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
+    trim_margins: bool = Field(False, description="dark outer rows and columns cropped off, the model's first layer")
 
 
 class AugmentParams(Strict):

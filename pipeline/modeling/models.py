@@ -98,6 +98,48 @@ class EqualizeHistogram(keras.layers.Layer):
         return tf.cast(tf.reshape(out, tf.shape(x)), self.compute_dtype)
 
 
+@keras.saving.register_keras_serializable(package="pneumo")
+class TrimDarkMargins(keras.layers.Layer):
+    """Each image cropped to the rows and columns inside its dark margins, then resized back to the square.
+
+    A margin is the run of outer rows (columns) whose mean grey level is below `level`: black letterbox
+    bars, padding to a square, air beside the body. Normal images in the training folder carry such
+    margins more often than pneumonia ones, so a model can learn "dark sides, normal"; trimming them
+    gives every image the same framing whatever the export added. A crop that would keep less than
+    `min_keep` of a side is not made (an almost black image stays as it is).
+    """
+
+    def __init__(self, level: float = 10.0, min_keep: float = 0.5, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.level, self.min_keep = level, min_keep
+
+    def call(self, x):
+        import tensorflow as tf  # noqa: PLC0415 - TensorFlow ops, as EqualizeHistogram
+
+        x32 = tf.cast(x, tf.float32)
+        size = tf.shape(x32)[1]
+        last = tf.cast(size - 1, tf.float32)
+
+        def span(profile: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            """(first, last) index above the level per image, as fractions of the side; the whole side if none."""
+            inside = profile >= self.level
+            found = tf.reduce_any(inside, axis=1)
+            first = tf.cast(tf.argmax(tf.cast(inside, tf.int32), axis=1), tf.float32)
+            end = last - tf.cast(tf.argmax(tf.cast(tf.reverse(inside, [1]), tf.int32), axis=1), tf.float32)
+            keep = found & ((end - first + 1.0) >= self.min_keep * (last + 1.0))
+            return tf.where(keep, first / last, 0.0), tf.where(keep, end / last, 1.0)
+
+        y1, y2 = span(tf.reduce_mean(x32, axis=[2, 3]))
+        x1, x2 = span(tf.reduce_mean(x32, axis=[1, 3]))
+        boxes = tf.stack([y1, x1, y2, x2], axis=1)
+        ids = tf.range(tf.shape(x32)[0])
+        out = tf.image.crop_and_resize(x32, boxes, ids, tf.stack([size, size]), method="bilinear")
+        return tf.cast(tf.ensure_shape(out, x.shape), self.compute_dtype)
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "level": self.level, "min_keep": self.min_keep}
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     model: keras.Model
@@ -181,15 +223,17 @@ def build_model(
     dropout: float = 0.3,
     standardize: bool = False,
     equalize: bool = False,
+    trim: bool = False,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
-    ``equalize``, ``standardize``: per-image histogram equalization, then intensity standardization, as
-    the model's first layers (so every caller gets them)."""
+    ``trim``, ``equalize``, ``standardize``: dark margins trimmed, per-image histogram equalization, then
+    intensity standardization, as the model's first layers (so every caller gets them)."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    pixels = EqualizeHistogram(name="equalize")(inputs) if equalize else inputs
+    pixels = TrimDarkMargins(name="trim")(inputs) if trim else inputs
+    pixels = EqualizeHistogram(name="equalize")(pixels) if equalize else pixels
     pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
     if architecture in FROM_SCRATCH:
         if weights == "imagenet":
@@ -211,7 +255,9 @@ def build_model(
                 ) from None
             raise
         names = [
-            layer.name for layer in base.layers if layer.name not in ("image", "equalize", "standardize", "preprocess")
+            layer.name
+            for layer in base.layers
+            if layer.name not in ("image", "trim", "equalize", "standardize", "preprocess")
         ]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
     if weights not in ("none", "imagenet"):

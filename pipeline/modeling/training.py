@@ -270,7 +270,14 @@ def _train(
     one_hot = n_classes > 2
     with strategy.scope():
         built = build_model(
-            mp.architecture, mp.image_size, n_classes, mp.weights, mp.dropout, mp.standardize, mp.equalize
+            mp.architecture,
+            mp.image_size,
+            n_classes,
+            mp.weights,
+            mp.dropout,
+            mp.standardize,
+            mp.equalize,
+            trim=mp.trim_margins,
         )
     outcome = TrainOutcome(built, train_data.class_names, device)
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
