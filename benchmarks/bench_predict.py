@@ -117,8 +117,8 @@ def main() -> None:
         if fullres:
             batch_rates(model, fullres, "full-resolution JPEG")
         if args.tta:
-            views = replace(model.info, tta_shift=args.tta[0], tta_zoom=args.tta[1])
-            averaged = Classifier(model.model, views, model.drift_reference)
+            info = replace(model.info, tta_shift=args.tta[0], tta_zoom=args.tta[1])
+            averaged = Classifier(model.model, info, model.drift_reference)
             batch_rates(averaged, files, f"224 px JPEG, {averaged.views.count} views")
 
         port = free_port()

@@ -119,9 +119,11 @@ def test_evaluation_and_serving_agree_on_the_views(real_champion: Champion) -> N
     calibrated = evaluation.calibrate(val.labels, p_val, test.labels, p_test)
     settings = params.evaluate.model_copy(update={"tta": params.evaluate.tta.model_copy(update=views.__dict__)})
     ev = evaluation.evaluate(val.labels, p_val, test.labels, p_test, test.class_names, settings, calibrated=calibrated)
+    before = ev.digest()
     ev = Evaluation.from_dict(json.loads(json.dumps(ev.as_dict())))  # as metrics.json keeps it
     assert ev.views == views and "test-time augmentation: 7 views" in ev.summary()
     plain = Evaluation.load(params.evaluate.metrics)
+    assert ev.digest() == before != plain.digest()  # the registration key: stable through the file, new here
     print(f"\nreal model, test ROC AUC without / with 7 views: {plain.test.roc_auc:.4f} / {ev.test.roc_auc:.4f}")
     assert ev.test.roc_auc >= 0.85 and ev.val.sensitivity >= params.evaluate.target_sensitivity
 

@@ -7,6 +7,7 @@ mean the same thing for both tasks; three-class runs add per-class and macro fig
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -59,6 +60,10 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def digest(self) -> str:
+        """A short fingerprint of everything recorded (threshold, calibration, views, figures)."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Evaluation:
@@ -202,6 +207,7 @@ def evaluate(
     s_val, s_test = pneumonia_score(p_val), pneumonia_score(p_test)
     b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
     threshold = choose_threshold(b_val, s_val, params.target_sensitivity)
+    views = tta.Views.of(params.tta)
     multiclass = None
     if len(class_names) > 2:
         pred = np.asarray(p_test).argmax(axis=1)
@@ -231,7 +237,7 @@ def evaluate(
         temperature=calibrated.temperature if calibrated else 1.0,
         calibration_bias=calibrated.bias if calibrated else 0.0,
         calibration=calibrated.report if calibrated else None,
-        tta=params.tta.model_dump() if tta.Views(**params.tta.model_dump()).enabled else None,
+        tta=asdict(views) if views.enabled else None,
     )
 
 

@@ -22,6 +22,11 @@ class Views:
     shift: float = 0.0
     zoom: float = 0.0
 
+    @classmethod
+    def of(cls, settings: object) -> Views:
+        """From ``evaluate.tta`` (anything with ``shift`` and ``zoom``)."""
+        return cls(float(settings.shift), float(settings.zoom))  # type: ignore[attr-defined]
+
     @property
     def enabled(self) -> bool:
         return self.shift > 0 or self.zoom > 0

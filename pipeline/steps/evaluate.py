@@ -37,7 +37,7 @@ def run(params: Params) -> str:
     index = read_index(params.index.path)
     val = dp.split_data(index, "val", params.data.root, params.task)
     test = dp.split_data(index, "test", params.data.root, params.task)
-    views = tta.Views(**params.evaluate.tta.model_dump())
+    views = tta.Views.of(params.evaluate.tta)
     p_val = evaluation.predict_split(model, val, size, params.train.batch_size, views)
     p_test = evaluation.predict_split(model, test, size, params.train.batch_size, views)
     calibrated = evaluation.calibrate(val.labels, p_val, test.labels, p_test) if params.evaluate.calibrate else None

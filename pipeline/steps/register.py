@@ -4,7 +4,6 @@ record why, and write the version's model card (logged to the run, kept beside t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import tempfile
@@ -62,8 +61,7 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
         f"sensitivity >= {ev.target_sensitivity}. Decision support only."
     )
     origin = f"from sweep {sweep}" if sweep else ""
-    evaluation = hashlib.sha256(Path(params.evaluate.metrics).read_bytes()).hexdigest()[:16]
-    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin, evaluation)
+    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin, ev.digest())
 
 
 def rescorer(params: Params) -> Any:
