@@ -65,6 +65,9 @@ LEVERS: dict[str, list[str]] = {
     "tta-shift": ["evaluate.tta.shift=0.05"],
     "ema": ["train.ema_epochs=0.85"],  # measured as momentum 0.99 on 118 batches per epoch
     "ema+tta": ["train.ema_epochs=0.85", "evaluate.tta.shift=0.05", "evaluate.tta.zoom=0.1"],
+    # ...and over networks: snapshot ensembles, K cosine cycles in the same epochs (K must divide train.epochs)
+    "snapshots-2": ["train.snapshots=2"],
+    "snapshots-4": ["train.snapshots=4"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [

@@ -121,8 +121,9 @@ class ShardsParams(Strict):
     )
 
 
+FROM_SCRATCH = ("compact_cnn", "residual_cnn")
 ARCHITECTURES = (
-    *("compact_cnn", "residual_cnn"),  # from scratch
+    *FROM_SCRATCH,
     *("resnet50", "vgg16", "inceptionv3", "densenet121", "efficientnetb0", "mobilenetv2"),  # ImageNet backbones
 )
 TASKS = {"binary": ("NORMAL", "PNEUMONIA"), "three_class": ("NORMAL", "BACTERIAL", "VIRAL")}
@@ -180,6 +181,11 @@ class TrainParams(Strict):
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
     ema_epochs: float = Field(
         0.0, ge=0, le=100, description="weights averaged (exponential moving average) over about N epochs; 0 = off"
+    )
+    snapshots: int = Field(
+        0,
+        ge=0,
+        description="from-scratch models: this many cosine cycles, the model the mean of the cycles' ends; 0 = off",
     )
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()
@@ -335,6 +341,15 @@ class Params(Strict):
     registry: RegisterParams = RegisterParams()
     package: PackageParams = PackageParams()
     serve: ServeParams = ServeParams()
+
+    @model_validator(mode="after")
+    def _snapshots_fit(self) -> Params:
+        k, epochs = self.train.snapshots, self.train.epochs
+        if k == 1 or (k and epochs % k):
+            raise ValueError(f"train.snapshots: {k} must be 0 (off) or at least 2 and divide train.epochs ({epochs})")
+        if k and self.model.architecture not in FROM_SCRATCH:
+            raise ValueError(f"train.snapshots: needs a from-scratch model.architecture, not {self.model.architecture}")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

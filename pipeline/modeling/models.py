@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 
 from pipeline.core.config import ARCHITECTURES
+from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
 
 
@@ -202,7 +203,7 @@ def _head(inputs: keras.KerasTensor, features: keras.KerasTensor, n_out: int, dr
 
 
 FROM_SCRATCH = {"compact_cnn": _compact_cnn, "residual_cnn": _residual_cnn}
-assert set(ARCHITECTURES) == {*FROM_SCRATCH, *BACKBONES}
+assert set(ARCHITECTURES) == {*FROM_SCRATCH, *BACKBONES} and set(SCRATCH_NAMES) == set(FROM_SCRATCH)
 
 
 def _load_weights_file(built: BuiltModel, path: Path, architecture: str) -> None:

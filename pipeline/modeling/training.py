@@ -2,10 +2,12 @@
 
 Phase ``head`` trains the classifier on a frozen backbone (on features computed once when
 ``train.cache_features``); phase ``fine_tune`` unfreezes the top ``train.fine_tune_layers`` at a
-lower rate. The compact CNN trains in one phase, ``full``. Each phase keeps a resumable state in
-``train.resume_dir/<key>``: a training interrupted mid-way continues from its last finished epoch.
-The key covers the data, the settings, the training code and the cluster size (``state_key``), and a
-finished training deletes its state, so no later run can pick up another's weights.
+lower rate. The compact CNN trains in one phase, ``full``; with ``train.snapshots`` that phase runs
+cosine cycles and the saved model joins each cycle's last weights (``pipeline.modeling.snapshots``).
+Each phase keeps a resumable state in ``train.resume_dir/<key>``: a training interrupted mid-way
+continues from its last finished epoch. The key covers the data, the settings, the training code and
+the cluster size (``state_key``), and a finished training deletes its state, so no later run can pick
+up another's weights.
 
 Multi-worker (TF_CONFIG, ``pipeline.modeling.distributed``): ``train.batch_size`` is per replica, the
 global batch is ``batch_size x replicas`` and, with ``train.scale_learning_rate``, the learning rates are
@@ -33,7 +35,7 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline.core.config import Params, TrainParams
-from pipeline.modeling import distributed, models, preprocess, records
+from pipeline.modeling import distributed, models, preprocess, records, snapshots
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
 
@@ -107,7 +109,10 @@ class _PhaseRecorder(keras.callbacks.Callback):
 def learning_rate_schedule(
     params: TrainParams, learning_rate: float, epochs: int, steps_per_epoch: int
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """plateau: a constant rate (ReduceLROnPlateau halves it); cosine: linear warm-up, then cosine decay to 0."""
+    """plateau: a constant rate (ReduceLROnPlateau halves it); cosine: linear warm-up, then cosine decay to 0;
+    with ``snapshots``, whatever the schedule: that many cosine cycles, each restarting at the full rate."""
+    if params.snapshots:
+        return snapshots.cyclic_schedule(learning_rate, epochs, params.snapshots, steps_per_epoch)
     if params.schedule == "plateau":
         return learning_rate
     warmup = min(params.warmup_epochs, epochs - 1) * steps_per_epoch
@@ -162,6 +167,32 @@ class _Place:
         return distributed.is_multi_worker(self.strategy)
 
 
+def _selection_callbacks(best: Path, best_so_far: float | None, params: TrainParams) -> list[keras.callbacks.Callback]:
+    """The best epoch on val AUC checkpointed, early stopping, and (plateau schedule) the rate halved on plateaus."""
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(
+            str(best),
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best_so_far,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
+    ]
+    if params.schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
+            )
+        )
+    return callbacks
+
+
+def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> list[keras.callbacks.Callback]:
+    return [snapshots.SnapshotSaver(phase_dir, snapshots.cycle_epochs(epochs, params.snapshots))]
+
+
 def _fit_phase(
     model: keras.Model,
     phase: str,
@@ -192,23 +223,11 @@ def _fit_phase(
         # Weight averaging: the average is swapped in for validation and for the callbacks below it at each
         # epoch's end (the backup above keeps the raw weights, and the average with the optimizer, to resume).
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_epochs else []),
-        keras.callbacks.ModelCheckpoint(
-            str(best),
-            monitor="val_auc",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=best_so_far,
-        ),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
+        # Snapshots: every cycle runs to its end and is kept; no best epoch, no early stop, no plateau decay.
         *(
-            [
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
-                )
-            ]
-            if params.schedule == "plateau"
-            else []
+            _snapshot_callbacks(phase_dir, epochs, params)
+            if params.snapshots
+            else _selection_callbacks(best, best_so_far, params)
         ),
         keras.callbacks.TensorBoard(str(place.tensorboard_dir / phase), histogram_freq=0),
         recorder,
@@ -268,8 +287,9 @@ def _train(
     n_classes = len(train_data.class_names)
     weights = dp.class_weights(train_data.labels, n_classes) if tp.class_weights else None
     one_hot = n_classes > 2
-    with strategy.scope():
-        built = build_model(
+
+    def build() -> BuiltModel:
+        return build_model(
             mp.architecture,
             mp.image_size,
             n_classes,
@@ -279,6 +299,9 @@ def _train(
             mp.equalize,
             trim=mp.trim_margins,
         )
+
+    with strategy.scope():
+        built = build()
     outcome = TrainOutcome(built, train_data.class_names, device)
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
     place = _Place(
@@ -335,6 +358,9 @@ def _train(
 
     if not built.backbone_layers:  # from scratch: one phase, every layer
         fit_on_images("full", tp.epochs, tp.learning_rate)
+        if tp.snapshots:  # the cycles' snapshots joined into the model that is saved
+            members = snapshots.load_members(lambda: build().model, place.state_dir / "full", tp.snapshots)
+            outcome.built = BuiltModel(snapshots.join(members, built.last_conv), [], snapshots.ENSEMBLE_CONV)
     else:
         set_backbone_trainable(built, 0)
         if tp.cache_features and not place.multi_worker:  # multi-worker: the head trains on images
@@ -438,7 +464,7 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))
-    modules = (sys.modules[__name__], dp, preprocess, models, records, distributed)
+    modules = (sys.modules[__name__], dp, preprocess, models, records, distributed, snapshots)
     code = [Path(m.__file__).read_bytes().decode() for m in modules]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
