@@ -88,7 +88,8 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
             "pipeline_version": __version__,
             "task": params.task,
             "class_names": list(outcome.class_names),
-            "architecture": params.model.architecture,
+            "architecture": params.model.architecture
+            + (f", a snapshot ensemble of {params.train.snapshots}" if params.train.snapshots else ""),
             "weights_init": params.model.weights,
             "last_conv_layer": outcome.built.last_conv,
             "input": {
