@@ -1,13 +1,14 @@
 """Benchmark: batch prediction images/s on CPU, and REST latency under a bounded loopback load (prints figures).
 
     .venv/bin/python benchmarks/bench_predict.py [--shared ../shared/data] [--architecture compact_cnn]
-        [--size 128] [--images 512] [--requests 200] [--concurrency 1 4] [--tta 0.05 0.1]
+        [--size 128] [--images 512] [--requests 200] [--concurrency 1 4] [--tta 0.05 0.1] [--snapshots 2]
 
 The model is untrained (weights: none): speed does not depend on the weights, and the benchmark
 then needs no registry. It is packed as a serving bundle, exactly what `pneumo register` packs.
 1. Batch: `pneumo predict`'s code path over real 224 px JPEGs and the full-resolution originals:
    decode + resize alone, the model alone, and both together (images/s); with `--tta SHIFT ZOOM`
-   also the same bundle with those test-time augmentation views (evaluate.tta), for the ratio.
+   also the same bundle with those test-time augmentation views (evaluate.tta), for the ratio; with
+   `--snapshots K` also a snapshot ensemble of K such networks (train.snapshots), for the ratio.
 2. REST: `pneumo serve` as a real process on 127.0.0.1; `--concurrency` clients send one image
    per request, back to back, for `--requests` requests each level; p50/p99 latency and requests/s.
 Compare figures as ratios within one run: the machine is shared and noisy.
@@ -31,6 +32,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `import pipeline` sets
 import httpx
 import numpy as np
 
+from pipeline.modeling import snapshots
 from pipeline.modeling.models import build_model
 from pipeline.registry.packaging import write_bundle
 from pipeline.serving.classifier import Classifier, ModelInfo
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--tta", type=float, nargs=2, metavar=("SHIFT", "ZOOM"), help="also time these views")
+    parser.add_argument("--snapshots", type=int, metavar="K", help="also time a snapshot ensemble of K networks")
     args = parser.parse_args()
     test = args.shared / "chest_xray_224" / "test"
     if not test.is_dir():
@@ -120,6 +123,13 @@ def main() -> None:
             info = replace(model.info, tta_shift=args.tta[0], tta_zoom=args.tta[1])
             averaged = Classifier(model.model, info, model.drift_reference)
             batch_rates(averaged, files, f"224 px JPEG, {averaged.views.count} views")
+        if args.snapshots:
+            members = [build_model(args.architecture, args.size).model for _ in range(args.snapshots)]
+            joined = snapshots.join(members, model.info.last_conv_layer)
+            info = replace(model.info, last_conv_layer=snapshots.ENSEMBLE_CONV)
+            batch_rates(
+                Classifier(joined, info, model.drift_reference), files, f"224 px JPEG, {args.snapshots} snapshots"
+            )
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import Params
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.modeling import snapshots, training
 from pipeline.modeling.models import build_model
 from pipeline.registry import packaging
@@ -112,3 +112,10 @@ def test_training_keeps_each_cycles_end_and_resumes_with_them(synthetic_index: t
     lr = params.train.learning_rate
     np.testing.assert_allclose(rates, [lr / 2, lr, lr / 2, lr], rtol=1e-3)
     assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no snapshot behind"
+
+
+def test_a_missing_snapshot_is_one_clear_error(tmp_path: Path) -> None:
+    members = _members(2)
+    members[0].save_weights(snapshots.snapshot_path(tmp_path, 1))
+    with pytest.raises(PipelineError, match=r"snapshot-2\.weights\.h5: snapshot 2 of 2 was not written"):
+        snapshots.load_members(lambda: build_model("compact_cnn", SIZE, standardize=True).model, tmp_path, 2)

@@ -23,6 +23,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pipeline.core.errors import PipelineError
+
 ENSEMBLE_CONV = "ensemble_conv"
 
 
@@ -74,7 +76,7 @@ def load_members(build: Callable[[], keras.Model], folder: Path, snapshots: int)
     for number in range(1, snapshots + 1):
         path = snapshot_path(folder, number)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: snapshot {number} of {snapshots} was not written")
+            raise PipelineError(f"{path}: snapshot {number} of {snapshots} was not written; train again")
         member = build()
         member.load_weights(path)
         members.append(member)
