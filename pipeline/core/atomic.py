@@ -33,10 +33,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def staged_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); it replaces `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`, ending as it does (``.weights.h5``, ``.keras``: writers check the
+    suffix); it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{''.join(path.suffixes)}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -16,13 +16,13 @@ evaluation use it as they use one network; a prediction costs K forward passes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from pipeline.core.atomic import staged_file
 from pipeline.core.errors import PipelineError
 
 ENSEMBLE_CONV = "ensemble_conv"
@@ -53,8 +53,8 @@ def snapshot_path(folder: Path, number: int) -> Path:
 class SnapshotSaver(keras.callbacks.Callback):
     """Writes the weights at the end of every cycle (after weight averaging swapped its average in).
 
-    Each file is written under a temporary name and renamed, so an interrupted run never leaves a half
-    written snapshot for its resume to join.
+    Each file is staged and renamed, so an interrupted run never leaves a half-written snapshot for its
+    resume to join.
     """
 
     def __init__(self, folder: Path, cycle: int) -> None:
@@ -64,10 +64,8 @@ class SnapshotSaver(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         if (epoch + 1) % self.cycle:
             return
-        path = snapshot_path(self.folder, (epoch + 1) // self.cycle)
-        partial = path.with_name(f"partial-{path.name}")
-        self.model.save_weights(partial)
-        os.replace(partial, path)
+        with staged_file(snapshot_path(self.folder, (epoch + 1) // self.cycle)) as tmp:
+            self.model.save_weights(tmp)
 
 
 def load_members(build: Callable[[], keras.Model], folder: Path, snapshots: int) -> list[keras.Model]:
