@@ -68,6 +68,8 @@ LEVERS: dict[str, list[str]] = {
     # ...and over networks: snapshot ensembles, K cosine cycles in the same epochs (K must divide train.epochs)
     "snapshots-2": ["train.snapshots=2"],
     "snapshots-4": ["train.snapshots=4"],
+    "members-2": ["train.members=2"],
+    "members-3": ["train.members=3"],
     # Combinations of the levers that helped on their own
     "smoothing+mixup": ["train.label_smoothing=0.1", "train.mixup=0.2"],
     "smoothing+mixup+framing": [

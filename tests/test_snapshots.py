@@ -1,4 +1,4 @@
-"""Snapshot ensembles: the cyclic schedule, the joined model's arithmetic and layout, and a real training."""
+"""Snapshot and seed ensembles: the cyclic schedule, the joined model's arithmetic and layout, real trainings."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pipeline.modeling.models import build_model
 from pipeline.registry import packaging
 from pipeline.serving.classifier import Classifier, ModelInfo
 from pipeline.serving.gradcam import Explainer
+from pipeline.steps.train import describe_architecture
 from tests.conftest import FAST_TRAIN, SMALL_SYNTHETIC, rooted_params
 from tests.test_training import CountEpochs, Crash, KernelAtEpochEdges
 
@@ -119,3 +120,56 @@ def test_a_missing_snapshot_is_one_clear_error(tmp_path: Path) -> None:
     members[0].save_weights(snapshots.snapshot_path(tmp_path, 1))
     with pytest.raises(PipelineError, match=r"snapshot-2\.weights\.h5: snapshot 2 of 2 was not written"):
         snapshots.load_members(lambda: build_model("compact_cnn", SIZE, standardize=True).model, tmp_path, 2)
+
+
+class CrashAtEpoch(keras.callbacks.Callback):
+    """Simulates a killed run after the `total`-th epoch counted over every fit it sees."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total, self.seen = total, 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seen += 1
+        if self.seen == self.total:
+            raise RuntimeError("simulated crash")
+
+
+def test_member_settings_are_checked(params_in: Callable[..., Params]) -> None:
+    assert params_in("train.members=3").train.members == 3
+    for bad in ("train.members=0", "train.members=9"):
+        with pytest.raises(ConfigError, match=r"train\.members"):
+            params_in(bad)
+    with pytest.raises(ConfigError, match=r"train\.members: needs a from-scratch model\.architecture"):
+        params_in("train.members=2", "model.architecture=resnet50")
+
+
+def test_the_model_card_names_the_ensemble(params_in: Callable[..., Params]) -> None:
+    assert describe_architecture(params_in()) == "compact_cnn"
+    assert describe_architecture(params_in("train.members=2")) == "compact_cnn, an ensemble of 2 networks"
+    both = params_in("train.members=2", "train.epochs=4", "train.snapshots=2")
+    assert describe_architecture(both) == "compact_cnn, an ensemble of 2 networks x 2 snapshots"
+
+
+@pytest.mark.slow
+def test_seed_ensemble_trains_each_member_once_and_joins_them(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    """Two networks of two epochs: interrupted in the second, the rerun keeps the first as it finished (no
+    epoch of it again) and resumes the second; the saved model joins both, and they differ (own seeds)."""
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.members=2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(params, index, extra_callbacks=[CrashAtEpoch(total=3)])
+    finished = list(Path(params.train.resume_dir).glob("*/member-1/done.weights.h5"))
+    assert len(finished) == 1 and not list(Path(params.train.resume_dir).glob("*/member-2/done.weights.h5"))
+    first = build_model("compact_cnn", 48, 2, standardize=True).model
+    first.load_weights(finished[0])
+    counter = CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[counter])
+    assert counter.started == [2], "member 1 is not trained again; member 2 resumes at its second epoch"
+    assert [h["phase"] for h in outcome.history] == ["member-1", "member-1", "member-2", "member-2"]
+    model = outcome.built.model
+    assert outcome.built.last_conv == snapshots.ENSEMBLE_CONV
+    kernels = [np.array(model.get_layer(f"snapshot{i}").trainable_weights[0]) for i in (1, 2)]
+    np.testing.assert_array_equal(kernels[0], np.array(first.trainable_weights[0]))
+    assert not np.allclose(kernels[0], kernels[1], atol=1e-3), "each member starts from its own seed"
+    assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"

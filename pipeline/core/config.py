@@ -187,6 +187,13 @@ class TrainParams(Strict):
         ge=0,
         description="from-scratch models: this many cosine cycles, the model the mean of the cycles' ends; 0 = off",
     )
+    members: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="from-scratch models: this many networks trained one after another (seeds seed, seed+1, ...), "
+        "the model the mean of their logits; 1 = one network",
+    )
     cache_features: bool = Field(True, description="frozen backbone: compute its features once for head epochs")
     augment: AugmentParams = AugmentParams()
     input: Literal["shards", "files"] = Field(
@@ -343,12 +350,14 @@ class Params(Strict):
     serve: ServeParams = ServeParams()
 
     @model_validator(mode="after")
-    def _snapshots_fit(self) -> Params:
+    def _ensembles_fit(self) -> Params:
         k, epochs = self.train.snapshots, self.train.epochs
         if k == 1 or (k and epochs % k):
             raise ValueError(f"train.snapshots: {k} must be 0 (off) or at least 2 and divide train.epochs ({epochs})")
         if k and self.model.architecture not in FROM_SCRATCH:
             raise ValueError(f"train.snapshots: needs a from-scratch model.architecture, not {self.model.architecture}")
+        if self.train.members > 1 and self.model.architecture not in FROM_SCRATCH:
+            raise ValueError(f"train.members: needs a from-scratch model.architecture, not {self.model.architecture}")
         return self
 
 

@@ -3,11 +3,13 @@
 Phase ``head`` trains the classifier on a frozen backbone (on features computed once when
 ``train.cache_features``); phase ``fine_tune`` unfreezes the top ``train.fine_tune_layers`` at a
 lower rate. The compact CNN trains in one phase, ``full``; with ``train.snapshots`` that phase runs
-cosine cycles and the saved model joins each cycle's last weights (``pipeline.modeling.snapshots``).
-Each phase keeps a resumable state in ``train.resume_dir/<key>``: a training interrupted mid-way
-continues from its last finished epoch. The key covers the data, the settings, the training code and
-the cluster size (``state_key``), and a finished training deletes its state, so no later run can pick
-up another's weights.
+cosine cycles and the saved model joins each cycle's last weights (``pipeline.modeling.snapshots``);
+with ``train.members: N`` N networks train one after another (phases ``member-1`` .. ``member-N``, seeds
+``seed`` .. ``seed + N - 1``) and are joined the same way. Each phase keeps a resumable state in
+``train.resume_dir/<key>``: a training interrupted mid-way continues from its last finished epoch, and
+a finished phase (its final weights kept) is not trained again. The key covers the data, the settings,
+the training code and the cluster size (``state_key``), and a finished training deletes its state, so
+no later run can pick up another's weights.
 
 Multi-worker (TF_CONFIG, ``pipeline.modeling.distributed``): ``train.batch_size`` is per replica, the
 global batch is ``batch_size x replicas`` and, with ``train.scale_learning_rate``, the learning rates are
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from pipeline.core.atomic import staged_file
 from pipeline.core.config import Params, TrainParams
 from pipeline.modeling import distributed, models, preprocess, records, snapshots
 from pipeline.modeling import inputs as dp
@@ -216,6 +219,10 @@ def _fit_phase(
         shutil.copytree(shared, phase_dir)
     phase_dir.mkdir(parents=True, exist_ok=True)
     recorder = _PhaseRecorder(phase, phase_dir / "history.json", sink, offset)
+    done = phase_dir / "done.weights.h5"
+    if done.is_file():  # finished before an interruption in a later phase or ensemble member
+        model.load_weights(done)
+        return recorder.rows
     best_so_far = max((r.get("val_auc", -np.inf) for r in recorder.rows), default=None)
     best = phase_dir / "best.weights.h5"
     callbacks = [
@@ -241,6 +248,8 @@ def _fit_phase(
         model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=2, **fit_kwargs)
     if best.is_file():
         model.load_weights(best)
+    with staged_file(done) as tmp:
+        model.save_weights(tmp)
     return recorder.rows
 
 
@@ -313,10 +322,8 @@ def _train(
     )
     start = time.perf_counter()
 
-    model = built.model
-
-    def fit_on_images(phase: str, epochs: int, learning_rate: float) -> None:
-        """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches."""
+    def fit_on_images(model: keras.Model, phase: str, epochs: int, learning_rate: float, seed: int) -> None:
+        """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches, shuffled by `seed`."""
         steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
             _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp, steps)
@@ -326,7 +333,7 @@ def _train(
             global_batch,
             training=True,
             augment=tp.augment,
-            seed=tp.seed,
+            seed=seed,
             one_hot=one_hot,
             weights=weights,
             mixup=tp.mixup,
@@ -356,20 +363,31 @@ def _train(
             )
         )
 
-    if not built.backbone_layers:  # from scratch: one phase, every layer
-        fit_on_images("full", tp.epochs, tp.learning_rate)
-        if tp.snapshots:  # the cycles' snapshots joined into the model that is saved
-            members = snapshots.load_members(lambda: build().model, place.state_dir / "full", tp.snapshots)
-            outcome.built = BuiltModel(snapshots.join(members, built.last_conv), [], snapshots.ENSEMBLE_CONV)
+    if not built.backbone_layers:  # from scratch: one phase, every layer, per member of an ensemble
+        networks: list[keras.Model] = []
+        for member in range(1, tp.members + 1):
+            seed = tp.seed + member - 1
+            if member > 1:  # a network of its own: other initial weights, augmentations and batch order
+                keras.utils.set_random_seed(seed)
+                with strategy.scope():
+                    built = build()
+            phase = "full" if tp.members == 1 else f"member-{member}"
+            fit_on_images(built.model, phase, tp.epochs, tp.learning_rate, seed)
+            if tp.snapshots:  # the cycles' snapshots stand in for the network
+                networks += snapshots.load_members(lambda: build().model, place.state_dir / phase, tp.snapshots)
+            else:
+                networks.append(built.model)
+        if len(networks) > 1:  # one model, the mean of their logits, is what is saved
+            outcome.built = BuiltModel(snapshots.join(networks, built.last_conv), [], snapshots.ENSEMBLE_CONV)
     else:
         set_backbone_trainable(built, 0)
         if tp.cache_features and not place.multi_worker:  # multi-worker: the head trains on images
             outcome.history += _train_head_on_features(built, train_data, val_data, params, place, weights, sink, extra)
         else:
-            fit_on_images("head", tp.epochs, tp.learning_rate)
+            fit_on_images(built.model, "head", tp.epochs, tp.learning_rate, tp.seed)
         if tp.fine_tune_epochs:
             set_backbone_trainable(built, tp.fine_tune_layers)
-            fit_on_images("fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate)
+            fit_on_images(built.model, "fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate, tp.seed)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * len(outcome.history)
     if place.chief:  # finished: nothing is left for a later run to pick up

@@ -31,6 +31,18 @@ TRAIN_REPORT = "reports/train.json"
 HISTORY_DIR = "reports/training"
 
 
+def describe_architecture(params: Params) -> str:
+    """The architecture as the model card names it, with the ensemble it is, if any."""
+    members, cycles = params.train.members, params.train.snapshots
+    if members > 1 and cycles:
+        return f"{params.model.architecture}, an ensemble of {members} networks x {cycles} snapshots"
+    if members > 1:
+        return f"{params.model.architecture}, an ensemble of {members} networks"
+    if cycles:
+        return f"{params.model.architecture}, a snapshot ensemble of {cycles}"
+    return params.model.architecture
+
+
 def _history_csv(history: list[dict[str, Any]]) -> str:
     keys = sorted({k for row in history for k in row}, key=lambda k: (k not in ("epoch", "phase"), k))
     buf = io.StringIO()
@@ -88,8 +100,7 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
             "pipeline_version": __version__,
             "task": params.task,
             "class_names": list(outcome.class_names),
-            "architecture": params.model.architecture
-            + (f", a snapshot ensemble of {params.train.snapshots}" if params.train.snapshots else ""),
+            "architecture": describe_architecture(params),
             "weights_init": params.model.weights,
             "last_conv_layer": outcome.built.last_conv,
             "input": {
