@@ -19,7 +19,7 @@ from pipeline.serving.classifier import Classifier, ModelInfo
 from pipeline.serving.gradcam import Explainer
 from pipeline.steps.train import describe_architecture
 from tests.conftest import FAST_TRAIN, SMALL_SYNTHETIC, rooted_params
-from tests.test_training import CountEpochs, Crash, KernelAtEpochEdges
+from tests.test_training import CountEpochs, Crash, CrashAtEpoch, KernelAtEpochEdges
 
 SIZE = 32
 
@@ -120,19 +120,6 @@ def test_a_missing_snapshot_is_one_clear_error(tmp_path: Path) -> None:
     members[0].save_weights(snapshots.snapshot_path(tmp_path, 1))
     with pytest.raises(PipelineError, match=r"snapshot-2\.weights\.h5: snapshot 2 of 2 was not written"):
         snapshots.load_members(lambda: build_model("compact_cnn", SIZE, standardize=True).model, tmp_path, 2)
-
-
-class CrashAtEpoch(keras.callbacks.Callback):
-    """Simulates a killed run after the `total`-th epoch counted over every fit it sees."""
-
-    def __init__(self, total: int) -> None:
-        super().__init__()
-        self.total, self.seen = total, 0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.seen += 1
-        if self.seen == self.total:
-            raise RuntimeError("simulated crash")
 
 
 def test_member_settings_are_checked(params_in: Callable[..., Params]) -> None:

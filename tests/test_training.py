@@ -31,6 +31,19 @@ class Crash(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+class CrashAtEpoch(keras.callbacks.Callback):
+    """Simulates a killed run after the `total`-th epoch counted over every fit it sees."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total, self.seen = total, 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seen += 1
+        if self.seen == self.total:
+            raise RuntimeError("simulated crash")
+
+
 class CountEpochs(keras.callbacks.Callback):
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +153,7 @@ def test_resume_state_is_keyed_by_data_settings_and_code(
     assert training.state_key(params, index) != key
 
 
-def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+def test_backbone_head_on_cached_features_then_fine_tune_resumed(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
     tmp, index = synthetic_index
     params = rooted_params(
         tmp,
@@ -148,12 +161,16 @@ def test_frozen_backbone_head_on_cached_features_then_fine_tune(synthetic_index:
         *FAST_TRAIN,
         "model.architecture=mobilenetv2",
         "model.image_size=64",
-        "train.fine_tune_epochs=1",
+        "train.fine_tune_epochs=2",
         "train.fine_tune_layers=10",
     )
-    outcome = training.train(params, index)
-    assert [h["phase"] for h in outcome.history] == ["head", "head", "fine_tune"]
-    assert [h["epoch"] for h in outcome.history] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="simulated crash"):  # in the first fine-tuning epoch
+        training.train(params, index, extra_callbacks=[CrashAtEpoch(total=3)])
+    counter = CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[counter])
+    assert counter.started == [2], "the finished head phase is not trained again; fine-tuning resumes"
+    assert [h["phase"] for h in outcome.history] == ["head", "head", "fine_tune", "fine_tune"]
+    assert [h["epoch"] for h in outcome.history] == [1, 2, 3, 4]
     fresh = keras.models.clone_model(outcome.built.model)
     trained = outcome.built.model.get_layer("prediction").get_weights()[0]
     assert not np.allclose(trained, fresh.get_layer("prediction").get_weights()[0]), "head weights must be trained"
