@@ -15,11 +15,13 @@ read-only through a symlink and a copy of dvc.lock (so the run records the real 
 trial's MLflow run is a normal tracked run, nested under one parent run for the sweep
 (``mlflow.parentRunId``, from ``PNEUMO_MLFLOW_PARENT_RUN_ID``).
 
-The comparison table (trial, overrides, best val AUC, test ROC AUC, sensitivity, specificity, train
-seconds, MLflow run) is printed, published as a Prefect markdown artifact and logged to the parent run
-(CSV and markdown). The winner is the trial with the best **validation** AUC; test figures are only
-reported. The winner is registered by ``pneumo register`` with ``registry.promotion: candidate``: a
-model version with its decision that gets ``@challenger`` at most, never ``@champion``.
+The comparison table (trial, overrides, val ROC AUC of the saved model, best epoch's val AUC in
+training, test ROC AUC, sensitivity, specificity, train seconds, MLflow run) is printed, published as a
+Prefect markdown artifact and logged to the parent run (CSV and markdown). The winner is the trial whose
+saved model has the best **validation** ROC AUC (for an ensemble the joined model's, not its best
+network's); test figures are only reported. The winner is registered by ``pneumo register`` with
+``registry.promotion: candidate``: a model version with its decision that gets ``@challenger`` at most,
+never ``@champion``.
 """
 
 from __future__ import annotations
@@ -172,10 +174,12 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
         run_pneumo([stage], folder, env, echo=lambda line: logger.info("%s: %s", trial, line))
     params = load_params(Path(folder) / "params.yaml")
     trained = json.loads((Path(folder) / "reports" / "train.json").read_text())
-    test = json.loads((Path(folder) / params.evaluate.metrics).read_text())["test"]
+    metrics = json.loads((Path(folder) / params.evaluate.metrics).read_text())
+    test = metrics["test"]
     row = {
         "trial": trial,
         "overrides": overrides,
+        "val_roc_auc": float(metrics["val"]["roc_auc"]),  # the saved model's own (an ensemble's, with TTA if on)
         "best_val_auc": float(trained["best_val_auc"]),
         "test_roc_auc": float(test["roc_auc"]),
         "sensitivity": float(test["sensitivity"]),
@@ -236,30 +240,29 @@ register_task = task(
 
 
 def winner_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best validation AUC (the first such trial on a tie). Test figures never choose."""
+    """The best validation ROC AUC of the saved model as evaluated (the first such trial on a tie): for an
+    ensemble the joined model's, not its best network's epoch. Test figures never choose."""
     done = [r for r in rows if "error" not in r]
     if not done:
         raise PipelineError("sweep: every trial failed: " + "; ".join(f"{r['trial']}: {r['error']}" for r in rows))
-    return max(done, key=lambda r: r["best_val_auc"])
+    return max(done, key=lambda r: r["val_roc_auc"])
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-TABLE_KEYS = ("best_val_auc", "test_roc_auc", "sensitivity", "specificity", "train_seconds", "run_id")
+TABLE_KEYS = ("val_roc_auc", "best_val_auc", "test_roc_auc", "sensitivity", "specificity", "train_seconds", "run_id")
+HEADERS = ("val ROC AUC", "best epoch val AUC", "test ROC AUC", "sensitivity", "specificity", "train s", "MLflow run")
 
 
 def table_markdown(rows: list[dict[str, Any]], winner: str) -> str:
-    lines = [
-        "| trial | overrides | best val AUC | test ROC AUC | sensitivity | specificity | train s | MLflow run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| trial | overrides | " + " | ".join(HEADERS) + " |", "|---|---|" + "---|" * len(HEADERS)]
     for r in rows:
         name = f"**{r['trial']}** (winner)" if r["trial"] == winner else r["trial"]
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items())
         if "error" in r:
-            lines.append(f"| {name} | {overrides} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {name} | {overrides} | failed: {r['error']} |" + " |" * (len(HEADERS) - 1))
         else:
             cells = [f"{r['train_seconds']:.1f}" if k == "train_seconds" else _fmt(r[k]) for k in TABLE_KEYS]
             lines.append(f"| {name} | {overrides} | " + " | ".join(cells) + " |")
@@ -386,7 +389,7 @@ def pneumonia_sweep(
         table = table_markdown(rows, best["trial"])
         client.log_text(parent, table, "sweep/comparison.md")
         client.log_text(parent, table_csv(rows), "sweep/comparison.csv")
-        client.log_metric(parent, "winner_best_val_auc", best["best_val_auc"])
+        client.log_metric(parent, "winner_val_roc_auc", best["val_roc_auc"])
         client.set_tag(parent, "winner_trial", best["trial"])
         client.set_tag(parent, "winner_run_id", best["run_id"])
         decision: dict[str, Any] = {}
@@ -403,7 +406,7 @@ def pneumonia_sweep(
         summary = (
             f"# Pneumonia sweep {parent}\n\n{len(rows)} trials, {parallel} at a time. The winner is chosen on "
             f"**validation AUC**; test figures are reported only.\n\n{table}\n"
-            f"**Winner:** {best['trial']} (MLflow run {best['run_id']}), best val AUC {best['best_val_auc']:.4f}.\n\n"
+            f"**Winner:** {best['trial']} (MLflow run {best['run_id']}), val ROC AUC {best['val_roc_auc']:.4f}.\n\n"
             f"**Registry:** {registered}.\n"
         )
         create_markdown_artifact(summary, key=SUMMARY_KEY, description="Sweep trials compared; the winner on val AUC")

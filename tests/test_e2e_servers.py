@@ -335,7 +335,7 @@ def test_sweep_trials_fan_out_to_the_workers_of_the_trial_pool(stack: Stack) -> 
     assert set(ran_by) == trial_pids, f"trials started by {ran_by}, workers {trial_pids}"
     assert all(row["ran_on"]["pid"] != os.getpid() for row in rows)
 
-    best = max(rows, key=lambda r: r["best_val_auc"])
+    best = max(rows, key=lambda r: r["val_roc_auc"])
     tags = client.get_run(parent).data.tags
     assert tags["winner_trial"] == best["trial"] and tags["winner_run_id"] == best["run_id"]
     version = client.get_model_version("sweep-test", tags["winner_version"])

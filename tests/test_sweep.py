@@ -76,11 +76,11 @@ def test_an_unknown_trial_deployment_fails_before_anything_runs(
 
 def test_the_winner_is_chosen_on_validation_never_on_test() -> None:
     rows = [
-        {"trial": "t01", "overrides": {"a": 1}, "best_val_auc": 0.80, "test_roc_auc": 0.99},
-        {"trial": "t02", "overrides": {"a": 2}, "best_val_auc": 0.90, "test_roc_auc": 0.70},
+        {"trial": "t01", "overrides": {"a": 1}, "val_roc_auc": 0.80, "best_val_auc": 0.95, "test_roc_auc": 0.99},
+        {"trial": "t02", "overrides": {"a": 2}, "val_roc_auc": 0.90, "best_val_auc": 0.85, "test_roc_auc": 0.70},
         {"trial": "t03", "overrides": {"a": 3}, "error": "boom"},
     ]
-    assert winner_of(rows)["trial"] == "t02"
+    assert winner_of(rows)["trial"] == "t02"  # the saved model's val AUC, not a training epoch's
     with pytest.raises(PipelineError, match="every trial failed: t03: boom"):
         winner_of(rows[2:])
     assert "failed: boom" in table_markdown([rows[2]], "t02")
@@ -146,7 +146,7 @@ def test_sweep_runs_nested_trials_and_registers_the_val_winner_as_a_candidate(
         assert run.data.metrics["test_sensitivity"] == pytest.approx(row["sensitivity"])
         assert run.data.tags["data_version"] != "untracked"  # the shared data, read through the trial's link
 
-    best = max(rows.values(), key=lambda r: r["best_val_auc"])
+    best = max(rows.values(), key=lambda r: r["val_roc_auc"])
     assert result["winner"] == best["trial"] and result["winner_run_id"] == best["run_id"]
     table = client.download_artifacts(parent, "sweep/comparison.csv", str(tmp_path))
     assert len(Path(table).read_text().strip().splitlines()) == 1 + 3
