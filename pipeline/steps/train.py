@@ -152,9 +152,9 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
         mlflow.log_dict({"inputs": example.tolist(), "shape": list(example.shape)}, "model_input_example.json")
         ref = tracking.RunRef(ref.run_id, ref.experiment_id, ref.tracking_uri, logged.model_uri)
         tracking.save_run_ref(params.mlflow.run_file, ref)
-    ensemble = describe_architecture(params) != params.model.architecture  # val AUC is logged per network and epoch
+    ensemble = params.train.members > 1 or params.train.snapshots > 0  # val AUC is logged per network and epoch
     return (
-        f"trained {describe_architecture(params)} ({params.task}) on {outcome.device}: best val AUC "
+        f"trained {metadata['architecture']} ({params.task}) on {outcome.device}: best val AUC "
         f"{outcome.best_val_auc:.4f}{' (of its best network)' if ensemble else ''} after "
         f"{len(outcome.history)} epochs, {images_per_s:.0f} images/s\n"
         f"model: {params.train.model_dir}/{model_store.MODEL_FILE}; MLflow run {ref.run_id}"
