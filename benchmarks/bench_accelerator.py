@@ -34,7 +34,7 @@ from bench_training import sample  # this script's folder is on sys.path: the sa
 
 from pipeline.core.config import load_params
 from pipeline.modeling import inputs as dp
-from pipeline.modeling.models import build_model
+from pipeline.modeling.models import build_from_params
 from pipeline.modeling.training import _compile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,9 +93,7 @@ def main() -> None:
         policy, xla = config.split(":")
         keras.mixed_precision.set_global_policy(policy)
         keras.utils.set_random_seed(tp.seed)
-        built = build_model(
-            mp.architecture, size, 2, "none", mp.dropout, mp.standardize, mp.equalize, trim=mp.trim_margins
-        )
+        built = build_from_params(mp, image_size=size, weights="none")
         _compile(built.model, tp.learning_rate, 2, tp)
         built.model.compile(
             optimizer=built.model.optimizer, loss=built.model.loss, jit_compile=xla == "on"

@@ -86,9 +86,7 @@ def main(argv: list[str]) -> int:
     mp, tp = params.model, params.train
     data = dp.split_data(index, "train", params.data.root, params.task, tp.max_images_per_split, tp.seed)
     x, y = next(iter(dp.make_dataset(data, mp.image_size, 32, cache=False)))
-    fresh = models.build_model(
-        mp.architecture, mp.image_size, 2, mp.weights, mp.dropout, mp.standardize, mp.equalize, trim=mp.trim_margins
-    )
+    fresh = models.build_from_params(mp)
     fresh.model.set_weights(recorder.final)
     loss = keras.losses.BinaryCrossentropy()(y, fresh.model(x, training=False))
     recorder.write(event="fixed_batch_loss", loss=float(loss))

@@ -29,11 +29,13 @@ def test_repository_params_load() -> None:
         ("data.source=local", "params.yaml: data.local_path: must be set when data.source is 'local'"),
         ("validation.width.min=5000", "params.yaml: validation.width.min: 5000.0 must not exceed max"),
         ("data.synthetic.counts.train.normal=-1", "params.yaml: data.synthetic.counts.train.normal: Input should be"),
+        ("model.clahe=-1", "params.yaml: model.clahe: Input should be greater than or equal to 0"),
+        ("model.clahe=2 model.equalize=true", "params.yaml: model.clahe: use it or model.equalize, not both"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_params(REPO / "params.yaml", [override])
+        load_params(REPO / "params.yaml", override.split(" "))
     assert str(err.value).removeprefix(f"{REPO}/").startswith(expected)
     assert "\n" not in str(err.value)
 

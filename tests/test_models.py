@@ -172,3 +172,45 @@ def test_receptive_field_of_the_from_scratch_models(architecture: str, sees_corn
     corner = grad[:8, :8].max() / centre_grad
     assert centre_grad > 0
     assert bool(corner > 0) is sees_corner, f"{architecture}: gradient at the corner / at the centre = {corner}"
+
+
+def _real_images(folder: Path, size: int, n: int = 6) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(folder.glob("test/*/*.jpeg"))[::97][:n]
+    return np.stack([np.asarray(Image.open(f).convert("L").resize((size, size), Image.BILINEAR)) for f in files])
+
+
+@pytest.mark.parametrize(("size", "clip", "tiles"), [(128, 2.0, 8), (100, 2.0, 8), (96, 40.0, 4)])
+def test_clahe_layer_is_opencvs_clahe(real_224: Path, size: int, clip: float, tiles: int) -> None:
+    """model.clahe: the layer gives OpenCV's CLAHE output exactly, on real X-rays, also where the side is
+    not a whole number of tiles (100 px, padded as OpenCV pads)."""
+    import cv2
+
+    from pipeline.modeling.clahe import ContrastLimitedEqualization
+
+    images = _real_images(real_224, size)
+    expected = np.stack([cv2.createCLAHE(clip, (tiles, tiles)).apply(image) for image in images])
+    out = ContrastLimitedEqualization(clip, tiles)(images[..., None].astype(np.float32)).numpy()[..., 0]
+    assert out.dtype == np.float32 and np.array_equal(out, expected.astype(np.float32))
+    assert not np.array_equal(out, images)  # it did change the images
+
+
+def test_clahe_model_keeps_a_black_border_local(real_224: Path, tmp_path: Path) -> None:
+    """Unlike global equalization, a black border added at the left changes only the pixels that blend the
+    border's tiles (within 1.5 tiles of the edge); the saved model re-applies it on load."""
+    images = _real_images(real_224, 128, n=3)[..., None].astype(np.float32)
+    bordered = images.copy()
+    bordered[:, :, :10] = 0.0
+    seen = {}
+    for name, kwargs in {"clahe": {"clahe": 2.0}, "equalize": {"equalize": True}}.items():
+        built = build_model("compact_cnn", 128, **kwargs)
+        layer = keras.Model(built.model.input, built.model.get_layer(name).output)
+        seen[name] = np.abs(layer.predict(bordered, verbose=0) - layer.predict(images, verbose=0))[..., 0]
+    assert seen["clahe"][:, :, 24:].max() == 0 and seen["clahe"][:, :, 10:24].max() > 0
+    assert seen["equalize"][:, :, 24:].max() > 0  # global: the border re-ranks every grey level
+    built = build_model("compact_cnn", 128, clahe=2.0, clahe_tiles=8, standardize=True)
+    built.model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert loaded.get_layer("clahe").get_config()["clip"] == 2.0
+    assert np.allclose(loaded.predict(bordered, verbose=0), built.model.predict(bordered, verbose=0), atol=1e-6)

@@ -137,6 +137,16 @@ class ModelParams(Strict):
     standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
     equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
     trim_margins: bool = Field(False, description="dark outer rows and columns cropped off, the model's first layer")
+    clahe: float = Field(
+        0.0, ge=0, le=40, description="CLAHE clip limit (as OpenCV's), a model layer before standardize; 0: off"
+    )
+    clahe_tiles: int = Field(8, ge=1, le=32, description="CLAHE: the image cut into this many tiles per side")
+
+    @model_validator(mode="after")
+    def _one_equalization(self) -> ModelParams:
+        if self.clahe and self.equalize:
+            raise ValueError("clahe: use it or model.equalize, not both (each re-maps the grey levels)")
+        return self
 
 
 class AugmentParams(Strict):

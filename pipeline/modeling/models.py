@@ -13,9 +13,10 @@ from pathlib import Path
 
 import keras
 
-from pipeline.core.config import ARCHITECTURES
+from pipeline.core.config import ARCHITECTURES, ModelParams
 from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
+from pipeline.modeling.clahe import ContrastLimitedEqualization
 
 
 @dataclass(frozen=True)
@@ -225,16 +226,20 @@ def build_model(
     standardize: bool = False,
     equalize: bool = False,
     trim: bool = False,
+    clahe: float = 0.0,
+    clahe_tiles: int = 8,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
-    ``trim``, ``equalize``, ``standardize``: dark margins trimmed, per-image histogram equalization, then
-    intensity standardization, as the model's first layers (so every caller gets them)."""
+    ``trim``, ``equalize`` or ``clahe`` (a clip limit; 0: off), ``standardize``: dark margins trimmed,
+    per-image histogram equalization (global or contrast-limited adaptive), then intensity
+    standardization, as the model's first layers (so every caller gets them)."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
     pixels = TrimDarkMargins(name="trim")(inputs) if trim else inputs
     pixels = EqualizeHistogram(name="equalize")(pixels) if equalize else pixels
+    pixels = ContrastLimitedEqualization(clahe, clahe_tiles, name="clahe")(pixels) if clahe else pixels
     pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
     if architecture in FROM_SCRATCH:
         if weights == "imagenet":
@@ -258,12 +263,30 @@ def build_model(
         names = [
             layer.name
             for layer in base.layers
-            if layer.name not in ("image", "trim", "equalize", "standardize", "preprocess")
+            if layer.name not in ("image", "trim", "equalize", "clahe", "standardize", "preprocess")
         ]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
     if weights not in ("none", "imagenet"):
         _load_weights_file(built, Path(weights), architecture)
     return built
+
+
+def build_from_params(
+    mp: ModelParams, n_classes: int = 2, image_size: int | None = None, weights: str | None = None
+) -> BuiltModel:
+    """``build_model`` with params.yaml's ``model`` section (``image_size``, ``weights``: overrides)."""
+    return build_model(
+        mp.architecture,
+        image_size or mp.image_size,
+        n_classes,
+        mp.weights if weights is None else weights,
+        mp.dropout,
+        mp.standardize,
+        mp.equalize,
+        trim=mp.trim_margins,
+        clahe=mp.clahe,
+        clahe_tiles=mp.clahe_tiles,
+    )
 
 
 def set_backbone_trainable(built: BuiltModel, top_n: int | None) -> None:

@@ -38,9 +38,9 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file
 from pipeline.core.config import Params, TrainParams
-from pipeline.modeling import distributed, models, preprocess, records, snapshots
+from pipeline.modeling import clahe, distributed, models, preprocess, records, snapshots
 from pipeline.modeling import inputs as dp
-from pipeline.modeling.models import BuiltModel, build_model, set_backbone_trainable
+from pipeline.modeling.models import BuiltModel, build_from_params, set_backbone_trainable
 
 EpochSink = Callable[[dict[str, float]], None]
 
@@ -298,16 +298,7 @@ def _train(
     one_hot = n_classes > 2
 
     def build() -> BuiltModel:
-        return build_model(
-            mp.architecture,
-            mp.image_size,
-            n_classes,
-            mp.weights,
-            mp.dropout,
-            mp.standardize,
-            mp.equalize,
-            trim=mp.trim_margins,
-        )
+        return build_from_params(mp, n_classes)
 
     with strategy.scope():
         built = build()
@@ -482,7 +473,7 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))
-    modules = (sys.modules[__name__], dp, preprocess, models, records, distributed, snapshots)
+    modules = (sys.modules[__name__], dp, preprocess, models, clahe, records, distributed, snapshots)
     code = [Path(m.__file__).read_bytes().decode() for m in modules]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
