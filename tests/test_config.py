@@ -31,6 +31,7 @@ def test_repository_params_load() -> None:
         ("data.synthetic.counts.train.normal=-1", "params.yaml: data.synthetic.counts.train.normal: Input should be"),
         ("model.clahe=-1", "params.yaml: model.clahe: Input should be greater than or equal to 0"),
         ("model.clahe=2 model.equalize=true", "params.yaml: model.clahe: use it or model.equalize, not both"),
+        ("model.clahe=2 model.image_size=96", "params.yaml: model.clahe: 2.0 on 8 x 8 tiles of 12 px (image_size 96)"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:

@@ -146,6 +146,14 @@ class ModelParams(Strict):
     def _one_equalization(self) -> ModelParams:
         if self.clahe and self.equalize:
             raise ValueError("clahe: use it or model.equalize, not both (each re-maps the grey levels)")
+        if self.clahe:
+            tile = -(-self.image_size // self.clahe_tiles)  # px per tile side, as OpenCV pads
+            if int(self.clahe * tile * tile / 256) < 2:
+                raise ValueError(
+                    f"clahe: {self.clahe} on {self.clahe_tiles} x {self.clahe_tiles} tiles of {tile} px (image_size "
+                    f"{self.image_size}) rounds down to 1 count per grey level, which leaves the image as it is; "
+                    "raise it or use fewer model.clahe_tiles"
+                )
         return self
 
 

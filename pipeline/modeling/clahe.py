@@ -9,8 +9,8 @@ It follows ``cv2.createCLAHE(clip, (tiles, tiles)).apply`` on 8-bit images step 
 limit, remainder spread every ``256 // r`` bins, reflect-101 padding to a whole number of tiles), so a
 test can hold it to OpenCV's output exactly. As in OpenCV the clip limit is a whole number of counts,
 ``int(clip * tile pixels / 256)``, at least 1: with small tiles (an 8 x 8 grid on 96 px: 144 pixels) it
-rounds down to 1, which flattens every tile's histogram and leaves the image almost as it was. Keep
-tiles at 256 pixels or more (8 x 8 from 128 px, 4 x 4 from 64 px).
+rounds down to 1, which flattens every tile's histogram and leaves the image almost as it was;
+params.yaml's ``model.clahe`` refuses such a setting (keep tiles at 256 pixels or more for a clip of 2).
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ class ContrastLimitedEqualization(keras.layers.Layer):
 
         height, width = int(x.shape[1]), int(x.shape[2])
         tiles = self.tiles
-        # As OpenCV: a side that is not a whole number of tiles pads BOTH sides by (tiles - side % tiles).
+        # As OpenCV: unless both sides are whole numbers of tiles, both are padded (bottom, right)
+        # by tiles - side % tiles.
         whole = height % tiles == 0 and width % tiles == 0
         pad_h, pad_w = (0, 0) if whole else (tiles - height % tiles, tiles - width % tiles)
         tile_h, tile_w = (height + pad_h) // tiles, (width + pad_w) // tiles
         area = tile_h * tile_w
-        limit = max(int(self.clip * area / LEVELS), 1)
+        limit = max(int(self.clip * area / LEVELS), 1)  # config.ModelParams refuses a limit of 1
 
         levels = tf.cast(tf.clip_by_value(tf.round(tf.cast(x[..., 0], tf.float32)), 0.0, 255.0), tf.int32)
         batch = tf.shape(levels)[0]
