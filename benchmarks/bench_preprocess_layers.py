@@ -66,7 +66,7 @@ def main() -> None:
     }
     model = build_model("compact_cnn", args.size, standardize=True).model
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    calls: dict[str, Callable[[], object]] = {name: tf.function(layer) for name, layer in layers.items()}
+    calls: dict[str, Callable[[tf.Tensor], object]] = {name: tf.function(layer) for name, layer in layers.items()}
     calls["compact_cnn forward"] = tf.function(lambda t: model(t, training=False))
     calls["compact_cnn train step"] = lambda _t: model.train_on_batch(x, y)
 

@@ -213,4 +213,11 @@ def test_clahe_model_keeps_a_black_border_local(real_224: Path, tmp_path: Path) 
     built.model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
     assert loaded.get_layer("clahe").get_config()["clip"] == 2.0
+    # params.yaml's model section reaches the layer (what training builds).
+    from pipeline.core.config import load_params
+    from pipeline.modeling.models import build_from_params
+
+    mp = load_params(Path(__file__).parents[1] / "params.yaml", ["model.clahe=3", "model.clahe_tiles=4"]).model
+    config = build_from_params(mp, image_size=64).model.get_layer("clahe").get_config()
+    assert (config["clip"], config["tiles"]) == (3.0, 4)
     assert np.allclose(loaded.predict(bordered, verbose=0), built.model.predict(bordered, verbose=0), atol=1e-6)

@@ -143,7 +143,7 @@ class ModelParams(Strict):
     clahe_tiles: int = Field(8, ge=1, le=32, description="CLAHE: the image cut into this many tiles per side")
 
     @model_validator(mode="after")
-    def _one_equalization(self) -> ModelParams:
+    def _clahe_usable(self) -> ModelParams:
         if self.clahe and self.equalize:
             raise ValueError("clahe: use it or model.equalize, not both (each re-maps the grey levels)")
         if self.clahe:

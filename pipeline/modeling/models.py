@@ -260,11 +260,8 @@ def build_model(
                     f"put the Keras .h5 file in ~/.keras/models/ or set model.weights to none or a weights file"
                 ) from None
             raise
-        names = [
-            layer.name
-            for layer in base.layers
-            if layer.name not in ("image", "trim", "equalize", "clahe", "standardize", "preprocess")
-        ]
+        ours = {layer.name for layer in keras.Model(inputs, x).layers}  # the input and preprocessing layers
+        names = [layer.name for layer in base.layers if layer.name not in ours]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
     if weights not in ("none", "imagenet"):
         _load_weights_file(built, Path(weights), architecture)
