@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import tenacity
 
 from pipeline.core.atomic import write_text
 from pipeline.core.config import MlflowParams
@@ -113,6 +114,27 @@ def load_run_ref(path: str | Path) -> RunRef:
 
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 
+# MLflow looks a data set up, then inserts it: a concurrent run (a sweep's parallel trial) that commits the
+# same data set in between makes the insert fail on the store's unique key. The retry finds the row.
+LOST_INSERT_RACE = ("UNIQUE constraint failed: datasets", 'unique constraint "dataset_pk"', "Duplicate entry")
+
+
+def lost_insert_race(exc: BaseException) -> bool:
+    return any(s in str(exc) for s in LOST_INSERT_RACE)
+
+
+def _log_input_retrying(dataset: Any, context: str, tags: dict[str, str]) -> None:
+    def note(state: tenacity.RetryCallState) -> None:
+        print(f"train: data set '{dataset.name}' was logged by a concurrent run meanwhile; logging it again")
+
+    tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lost_insert_race),
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_random(0.05, 0.5),
+        before_sleep=note,
+        reraise=True,
+    )(mlflow.log_input, dataset, context=context, tags=tags)
+
 
 def log_datasets(index: pd.DataFrame, root: str, data_version: str) -> None:
     """Record each split as an MLflow dataset input (the run page's Datasets panel).
@@ -130,4 +152,4 @@ def log_datasets(index: pd.DataFrame, root: str, data_version: str) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_pandas(rows, source=source, targets="label", name=split, digest=digest[:36])
         tags = {"split_fingerprint": split_hash, "images": str(len(rows)), "dvc_data_version": data_version}
-        mlflow.log_input(dataset, context=context, tags=tags)
+        _log_input_retrying(dataset, context, tags)
