@@ -1,13 +1,14 @@
-"""Two trainings logging the same data set at once, on the sqlite store and on PostgreSQL.
+"""Two trainings making their first MLflow writes at once, on the sqlite store and on PostgreSQL.
 
-MLflow looks the data set up, then inserts it: a rival that commits the same row in between makes the insert
-fail on the store's unique key (a sweep's parallel trials hit this on CI). The race is forced, not hoped for:
-a SQLAlchemy hook starts a rival OS process that logs the same data set just before this process's
-``INSERT INTO datasets`` and waits for it to finish.
+MLflow looks an experiment or a data set up, then inserts it: a rival that commits the same row in between
+makes the insert fail on the store's unique key (a sweep's parallel trials hit this on CI). Each race is
+forced, not hoped for: a SQLAlchemy hook runs a rival OS process that makes the same write just before this
+process's INSERT, and waits for it to finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from pipeline.core.config import MlflowParams
 from pipeline.registry import tracking
 from tests.conftest import REPO
 
@@ -43,39 +45,59 @@ def small_index() -> pd.DataFrame:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: restored after
     if request.param == "sqlite":
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     else:
         url = request.getfixturevalue("postgres").create_database(f"tracking_race_{uuid.uuid4().hex[:8]}")
         uri = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # the driver installed
+    MlflowClient(uri).search_experiments()  # the store's tables exist before any race
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(previous)
 
 
+@contextlib.contextmanager
+def rival_before(table: str, args: list[str], cwd: Path) -> Iterator[list[str]]:
+    """While open: just before this process's first INSERT INTO `table`, `python -m tests.tracking_rival
+    *args` runs to completion. Yields the list its output (one line) is appended to."""
+    outputs: list[str] = []
+
+    def hook(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()} ") and not outputs:
+            cmd = [sys.executable, "-m", "tests.tracking_rival", *args]
+            done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, done.stderr[-2000:]
+            outputs.append(done.stdout.split()[-1])
+
+    event.listen(Engine, "before_cursor_execute", hook)
+    try:
+        yield outputs
+    finally:
+        event.remove(Engine, "before_cursor_execute", hook)
+
+
+def test_a_rival_that_creates_the_experiment_first_is_joined(store: str, tmp_path: Path) -> None:
+    params = MlflowParams(tracking_uri=store, experiment="race", artifact_root=str(tmp_path / "artifacts"))
+    with rival_before("experiments", ["experiment", store, "race", str(tmp_path / "artifacts")], REPO) as rival:
+        ours = tracking.configure(params)
+    assert len(rival) == 1  # the rival really created it between the lookup and the insert
+    assert ours == rival[0] and [e.name for e in MlflowClient(store).search_experiments()] == ["race", "Default"]
+
+
 def test_a_rival_that_logs_the_same_data_set_first_does_not_fail_the_run(store: str, tmp_path: Path) -> None:
     experiment_id = MlflowClient(store).create_experiment("race")
-    rival_runs: list[str] = []
+    mlflow.set_tracking_uri(store)
+    with (
+        rival_before("datasets", ["datasets", store, experiment_id, str(tmp_path)], REPO) as rival,
+        mlflow.start_run(experiment_id=experiment_id) as active,
+    ):
+        tracking.log_datasets(small_index(), str(tmp_path), "untracked")
 
-    def rival_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not rival_runs:
-            cmd = [sys.executable, "-m", "tests.dataset_rival", store, experiment_id, str(tmp_path)]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
-            assert done.returncode == 0, done.stderr[-2000:]
-            rival_runs.append(done.stdout.split()[-1])
-
-    event.listen(Engine, "before_cursor_execute", rival_first)
-    try:
-        with mlflow.start_run(experiment_id=experiment_id) as active:
-            tracking.log_datasets(small_index(), str(tmp_path), "untracked")
-    finally:
-        event.remove(Engine, "before_cursor_execute", rival_first)
-
-    assert len(rival_runs) == 1  # the rival really logged the data set between the lookup and the insert
+    assert len(rival) == 1  # the rival really logged the data set between the lookup and the insert
     client = MlflowClient(store)
-    ours, theirs = (client.get_run(r).inputs.dataset_inputs for r in (active.info.run_id, rival_runs[0]))
+    ours, theirs = (client.get_run(r).inputs.dataset_inputs for r in (active.info.run_id, rival[0]))
     assert sorted(i.dataset.name for i in ours) == ["test", "train", "val"]
     assert {(i.dataset.name, i.dataset.digest) for i in ours} == {(i.dataset.name, i.dataset.digest) for i in theirs}
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}.get("mlflow.data.context") for i in ours}

@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import tenacity
+from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import write_text
 from pipeline.core.config import MlflowParams
@@ -63,7 +64,12 @@ def configure(params: MlflowParams) -> str:
         if experiment is None:
             local = not uri.startswith(("http://", "https://", "databricks"))
             location = Path(params.artifact_root).resolve().as_uri() if local else None
-            return mlflow.create_experiment(params.experiment, artifact_location=location)
+            try:
+                return mlflow.create_experiment(params.experiment, artifact_location=location)
+            except MlflowException:
+                # a concurrent run created it since the lookup: use that one
+                if (experiment := mlflow.get_experiment_by_name(params.experiment)) is None:
+                    raise
         return experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - the server being down surfaces as many types
         raise TransientError(
