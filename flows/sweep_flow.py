@@ -55,6 +55,7 @@ from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transie
 from pipeline.core import atomic
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.project import project_path
 from pipeline.registry import tracking
 from pipeline.steps.stages import ROOT as CODE_ROOT
 
@@ -147,8 +148,8 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
     shared = {
         "validation.report": str(Path(project.validation.report).resolve()),
         "mlflow.tracking_uri": uri,
-        "mlflow.artifact_root": str(Path(project.mlflow.artifact_root).resolve()),
-        "registry.lock_file": str(Path(project.registry.lock_file).resolve()),
+        "mlflow.artifact_root": str(project_path(project.mlflow.artifact_root).resolve()),
+        "registry.lock_file": str(project_path(project.registry.lock_file).resolve()),
         "registry.promotion": "candidate",  # a sweep's winner never takes @champion by itself
     }
     write_overrides(folder / "params.yaml", as_overrides({**overrides, **shared}))

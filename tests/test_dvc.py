@@ -119,6 +119,24 @@ def test_metrics_plots_and_experiments(repo_copy: Path) -> None:
     assert "epochs" in diff
 
 
+def test_a_queued_experiment_logs_and_registers_in_the_projects_store(repo_copy: Path) -> None:
+    """DVC runs a queued (or --temp) experiment in a throwaway copy under .dvc/tmp/exps/: the MLflow store,
+    its artifacts and the registration lock, relative paths in params.yaml, stay the project's."""
+    from mlflow import MlflowClient
+
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the temp run"], repo_copy)
+    run(["dvc", "exp", "run", "--temp", "-n", "in-temp", "-S", "train.epochs=1"], repo_copy)
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pneumonia")
+    runs = client.search_runs([experiment.experiment_id], "params.`train.epochs` = '1'")
+    assert len(runs) == 1, "the temp experiment's run is not in the project's MLflow store"
+    assert runs[0].info.artifact_uri.startswith((repo_copy / "mlruns" / "artifacts").resolve().as_uri())
+    versions = client.search_model_versions("name = 'pneumo-chest-xray'")
+    assert runs[0].info.run_id in {v.run_id for v in versions}  # registered there too
+    assert not list((repo_copy / ".dvc" / "tmp").glob("exps/**/mlruns/mlflow.db"))
+
+
 def test_dvc_yaml_is_generated_from_stage_list() -> None:
     """One DAG definition: the committed dvc.yaml must equal the one pipeline/stages.py generates."""
     proc = subprocess.run(
@@ -179,3 +197,14 @@ def test_new_data_with_same_params_trains_afresh(repo_copy: Path, real_subset: P
     run_tags = client.get_run(report["mlflow_run_id"]).data.tags
     assert run_tags["data_version"] == new_version and run_tags["data_source"] == "local"
     assert not any(resume.iterdir())
+
+
+def test_project_root_of_a_dvc_experiment_copy(tmp_path: Path) -> None:
+    from pipeline.core.project import project_path, project_root
+
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    assert project_root(copy) == project_root(copy / "sub") == (tmp_path / "proj").resolve()
+    assert project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
+    assert project_root(tmp_path / "proj" / ".dvc" / "tmp" / "exps") == (tmp_path / "proj" / ".dvc" / "tmp" / "exps")
+    assert project_path("mlruns/x.db", copy) == (tmp_path / "proj" / "mlruns" / "x.db").resolve()
+    assert project_path("/abs/x.db", copy) == Path("/abs/x.db")

@@ -29,6 +29,7 @@ import psycopg2.errors
 
 from pipeline.core.config import RegisterParams
 from pipeline.core.errors import TransientError
+from pipeline.core.project import project_path
 from pipeline.registry.retrying import first_line, with_retries
 
 Check = Callable[[], None]  # raises TransientError if the lock is no longer held
@@ -55,7 +56,7 @@ def registry_lock(params: RegisterParams, log: Callable[[str], None] = print) ->
     """Hold the registration lock of `params.model_name`; yields a check to call before moving aliases."""
     url = params.effective_lock_url()
     if url is None:
-        with file_lock(Path(params.lock_file), params.lock_timeout_seconds, log):
+        with file_lock(project_path(params.lock_file), params.lock_timeout_seconds, log):
             yield lambda: None
     else:
         with advisory_lock(url, params, log) as check:

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.atomic import write_text
 from pipeline.core.config import MlflowParams
 from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.project import project_path
 from pipeline.data.version import split_fingerprint
 
 PARENT_RUN_ENV = "PNEUMO_MLFLOW_PARENT_RUN_ID"  # set by a sweep: its trials' runs nest under the sweep's run
@@ -45,11 +46,12 @@ class RunRef:
 
 
 def tracking_uri(params: MlflowParams) -> str:
-    """MLFLOW_TRACKING_URI, else params; a relative sqlite path is made absolute against the current folder
-    (MLflow caches one database engine per URI string, so a relative URI would follow the first folder)."""
+    """MLFLOW_TRACKING_URI, else params; a relative sqlite path is made absolute against the project folder
+    (MLflow caches one database engine per URI string, so a relative URI would follow the first folder; and
+    a DVC experiment's copy of the project is deleted after the run: see pipeline.core.project)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        uri = "sqlite:///" + str(project_path(uri.removeprefix("sqlite:///")).resolve())
     return uri
 
 
@@ -63,7 +65,7 @@ def configure(params: MlflowParams) -> str:
         experiment = mlflow.get_experiment_by_name(params.experiment)
         if experiment is None:
             local = not uri.startswith(("http://", "https://", "databricks"))
-            location = Path(params.artifact_root).resolve().as_uri() if local else None
+            location = project_path(params.artifact_root).resolve().as_uri() if local else None
             try:
                 return mlflow.create_experiment(params.experiment, artifact_location=location)
             except MlflowException:
