@@ -62,22 +62,28 @@ def configure(params: MlflowParams) -> str:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(params.experiment)
-        if experiment is None:
-            local = not uri.startswith(("http://", "https://", "databricks"))
-            location = project_path(params.artifact_root).resolve().as_uri() if local else None
-            try:
-                return mlflow.create_experiment(params.experiment, artifact_location=location)
-            except MlflowException:
-                # a concurrent run created it since the lookup: use that one
-                if (experiment := mlflow.get_experiment_by_name(params.experiment)) is None:
-                    raise
-        return experiment.experiment_id
+        return experiment_id(params.experiment, params)
     except Exception as exc:  # noqa: BLE001 - the server being down surfaces as many types
         raise TransientError(
             f"mlflow: cannot use tracking URI {uri} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
         ) from None
+
+
+def experiment_id(name: str, params: MlflowParams) -> str:
+    """The id of experiment `name` in the current tracking store, created when missing (on a local store with
+    its artifacts under params.artifact_root). MLflow looks the name up, then inserts it: when a concurrent
+    process created it in between, the insert fails on the unique name and its experiment is used."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        local = not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
+        location = project_path(params.artifact_root).resolve().as_uri() if local else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            if (experiment := mlflow.get_experiment_by_name(name)) is None:
+                raise
+    return experiment.experiment_id
 
 
 def parent_tags() -> dict[str, str]:

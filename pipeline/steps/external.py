@@ -69,8 +69,7 @@ def record(model: Classifier, name: str, path: str, result: scoring.ExternalResu
     """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id."""
     info = model.info
     client = MlflowClient()
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = tracking.experiment_id(EXPERIMENT, params.mlflow)
     figure_dir = f"model_card/external/{name}"
     t = result.at_threshold
     scores = {k: float(getattr(t, k)) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1")}
