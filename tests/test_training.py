@@ -121,6 +121,26 @@ def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Pat
     assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"
 
 
+def test_a_kill_mid_save_still_resumes(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    """A kill while the epoch's state is written leaves a truncated file: the newest backup (the previous one
+    is resumed from) or the pending best weights (never promoted). History and best weights stay whole."""
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=4", "train.early_stopping_patience=10")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(params, index, extra_callbacks=[Crash(after=3)])
+    phase = next(Path(params.train.resume_dir).rglob("history.json")).parent
+    backups = sorted(p.name for p in (phase / "backup").iterdir() if ".weights.h5" in p.name)
+    assert backups == ["latest.weights.h5", "latest.weights.h5.bkp"], "two states kept"
+    (phase / "backup" / "latest.weights.h5").write_bytes(b"\x89HDF\r\n")  # cut short
+    (phase / ".pending.best.weights.h5").write_bytes(b"\x89HDF\r\n")  # the run ends loading best: never this
+
+    counter = CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[counter])
+    assert counter.started == [3, 4], "resumed from the state before the truncated one"
+    assert [h["epoch"] for h in outcome.history] == [1, 2, 3, 4]
+    assert not any(Path(params.train.resume_dir).iterdir())
+
+
 def test_resume_state_is_keyed_by_data_settings_and_code(
     synthetic_index: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.core.atomic import staged_file
+from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
 from pipeline.modeling import clahe, distributed, models, preprocess, records, snapshots
 from pipeline.modeling import inputs as dp
@@ -104,7 +104,7 @@ class _PhaseRecorder(keras.callbacks.Callback):
             **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"},
         }
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        self.path.write_text(json.dumps(self.rows))
+        write_text(self.path, json.dumps(self.rows))  # a kill mid-write leaves the previous epoch's rows
         if self.sink:
             self.sink(row)
 
@@ -174,13 +174,14 @@ def _selection_callbacks(best: Path, best_so_far: float | None, params: TrainPar
     """The best epoch on val AUC checkpointed, early stopping, and (plateau schedule) the rate halved on plateaus."""
     callbacks = [
         keras.callbacks.ModelCheckpoint(
-            str(best),
+            str(_pending(best)),
             monitor="val_auc",
             mode="max",
             save_best_only=True,
             save_weights_only=True,
             initial_value_threshold=best_so_far,
         ),
+        _PromotePending(best),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
     ]
     if params.schedule == "plateau":
@@ -190,6 +191,23 @@ def _selection_callbacks(best: Path, best_so_far: float | None, params: TrainPar
             )
         )
     return callbacks
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(f".pending.{path.name}")
+
+
+class _PromotePending(keras.callbacks.Callback):
+    """Moves what ModelCheckpoint wrote to `_pending(path)` onto `path` (a rename) at the epoch's end, so a kill
+    mid-save truncates the pending file, never the best weights a resumed training ends with."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if _pending(self.path).is_file():
+            os.replace(_pending(self.path), self.path)
 
 
 def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> list[keras.callbacks.Callback]:
@@ -225,8 +243,12 @@ def _fit_phase(
         return recorder.rows
     best_so_far = max((r.get("val_auc", -np.inf) for r in recorder.rows), default=None)
     best = phase_dir / "best.weights.h5"
+    _pending(best).unlink(missing_ok=True)  # cut short by a kill: never promoted
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), save_freq="epoch", delete_checkpoint=True),
+        # Two states kept: a kill mid-save leaves the previous epoch's to resume from.
+        keras.callbacks.BackupAndRestore(
+            str(phase_dir / "backup"), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True
+        ),
         # Weight averaging: the average is swapped in for validation and for the callbacks below it at each
         # epoch's end (the backup above keeps the raw weights, and the average with the optimizer, to resume).
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_epochs else []),
