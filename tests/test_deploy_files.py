@@ -28,6 +28,7 @@ import yaml
 from prefect.utilities.templating import apply_values, find_placeholders
 from prefect.workers.base import BaseJobConfiguration
 
+from pipeline.core.config import lock_url_problem
 from tests.conftest import REPO
 from tests.servers import SeaweedS3, Service, free_port
 
@@ -294,7 +295,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             assert created.returncode == 0, created.stdout + created.stderr
         # What a team sets once (deploy/README.md): the S3 keys as Secret blocks for the DVC pull step.
         secrets = subprocess.run(
-            [sys.executable, "-c", SAVE_SECRETS, s3.access_key, s3.secret_key],
+            [sys.executable, "-c", SAVE_SECRETS, s3.access_key, s3.secret_key, LOCK_URL],
             env=env,
             capture_output=True,
             text=True,
@@ -314,7 +315,43 @@ import sys
 from prefect.blocks.system import Secret
 Secret(value=sys.argv[1]).save("pneumo-s3-access-key-id", overwrite=True)
 Secret(value=sys.argv[2]).save("pneumo-s3-secret-access-key", overwrite=True)
+Secret(value=sys.argv[3]).save("pneumo-registry-lock-url", overwrite=True)
 """
+LOCK_URL = "postgresql://pneumo:lock-s3cret@postgres:5432/mlflow"  # the stack's MLflow database
+
+JOB_ENV = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.workers.base import BaseJobConfiguration
+
+async def main() -> None:
+    async with get_client() as client:
+        envs = {}
+        for pool in sys.argv[1:]:
+            template = (await client.read_work_pool(pool)).base_job_template
+            config = await BaseJobConfiguration.from_template_and_values(template, {"gpu_count": 1}, client=client)
+            envs[pool] = config.env
+    print(json.dumps(envs))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_flow_runs_on_the_gpu_pools_share_the_registry_lock(stack: Stack) -> None:
+    """Flow runs in containers or pods each have their own clone: a lock file would serialise nothing between
+    them. The pools give every run the stack's PostgreSQL lock URL, from a Secret block, never stored in the pool."""
+    pools = [pool for pool, _ in POOLS.values()]
+    done = subprocess.run(
+        [sys.executable, "-c", JOB_ENV, *pools], env=stack.env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    envs = json.loads(done.stdout.strip().splitlines()[-1])
+    for pool in pools:
+        assert envs[pool]["PNEUMO_REGISTRY_LOCK_URL"] == LOCK_URL  # as the worker builds the flow run's job
+        assert envs[pool]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert "lock-s3cret" not in stack.get(f"/work_pools/{pool}").text
+        assert lock_url_problem(LOCK_URL) is None
 
 
 @pytest.mark.slow
