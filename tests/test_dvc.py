@@ -81,6 +81,37 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     assert any(m.source_run_id == run.info.run_id for m in models)
 
 
+def test_outputs_of_two_trainings_are_never_evaluated_or_registered_together(repo_copy: Path) -> None:
+    """Another training writing the same folder (its model, or an evaluation of it) between this one's stages:
+    evaluate and register each stop with one line naming the output at fault, and nothing is registered."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
+    versions = {v.version for v in client.search_model_versions("name = 'pneumo-chest-xray'")}
+    other = "f" * 32
+    cases = [
+        ("models/metadata.json", "mlflow_run_id", ["evaluate", "register"]),
+        ("reports/metrics.json", "model_run_id", ["register"]),
+    ]
+    for output, key, refusing in cases:
+        path = repo_copy / output
+        original = path.read_text()
+        path.write_text(json.dumps(json.loads(original) | {key: other}))
+        try:
+            for stage in refusing:
+                done = run(["pneumo", stage], repo_copy, check=False)
+                last = done.stderr.strip().splitlines()[-1]
+                assert done.returncode != 0 and f"comes from MLflow run {other}" in last, done.stderr[-2000:]
+                assert output in last and "another training wrote this project folder" in last
+        finally:
+            path.write_text(original)
+    assert {v.version for v in client.search_model_versions("name = 'pneumo-chest-xray'")} == versions
+    assert (
+        json.loads((repo_copy / "reports" / "metrics.json").read_text())["model_run_id"]
+        == json.loads((repo_copy / "reports" / "mlflow_run.json").read_text())["run_id"]
+    )
+
+
 def test_push_pull_and_changed_param(repo_copy: Path) -> None:
     run(["dvc", "push"], repo_copy)
     assert (repo_copy / ".dvc-storage").is_dir()

@@ -53,6 +53,7 @@ class Evaluation:
     calibration_bias: float = 0.0
     calibration: dict[str, Any] | None = None
     tta: dict[str, float] | None = None  # test-time augmentation views (tta.Views), when on
+    model_run_id: str = ""  # the MLflow run that trained the evaluated model (its metadata.json)
 
     @property
     def views(self) -> tta.Views:

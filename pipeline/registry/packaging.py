@@ -24,6 +24,7 @@ from pipeline.data.dataset_index import read_index
 from pipeline.modeling import model_store
 from pipeline.modeling.evaluation import Evaluation
 from pipeline.modeling.metrics import BinaryMetrics
+from pipeline.registry import tracking
 from pipeline.serving import drift, image_io, ood, pyfunc_entry
 from pipeline.serving.classifier import (
     BUNDLE_ARTIFACT,
@@ -161,6 +162,8 @@ def write_bundle(dest: Path, model_file: Path, info: ModelInfo, reference: dict[
 def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tuple[Classifier, dict[str, Any]]:
     """Write the bundle of the trained model into dest, with its drift reference; returns the classifier."""
     model, metadata = model_store.load(params.train.model_dir)
+    source = f"{params.train.model_dir}/{model_store.METADATA_FILE}"
+    tracking.require_same_run(run_id, str(metadata.get("mlflow_run_id", "")), source, params.mlflow.run_file)
     pp = params.package
     info = model_info(metadata, ev, run_id, params.registry.model_name, pp.ood_threshold, pp.ood_warning)
     files = reference_sample(read_index(params.index.path), params.data.root, params.package.reference_images, 0)

@@ -126,6 +126,17 @@ def load_run_ref(path: str | Path) -> RunRef:
         raise PipelineError(f"{path}: not a run reference written by the train stage") from None
 
 
+def require_same_run(expected: str, run_id: str, source: str, run_file: str) -> None:
+    """`source`, a stage output recording the training run `run_id`, must belong to the run `run_file` names
+    (`expected`): two trainings writing one project folder at once (a pipeline and a distributed training, a
+    second terminal) would otherwise pair one network with another's threshold, calibration or MLflow run."""
+    if run_id and run_id != expected:
+        raise PipelineError(
+            f"{source} comes from MLflow run {run_id}, but {run_file} names run {expected}: another training "
+            "wrote this project folder meanwhile; run train again (one training per folder at a time)"
+        )
+
+
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 
 # MLflow looks a data set up, then inserts it: a concurrent run (a sweep's parallel trial) that commits the

@@ -33,6 +33,10 @@ def show(params: Params) -> str:
 
 def run(params: Params) -> str:
     model, metadata = model_store.load(params.train.model_dir)
+    ref = tracking.load_run_ref(params.mlflow.run_file)
+    model_run = str(metadata.get("mlflow_run_id", ""))
+    source = f"{params.train.model_dir}/{model_store.METADATA_FILE}"
+    tracking.require_same_run(ref.run_id, model_run, source, params.mlflow.run_file)
     size = int(metadata.get("input", {}).get("shape", [params.model.image_size])[0])
     index = read_index(params.index.path)
     val = dp.split_data(index, "val", params.data.root, params.task)
@@ -53,7 +57,7 @@ def run(params: Params) -> str:
     )
     if calibrated is not None:
         p_test = calibrated.p_test  # every figure and prediction below is of calibrated probabilities
-    ev = dataclasses.replace(ev, test_set=split_fingerprint(index, "test"))
+    ev = dataclasses.replace(ev, test_set=split_fingerprint(index, "test"), model_run_id=model_run)
 
     e = params.evaluate
     write_text(e.metrics, json.dumps(ev.as_dict(), indent=2) + "\n")
@@ -70,7 +74,6 @@ def run(params: Params) -> str:
     )
     write_text(e.predictions, predictions.to_csv(index=False))
 
-    ref = tracking.load_run_ref(params.mlflow.run_file)
     tracking.configure(params.mlflow)
     with mlflow.start_run(run_id=ref.run_id):
         mlflow.log_metrics({k: v for k, v in ev.flat().items() if np.isfinite(v)})

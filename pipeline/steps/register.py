@@ -29,6 +29,7 @@ from pipeline.serving import classifier
 def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champion.Candidate:
     """The candidate as the train and evaluate stages left it (run reference and evaluation)."""
     ref = tracking.load_run_ref(params.mlflow.run_file)
+    tracking.require_same_run(ref.run_id, ev.model_run_id, params.evaluate.metrics, params.mlflow.run_file)
     if not ref.model_uri:
         raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
     run = champion.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
