@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,13 @@ def test_the_evaluation_summary_says_when_calibration_hit_its_range() -> None:
     assert "calibration: bias at the edge of the fitted range" in far_off
     assert "**Note:** bias at the edge of the fitted range" in far_off  # the model card says it too
     assert "edge of the fitted range" not in summary_and_card(0.0, 3.0)  # a trained model's spread
+
+
+@pytest.mark.parametrize("text", ['{"threshold": 0.5, "surprise": 1}', '{"threshold": 0.5', "[]"])
+def test_an_evaluation_file_that_is_not_one_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    from pipeline.modeling.evaluation import Evaluation
+
+    path = tmp_path / "metrics.json"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=r"metrics\.json: not an evaluation written by the evaluate stage"):
+        Evaluation.load(path)

@@ -79,7 +79,10 @@ class Evaluation:
         """reports/metrics.json as the evaluate stage wrote it."""
         if not Path(path).is_file():
             raise PipelineError(f"{path}: no evaluation (run the evaluate stage first)")
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PipelineError(f"{path}: not an evaluation written by the evaluate stage ({exc})") from None
 
     def flat(self) -> dict[str, float]:
         """Scalars for MLflow: test_* at the chosen threshold, test05_* at 0.5, val_*, *_ci_low/high."""
