@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,15 @@ def test_a_rival_that_logs_the_same_data_set_first_does_not_fail_the_run(store: 
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}.get("mlflow.data.context") for i in ours}
     assert contexts == {"train": "training", "val": "validation", "test": "test"}
     assert client.get_run(active.info.run_id).info.status == "FINISHED"
+
+
+def test_two_trainings_opening_a_new_sqlite_store_at_once_both_start(tmp_path: Path) -> None:
+    """MLflow creates a new store's tables on first use; two processes doing it at the same moment (two queued
+    DVC experiments on a fresh project) failed one with `duplicate column name`. Started together, for real."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    start_at = f"{time.time() + 8:.3f}"  # both interpreters are up and waiting by then
+    cmd = [sys.executable, "-m", "tests.tracking_rival", "experiment", uri, "race", str(tmp_path / "art"), start_at]
+    rivals = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outputs = [rival.communicate(timeout=180) for rival in rivals]
+    assert [rival.returncode for rival in rivals] == [0, 0], [err[-1500:] for _, err in outputs]
+    assert len({out.split()[-1] for out, _ in outputs}) == 1  # one experiment, joined by the second

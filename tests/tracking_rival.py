@@ -1,7 +1,7 @@
 """Another training's first MLflow writes, in its own OS process, for tests/test_tracking_races.py.
 
-``python -m tests.tracking_rival experiment URI NAME ROOT``: creates (or finds) the experiment as a training
-does (tracking.configure); prints its id.
+``python -m tests.tracking_rival experiment URI NAME ROOT [START_AT]``: creates (or finds) the experiment as a
+training does (tracking.configure), at the epoch time START_AT when given; prints its id.
 ``python -m tests.tracking_rival datasets URI EXPERIMENT_ID ROOT``: opens a run in the experiment and logs the
 three splits of tests.test_tracking_races.small_index() as its dataset inputs; prints the run id.
 """
@@ -9,6 +9,7 @@ three splits of tests.test_tracking_races.small_index() as its dataset inputs; p
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,9 @@ from pipeline.registry import tracking
 from tests.test_tracking_races import small_index
 
 
-def main(what: str, uri: str, target: str, root: str) -> None:
+def main(what: str, uri: str, target: str, root: str, start_at: str = "0") -> None:
+    while time.time() < float(start_at):  # a busy wait: both rivals leave it within microseconds
+        pass
     if what == "experiment":
         print(tracking.configure(MlflowParams(tracking_uri=uri, experiment=target, artifact_root=str(Path(root)))))
         return
@@ -29,4 +32,4 @@ def main(what: str, uri: str, target: str, root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import tenacity
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import write_text
@@ -24,6 +25,7 @@ from pipeline.core.config import MlflowParams
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.core.project import project_path
 from pipeline.data.version import split_fingerprint
+from pipeline.registry.registry_lock import file_lock
 
 PARENT_RUN_ENV = "PNEUMO_MLFLOW_PARENT_RUN_ID"  # set by a sweep: its trials' runs nest under the sweep's run
 TRIAL_ENV = "PNEUMO_SWEEP_TRIAL"
@@ -55,13 +57,23 @@ def tracking_uri(params: MlflowParams) -> str:
     return uri
 
 
+def open_store(uri: str) -> None:
+    """Point MLflow at `uri`. A sqlite store is opened under a lock file beside it: MLflow creates a new
+    store's tables on first use, and two processes doing that at once (two queued DVC experiments on a
+    fresh project) fail one of them (`duplicate column name`). MLflow keeps the opened store per process."""
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(database.with_name(f".{database.name}.init.lock"), 300, log=lambda _: None):
+            MlflowClient(uri).search_experiments(max_results=1)
+
+
 def configure(params: MlflowParams) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     uri = tracking_uri(params)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
     try:
+        open_store(uri)
         return experiment_id(params.experiment, params)
     except Exception as exc:  # noqa: BLE001 - the server being down surfaces as many types
         raise TransientError(

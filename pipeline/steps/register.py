@@ -131,7 +131,7 @@ def card_writer(
 def run(params: Params) -> str:
     champion.quiet_mlflow_http_retries()
     uri = tracking.tracking_uri(params.mlflow)
-    mlflow.set_tracking_uri(uri)
+    tracking.open_store(uri)
     client = MlflowClient(uri)
     ev = Evaluation.load(params.evaluate.metrics)
     candidate = candidate_from_outputs(params, client, ev)
