@@ -9,6 +9,7 @@ process's INSERT, and waits for it to finish.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -47,14 +48,15 @@ def small_index() -> pd.DataFrame:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: restored after
     if request.param == "sqlite":
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     else:
         url = request.getfixturevalue("postgres").create_database(f"tracking_race_{uuid.uuid4().hex[:8]}")
         uri = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # the driver installed
     MlflowClient(uri).search_experiments()  # the store's tables exist before any race
     previous = mlflow.get_tracking_uri()
+    # The rivals inherit it; mlflow.set_tracking_uri writes it too: monkeypatch puts it back as it was after.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri
     mlflow.set_tracking_uri(previous)
 
@@ -112,7 +114,11 @@ def test_two_trainings_opening_a_new_sqlite_store_at_once_both_start(tmp_path: P
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     start_at = f"{time.time() + 8:.3f}"  # both interpreters are up and waiting by then
     cmd = [sys.executable, "-m", "tests.tracking_rival", "experiment", uri, "race", str(tmp_path / "art"), start_at]
-    rivals = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store named here, nothing else
+    rivals = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in "ab"
+    ]
     outputs = [rival.communicate(timeout=180) for rival in rivals]
     assert [rival.returncode for rival in rivals] == [0, 0], [err[-1500:] for _, err in outputs]
     assert len({out.split()[-1] for out, _ in outputs}) == 1  # one experiment, joined by the second
