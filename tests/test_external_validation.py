@@ -6,6 +6,7 @@ file, and the test counts those labels against the folder each file sits in.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -40,7 +41,7 @@ def hospital(real_224: Path, tmp_path: Path) -> Path:
 
 
 def test_external_validation_scores_records_and_matches_hand_counts(
-    real_champion: Champion, hospital: Path, tmp_path: Path
+    real_champion: Champion, hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     proc = _pneumo(real_champion, "external-validation", str(hospital), "-o", str(out))
@@ -80,6 +81,22 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     figures = {a.path for a in client.list_artifacts(version.run_id, "model_card/model_card/external/hospital-x")}
     assert {"roc.png", "reliability.png"} <= {Path(f).name for f in figures}
     assert "(model_card/external/hospital-x/roc.png)" in text
+
+    # Register again for the same evaluation (a retried flow run, a changed registry.* param): the card is
+    # rendered anew, and keeps the validation.
+    from pipeline.steps import register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", real_champion.tracking_uri)
+    with contextlib.chdir(real_champion.root):
+        register.run(real_champion.params)
+    again = client.get_model_version_by_alias(real_champion.name, "champion")
+    assert again.version == version.version  # the same version, finished again, not a new one
+    (tmp_path / "again").mkdir()
+    card = client.download_artifacts(version.run_id, "model_card/model_card.md", str(tmp_path / "again"))
+    rendered = Path(card).read_text()
+    assert rendered.count("## External validation: hospital-x") == 1 and f"**{fn} missed**" in rendered
+    local = (real_champion.root / real_champion.params.train.model_dir / "model_card.md").read_text()
+    assert "## External validation: hospital-x" in local
 
 
 def test_not_a_labelled_folder_is_one_clear_error(real_champion: Champion, tmp_path: Path) -> None:

@@ -27,6 +27,14 @@ class CardFacts:
 
 
 RELIABILITY_FIGURE = "model_card/reliability.png"
+CARD_TAG = "model_card"  # the version tag register writes: runs:/<run>/model_card/model_card.md
+EXTERNAL_HEADING = "## External validation: "  # `pneumo external-validation` appends these sections to a card
+
+
+def external_sections(card: str) -> str:
+    """The external-validation sections appended to a card's text (from the first one to the end), or ''."""
+    start = card.find(f"\n{EXTERNAL_HEADING}")
+    return card[start:] if start >= 0 else ""
 
 
 def _ci(ev: Evaluation, key: str) -> str:

@@ -20,12 +20,11 @@ from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.evaluation import figures
-from pipeline.registry import champion, tracking
+from pipeline.registry import champion, model_card, tracking
 from pipeline.serving import classifier, scoring
 from pipeline.serving.classifier import Classifier
 
 EXPERIMENT = "external-validation"
-CARD_TAG = "model_card"  # the version tag register writes: runs:/<run>/model_card/model_card.md
 
 
 def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: str, figure_dir: str) -> str:
@@ -40,7 +39,7 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
     return "\n".join(
         [
             "",
-            f"## External validation: {name}",
+            f"{model_card.EXTERNAL_HEADING}{name}",
             "",
             f"`{path}`: {result.n} images of {result.n_patients} patients, scored as served (registered "
             f"temperature and threshold {t.threshold:.4f}); MLflow run `{run_id}` in experiment `{EXPERIMENT}`. "
@@ -87,7 +86,7 @@ def record(model: Classifier, name: str, path: str, result: scoring.ExternalResu
             for key, value in {**scores, "brier": result.brier}.items():
                 client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
             client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
-            card = client.get_model_version(info.name, info.version).tags.get(CARD_TAG, "")
+            card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
             match = re.match(r"runs:/([^/]+)/(.+)$", card)
             if match:  # the card lives in the training run: append the section and the pictures there
                 card_run, card_path = match.groups()

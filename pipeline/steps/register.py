@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params
@@ -88,6 +89,21 @@ def rescorer(params: Params) -> Any:
     return rescore
 
 
+def validations_on_card(client: Any, decision: champion.Decision) -> str:
+    """The external validations already on this version's card: a re-run of register for the same evaluation
+    (a retried flow, a changed registry.* param) renders the card again and must keep them."""
+    version = client.get_model_version(decision.model_name, decision.version)
+    card = version.tags.get(model_card.CARD_TAG, "")
+    if not card:  # a new version: no card yet
+        return ""
+    try:
+        return model_card.external_sections(mlflow.artifacts.load_text(card))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # the tag outlived its file: nothing to keep
+            return ""
+        raise
+
+
 def card_writer(
     params: Params,
     client: Any,
@@ -101,7 +117,9 @@ def card_writer(
     def finalize(decision: champion.Decision) -> None:
         info = dataclasses.replace(facts.info, version=decision.version)
         filled = dataclasses.replace(facts, info=info, decision=decision.outcome, decision_reason=decision.reason)
-        text = model_card.render(filled)
+        text = model_card.render(filled) + champion.with_retries(
+            lambda: validations_on_card(client, decision), "reading the model card", params.registry
+        )
 
         def log() -> None:
             client.log_text(candidate.run_id, text, "model_card/model_card.md")
@@ -110,7 +128,7 @@ def card_writer(
             client.set_model_version_tag(
                 decision.model_name,
                 decision.version,
-                "model_card",
+                model_card.CARD_TAG,
                 f"runs:/{candidate.run_id}/model_card/model_card.md",
             )
             client.update_model_version(
