@@ -117,12 +117,15 @@ def card_writer(
     def finalize(decision: champion.Decision) -> None:
         info = dataclasses.replace(facts.info, version=decision.version)
         filled = dataclasses.replace(facts, info=info, decision=decision.outcome, decision_reason=decision.reason)
-        text = model_card.render(filled) + champion.with_retries(
+        text = model_card.render(filled)
+        # The version's card in MLflow keeps its validations; the local copy is the training's (their pictures
+        # live in MLflow only).
+        logged = text + champion.with_retries(
             lambda: validations_on_card(client, decision), "reading the model card", params.registry
         )
 
         def log() -> None:
-            client.log_text(candidate.run_id, text, "model_card/model_card.md")
+            client.log_text(candidate.run_id, logged, "model_card/model_card.md")
             for png in sorted(examples_dir.glob("*.png")):
                 client.log_artifact(candidate.run_id, str(png), "model_card/model_card")
             client.set_model_version_tag(
