@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_preprocess_layers.py [--shared ../shared/data] [--size 128] [--rounds 7]
 
 Real images of the shared 224 px set, resized to ``--size``, in batches of 32. Each round times, in
-turn, every layer alone (``model.trim_margins``, ``equalize``, ``clahe``, ``standardize``) and the
+turn, every layer alone (``model.trim_margins``, ``lung_crop``, ``equalize``, ``clahe``, ``standardize``) and the
 default compact CNN's forward pass and training step, each a compiled ``tf.function`` warmed up
 first. Printed: the median img/s over the rounds, and each layer's time as a share of one training
 step (the median of the per-round ratios, which cancels the machine's slow drifts).
@@ -26,6 +26,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline.modeling.clahe import ContrastLimitedEqualization
+from pipeline.modeling.lung_crop import LungFieldCrop
 from pipeline.modeling.models import EqualizeHistogram, StandardizeIntensity, TrimDarkMargins, build_model
 
 BATCH = 32
@@ -60,6 +61,7 @@ def main() -> None:
     y = tf.ones((BATCH, 1))
     layers = {
         "trim_margins": TrimDarkMargins(),
+        "lung_crop": LungFieldCrop(),
         "equalize": EqualizeHistogram(),
         "clahe (2.0, 8 x 8)": ContrastLimitedEqualization(2.0, 8),
         "standardize": StandardizeIntensity(),

@@ -17,6 +17,7 @@ from pipeline.core.config import ARCHITECTURES, ModelParams
 from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.clahe import ContrastLimitedEqualization
+from pipeline.modeling.lung_crop import LungFieldCrop
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,12 @@ class TrimDarkMargins(keras.layers.Layer):
         super().__init__(**kwargs)
         self.level, self.min_keep = level, min_keep
 
-    def call(self, x):
+    def crop_boxes(self, x):
+        """(B, S, S, 1) -> (B, 4) boxes (y1, x1, y2, x2) as fractions of the side; (0, 0, 1, 1): left whole."""
         import tensorflow as tf  # noqa: PLC0415 - TensorFlow ops, as EqualizeHistogram
 
         x32 = tf.cast(x, tf.float32)
-        size = tf.shape(x32)[1]
-        last = tf.cast(size - 1, tf.float32)
+        last = tf.cast(tf.shape(x32)[1] - 1, tf.float32)
 
         def span(profile: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             """(first, last) index above the level per image, as fractions of the side; the whole side if none."""
@@ -133,7 +134,14 @@ class TrimDarkMargins(keras.layers.Layer):
 
         y1, y2 = span(tf.reduce_mean(x32, axis=[2, 3]))
         x1, x2 = span(tf.reduce_mean(x32, axis=[1, 3]))
-        boxes = tf.stack([y1, x1, y2, x2], axis=1)
+        return tf.stack([y1, x1, y2, x2], axis=1)
+
+    def call(self, x):
+        import tensorflow as tf  # noqa: PLC0415
+
+        x32 = tf.cast(x, tf.float32)
+        size = tf.shape(x32)[1]
+        boxes = self.crop_boxes(x32)
         ids = tf.range(tf.shape(x32)[0])
         out = tf.image.crop_and_resize(x32, boxes, ids, tf.stack([size, size]), method="bilinear")
         return tf.cast(tf.ensure_shape(out, x.shape), self.compute_dtype)
@@ -227,17 +235,20 @@ def build_model(
     equalize: bool = False,
     trim: bool = False,
     clahe: float = 0.0,
+    lung_crop: bool = False,
     clahe_tiles: int = 8,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
-    ``trim``, ``equalize`` or ``clahe`` (a clip limit; 0: off), ``standardize``: dark margins trimmed,
-    per-image histogram equalization (global or contrast-limited adaptive), then intensity
-    standardization, as the model's first layers (so every caller gets them)."""
+    ``trim``, ``lung_crop``, ``equalize`` or ``clahe`` (a clip limit; 0: off), ``standardize``: dark
+    margins trimmed, a crop to the lung fields, per-image histogram equalization (global or
+    contrast-limited adaptive), then intensity standardization, as the model's first layers (so every
+    caller gets them)."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
     pixels = TrimDarkMargins(name="trim")(inputs) if trim else inputs
+    pixels = LungFieldCrop(name="lung_crop")(pixels) if lung_crop else pixels
     pixels = EqualizeHistogram(name="equalize")(pixels) if equalize else pixels
     pixels = ContrastLimitedEqualization(clahe, clahe_tiles, name="clahe")(pixels) if clahe else pixels
     pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
@@ -283,6 +294,7 @@ def build_from_params(
         trim=mp.trim_margins,
         clahe=mp.clahe,
         clahe_tiles=mp.clahe_tiles,
+        lung_crop=mp.lung_crop,
     )
 
 

@@ -45,13 +45,48 @@ class Explainer:
             return cam[0], tf.reduce_max(cam)
 
         self._compute = compute
+        self._crops = _crop_layers(model)
 
     def __call__(self, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
-        """(size, size, 1) model input -> (h, w) heat map in [0, 1] at the conv layer's resolution."""
+        """(size, size, 1) model input -> (h, w) heat map in [0, 1] at the conv layer's resolution; for a model
+        that crops its input (``model.trim_margins``, ``lung_crop``), (size, size), the map placed where the
+        crop came from and 0 outside it."""
         x = tf.constant(np.asarray(image, np.float32)[None])
         cam, top = self._compute(x, tf.constant(-1 if class_index is None else class_index, tf.int32))
         cam, top = cam.numpy(), float(top)
-        return (cam / top if top > 0 else cam).astype(np.float32)
+        heat = (cam / top if top > 0 else cam).astype(np.float32)
+        return place_in_frame(heat, crop_box(self._crops, x), image.shape[:2]) if self._crops else heat
+
+
+def _crop_layers(model: Any) -> list[Any]:
+    """The model's cropping layers, input side first; an ensemble's (joined sub-models) from its first member."""
+    crops = [layer for layer in model.layers if hasattr(layer, "crop_boxes")]
+    if crops:
+        return crops
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return _crop_layers(nested[0]) if nested else []
+
+
+def crop_box(crops: list[Any], x: tf.Tensor) -> tuple[float, float, float, float]:
+    """The region of the input (y1, x1, y2, x2, fractions) that chained cropping layers pass on, for one image."""
+    y1, x1, y2, x2 = 0.0, 0.0, 1.0, 1.0
+    for layer in crops:
+        b = layer.crop_boxes(x).numpy()[0]
+        h, w = y2 - y1, x2 - x1
+        y1, x1, y2, x2 = y1 + b[0] * h, x1 + b[1] * w, y1 + b[2] * h, x1 + b[3] * w
+        x = layer(x)
+    return float(y1), float(x1), float(y2), float(x2)
+
+
+def place_in_frame(heat: np.ndarray, box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
+    """A heat map of a crop -> one of the whole `shape` frame: resized into the box, 0 outside."""
+    h, w = shape
+    top, left = round(box[0] * (h - 1)), round(box[1] * (w - 1))
+    bottom, right = max(round(box[2] * (h - 1)) + 1, top + 1), max(round(box[3] * (w - 1)) + 1, left + 1)
+    frame = np.zeros((h, w), np.float32)
+    inner = Image.fromarray(heat.astype(np.float32)).resize((right - left, bottom - top), Image.BILINEAR)
+    frame[top:bottom, left:right] = np.clip(np.asarray(inner), 0.0, 1.0)
+    return frame
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
