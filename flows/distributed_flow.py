@@ -117,6 +117,33 @@ def loopback_hosts(workers: int) -> list[str]:
     return [f"127.0.0.1:{port}" for port in free_ports(workers)]
 
 
+PORT_TAKEN = "Could not start gRPC server"  # TensorFlow's error when a worker's port is bound already
+
+
+def run_cluster(
+    command: Sequence[str],
+    workers: int,
+    hosts: Sequence[str] | None = None,
+    *,
+    cwd: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+    timeout: float | None = None,
+    attempts: int = 3,
+) -> list[WorkerRun]:
+    """`run_workers` on `hosts`, or on loopback ports chosen here. A chosen port is free when chosen, but
+    another program may bind it before the worker does: then the cluster stops at start-up (no step run,
+    nothing written) and runs again on new ports, up to `attempts` times. Given `hosts` are not changed."""
+    for attempt in range(1, attempts + 1):
+        cluster = list(hosts) if hosts else loopback_hosts(workers)
+        echo(f"cluster {cluster}: {' '.join(command)}")
+        runs = run_workers(command, cluster, cwd=cwd, echo=echo, timeout=timeout)
+        taken = any(r.returncode != 0 and PORT_TAKEN in r.output for r in runs)
+        if hosts or not taken or attempt == attempts:
+            return runs
+        echo(f"a port of {cluster} was taken before its worker bound it; new ports ({attempt + 1} of {attempts} tries)")
+    raise AssertionError("unreachable")
+
+
 @flow(name="pneumonia-distributed-train", log_prints=True)
 def distributed_train(
     workers: int = 2,
@@ -138,13 +165,11 @@ def distributed_train(
         raise ValueError(f"hosts: {len(hosts)} addresses for {workers} workers")
     if workers < 1:
         raise ValueError("workers: at least 1")
-    cluster = hosts or loopback_hosts(workers)
     command = [str(Path(sys.executable).parent / "pneumo"), "--params", params_file]
     for item in as_overrides(overrides):
         command += ["-S", item]
     command.append("train")
-    logger.info("cluster %s: %s", cluster, " ".join(command))
-    runs = run_workers(command, cluster, cwd=workdir, echo=logger.info, timeout=timeout_seconds)
+    runs = run_cluster(command, workers, hosts, cwd=workdir, echo=logger.info, timeout=timeout_seconds)
     failed = [r for r in runs if r.returncode != 0]
     if failed:
         first = failed[0]

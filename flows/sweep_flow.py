@@ -281,6 +281,17 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def store_warning(uri: str) -> str | None:
+    """Why a local MLflow store is risky for trials run by a pool's workers (None for a tracking server)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    return (
+        f"sweep: the trials' workers write their runs to {uri}: every worker must see that file (a shared file "
+        "system), and SQLite does not lock reliably over a network one; where workers run on other machines, "
+        "set MLFLOW_TRACKING_URI to an MLflow server"
+    )
+
+
 def check_deployment(name: str) -> None:
     """The trial deployment exists on the Prefect server (before any folder, run or data stage)."""
     try:
@@ -344,6 +355,8 @@ def pneumonia_sweep(
     prepare_data(params, data_stages)
 
     uri = tracking.tracking_uri(params.mlflow)
+    if trial_deployment and (warning := store_warning(uri)):
+        logger.warning(warning)
     experiment_id = tracking.configure(params.mlflow)
     client = MlflowClient(uri)
     spec = {"grid": grid, "random": random, "trials": len(combos), "seed": seed, "overrides": overrides or {}}

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling.models import ARCHITECTURES, BACKBONES, build_model, set_backbone_trainable
 from pipeline.serving.gradcam import Explainer
 
@@ -62,6 +62,22 @@ def test_imagenet_offline_is_one_clear_line() -> None:
         build_model("mobilenetv2", 96, weights="imagenet")
     message = str(err.value)
     assert message.startswith("model.weights: cannot download ImageNet weights for mobilenetv2") and "\n" not in message
+
+
+def test_imagenet_download_waits_for_another_process_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keras writes a download straight into its cache: a second training waits for the first one's lock."""
+    import filelock
+
+    from pipeline.modeling import models
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "DOWNLOAD_LOCK_TIMEOUT", 0.3)
+    with filelock.FileLock(tmp_path / "models" / ".mobilenetv2.download.lock"), pytest.raises(TransientError) as err:
+        build_model("mobilenetv2", 96, weights="imagenet")
+    lock = tmp_path / "models" / ".mobilenetv2.download.lock"
+    assert str(err.value) == f"ImageNet weights of mobilenetv2: timed out after 0.3 s waiting for the lock file {lock}"
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -225,6 +226,36 @@ def test_launcher_stops_the_cluster_when_a_worker_fails() -> None:
     assert time.monotonic() - started < 60, "the waiting worker is stopped, not waited for"
     assert [r.returncode for r in runs] == [-signal.SIGKILL, 3]
     assert sorted(lines) == ["[worker 0] hello from 0", "[worker 1] hello from 1"]
+
+
+TF_SERVER = (
+    "import tensorflow as tf; r = tf.distribute.cluster_resolver.TFConfigClusterResolver(); "
+    "tf.distribute.Server(r.cluster_spec(), job_name=r.task_type, task_index=r.task_id, start=True); print('bound')"
+)
+
+
+def test_a_port_taken_between_choosing_and_binding_it_gets_the_cluster_new_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race a loopback cluster has: a free port is taken before TensorFlow binds it. Forced here by
+    handing the first try a port this test holds; the workers are real TensorFlow gRPC servers."""
+    from flows import distributed_flow
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    picks = [[port, *distributed_flow.free_ports(1)]]
+    real = distributed_flow.free_ports
+    monkeypatch.setattr(distributed_flow, "free_ports", lambda n: picks.pop() if picks else real(n))
+    lines: list[str] = []
+    try:
+        runs = distributed_flow.run_cluster([sys.executable, "-c", TF_SERVER], 2, echo=lines.append, timeout=120)
+    finally:
+        held.close()
+    assert [r.returncode for r in runs] == [0, 0] and all("bound" in r.output for r in runs)
+    retried = [line for line in lines if "was taken before its worker bound it" in line]
+    assert len(retried) == 1 and f"127.0.0.1:{port}" in retried[0]
 
 
 def test_kubernetes_indexed_job_builds_tf_config_from_its_completion_index() -> None:

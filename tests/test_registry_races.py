@@ -285,8 +285,8 @@ def test_lock_file_is_the_default_and_times_out_too(tmp_path: Path, monkeypatch:
     logs: list[str] = []
     with registry_lock(params), pytest.raises(TransientError) as err, registry_lock(params, logs.append):
         pass
-    assert str(err.value) == f"register: timed out after 0.3 s waiting for the registration lock file {tmp_path}/lock"
-    assert logs == [f"register: waiting for the registration lock file {tmp_path}/lock (another registration holds it)"]
+    assert str(err.value) == f"register: timed out after 0.3 s waiting for the lock file {tmp_path}/lock"
+    assert logs == [f"register: waiting for the lock file {tmp_path}/lock (another process holds it)"]
 
 
 def test_unreachable_lock_database_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.sweep_flow import expand, pneumonia_sweep, table_markdown, validate, winner_of
+from flows.sweep_flow import expand, pneumonia_sweep, store_warning, table_markdown, validate, winner_of
 from pipeline.core.errors import ConfigError, PipelineError
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project
@@ -59,6 +59,12 @@ def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypat
         monkeypatch.chdir(tmp_path)
         pneumonia_sweep.fn(grid={"train.learnin_rate": [0.1]}, params_file=str(params))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trials_on_a_pool_are_warned_off_a_local_sqlite_store() -> None:
+    warning = store_warning("sqlite:////work/mlruns/mlflow.db")
+    assert warning is not None and "sqlite:////work/mlruns/mlflow.db" in warning and "MLflow server" in warning
+    assert store_warning("http://mlflow.example.org:5000") is None
 
 
 def test_an_unknown_trial_deployment_fails_before_anything_runs(

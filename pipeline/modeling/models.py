@@ -8,6 +8,8 @@ and applies the backbone's own preprocessing in a serializable layer.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import keras
 from pipeline.core.config import ARCHITECTURES, ModelParams
 from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
+from pipeline.core.locks import file_lock
 from pipeline.modeling.clahe import ContrastLimitedEqualization
 from pipeline.modeling.lung_crop import LungFieldCrop
 
@@ -215,6 +218,17 @@ FROM_SCRATCH = {"compact_cnn": _compact_cnn, "residual_cnn": _residual_cnn}
 assert set(ARCHITECTURES) == {*FROM_SCRATCH, *BACKBONES} and set(SCRATCH_NAMES) == set(FROM_SCRATCH)
 
 
+DOWNLOAD_LOCK_TIMEOUT = 1800.0  # seconds another process may spend downloading the same weights
+
+
+def imagenet_download_lock(architecture: str) -> contextlib.AbstractContextManager[None]:
+    """Keras writes a download straight into its cache file: two trainings starting at once (a sweep, a DVC
+    queue) would read each other's half-written weights. One downloads; the others wait, then find it cached."""
+    cache = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+    lock = cache / f".{architecture}.download.lock"
+    return file_lock(lock, DOWNLOAD_LOCK_TIMEOUT, f"ImageNet weights of {architecture}")
+
+
 def _load_weights_file(built: BuiltModel, path: Path, architecture: str) -> None:
     if not path.is_file():
         raise PipelineError(f"model.weights: {path}: no such file")
@@ -263,7 +277,8 @@ def build_model(
         x = BackbonePreprocess(spec.preprocess, name="preprocess")(pixels)
         builder = getattr(keras.applications, spec.builder)
         try:
-            base = builder(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
+            with imagenet_download_lock(architecture) if weights == "imagenet" else contextlib.nullcontext():
+                base = builder(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
         except Exception as exc:
             if weights == "imagenet" and ("URL fetch failure" in str(exc) or "urlopen" in str(exc).lower()):
                 raise PipelineError(

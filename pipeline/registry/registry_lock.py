@@ -15,12 +15,9 @@ Prefect concurrency limit: it needs nothing but a database the team already runs
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import re
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,6 +26,7 @@ import psycopg2.errors
 
 from pipeline.core.config import RegisterParams
 from pipeline.core.errors import TransientError
+from pipeline.core.locks import file_lock
 from pipeline.core.project import project_path
 from pipeline.registry.retrying import first_line, with_retries
 
@@ -56,36 +54,11 @@ def registry_lock(params: RegisterParams, log: Callable[[str], None] = print) ->
     """Hold the registration lock of `params.model_name`; yields a check to call before moving aliases."""
     url = params.effective_lock_url()
     if url is None:
-        with file_lock(project_path(params.lock_file), params.lock_timeout_seconds, log):
+        with file_lock(project_path(params.lock_file), params.lock_timeout_seconds, "register", log):
             yield lambda: None
     else:
         with advisory_lock(url, params, log) as check:
             yield check
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float, log: Callable[[str], None] = print) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"register: waiting for the registration lock file {path} (another registration holds it)")
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TransientError(
-                            f"register: timed out after {timeout:g} s waiting for the registration lock file {path}"
-                        ) from None
-                    time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # Server-side keepalives: a holder whose machine vanishes (no FIN) loses the lock after about a minute.

@@ -23,9 +23,9 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.atomic import write_text
 from pipeline.core.config import MlflowParams
 from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.locks import file_lock
 from pipeline.core.project import project_path
 from pipeline.data.version import split_fingerprint
-from pipeline.registry.registry_lock import file_lock
 
 PARENT_RUN_ENV = "PNEUMO_MLFLOW_PARENT_RUN_ID"  # set by a sweep: its trials' runs nest under the sweep's run
 TRIAL_ENV = "PNEUMO_SWEEP_TRIAL"
@@ -65,7 +65,8 @@ def open_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(database.with_name(f".{database.name}.init.lock"), 300, log=lambda _: None):
+        lock = database.with_name(f".{database.name}.init.lock")
+        with file_lock(lock, 300, f"MLflow store {database.name} set-up", log=lambda _: None):
             MlflowClient(uri).search_experiments(max_results=1)
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
+from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
 from pipeline.data.version import split_fingerprint
 from pipeline.modeling import evaluation, model_store, tta
@@ -32,6 +33,11 @@ def show(params: Params) -> str:
 
 
 def run(params: Params) -> str:
+    with folder_lock("evaluate"):
+        return _evaluate(params)
+
+
+def _evaluate(params: Params) -> str:
     model, metadata = model_store.load(params.train.model_dir)
     ref = tracking.load_run_ref(params.mlflow.run_file)
     model_run = str(metadata.get("mlflow_run_id", ""))

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
+from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import inputs as dp
 from pipeline.modeling import tta
@@ -150,6 +151,11 @@ def card_writer(
 
 
 def run(params: Params) -> str:
+    with folder_lock("register"):
+        return _register(params)
+
+
+def _register(params: Params) -> str:
     champion.quiet_mlflow_http_retries()
     uri = tracking.tracking_uri(params.mlflow)
     tracking.open_store(uri)

@@ -16,11 +16,13 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.models import infer_signature
 
 from pipeline import __version__
 from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
+from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
 from pipeline.data.version import dvc_data_version, index_fingerprint
 from pipeline.modeling import distributed, model_store, training
@@ -53,14 +55,21 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
 
 
 def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> str:
-    index = read_index(params.index.path)
     cluster = distributed.cluster_from_env()
     if cluster is not None and not cluster.is_chief:
-        outcome = training.train(params, index, extra_callbacks=extra_callbacks)
+        outcome = training.train(params, read_index(params.index.path), extra_callbacks=extra_callbacks)
         return (
             f"{cluster.name} of {cluster.size}: trained {len(outcome.history)} epochs in lockstep on "
             f"{outcome.device}; the chief writes the model and the MLflow run"
         )
+    with folder_lock("train"):
+        return _train_and_track(params, read_index(params.index.path), extra_callbacks)
+
+
+def _train_and_track(
+    params: Params, index: pd.DataFrame, extra_callbacks: list[keras.callbacks.Callback] | None = None
+) -> str:
+    """The chief's (or the only process's) training: the model, its metadata and reports, one MLflow run."""
     experiment_id = tracking.configure(params.mlflow)
     data_version = dvc_data_version(params.data.root, index=params.index.path) or "untracked"
     fingerprint = index_fingerprint(index)

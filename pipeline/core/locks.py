@@ -1,0 +1,52 @@
+"""Lock files shared by the processes of one machine (filelock: flock on POSIX, released if the holder dies)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import filelock
+
+from pipeline.core.errors import PipelineError, TransientError
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the lock file `path` (`what`: who wants it, in messages); waiting over `timeout` s is a TransientError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log(f"{what}: waiting for the lock file {path} (another process holds it)")
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise TransientError(f"{what}: timed out after {timeout:g} s waiting for the lock file {path}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+FOLDER_LOCK = ".pneumo-stage.lock"  # in the folder a stage writes its outputs to (git-ignored)
+
+
+@contextlib.contextmanager
+def folder_lock(stage: str, folder: Path = Path(".")) -> Iterator[None]:
+    """Hold the project folder's stage lock for `stage` (train, evaluate, register): the stages that write a
+    folder's model, metrics and decision run one at a time, whoever starts them (a flow, `dvc repro`, a
+    distributed training's chief); a second one fails at once with one line, before writing anything."""
+    lock = filelock.FileLock(folder / FOLDER_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise PipelineError(
+            f"{stage}: another train, evaluate or register is running in {folder.resolve()} (it holds "
+            f"{FOLDER_LOCK}); wait for it to end, or work in another folder (`dvc exp run --temp`, a sweep)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

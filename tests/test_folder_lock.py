@@ -1,0 +1,57 @@
+"""One train, evaluate or register at a time per project folder, whoever starts them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.config import Params
+from pipeline.core.errors import PipelineError
+from pipeline.core.locks import FOLDER_LOCK, folder_lock
+from pipeline.steps import evaluate, register, train
+
+HOLD = "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); input()"
+
+
+def test_a_second_stage_in_a_busy_folder_fails_at_once_and_writes_nothing(
+    params_in: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = params_in()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / FOLDER_LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.iterdir())
+        for name, step in (("train", train), ("evaluate", evaluate), ("register", register)):
+            with pytest.raises(PipelineError) as err:
+                step.run(params)
+            assert str(err.value).startswith(f"{name}: another train, evaluate or register is running in {tmp_path}")
+            assert "\n" not in str(err.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no model, metrics, run or decision
+    finally:
+        holder.kill()
+        holder.wait(10)
+    with folder_lock("train", tmp_path):  # the holder died: its lock went with it
+        pass
+
+
+def test_a_distributed_trainings_other_workers_do_not_take_it(
+    params_in: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers 1..N of a TF_CONFIG cluster share the chief's folder and write nothing: no lock, no refusal."""
+    monkeypatch.chdir(tmp_path)
+    cluster = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
+    with folder_lock("train", tmp_path), pytest.raises(PipelineError) as err:
+        train.run(params_in())
+    assert "index.parquet" in str(err.value)  # got past the lock to reading the (missing) index
