@@ -10,9 +10,9 @@ lung. The crop is the lungs' bounding box plus ``margin`` on every edge, stretch
 black frame or letterbox (cut off with the air) does not change the crop of what it surrounds.
 
 Every choice errs towards keeping too much. Consolidated (white) lung is not dark, and one lung may be
-missed (joined to the edge, or opaque): the box is mirrored about the image's middle, so it holds both
-sides if it holds one; it is at least ``min_width`` wide and ``min_height`` tall, grown downwards from
-the top found (apices show; bases hide behind the diaphragm and effusions). Stray dark regions (bowel
+missed (joined to the edge, or opaque): the box is mirrored about the middle of the non-black part, so
+it holds both sides if it holds one; it is at least ``min_width`` wide and ``min_height`` tall, grown
+downwards from the top found (apices show; bases hide behind the diaphragm and effusions). Stray dark regions (bowel
 gas, a gap under the arm) only widen it. With less than ``min_area`` of the image found, it is left
 whole. The grey-level cut is a quantile, so exposure and contrast do not move it.
 """
