@@ -131,8 +131,9 @@ def run_cluster(
     attempts: int = 3,
 ) -> list[WorkerRun]:
     """`run_workers` on `hosts`, or on loopback ports chosen here. A chosen port is free when chosen, but
-    another program may bind it before the worker does: then the cluster stops at start-up (no step run,
-    nothing written) and runs again on new ports, up to `attempts` times. Given `hosts` are not changed."""
+    another program may bind it before the worker does: then the cluster stops at start-up (the strategy
+    is created before the chief opens its MLflow run or writes anything) and runs again on new ports, up
+    to `attempts` times. Given `hosts` are not changed."""
     for attempt in range(1, attempts + 1):
         cluster = list(hosts) if hosts else loopback_hosts(workers)
         echo(f"cluster {cluster}: {' '.join(command)}")

@@ -131,3 +131,18 @@ def test_on_real_x_rays_most_images_are_cropped_alike_in_both_classes(real_224: 
     cropped = (plain != WHOLE).any(axis=1) & (bordered != WHOLE).any(axis=1)
     moved = np.abs(plain[cropped] - (bordered[cropped] - frame) / (1 - 2 * frame)).max(axis=1)
     assert np.median(moved) <= 0.06, f"median shift {np.median(moved):.3f} of the side"
+
+
+@pytest.mark.parametrize(("kwargs", "layer"), [({"trim": True}, "trim"), ({"lung_crop": True}, "lung_crop")])
+def test_a_model_that_crops_is_compiled_without_xla(kwargs: dict[str, bool], layer: str) -> None:
+    """XLA has no kernel for the crop (CropAndResize, area resizing); on a GPU Keras' jit_compile="auto"
+    would compile the train step with XLA and fail, unless the layer says it cannot be."""
+    import tensorflow as tf
+    from keras.src.trainers.trainer import model_supports_jit
+
+    crops = build_model("compact_cnn", 64, **kwargs).model
+    x = tf.constant(np.stack([chest()[::2, ::2]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported operations"):
+        tf.function(crops.get_layer(layer), jit_compile=True)(x)
+    assert not model_supports_jit(crops)
+    assert model_supports_jit(build_model("compact_cnn", 64).model), "a model without them still gets XLA"

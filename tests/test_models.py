@@ -72,7 +72,9 @@ def test_imagenet_download_waits_for_another_process_downloading(
 
     from pipeline.modeling import models
 
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    home = Path(keras.src.backend.config.keras_home())
+    assert models.keras_cache() in (home / "models", Path("/tmp/.keras/models"))  # get_file's folder
+    monkeypatch.setattr(models, "keras_cache", lambda: tmp_path / "models")
     monkeypatch.setattr(models, "DOWNLOAD_LOCK_TIMEOUT", 0.3)
     with filelock.FileLock(tmp_path / "models" / ".mobilenetv2.download.lock"), pytest.raises(TransientError) as err:
         build_model("mobilenetv2", 96, weights="imagenet")

@@ -47,6 +47,7 @@ class LungFieldCrop(keras.layers.Layer):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
+        self.supports_jit = False  # no XLA kernel for CropAndResize or area resizing: Keras then skips XLA
         self.dark, self.black, self.margin = dark, black, margin
         self.min_height, self.min_width, self.min_area = min_height, min_width, min_area
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class TrimDarkMargins(keras.layers.Layer):
 
     def __init__(self, level: float = 10.0, min_keep: float = 0.5, **kwargs: object) -> None:
         super().__init__(**kwargs)
+        self.supports_jit = False  # no XLA kernel for CropAndResize or area resizing: Keras then skips XLA
         self.level, self.min_keep = level, min_keep
 
     def crop_boxes(self, x):
@@ -221,11 +223,26 @@ assert set(ARCHITECTURES) == {*FROM_SCRATCH, *BACKBONES} and set(SCRATCH_NAMES) 
 DOWNLOAD_LOCK_TIMEOUT = 1800.0  # seconds another process may spend downloading the same weights
 
 
+def keras_cache() -> Path:
+    """The folder ``keras.utils.get_file`` downloads weights to, by its own rule: Keras' home (``KERAS_HOME``
+    as read when Keras was imported, else ``~/.keras``), or ``/tmp/.keras`` where that is not writable."""
+    from keras.src.backend.config import keras_home  # noqa: PLC0415 - Keras' private accessor, as get_file uses
+
+    base = Path(keras_home()).expanduser()
+    if not os.access(base, os.W_OK):
+        base = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / ".keras"
+    return base / "models"
+
+
 def imagenet_download_lock(architecture: str) -> contextlib.AbstractContextManager[None]:
     """Keras writes a download straight into its cache file: two trainings starting at once (a sweep, a DVC
-    queue) would read each other's half-written weights. One downloads; the others wait, then find it cached."""
-    cache = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
-    lock = cache / f".{architecture}.download.lock"
+    queue) would read each other's half-written weights. One downloads; the others wait, then find it cached.
+    Where the cache folder cannot be written at all, no lock (Keras falls back to a temporary folder)."""
+    lock = keras_cache() / f".{architecture}.download.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
     return file_lock(lock, DOWNLOAD_LOCK_TIMEOUT, f"ImageNet weights of {architecture}")
 
 

@@ -280,14 +280,16 @@ def train(
     index: pd.DataFrame,
     sink: EpochSink | None = None,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    hardware: tuple[tf.distribute.Strategy, str] | None = None,
 ) -> TrainOutcome:
     """Train the configured model on the index's train split, selecting on its val split.
 
     Under TF_CONFIG every worker calls this; only the chief's outputs (resume state, checkpoints,
     TensorBoard logs, `sink`) are real, the other workers' go to a temporary folder removed at the end.
+    `hardware`: ``configure_hardware``'s result where the caller made it first (once per process).
     """
     extra = extra_callbacks or []
-    strategy, device = configure_hardware(params.train)
+    strategy, device = hardware or configure_hardware(params.train)
     cluster = distributed.cluster_from_env()
     scratch = None if cluster is None or cluster.is_chief else Path(tempfile.mkdtemp(prefix="pneumo-worker-"))
     try:
