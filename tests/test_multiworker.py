@@ -258,6 +258,33 @@ def test_a_port_taken_between_choosing_and_binding_it_gets_the_cluster_new_ports
     assert len(retried) == 1 and f"127.0.0.1:{port}" in retried[0]
 
 
+def test_a_chief_whose_port_is_taken_stops_before_opening_an_mlflow_run(data: Path, tmp_path: Path) -> None:
+    """The strategy comes first: a retried cluster leaves no RUNNING run (nor a store) behind."""
+    from flows.distributed_flow import PORT_TAKEN
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        hosts = [f"127.0.0.1:{held.getsockname()[1]}", *loopback_hosts(1)]
+        command = [str(Path(sys.executable).parent / "pneumo"), "--params", str(REPO / "params.yaml")]
+        for item in overrides(data, tmp_path):
+            command += ["-S", item]
+        chief = subprocess.run(
+            [*command, "train"],
+            cwd=tmp_path,
+            env={**os.environ, **env(tmp_path), "TF_CONFIG": tf_config(hosts, 0)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        held.close()
+    assert chief.returncode != 0 and PORT_TAKEN in chief.stdout + chief.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists(), "an MLflow store (and run) was opened first"
+    assert not (tmp_path / "models").exists()
+
+
 def test_kubernetes_indexed_job_builds_tf_config_from_its_completion_index() -> None:
     docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "multiworker-job.yaml").read_text()))
     service, job = docs

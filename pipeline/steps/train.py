@@ -17,6 +17,7 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from mlflow.models import infer_signature
 
 from pipeline import __version__
@@ -63,11 +64,16 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
             f"{outcome.device}; the chief writes the model and the MLflow run"
         )
     with folder_lock("train"):
-        return _train_and_track(params, read_index(params.index.path), extra_callbacks)
+        # The strategy first: a cluster that cannot start (a worker's port taken) stops before any MLflow run.
+        hardware = training.configure_hardware(params.train)
+        return _train_and_track(params, read_index(params.index.path), extra_callbacks, hardware)
 
 
 def _train_and_track(
-    params: Params, index: pd.DataFrame, extra_callbacks: list[keras.callbacks.Callback] | None = None
+    params: Params,
+    index: pd.DataFrame,
+    extra_callbacks: list[keras.callbacks.Callback] | None,
+    hardware: tuple[tf.distribute.Strategy, str],
 ) -> str:
     """The chief's (or the only process's) training: the model, its metadata and reports, one MLflow run."""
     experiment_id = tracking.configure(params.mlflow)
@@ -101,7 +107,7 @@ def _train_and_track(
         def log_epoch(row: dict[str, Any]) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=int(row["epoch"]))
 
-        outcome = training.train(params, index, sink=log_epoch, extra_callbacks=extra_callbacks)
+        outcome = training.train(params, index, sink=log_epoch, extra_callbacks=extra_callbacks, hardware=hardware)
         mlflow.set_tag("device", outcome.device)
         model = outcome.built.model
         metadata = {
