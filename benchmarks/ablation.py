@@ -61,8 +61,12 @@ LEVERS: dict[str, list[str]] = {
     "trim-margins": ["model.trim_margins=true"],  # dark side margins are commoner on normal images
     "lung-crop": ["model.lung_crop=true"],  # neck, abdomen, arms and air cut away: the same framing everywhere
     "lung-crop+ema": ["model.lung_crop=true", "train.ema_epochs=0.85"],
-    "lung-crop+ema+tta": ["model.lung_crop=true", "train.ema_epochs=0.85", "evaluate.tta.shift=0.05",
-                          "evaluate.tta.zoom=0.1"],
+    "lung-crop+ema+tta": [
+        "model.lung_crop=true",
+        "train.ema_epochs=0.85",
+        "evaluate.tta.shift=0.05",
+        "evaluate.tta.zoom=0.1",
+    ],
     "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, 1.1-1.4x the train time
     "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
     "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],
