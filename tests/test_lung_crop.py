@@ -53,6 +53,17 @@ def test_one_lung_found_still_keeps_both_sides() -> None:
     np.testing.assert_allclose(one[1], found_both, atol=1 / 64)
 
 
+def test_a_long_dark_channel_from_the_edge_is_removed_to_its_end() -> None:
+    """The reconstruction runs until nothing changes: a 44-cell dark channel joined to the edge (air reaching in
+    under an arm) is removed to its far end, and a dark region joined to nothing (a lung) is kept."""
+    small = np.full((1, 64, 64, 1), 200.0, np.float32)
+    small[0, 10:13, 0:44] = 40.0  # the channel, 3 cells wide (it survives the opening's erosion)
+    small[0, 30:50, 20:36] = 40.0  # the lung
+    mask = LungFieldCrop().lung_mask(small).numpy()[0, ..., 0]
+    assert mask[10:13, :44].max() == 0.0, "the channel removed to its end"
+    assert mask[32:48, 22:34].min() == 1.0, "the lung kept"
+
+
 def test_nothing_found_leaves_the_image_whole() -> None:
     flat = np.full((SIZE, SIZE, 1), 120.0, np.float32)
     noise = np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 1)).astype(np.float32)  # no region, specks only

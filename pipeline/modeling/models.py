@@ -21,7 +21,7 @@ from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import file_lock
 from pipeline.modeling.clahe import ContrastLimitedEqualization
-from pipeline.modeling.lung_crop import LungFieldCrop
+from pipeline.modeling.lung_crop import LungFieldCrop, crop_to_boxes
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,7 @@ class TrimDarkMargins(keras.layers.Layer):
     def call(self, x):
         import tensorflow as tf  # noqa: PLC0415
 
-        x32 = tf.cast(x, tf.float32)
-        size = tf.shape(x32)[1]
-        boxes = self.crop_boxes(x32)
-        ids = tf.range(tf.shape(x32)[0])
-        out = tf.image.crop_and_resize(x32, boxes, ids, tf.stack([size, size]), method="bilinear")
-        return tf.cast(tf.ensure_shape(out, x.shape), self.compute_dtype)
+        return tf.cast(crop_to_boxes(x, self.crop_boxes(x)), self.compute_dtype)
 
     def get_config(self) -> dict[str, object]:
         return {**super().get_config(), "level": self.level, "min_keep": self.min_keep}

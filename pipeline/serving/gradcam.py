@@ -17,6 +17,8 @@ import tensorflow as tf
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+from pipeline.modeling.lung_crop import crop_to_boxes
+
 
 class Explainer:
     """Grad-CAM for one model and layer; the gradient computation is compiled once."""
@@ -71,10 +73,11 @@ def crop_box(crops: list[Any], x: tf.Tensor) -> tuple[float, float, float, float
     """The region of the input (y1, x1, y2, x2, fractions) that chained cropping layers pass on, for one image."""
     y1, x1, y2, x2 = 0.0, 0.0, 1.0, 1.0
     for layer in crops:
-        b = layer.crop_boxes(x).numpy()[0]
+        boxes = layer.crop_boxes(x)
+        b = boxes.numpy()[0]
         h, w = y2 - y1, x2 - x1
         y1, x1, y2, x2 = y1 + b[0] * h, x1 + b[1] * w, y1 + b[2] * h, x1 + b[3] * w
-        x = layer(x)
+        x = crop_to_boxes(x, boxes)  # what the next layer sees, from the box already found
     return float(y1), float(x1), float(y2), float(x2)
 
 
