@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +56,29 @@ def test_a_distributed_trainings_other_workers_do_not_take_it(
     with folder_lock("train", tmp_path), pytest.raises(PipelineError) as err:
         train.run(params_in())
     assert "index.parquet" in str(err.value)  # got past the lock to reading the (missing) index
+
+
+def test_the_holding_thread_may_nest_it_other_threads_may_not(tmp_path: Path) -> None:
+    refused: list[str] = []
+
+    def other_thread() -> None:
+        try:
+            with folder_lock("evaluate", tmp_path):
+                refused.append("no")
+        except PipelineError as err:
+            refused.append(str(err))
+
+    with folder_lock("train", tmp_path):
+        with folder_lock("evaluate", tmp_path):  # a stage run from inside another, in the same thread
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join(30)
+        assert refused and refused[0].startswith("evaluate: another train, evaluate or register is running")
+        probe = subprocess.run(  # still held after the inner block: another process is refused
+            [sys.executable, "-c", "import sys, filelock; filelock.FileLock(sys.argv[1]).acquire(timeout=0)",
+             str(tmp_path / FOLDER_LOCK)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "Timeout" in probe.stderr
+    with folder_lock("train", tmp_path):  # released by the outer block
+        pass

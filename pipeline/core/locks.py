@@ -37,8 +37,9 @@ FOLDER_LOCK = ".pneumo-stage.lock"  # in the folder a stage writes its outputs t
 def folder_lock(stage: str, folder: Path = Path(".")) -> Iterator[None]:
     """Hold the project folder's stage lock for `stage` (train, evaluate, register): the stages that write a
     folder's model, metrics and decision run one at a time, whoever starts them (a flow, `dvc repro`, a
-    distributed training's chief); a second one fails at once with one line, before writing anything."""
-    lock = filelock.FileLock(folder / FOLDER_LOCK)
+    distributed training's chief); a second one fails at once with one line, before writing anything. The
+    thread that holds it may take it again (nested stages in one process); other threads and processes may not."""
+    lock = filelock.FileLock(folder / FOLDER_LOCK, is_singleton=True)  # one object per path: it counts re-entries
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
