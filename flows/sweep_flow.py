@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from random import Random
 from typing import Any
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -282,13 +283,18 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def store_warning(uri: str) -> str | None:
-    """Why a local MLflow store is risky for trials run by a pool's workers (None for a tracking server)."""
-    if not uri.startswith("sqlite:"):
+    """Why a local MLflow store is risky for trials run by a pool's workers (None for a tracking server or a
+    database server): SQLite files and file stores (``file:`` URIs, plain paths) live on one machine."""
+    scheme = urlparse(uri).scheme.lower()
+    if scheme == "sqlite":
+        why = "SQLite does not lock reliably over a network file system"
+    elif scheme in ("", "file") or len(scheme) == 1:  # a path, or a Windows drive letter
+        why = "MLflow's file store is deprecated and not made for concurrent writers"
+    else:
         return None
     return (
-        f"sweep: the trials' workers write their runs to {uri}: every worker must see that file (a shared file "
-        "system), and SQLite does not lock reliably over a network one; where workers run on other machines, "
-        "set MLFLOW_TRACKING_URI to an MLflow server"
+        f"sweep: the trials' workers write their runs to {uri}: every worker must see it (a shared file system), "
+        f"and {why}; where workers run on other machines, set MLFLOW_TRACKING_URI to an MLflow server"
     )
 
 

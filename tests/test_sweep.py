@@ -64,7 +64,10 @@ def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypat
 def test_trials_on_a_pool_are_warned_off_a_local_sqlite_store() -> None:
     warning = store_warning("sqlite:////work/mlruns/mlflow.db")
     assert warning is not None and "sqlite:////work/mlruns/mlflow.db" in warning and "MLflow server" in warning
+    assert "file store" in (store_warning("file:///work/mlruns") or "")
+    assert "file store" in (store_warning("/work/mlruns") or "")
     assert store_warning("http://mlflow.example.org:5000") is None
+    assert store_warning("postgresql://mlflow@db.example.org/mlflow") is None  # a database server: shared
 
 
 def test_an_unknown_trial_deployment_fails_before_anything_runs(
