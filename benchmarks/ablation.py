@@ -103,6 +103,7 @@ COLUMNS = [
     ("summary.specificity_min", "stress spec min", "{:.3f}".format),
     ("sets.aspect_wider_x1.25.specificity", "wider spec", "{:.3f}".format),  # the stretch shortcut, both ways
     ("sets.aspect_taller_x1.25.sensitivity", "taller sens", "{:.3f}".format),
+    ("sets.aspect_against_class.roc_auc", "against AUC", "{:.3f}".format),  # ranking with the shape turned round
 ]
 
 KEPT = ("test.", "summary.", "sets.", "train_")  # the figures a row may show

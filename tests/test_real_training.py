@@ -34,14 +34,14 @@ def test_champion_holds_up_on_the_shift_stress_set(real_champion: Champion) -> N
     images, and the 48 full-resolution originals, each scored as served (calibration and threshold)."""
     from mlflow import MlflowClient
 
-    from pipeline.data.stress import TRANSFORMS
+    from pipeline.data.stress import SETS
 
     report = json.loads((real_champion.root / real_champion.params.stress.report).read_text())
     sets = report["sets"]
     for name, v in sets.items():
         print(f"{name:<20} n={v['images']:<3} ROC AUC {v['roc_auc']:.3f}  sens {v['sensitivity']:.3f}  "
               f"spec {v['specificity']:.3f}")  # fmt: skip
-    assert set(sets) == {*TRANSFORMS, "fullres"}
+    assert set(sets) == {*SETS, "fullres"}
     assert sets["fullres"]["images"] == 48 and all(v["images"] == 60 for k, v in sets.items() if k != "fullres")
     aucs = np.array([v["roc_auc"] for v in sets.values()])
     # The aspect sets measure the stretch shortcut, which the default model has (README, Robustness:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.stress import TRANSFORMS, build_stress_set
+from pipeline.data.stress import AGAINST_CLASS, SETS, TRANSFORMS, build_stress_set
 
 
 def _cross(size: int = 200, band: int = 20) -> np.ndarray:
@@ -42,14 +42,20 @@ def test_the_stress_set_holds_every_transform_for_each_class(tmp_path: Path) -> 
     for label, value in (("NORMAL", 60), ("PNEUMONIA", 160)):
         (source / label).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((96, 128), value + i, np.uint8)).save(source / label / f"{label}-{i}.jpeg")
+            ramp = np.add.outer(np.arange(96), 2 * np.arange(128)) % 40  # a pattern: each framing changes it
+            Image.fromarray((value + i + ramp).astype(np.uint8)).save(source / label / f"{label}-{i}.jpeg")
     counts = build_stress_set(source, tmp_path / "stress", per_class=2)
-    assert counts == dict.fromkeys(TRANSFORMS, 4)
-    for name in TRANSFORMS:
+    assert counts == dict.fromkeys(SETS, 4) and set(SETS) == {*TRANSFORMS, AGAINST_CLASS}
+    for name in SETS:
         for label in ("NORMAL", "PNEUMONIA"):
             files = sorted((tmp_path / "stress" / name / label).iterdir())
             assert [f.name for f in files] == [f"{label}-0.png", f"{label}-1.png"], name  # the first two, sorted
     assert Image.open(tmp_path / "stress" / "aspect_wider_x1.25" / "NORMAL" / "NORMAL-0.png").size == (128, 96)
+    # The set framed apart: normal images as the wider set's, pneumonia ones as the taller set's
+    for label, like in (("NORMAL", "aspect_wider_x1.25"), ("PNEUMONIA", "aspect_taller_x1.25")):
+        apart = np.asarray(Image.open(tmp_path / "stress" / AGAINST_CLASS / label / f"{label}-0.png"))
+        framed = {n: np.asarray(Image.open(tmp_path / "stress" / n / label / f"{label}-0.png")) for n in SETS}
+        assert [n for n, pixels in framed.items() if np.array_equal(pixels, apart)] == [like, AGAINST_CLASS]
 
 
 def test_aspect_augmentation_stretches_each_axis_on_its_own_within_its_range() -> None:

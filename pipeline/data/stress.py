@@ -3,7 +3,8 @@
 From a labelled folder (NORMAL/ and PNEUMONIA/), each transform writes its own labelled folder:
 intensity (darker, brighter), contrast (lower), gamma (both ways), resolution (down to 64 px and
 back), a black border (the image shrunk inside the frame), a tighter crop, and another aspect ratio
-(the original framed 25% wider or taller, then stretched to the square). The full-resolution
+(the original framed 25% wider or taller, then stretched to the square), and the two framed apart
+(normal images wider, pneumonia ones taller: a model reading the class off the shape). The full-resolution
 originals, when given, are copied as one more set. Every set is scored like an external data set
 (``pneumo external-validation``), so a model's robustness is a table, not a guess.
 """
@@ -75,11 +76,21 @@ TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "aspect_taller_x1.25": lambda i: _aspect(i, 0.8),
 }
 
+# Every set above changes both classes alike, which moves a model's threshold but rarely its ranking. This
+# one changes them apart: normal images framed as wider originals, pneumonia ones as taller, the frame's
+# usual relation to the class turned round. A model that reads the class off the shape loses its ranking
+# here (ROC AUC towards 0.5), not only its threshold; one that reads the lungs does not.
+AGAINST_CLASS = "aspect_against_class"
+SETS: dict[str, dict[str, Callable[[Image.Image], Image.Image]]] = {
+    **{name: dict.fromkeys(LABELS, transform) for name, transform in TRANSFORMS.items()},
+    AGAINST_CLASS: {"NORMAL": TRANSFORMS["aspect_wider_x1.25"], "PNEUMONIA": TRANSFORMS["aspect_taller_x1.25"]},
+}
+
 
 def build_stress_set(
     source: str | Path, out: str | Path, per_class: int = 30, fullres: str | Path | None = None
 ) -> dict[str, int]:
-    """Write out/<set>/{NORMAL,PNEUMONIA}/ for every transform (the first `per_class` files of each class,
+    """Write out/<set>/{NORMAL,PNEUMONIA}/ for every set of `SETS` (the first `per_class` files of each class,
     sorted) and, with `fullres`, the originals as out/fullres/; returns images per set."""
     source, out = Path(source), Path(out)
     picked: dict[str, list[Path]] = {}
@@ -90,13 +101,13 @@ def build_stress_set(
             raise DataError(f"{folder}: no images (a stress set needs NORMAL/ and PNEUMONIA/ under {source})")
         picked[label] = files[:per_class]
     counts = {}
-    for name, transform in TRANSFORMS.items():
+    for name, transforms in SETS.items():
         for label, files in picked.items():
             target = out / name / label
             target.mkdir(parents=True, exist_ok=True)
             for f in files:
                 with Image.open(f) as img:
-                    transform(img.convert("L")).save(target / f"{f.stem}.png")
+                    transforms[label](img.convert("L")).save(target / f"{f.stem}.png")
         counts[name] = sum(len(f) for f in picked.values())
     if fullres is not None:
         shutil.copytree(fullres, out / "fullres", dirs_exist_ok=True)
