@@ -1,20 +1,27 @@
 """A crop to the lung fields, found per image without segmentation labels, as a Keras layer.
 
 The lungs are the two large dark regions inside the body: darker than most of the image, but not
-joined to the image edge or to black padding (the air around the body, letterbox bars). On a 64 x 64
-copy of the image, pixels below the ``dark`` quantile of the non-black grey levels are opened (eroded,
-then dilated back); dark regions reachable from the edge or from black pixels are removed by
-morphological reconstruction (repeated 3 x 3 dilation inside the dark mask); what remains is taken as
-lung. The crop is the lungs' bounding box plus ``margin`` on every edge, stretched back to the square
-(as every image of the data set already is). Sizes are fractions of the image's non-black part, so a
-black frame or letterbox (cut off with the air) does not change the crop of what it surrounds.
+joined to the image edge (the air around the body, letterbox bars and padding, which touch it). On a
+64 x 64 copy of the image, pixels below a quantile of the non-black grey levels are opened (eroded, then
+dilated back); dark regions reachable from the edge are removed by morphological reconstruction
+(repeated 3 x 3 dilation inside the dark mask); what remains is taken as lung. The crop is the box that
+holds all but ``tail`` of the lung pixels at each end, plus ``margin`` on every edge, stretched back to
+the square (as every image of the data set already is). Sizes are fractions of the image's non-black
+part, so a black frame or letterbox (cut off with the air) does not change the crop of what it surrounds.
 
 Every choice errs towards keeping too much. Consolidated (white) lung is not dark, and one lung may be
 missed (joined to the edge, or opaque): the box is mirrored about the middle of the non-black part, so
 it holds both sides if it holds one; it is at least ``min_width`` wide and ``min_height`` tall, grown
-downwards from the top found (apices show; bases hide behind the diaphragm and effusions). Stray dark regions (bowel
-gas, a gap under the arm) only widen it. With less than ``min_area`` of the image found, it is left
-whole. The grey-level cut is a quantile, so exposure and contrast do not move it.
+downwards from the top found (apices show; bases hide behind the diaphragm and effusions). With less
+than ``min_area`` of the image found, it is left whole.
+
+Every choice also keeps the box still under changes that should not move it (the behaviour tests'
+exposure and contrast changes, another resolution of the same image): the grey-level cuts are quantiles
+and "black" is measured from the image's own darkest level, so adding to or scaling the grey levels
+moves neither; the box is the mean of the boxes at three quantiles (``dark``), so no single cut decides;
+its ends follow the mass of the lung pixels, so a speck moves it little; and between ``min_area`` / 2
+and 1.5 x ``min_area`` found it blends from the whole image to the box instead of jumping.
+``benchmarks/lung_crop_stability.py`` prints how far it moves.
 """
 
 from __future__ import annotations
@@ -41,40 +48,52 @@ def _border(grid: int) -> np.ndarray:
     return edge
 
 
+REVISION = 2  # of the box-finding rule; a model saved with another one is refused at load, not silently changed
+
+
 @keras.saving.register_keras_serializable(package="pneumo")
 class LungFieldCrop(keras.layers.Layer):
     """Each image cropped to the box around its lung fields and resized back (left whole where none is found)."""
 
     def __init__(
         self,
-        dark: float = 0.35,
-        black: float = 12.0,
+        dark: tuple[float, ...] | list[float] = (0.3, 0.35, 0.4),
+        black: float = 6.0,
         margin: float = 0.08,
         min_height: float = 0.65,
         min_width: float = 0.6,
         min_area: float = 0.02,
+        tail: float = 0.02,
+        revision: int = REVISION,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
+        if revision != REVISION:
+            raise ValueError(
+                f"layer {kwargs.get('name', 'lung_crop')!r}: saved with revision {revision} of the lung-field crop, "
+                f"this code has revision {REVISION} (its boxes differ): retrain the model"
+            )
         self.supports_jit = False  # no XLA kernel for CropAndResize or area resizing: Keras then skips XLA
-        self.dark, self.black, self.margin = dark, black, margin
-        self.min_height, self.min_width, self.min_area = min_height, min_width, min_area
+        self.dark, self.black, self.margin, self.tail = tuple(dark), black, margin, tail
+        self.min_height, self.min_width, self.min_area, self.revision = min_height, min_width, min_area, revision
 
     def lung_mask(self, small):
-        """(B, 64, 64, 1) grey levels (the image area-resized) -> a float mask of the pixels taken as lung."""
+        """(B, 64, 64, 1) grey levels (the image area-resized) -> (B, 64, 64, Q) float masks of the pixels taken
+        as lung, one per ``dark`` quantile."""
         import tensorflow as tf  # noqa: PLC0415 - TensorFlow ops (sort, pooling), as models.EqualizeHistogram
 
         flat = tf.reshape(small, [-1, GRID * GRID])
-        lit = flat > self.black
+        lit = flat > self.black_level(small)[:, None]
         ranked = tf.sort(tf.where(lit, flat, 1e9), axis=1)  # the non-black levels first, in order
-        rank = tf.cast(tf.cast(tf.reduce_sum(tf.cast(lit, tf.int32), axis=1), tf.float32) * self.dark, tf.int32)
-        level = tf.gather(ranked, tf.minimum(rank, GRID * GRID - 1), batch_dims=1)
-        dark = tf.cast(small < level[:, None, None, None], tf.float32)  # black pixels included
+        count = tf.cast(tf.reduce_sum(tf.cast(lit, tf.int32), axis=1), tf.float32)
+        ranks = tf.cast(count[:, None] * tf.constant(self.dark, tf.float32)[None], tf.int32)  # (B, Q)
+        levels = tf.gather(ranked, tf.minimum(ranks, GRID * GRID - 1), batch_dims=1)
+        dark = tf.cast(small < levels[:, None, None, :], tf.float32)  # (B, 64, 64, Q), black pixels included
         dark = -tf.nn.max_pool2d(-dark, 3, 1, "SAME")  # erosion: thin links between regions cut
-        outside = tf.maximum(tf.constant(_border(GRID)), tf.cast(small <= self.black, tf.float32)) * dark
+        outside = tf.constant(_border(GRID)) * dark  # padding is dark and joined to the edge: it spreads from there
 
         def grow(step, outside, _):
-            """One step of the reconstruction: the dark regions joined to the edge or to black, grown by a pixel."""
+            """One step of the reconstruction: the dark regions joined to the edge, grown by a pixel."""
             grown = tf.nn.max_pool2d(outside, 3, 1, "SAME") * dark
             return step + 1, grown, tf.reduce_any(grown != outside)
 
@@ -85,13 +104,21 @@ class LungFieldCrop(keras.layers.Layer):
         )
         return tf.nn.max_pool2d(dark - outside, 3, 1, "SAME")  # dilation back: the opening's second half
 
+    def black_level(self, small):
+        """(B,) the grey level at or below which a pixel counts as black: ``black`` above the image's darkest
+        (64 x 64) level, so adding to or scaling every level does not change which pixels are black."""
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.reduce_min(small, axis=[1, 2, 3]) + self.black
+
     def crop_boxes(self, x):
         """(B, S, S, 1) -> (B, 4) boxes (y1, x1, y2, x2) as fractions of the side; (0, 0, 1, 1): left whole."""
         import tensorflow as tf  # noqa: PLC0415
 
         small = tf.image.resize(tf.cast(x, tf.float32), (GRID, GRID), method="area")
-        lungs = self.lung_mask(small)
-        found = tf.reduce_mean(lungs, axis=[1, 2, 3]) >= self.min_area
+        masks = self.lung_mask(small)
+        black = self.black_level(small)
+        whole = tf.constant([[0.0, 0.0, 1.0, 1.0]])
 
         def extent(inside):
             """First and last cell of each row of `inside`, as fractions of the side (edges of the cells)."""
@@ -99,12 +126,20 @@ class LungFieldCrop(keras.layers.Layer):
             end = 1.0 - tf.cast(tf.argmax(tf.cast(tf.reverse(inside, [1]), tf.int32), axis=1), tf.float32) / GRID
             return first, end
 
-        def side(axis: int, least: float, mirrored: bool):
+        def mass_extent(profile):
+            """Where each row of `profile` (lung pixels per line) passes `tail` and 1 - `tail` of its total: a
+            speck far from the lungs moves the box by its share of the mass, not to where it lies."""
+            share = tf.cumsum(profile, axis=1) / (tf.reduce_sum(profile, axis=1, keepdims=True) + 1e-6)
+            first = tf.reduce_sum(tf.cast(share < self.tail, tf.float32), axis=1) / GRID
+            end = (tf.reduce_sum(tf.cast(share < 1.0 - self.tail, tf.float32), axis=1) + 1.0) / GRID
+            return first, end
+
+        def side(lungs, axis: int, least: float, mirrored: bool):
             """The crop along one axis, in the frame of the non-black part of the image (padding adds nothing)."""
-            lit = tf.reduce_mean(small, axis=[axis, 3]) > self.black
+            lit = tf.reduce_mean(small, axis=[axis, 3]) > black[:, None]
             lo, hi = extent(lit | ~tf.reduce_any(lit, axis=1, keepdims=True))
             span = hi - lo
-            first, end = extent(tf.reduce_sum(lungs, axis=[axis, 3]) >= 1.0)
+            first, end = mass_extent(tf.reduce_sum(lungs, axis=[axis, 3]))
             first, end = first - self.margin * span, end + self.margin * span
             if mirrored:  # about the middle: both lungs kept when one is found
                 middle = (lo + hi) / 2
@@ -114,10 +149,17 @@ class LungFieldCrop(keras.layers.Layer):
             start = tf.clip_by_value(first, lo, hi - length)  # grown downwards: the bases hide behind the diaphragm
             return start, start + length
 
-        y1, y2 = side(2, self.min_height, mirrored=False)
-        x1, x2 = side(1, self.min_width, mirrored=True)
-        box = tf.stack([y1, x1, y2, x2], axis=1)
-        return tf.where(found[:, None], box, tf.constant([[0.0, 0.0, 1.0, 1.0]]))
+        boxes = []
+        for q in range(len(self.dark)):  # one box per dark quantile, averaged: no single cut decides
+            lungs = masks[..., q : q + 1]
+            y1, y2 = side(lungs, 2, self.min_height, mirrored=False)
+            x1, x2 = side(lungs, 1, self.min_width, mirrored=True)
+            # Found lung from min_area / 2 to 1.5 x min_area of the image blends from the whole image to the box,
+            # so an image near the limit does not jump between the two
+            area = tf.reduce_mean(lungs, axis=[1, 2, 3])
+            weight = tf.clip_by_value((area - self.min_area / 2) / self.min_area, 0.0, 1.0)[:, None]
+            boxes.append(weight * tf.stack([y1, x1, y2, x2], axis=1) + (1.0 - weight) * whole)
+        return tf.add_n(boxes) / len(boxes)
 
     def call(self, x):
         import tensorflow as tf  # noqa: PLC0415
@@ -125,8 +167,14 @@ class LungFieldCrop(keras.layers.Layer):
         boxes = tf.stop_gradient(self.crop_boxes(tf.cast(x, tf.float32)))
         return tf.cast(crop_to_boxes(x, boxes), self.compute_dtype)
 
+    @classmethod
+    def from_config(cls, config: dict) -> LungFieldCrop:
+        return cls(**{"revision": 1, **config})  # saved before revisions were recorded: the first rule
+
     def get_config(self) -> dict[str, object]:
         return {
             **super().get_config(),
-            **{k: getattr(self, k) for k in ("dark", "black", "margin", "min_height", "min_width", "min_area")},
+            **{k: getattr(self, k) for k in ("black", "margin", "min_height", "min_width", "min_area", "tail")},
+            "dark": list(self.dark),
+            "revision": self.revision,
         }

@@ -57,7 +57,10 @@ class Explainer:
         cam, top = self._compute(x, tf.constant(-1 if class_index is None else class_index, tf.int32))
         cam, top = cam.numpy(), float(top)
         heat = (cam / top if top > 0 else cam).astype(np.float32)
-        return place_in_frame(heat, crop_box(self._crops, x), image.shape[:2]) if self._crops else heat
+        if not self._crops:
+            return heat
+        placed = place_in_frame(heat, crop_box(self._crops, x), image.shape[:2])
+        return placed / placed.max() if placed.max() > 0 else placed  # resizing into the box can shave the peak
 
 
 def _crop_layers(model: Any) -> list[Any]:
