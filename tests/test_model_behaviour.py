@@ -45,7 +45,10 @@ def test_full_resolution_and_224px_copies_agree(
         f"\n{len(pairs)} full-resolution/224 px pairs: |dp| median {np.median(diff):.4f}, max {diff.max():.4f}, "
         f"labels agree {labels_agree:.1%}"
     )
-    assert np.median(diff) < 0.02 and diff.max() < 0.1 and labels_agree >= 0.95
+    # The default lung-field crop finds its box on each copy separately; the box moves by up to 0.06 of the
+    # side between them (benchmarks/lung_crop_stability.py), which moved one of the 48 probabilities by 0.18
+    # in a measured run (0.022 at most without the crop), with every label the same.
+    assert np.median(diff) < 0.02 and diff.max() < 0.25 and labels_agree >= 0.95
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
