@@ -13,7 +13,7 @@ Every choice errs towards keeping too much. Consolidated (white) lung is not dar
 missed (joined to the edge, or opaque): the box is mirrored about the middle of the non-black part, so
 it holds both sides if it holds one; it is at least ``min_width`` wide and ``min_height`` tall, grown
 downwards from the top found (apices show; bases hide behind the diaphragm and effusions). With less
-than ``min_area`` of the image found, it is left whole.
+than ``min_area`` / 2 of the image found, it is left whole.
 
 Every choice also keeps the box still under changes that should not move it (the behaviour tests'
 exposure and contrast changes, another resolution of the same image): the grey-level cuts are quantiles
