@@ -60,6 +60,7 @@ LEVERS: dict[str, list[str]] = {
     "class-aspect-0.25": ["train.augment.class_aspect=0.25"],
     "trim-margins": ["model.trim_margins=true"],  # dark side margins are commoner on normal images
     "lung-crop": ["model.lung_crop=true"],  # neck, abdomen, arms and air cut away: the same framing everywhere
+    "no-lung-crop": ["model.lung_crop=false"],  # the default before the tenth round (README, Robustness)
     "lung-crop+ema": ["model.lung_crop=true", "train.ema_epochs=0.85"],
     "lung-crop+ema+tta": [
         "model.lung_crop=true",
