@@ -132,6 +132,7 @@ def test_model_card_is_logged_and_kept_beside_the_model(real_champion: Champion,
         "One hospital",
         "known shift",
         "## Grad-CAM examples",
+        "| Preprocessing (layers of the model) | lung_crop (rule 2), standardize |",  # params.yaml's default
         f"`{model.info.data_version}`",
     ):
         assert needle in card, needle

@@ -160,3 +160,14 @@ def test_seed_ensemble_trains_each_member_once_and_joins_them(synthetic_index: t
     np.testing.assert_array_equal(kernels[0], np.array(first.trainable_weights[0]))
     assert not np.allclose(kernels[0], kernels[1], atol=1e-3), "each member starts from its own seed"
     assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"
+
+
+def test_the_model_card_lists_the_preprocessing_of_single_models_and_ensembles() -> None:
+    from pipeline.modeling.models import build_model, preprocessing_of
+
+    single = build_model("compact_cnn", SIZE, lung_crop=True, standardize=True).model
+    assert preprocessing_of(single) == ["lung_crop (rule 2)", "standardize"]
+    assert preprocessing_of(build_model("compact_cnn", SIZE, trim=True).model) == ["trim"]
+    assert preprocessing_of(build_model("compact_cnn", SIZE).model) == []
+    pair = [build_model("compact_cnn", SIZE, lung_crop=True).model for _ in range(2)]
+    assert preprocessing_of(snapshots.join(pair, "relu3")) == ["lung_crop (rule 2)"]  # from the first member

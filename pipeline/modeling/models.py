@@ -150,6 +150,21 @@ class TrimDarkMargins(keras.layers.Layer):
         return {**super().get_config(), "level": self.level, "min_keep": self.min_keep}
 
 
+PREPROCESSING = ("trim", "lung_crop", "equalize", "clahe", "standardize")  # the layers build_model may put first
+
+
+def preprocessing_of(model: keras.Model) -> list[str]:
+    """The preprocessing layers a built model applies, input side first (an ensemble's: its first member's), e.g.
+    ``["lung_crop (rule 2)", "standardize"]``; for the model card."""
+    names = [
+        f"{layer.name} (rule {layer.revision})" if hasattr(layer, "revision") else layer.name
+        for layer in model.layers
+        if layer.name in PREPROCESSING
+    ]
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return names or (preprocessing_of(members[0]) if members else [])
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     model: keras.Model

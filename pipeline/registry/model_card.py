@@ -24,6 +24,7 @@ class CardFacts:
     examples: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
     stress: dict[str, Any] = field(default_factory=dict)  # reports/stress.json of the stress stage
     ood: dict[str, Any] = field(default_factory=dict)  # packaging.ood_validation
+    preprocessing: list[str] = field(default_factory=list)  # models.preprocessing_of: the model's own first layers
 
 
 RELIABILITY_FIGURE = "model_card/reliability.png"
@@ -134,6 +135,7 @@ def render(facts: CardFacts) -> str:
         "| | |",
         "|---|---|",
         f"| Model | {info.architecture}, task `{info.task}`, input {info.image_size}x{info.image_size} grayscale |",
+        f"| Preprocessing (layers of the model) | {', '.join(facts.preprocessing) or 'none'} |",
         f"| Classes | {', '.join(info.class_names)} |",
         f"| Registry decision | {facts.decision}: {facts.decision_reason} |",
         f"| MLflow run | `{info.run_id}` |",

@@ -24,6 +24,7 @@ from pipeline.modeling import inputs as dp
 from pipeline.modeling import tta
 from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
 from pipeline.modeling.metrics import apply_temperature, binary_metrics
+from pipeline.modeling.models import preprocessing_of
 from pipeline.registry import champion, model_card, packaging, tracking
 from pipeline.serving import classifier
 
@@ -187,6 +188,7 @@ def _register(params: Params) -> str:
             decision_reason="",
             examples=[(f"model_card/{name}", caption) for name, caption in examples],
             ood=ood_check,
+            preprocessing=preprocessing_of(classifier.model),
             stress=json.loads(Path(params.stress.report).read_text()) if Path(params.stress.report).is_file() else {},
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
