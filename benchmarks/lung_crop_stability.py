@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.stress import small_changes
 from pipeline.modeling.lung_crop import LungFieldCrop
 from pipeline.serving import image_io
 
@@ -51,16 +52,8 @@ def main() -> None:
         print(f"\n{size} px: | change | images | median shift | largest shift | moved > 0.05 | cropped <-> whole |")
         print("|---|---|---|---|---|---|")
         x = model_inputs(test, size)
-        base, mean = boxes(layer, x), x.mean(axis=(1, 2, 3), keepdims=True)
-        changes = {
-            "brightness x0.9": x * 0.9,
-            "brightness x1.1": x * 1.1,
-            "brightness -10": x - 10,
-            "brightness +10": x + 10,
-            "contrast x0.9": (x - mean) * 0.9 + mean,
-            "contrast x1.1": (x - mean) * 1.1 + mean,
-        }
-        for name, changed in changes.items():
+        base = boxes(layer, x)
+        for name, changed in small_changes(x).items():
             print(row(name, base, boxes(layer, changed)))
         full = boxes(layer, model_inputs(originals, size))
         print(

@@ -87,6 +87,21 @@ SETS: dict[str, dict[str, Callable[[Image.Image], Image.Image]]] = {
 }
 
 
+def small_changes(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Small exposure and contrast changes of model inputs (N, S, S, 1) in [0, 255], not clipped: what a model's
+    confident labels (tests/test_model_behaviour.py) and the lung crop's box (benchmarks/lung_crop_stability.py)
+    should not move under."""
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return {
+        "brightness x0.9": x * 0.9,
+        "brightness x1.1": x * 1.1,
+        "brightness -10": x - 10,
+        "brightness +10": x + 10,
+        "contrast x0.9": (x - mean) * 0.9 + mean,
+        "contrast x1.1": (x - mean) * 1.1 + mean,
+    }
+
+
 def build_stress_set(
     source: str | Path, out: str | Path, per_class: int = 30, fullres: str | Path | None = None
 ) -> dict[str, int]:

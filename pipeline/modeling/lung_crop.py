@@ -77,13 +77,13 @@ class LungFieldCrop(keras.layers.Layer):
         self.dark, self.black, self.margin, self.tail = tuple(dark), black, margin, tail
         self.min_height, self.min_width, self.min_area, self.revision = min_height, min_width, min_area, revision
 
-    def lung_mask(self, small):
+    def lung_mask(self, small, black=None):
         """(B, 64, 64, 1) grey levels (the image area-resized) -> (B, 64, 64, Q) float masks of the pixels taken
-        as lung, one per ``dark`` quantile."""
+        as lung, one per ``dark`` quantile; `black`: `black_level(small)`, where the caller has it already."""
         import tensorflow as tf  # noqa: PLC0415 - TensorFlow ops (sort, pooling), as models.EqualizeHistogram
 
         flat = tf.reshape(small, [-1, GRID * GRID])
-        lit = flat > self.black_level(small)[:, None]
+        lit = flat > (self.black_level(small) if black is None else black)[:, None]
         ranked = tf.sort(tf.where(lit, flat, 1e9), axis=1)  # the non-black levels first, in order
         count = tf.cast(tf.reduce_sum(tf.cast(lit, tf.int32), axis=1), tf.float32)
         ranks = tf.cast(count[:, None] * tf.constant(self.dark, tf.float32)[None], tf.int32)  # (B, Q)
@@ -116,8 +116,8 @@ class LungFieldCrop(keras.layers.Layer):
         import tensorflow as tf  # noqa: PLC0415
 
         small = tf.image.resize(tf.cast(x, tf.float32), (GRID, GRID), method="area")
-        masks = self.lung_mask(small)
         black = self.black_level(small)
+        masks = self.lung_mask(small, black)
         whole = tf.constant([[0.0, 0.0, 1.0, 1.0]])
 
         def extent(inside):
@@ -134,12 +134,14 @@ class LungFieldCrop(keras.layers.Layer):
             end = (tf.reduce_sum(tf.cast(share < 1.0 - self.tail, tf.float32), axis=1) + 1.0) / GRID
             return first, end
 
-        def side(lungs, axis: int, least: float, mirrored: bool):
-            """The crop along one axis, in the frame of the non-black part of the image (padding adds nothing)."""
+        def side(axis: int, least: float, mirrored: bool):
+            """The crop along one axis, (B, Q) per end, in the frame of the non-black part of the image (padding
+            adds nothing); one column per dark quantile."""
             lit = tf.reduce_mean(small, axis=[axis, 3]) > black[:, None]
             lo, hi = extent(lit | ~tf.reduce_any(lit, axis=1, keepdims=True))
+            lo, hi = lo[:, None], hi[:, None]
             span = hi - lo
-            first, end = mass_extent(tf.reduce_sum(lungs, axis=[axis, 3]))
+            first, end = mass_extent(tf.reduce_sum(masks, axis=axis))  # (B, 64, Q) lung pixels per line
             first, end = first - self.margin * span, end + self.margin * span
             if mirrored:  # about the middle: both lungs kept when one is found
                 middle = (lo + hi) / 2
@@ -149,17 +151,14 @@ class LungFieldCrop(keras.layers.Layer):
             start = tf.clip_by_value(first, lo, hi - length)  # grown downwards: the bases hide behind the diaphragm
             return start, start + length
 
-        boxes = []
-        for q in range(len(self.dark)):  # one box per dark quantile, averaged: no single cut decides
-            lungs = masks[..., q : q + 1]
-            y1, y2 = side(lungs, 2, self.min_height, mirrored=False)
-            x1, x2 = side(lungs, 1, self.min_width, mirrored=True)
-            # Found lung from min_area / 2 to 1.5 x min_area of the image blends from the whole image to the box,
-            # so an image near the limit does not jump between the two
-            area = tf.reduce_mean(lungs, axis=[1, 2, 3])
-            weight = tf.clip_by_value((area - self.min_area / 2) / self.min_area, 0.0, 1.0)[:, None]
-            boxes.append(weight * tf.stack([y1, x1, y2, x2], axis=1) + (1.0 - weight) * whole)
-        return tf.add_n(boxes) / len(boxes)
+        y1, y2 = side(2, self.min_height, mirrored=False)
+        x1, x2 = side(1, self.min_width, mirrored=True)
+        boxes = tf.stack([y1, x1, y2, x2], axis=2)  # (B, Q, 4): one box per dark quantile
+        # Found lung from min_area / 2 to 1.5 x min_area of the image blends from the whole image to the box, so an
+        # image near the limit does not jump between the two; the quantiles' boxes are averaged: no one cut decides
+        area = tf.reduce_mean(masks, axis=[1, 2])
+        weight = tf.clip_by_value((area - self.min_area / 2) / self.min_area, 0.0, 1.0)[..., None]
+        return tf.reduce_mean(weight * boxes + (1.0 - weight) * whole, axis=1)
 
     def call(self, x):
         import tensorflow as tf  # noqa: PLC0415
