@@ -1,0 +1,78 @@
+"""Benchmark: the behaviour tests' figures for each model of an ablation work folder (prints a table).
+
+    .venv/bin/python benchmarks/behaviour.py --workdir /tmp/pneumo-beh default lung-crop lung-crop-seed43
+
+``tests/test_model_behaviour.py`` checks one trained model per test session, so a lever whose models
+pass one time in three looks fine two times in three. This script scores every named experiment of
+``benchmarks/ablation.py``'s ``--workdir`` (restored with ``dvc exp apply``, which changes that folder's
+workspace) with its own calibration and threshold, as the tests do (``pipeline.serving.behaviour``):
+the 48 full-resolution originals against their 224 px copies (how far the probability moves, how
+often the label changes) and every third shared test image under the six small exposure and contrast
+changes (confident labels flipped). The tests' limits are printed beside them; test-time augmentation is
+not applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import pipeline.modeling.models  # noqa: F401 - registers the custom layers for loading
+from pipeline.modeling.metrics import apply_temperature, class_probabilities
+from pipeline.serving import behaviour
+
+
+def calibrated(model: keras.Model, metrics: dict) -> behaviour.Probabilities:
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        out = np.asarray(model.predict(x, batch_size=128, verbose=0), np.float64)
+        return class_probabilities(apply_temperature(out, metrics["temperature"], metrics["calibration_bias"]))[:, -1]
+
+    return probabilities
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("experiments", nargs="+")
+    args = parser.parse_args()
+    dvc = str(Path(sys.executable).parent / "dvc")
+    pairs = behaviour.resolution_pairs(args.shared / "chest_xray_fullres_sample", args.shared / "chest_xray_224")
+    test = sorted((args.shared / "chest_xray_224" / "test").rglob("*.jpeg"))[::3]
+    inputs: dict[int, np.ndarray] = {}
+    print(
+        "| experiment | test AUC | pairs: median dp | largest dp | labels agree | confident | confident flips "
+        "| worst change | all flips |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("| (the tests' limits) | | < 0.02 | < 0.1 | >= 95% | > 50% | 0 | | |")
+    for name in args.experiments:
+        done = subprocess.run([dvc, "exp", "apply", name], cwd=args.workdir, capture_output=True, text=True)
+        if "not found" in done.stderr.lower() or "unknown" in done.stderr.lower():
+            print(f"| {name} | (not in {args.workdir}: {done.stderr.strip().splitlines()[-1]}) |", flush=True)
+            continue
+        metrics = json.loads((args.workdir / "reports" / "metrics.json").read_text())
+        model = keras.saving.load_model(args.workdir / "models" / "model.keras", compile=False)
+        size = int(model.input_shape[1])
+        if size not in inputs:
+            inputs[size] = behaviour.model_inputs(test, size)
+        probabilities = calibrated(model, metrics)
+        pair = behaviour.pair_agreement(probabilities, pairs, size, metrics["threshold"])
+        found = behaviour.flips(probabilities, inputs[size], metrics["threshold"])
+        worst = max(found.by_change, key=lambda k: found.by_change[k])
+        print(
+            f"| {name} | {metrics['test']['roc_auc']:.3f} | {pair.median:.4f} | {pair.largest:.3f} "
+            f"| {pair.labels_agree:.1%} | {found.confident / found.images:.1%} | {found.confident_flips} "
+            f"| {worst} ({found.by_change[worst][0]}) | {sum(a for _, a in found.by_change.values())} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
