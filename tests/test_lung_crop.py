@@ -161,9 +161,9 @@ def test_a_model_that_crops_is_compiled_without_xla(kwargs: dict[str, bool], lay
 
 def test_the_box_stays_still_under_exposure_and_contrast_changes(real_224: Path) -> None:
     """The behaviour tests' changes, on every third shared test X-ray at 64 px (the test model's size). Measured
-    (benchmarks/lung_crop_stability.py): +10 moves no box; x0.9, x1.1 and contrast x0.9 move 0-1% of the boxes
-    by more than 0.05 of the side; -10 and contrast x1.1, which clip the darkest levels to 0, about 10%. The
-    first rule moved 4-30% of them, 11% between cropped and whole under -10."""
+    (benchmarks/lung_crop_stability.py, third rule): +10 moves no box; x0.9, x1.1 and contrast x0.9 move 0.4% of
+    the boxes by more than 0.05 of the side; -10 and contrast x1.1, which clip the darkest levels to 0, 1.9%
+    (largest move 0.08). The second rule moved 8-11% of them under those two (largest 0.11), the first 24-28%."""
     from pipeline.serving import image_io
 
     files = sorted((real_224 / "test").rglob("*.jpeg"))[::3]
@@ -178,7 +178,7 @@ def test_the_box_stays_still_under_exposure_and_contrast_changes(real_224: Path)
     for name in ("brightness x0.9", "brightness x1.1", "contrast x0.9"):
         assert (moved[name] > 0.05).mean() <= 0.03, name
     for name in ("brightness -10", "contrast x1.1"):  # these clip the darkest levels to 0
-        assert (moved[name] > 0.05).mean() <= 0.15 and moved[name].max() <= 0.25, name
+        assert (moved[name] > 0.05).mean() <= 0.05 and moved[name].max() <= 0.15, name
 
 
 def test_a_model_saved_with_another_revision_of_the_rule_is_refused() -> None:
@@ -186,5 +186,28 @@ def test_a_model_saved_with_another_revision_of_the_rule_is_refused() -> None:
     config = LungFieldCrop(name="lung_crop").get_config()
     assert LungFieldCrop.from_config(config).get_config() == config
     first = {k: v for k, v in config.items() if k not in ("revision", "tail")}  # as the first rule saved it
-    with pytest.raises(ValueError, match=r"revision 1 .* this code has revision 2 .*retrain the model"):
+    with pytest.raises(ValueError, match=r"revision 1 .* this code has revision 3 .*retrain the model"):
         LungFieldCrop.from_config(first)
+
+
+def test_jitter_moves_the_box_in_training_only_and_within_its_share_of_the_side() -> None:
+    """model.lung_crop_jitter: in training each edge moves by up to `jitter` of the box's side, a fresh draw
+    every call; predicting uses the box as found; a saved model keeps the setting."""
+    import tensorflow as tf
+
+    layer = LungFieldCrop(jitter=0.1, seed=3)
+    found = layer.crop_boxes(np.stack([chest(), chest(frame=10)])).numpy()
+    draws = np.stack([layer.jittered(tf.constant(found)).numpy() for _ in range(200)])  # (200, 2, 4)
+    side = np.tile(found[:, 2:] - found[:, :2], 2)
+    shift = (draws - found) / side
+    assert np.abs(shift).max() <= 0.1 + 1e-6 and np.abs(shift).max() >= 0.09  # the whole range, not beyond it
+    assert (shift > 0.02).any(axis=0).all() and (shift < -0.02).any(axis=0).all()  # every edge, both ways
+    assert np.corrcoef(shift[:, 0, 0], shift[:, 0, 2])[0, 1] < 0.3  # edges drawn on their own
+    x = np.stack([chest(), chest(frame=10)])
+    assert np.array_equal(layer(x, training=False).numpy(), layer(x).numpy())
+    assert np.array_equal(layer(x).numpy(), LungFieldCrop()(x).numpy())  # jitter off at prediction
+    assert not np.array_equal(layer(x, training=True).numpy(), layer(x, training=True).numpy())
+    assert LungFieldCrop.from_config(layer.get_config()).jitter == 0.1
+
+    built = build_model("compact_cnn", 64, lung_crop=True, lung_crop_jitter=0.05)
+    assert built.model.get_layer("lung_crop").jitter == 0.05

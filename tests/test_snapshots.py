@@ -166,8 +166,8 @@ def test_the_model_card_lists_the_preprocessing_of_single_models_and_ensembles()
     from pipeline.modeling.models import build_model, preprocessing_of
 
     single = build_model("compact_cnn", SIZE, lung_crop=True, standardize=True).model
-    assert preprocessing_of(single) == ["lung_crop (rule 2)", "standardize"]
+    assert preprocessing_of(single) == ["lung_crop (rule 3)", "standardize"]
     assert preprocessing_of(build_model("compact_cnn", SIZE, trim=True).model) == ["trim"]
     assert preprocessing_of(build_model("compact_cnn", SIZE).model) == []
     pair = [build_model("compact_cnn", SIZE, lung_crop=True).model for _ in range(2)]
-    assert preprocessing_of(snapshots.join(pair, "relu3")) == ["lung_crop (rule 2)"]  # from the first member
+    assert preprocessing_of(snapshots.join(pair, "relu3")) == ["lung_crop (rule 3)"]  # from the first member

@@ -138,6 +138,9 @@ class ModelParams(Strict):
     equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
     trim_margins: bool = Field(False, description="dark outer rows and columns cropped off, the model's first layer")
     lung_crop: bool = Field(False, description="each image cropped to its lung fields (found without labels), a layer")
+    lung_crop_jitter: float = Field(
+        0.0, ge=0, le=0.25, description="lung_crop, training only: each box edge moved by up to this share of its side"
+    )
     clahe: float = Field(
         0.0, ge=0, le=40, description="CLAHE clip limit (as OpenCV's), a model layer before standardize; 0: off"
     )

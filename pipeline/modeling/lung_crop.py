@@ -18,10 +18,18 @@ than ``min_area`` / 2 of the image found, it is left whole.
 Every choice also keeps the box still under changes that should not move it (the behaviour tests'
 exposure and contrast changes, another resolution of the same image): the grey-level cuts are quantiles
 and "black" is measured from the image's own darkest level, so adding to or scaling the grey levels
-moves neither; the box is the mean of the boxes at three quantiles (``dark``), so no single cut decides;
-its ends follow the mass of the lung pixels, so a speck moves it little; and between ``min_area`` / 2
+moves neither; the box is the mean of the boxes at seven quantiles (``dark``, 0.30-0.50), so no single cut
+decides and a dark region that joins the edge at one cut and not the next moves it by a seventh;
+its ends follow the mass of the lung pixels, placed inside a line by that line's share (no jump of a whole
+line when a pixel changes), so a speck moves it little; and between ``min_area`` / 2
 and 1.5 x ``min_area`` found it blends from the whole image to the box instead of jumping.
 ``benchmarks/lung_crop_stability.py`` prints how far it moves.
+
+What moves anyway, the model learns to ignore: in training each edge of each box is moved by up to
+``jitter`` of the box's side (uniform, independent per edge), so the network sees its lungs framed a
+little differently every epoch, as the crop frames them between a file and its resized copy. The
+augmentation before the model cannot do this: the crop is found again on the augmented image and
+undoes most of its zoom and shift. Prediction uses the box as found.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import keras
 import numpy as np
 
 GRID = 64  # the lung mask's resolution: coarse, and cheap at every input size
+DARK = tuple(round(0.3 + i / 30, 4) for i in range(7))  # the grey-level quantiles cut, 0.30 to 0.50
 
 
 def crop_to_boxes(x, boxes):
@@ -48,7 +57,7 @@ def _border(grid: int) -> np.ndarray:
     return edge
 
 
-REVISION = 2  # of the box-finding rule; a model saved with another one is refused at load, not silently changed
+REVISION = 3  # of the box-finding rule; a model saved with another one is refused at load, not silently changed
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
@@ -57,13 +66,15 @@ class LungFieldCrop(keras.layers.Layer):
 
     def __init__(
         self,
-        dark: tuple[float, ...] | list[float] = (0.3, 0.35, 0.4),
+        dark: tuple[float, ...] | list[float] = DARK,
         black: float = 6.0,
         margin: float = 0.08,
         min_height: float = 0.65,
         min_width: float = 0.6,
         min_area: float = 0.02,
         tail: float = 0.02,
+        jitter: float = 0.0,
+        seed: int | None = None,
         revision: int = REVISION,
         **kwargs: object,
     ) -> None:
@@ -76,6 +87,8 @@ class LungFieldCrop(keras.layers.Layer):
         self.supports_jit = False  # no XLA kernel for CropAndResize or area resizing: Keras then skips XLA
         self.dark, self.black, self.margin, self.tail = tuple(dark), black, margin, tail
         self.min_height, self.min_width, self.min_area, self.revision = min_height, min_width, min_area, revision
+        self.jitter, self.seed = jitter, seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if jitter else None
 
     def lung_mask(self, small, black=None):
         """(B, 64, 64, 1) grey levels (the image area-resized) -> (B, 64, 64, Q) float masks of the pixels taken
@@ -128,11 +141,25 @@ class LungFieldCrop(keras.layers.Layer):
 
         def mass_extent(profile):
             """Where each row of `profile` (lung pixels per line) passes `tail` and 1 - `tail` of its total: a
-            speck far from the lungs moves the box by its share of the mass, not to where it lies."""
-            share = tf.cumsum(profile, axis=1) / (tf.reduce_sum(profile, axis=1, keepdims=True) + 1e-6)
-            first = tf.reduce_sum(tf.cast(share < self.tail, tf.float32), axis=1) / GRID
-            end = (tf.reduce_sum(tf.cast(share < 1.0 - self.tail, tf.float32), axis=1) + 1.0) / GRID
-            return first, end
+            speck far from the lungs moves the box by its share of the mass, not to where it lies. The
+            crossing is placed inside its line by the line's own mass (linear), so a pixel more or less
+            moves an end by a fraction of a line, never by a whole one."""
+            total = tf.reduce_sum(profile, axis=1, keepdims=True) + 1e-6
+            cell = profile / total  # each line's share of the mass
+            before = tf.cumsum(cell, axis=1, exclusive=True)  # the share above (left of) each line
+
+            def crossing(level: float):
+                # Lines wholly before `level` count 1, the line it falls in its fraction, later lines 0
+                inside = tf.math.divide_no_nan(level - before, cell)
+                return (
+                    tf.reduce_sum(
+                        tf.where(cell > 0, tf.clip_by_value(inside, 0.0, 1.0), tf.cast(before < level, tf.float32)),
+                        axis=1,
+                    )
+                    / GRID
+                )
+
+            return crossing(self.tail), crossing(1.0 - self.tail)
 
         def side(axis: int, least: float, mirrored: bool):
             """The crop along one axis, (B, Q) per end, in the frame of the non-black part of the image (padding
@@ -160,10 +187,19 @@ class LungFieldCrop(keras.layers.Layer):
         weight = tf.clip_by_value((area - self.min_area / 2) / self.min_area, 0.0, 1.0)[..., None]
         return tf.reduce_mean(weight * boxes + (1.0 - weight) * whole, axis=1)
 
-    def call(self, x):
+    def jittered(self, boxes):
+        """(B, 4) boxes, each edge moved by up to ``jitter`` of its box's side, kept inside the image."""
+        import tensorflow as tf  # noqa: PLC0415
+
+        side = tf.tile(boxes[:, 2:] - boxes[:, :2], [1, 2])  # (h, w, h, w) to match (y1, x1, y2, x2)
+        move = keras.random.uniform(tf.shape(boxes), -self.jitter, self.jitter, seed=self.seed_generator)
+        return tf.clip_by_value(boxes + move * side, 0.0, 1.0)
+
+    def call(self, x, training=None):
         import tensorflow as tf  # noqa: PLC0415
 
         boxes = tf.stop_gradient(self.crop_boxes(tf.cast(x, tf.float32)))
+        boxes = self.jittered(boxes) if training and self.jitter else boxes
         return tf.cast(crop_to_boxes(x, boxes), self.compute_dtype)
 
     @classmethod
@@ -174,6 +210,7 @@ class LungFieldCrop(keras.layers.Layer):
         return {
             **super().get_config(),
             **{k: getattr(self, k) for k in ("black", "margin", "min_height", "min_width", "min_area", "tail")},
+            **{k: getattr(self, k) for k in ("jitter", "seed")},
             "dark": list(self.dark),
             "revision": self.revision,
         }

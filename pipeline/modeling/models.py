@@ -155,7 +155,7 @@ PREPROCESSING = ("trim", "lung_crop", "equalize", "clahe", "standardize")  # the
 
 def preprocessing_of(model: keras.Model) -> list[str]:
     """The preprocessing layers a built model applies, input side first (an ensemble's: its first member's), e.g.
-    ``["lung_crop (rule 2)", "standardize"]``; for the model card."""
+    ``["lung_crop (rule 3)", "standardize"]``; for the model card."""
     names = [
         f"{layer.name} (rule {layer.revision})" if hasattr(layer, "revision") else layer.name
         for layer in model.layers
@@ -278,18 +278,20 @@ def build_model(
     clahe: float = 0.0,
     lung_crop: bool = False,
     clahe_tiles: int = 8,
+    lung_crop_jitter: float = 0.0,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
-    ``trim``, ``lung_crop``, ``equalize`` or ``clahe`` (a clip limit; 0: off), ``standardize``: dark
-    margins trimmed, a crop to the lung fields, per-image histogram equalization (global or
-    contrast-limited adaptive), then intensity standardization, as the model's first layers (so every
-    caller gets them)."""
+    ``trim``, ``lung_crop`` (its box moved by up to ``lung_crop_jitter`` in training), ``equalize`` or
+    ``clahe`` (a clip limit; 0: off), ``standardize``: dark margins trimmed, a crop to the lung fields,
+    per-image histogram equalization (global or contrast-limited adaptive), then intensity standardization,
+    as the model's first layers (so every caller gets them)."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
     inputs = keras.Input((image_size, image_size, 1), name="image")
     pixels = TrimDarkMargins(name="trim")(inputs) if trim else inputs
-    pixels = LungFieldCrop(name="lung_crop")(pixels) if lung_crop else pixels
+    crop = LungFieldCrop(jitter=lung_crop_jitter, name="lung_crop") if lung_crop else None
+    pixels = crop(pixels) if crop else pixels
     pixels = EqualizeHistogram(name="equalize")(pixels) if equalize else pixels
     pixels = ContrastLimitedEqualization(clahe, clahe_tiles, name="clahe")(pixels) if clahe else pixels
     pixels = StandardizeIntensity(name="standardize")(pixels) if standardize else pixels
@@ -337,6 +339,7 @@ def build_from_params(
         clahe=mp.clahe,
         clahe_tiles=mp.clahe_tiles,
         lung_crop=mp.lung_crop,
+        lung_crop_jitter=mp.lung_crop_jitter,
     )
 
 
