@@ -11,21 +11,15 @@ augmentation is not applied (a model-only score), so evaluation-only levers show
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-import pipeline.modeling.models  # noqa: F401 - registers the custom layers for loading
+from benchmarks.ablation_models import arguments, calibrated, restored
 from pipeline.data.stress import SETS
-from pipeline.modeling.metrics import apply_temperature, class_probabilities
 from pipeline.serving import image_io
 
 
@@ -40,37 +34,20 @@ def inputs(files: list[Path], transform: object, size: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("experiments", nargs="+")
-    args = parser.parse_args()
-    dvc = str(Path(sys.executable).parent / "dvc")
+    args = arguments(__doc__)
     files = {c: sorted((args.shared / "chest_xray_224" / "test" / c).glob("*.jpeg")) for c in ("NORMAL", "PNEUMONIA")}
     cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     print("| experiment | test AUC | against AUC | against sens | against spec |")
     print("|---|---|---|---|---|")
-    for name in args.experiments:
-        # The model and reports come back; the register stage's model card is not cached (a warning, not a failure)
-        subprocess.run([dvc, "exp", "apply", name], cwd=args.workdir, capture_output=True, check=False)
-        metrics = json.loads((args.workdir / "reports" / "metrics.json").read_text())
-        model = keras.saving.load_model(args.workdir / "models" / "model.keras", compile=False)
+    for name, model, metrics in restored(args):
+        probabilities = calibrated(model, metrics)
         size = int(model.input_shape[1])
         cells = []
         for set_name in (None, "aspect_against_class"):
             if (set_name, size) not in cache:
                 transforms = SETS[set_name] if set_name else dict.fromkeys(files)
                 cache[set_name, size] = tuple(inputs(files[c], transforms[c], size) for c in ("NORMAL", "PNEUMONIA"))
-            normal, pneumonia = (
-                class_probabilities(
-                    apply_temperature(
-                        np.asarray(model.predict(x, batch_size=128, verbose=0), np.float64),
-                        metrics["temperature"],
-                        metrics["calibration_bias"],
-                    )
-                )[:, -1]
-                for x in cache[set_name, size]
-            )
+            normal, pneumonia = (probabilities(x) for x in cache[set_name, size])
             labels = np.r_[np.zeros(len(normal)), np.ones(len(pneumonia))]
             cells.append(f"{roc_auc_score(labels, np.r_[normal, pneumonia]):.4f}")
         t = metrics["threshold"]

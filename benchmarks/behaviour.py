@@ -14,35 +14,14 @@ not applied.
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-import keras
 import numpy as np
 
-import pipeline.modeling.models  # noqa: F401 - registers the custom layers for loading
-from pipeline.modeling.metrics import apply_temperature, class_probabilities
+from benchmarks.ablation_models import arguments, calibrated, restored
 from pipeline.serving import behaviour
 
 
-def calibrated(model: keras.Model, metrics: dict) -> behaviour.Probabilities:
-    def probabilities(x: np.ndarray) -> np.ndarray:
-        out = np.asarray(model.predict(x, batch_size=128, verbose=0), np.float64)
-        return class_probabilities(apply_temperature(out, metrics["temperature"], metrics["calibration_bias"]))[:, -1]
-
-    return probabilities
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("experiments", nargs="+")
-    args = parser.parse_args()
-    dvc = str(Path(sys.executable).parent / "dvc")
+    args = arguments(__doc__)
     pairs = behaviour.resolution_pairs(args.shared / "chest_xray_fullres_sample", args.shared / "chest_xray_224")
     test = sorted((args.shared / "chest_xray_224" / "test").rglob("*.jpeg"))[::3]
     inputs: dict[int, np.ndarray] = {}
@@ -52,13 +31,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print("| (the tests' limits) | | < 0.02 | < 0.1 | >= 95% | > 50% | 0 | | |")
-    for name in args.experiments:
-        done = subprocess.run([dvc, "exp", "apply", name], cwd=args.workdir, capture_output=True, text=True)
-        if "not found" in done.stderr.lower() or "unknown" in done.stderr.lower():
-            print(f"| {name} | (not in {args.workdir}: {done.stderr.strip().splitlines()[-1]}) |", flush=True)
-            continue
-        metrics = json.loads((args.workdir / "reports" / "metrics.json").read_text())
-        model = keras.saving.load_model(args.workdir / "models" / "model.keras", compile=False)
+    for name, model, metrics in restored(args):
         size = int(model.input_shape[1])
         if size not in inputs:
             inputs[size] = behaviour.model_inputs(test, size)

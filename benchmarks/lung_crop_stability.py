@@ -17,13 +17,9 @@ import numpy as np
 
 from pipeline.data.stress import small_changes
 from pipeline.modeling.lung_crop import LungFieldCrop
-from pipeline.serving import image_io
+from pipeline.serving.behaviour import model_inputs
 
 WHOLE = np.array([0.0, 0.0, 1.0, 1.0])
-
-
-def model_inputs(files: list[Path], size: int) -> np.ndarray:
-    return np.stack([image_io.model_input(image_io.load(f.read_bytes()), size) for f in files])
 
 
 def boxes(layer: LungFieldCrop, x: np.ndarray) -> np.ndarray:

@@ -164,10 +164,9 @@ def test_the_box_stays_still_under_exposure_and_contrast_changes(real_224: Path)
     (benchmarks/lung_crop_stability.py, third rule): +10 moves no box; x0.9, x1.1 and contrast x0.9 move 0.4% of
     the boxes by more than 0.05 of the side; -10 and contrast x1.1, which clip the darkest levels to 0, 1.9%
     (largest move 0.08). The second rule moved 8-11% of them under those two (largest 0.11), the first 24-28%."""
-    from pipeline.serving import image_io
+    from pipeline.serving.behaviour import model_inputs
 
-    files = sorted((real_224 / "test").rglob("*.jpeg"))[::3]
-    x = np.stack([image_io.model_input(image_io.load(f.read_bytes()), 64) for f in files])
+    x = model_inputs(sorted((real_224 / "test").rglob("*.jpeg"))[::3], 64)
     layer, changes = LungFieldCrop(), small_changes(x)
     base = layer.crop_boxes(x).numpy()
     moved = {

@@ -35,10 +35,13 @@ def resolution_pairs(originals: Path, copies: Path) -> list[tuple[Path, Path]]:
 class PairAgreement:
     full: np.ndarray  # p(original), per pair
     copy: np.ndarray  # p(copy)
-    pairs: int
     median: float  # |p(original) - p(copy)|
     largest: float
     labels_agree: float  # share of pairs on the same side of the threshold
+
+    @property
+    def pairs(self) -> int:
+        return len(self.full)
 
     def summary(self) -> str:
         return (
@@ -54,7 +57,7 @@ def pair_agreement(
     small = probabilities(model_inputs([c for _, c in pairs], size))
     diff = np.abs(full - small)
     agree = np.mean((full >= threshold) == (small >= threshold))
-    return PairAgreement(full, small, len(pairs), float(np.median(diff)), float(diff.max()), float(agree))
+    return PairAgreement(full, small, float(np.median(diff)), float(diff.max()), float(agree))
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
