@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
-from pipeline.core.locks import FOLDER_LOCK, folder_lock
+from pipeline.core.locks import FOLDER_LOCK, folder_lock, lock_folders
 from pipeline.steps import evaluate, register, train
 
 HOLD = "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); input()"
@@ -44,6 +44,53 @@ def test_a_second_stage_in_a_busy_folder_fails_at_once_and_writes_nothing(
         holder.wait(10)
     with folder_lock("train", tmp_path):  # the holder died: its lock went with it
         pass
+
+
+def test_two_projects_that_write_one_output_folder_take_turns(
+    params_in: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output path outside the project folder (an absolute train.model_dir) carries the lock too."""
+    shared_models, project = tmp_path / "models-of-both", tmp_path / "b"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    params = params_in(f"train.model_dir={shared_models}")
+    holder = subprocess.Popen(  # project a's train, writing the same model folder
+        [sys.executable, "-c", HOLD, str(shared_models / FOLDER_LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for name, step in (("train", train), ("evaluate", evaluate), ("register", register)):
+            with pytest.raises(PipelineError) as err:
+                step.run(params)
+            assert str(err.value).startswith(
+                f"{name}: another train, evaluate or register is running in {shared_models}"
+            )
+        assert sorted(p.name for p in shared_models.iterdir()) == [FOLDER_LOCK]  # no model written
+        with folder_lock("train", project):  # project b's own folder was let go when the second lock failed
+            pass
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_the_locked_folders_are_the_project_and_the_outputs_outside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)  # relative outputs are the stages' cwd's
+    outputs = ["models", "reports/plots", str(tmp_path / "out" / "models"), "../out/models", str(tmp_path / "cards")]
+    assert lock_folders(project, outputs) == [project, tmp_path / "cards", tmp_path / "out" / "models"]
+
+
+def test_every_stage_output_folder_is_named(params_in: Callable[..., Params], tmp_path: Path) -> None:
+    params = params_in("registry.decision_file=/elsewhere/champion.json")
+    folders = set(params.stage_folders())
+    assert {str(tmp_path / "models"), str(tmp_path / "reports"), "/elsewhere"} <= folders
+    assert {params.train.tensorboard_dir, params.evaluate.plots_dir, params.evaluate.figures_dir} <= folders
 
 
 def test_a_distributed_trainings_other_workers_do_not_take_it(

@@ -382,6 +382,12 @@ class Params(Strict):
             raise ValueError(f"train.members: needs a from-scratch model.architecture, not {self.model.architecture}")
         return self
 
+    def stage_folders(self) -> list[str]:
+        """The folders that train, evaluate and register read or write (model, run, metrics, figures, decision)."""
+        files = (self.mlflow.run_file, self.evaluate.metrics, self.evaluate.predictions, self.registry.decision_file)
+        folders = (self.train.model_dir, self.train.tensorboard_dir, self.evaluate.plots_dir, self.evaluate.figures_dir)
+        return [*folders, *(os.path.dirname(f) or "." for f in files)]
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]

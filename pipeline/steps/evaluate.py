@@ -33,7 +33,7 @@ def show(params: Params) -> str:
 
 
 def run(params: Params) -> str:
-    with folder_lock("evaluate"):
+    with folder_lock("evaluate", outputs=params.stage_folders()):
         return _evaluate(params)
 
 

@@ -152,7 +152,7 @@ def card_writer(
 
 
 def run(params: Params) -> str:
-    with folder_lock("register"):
+    with folder_lock("register", outputs=params.stage_folders()):
         return _register(params)
 
 

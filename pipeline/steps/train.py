@@ -63,7 +63,7 @@ def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None =
             f"{cluster.name} of {cluster.size}: trained {len(outcome.history)} epochs in lockstep on "
             f"{outcome.device}; the chief writes the model and the MLflow run"
         )
-    with folder_lock("train"):
+    with folder_lock("train", outputs=params.stage_folders()):
         # The strategy first: a cluster that cannot start (a worker's port taken) stops before any MLflow run.
         hardware = training.configure_hardware(params.train)
         return _train_and_track(params, read_index(params.index.path), extra_callbacks, hardware)
