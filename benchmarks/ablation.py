@@ -71,6 +71,9 @@ LEVERS: dict[str, list[str]] = {
         "evaluate.tta.shift=0.05",
         "evaluate.tta.zoom=0.1",
     ],
+    "width-1.25": ["model.width=1.25"],  # 1.5x the channels' products: about 1.5x the train time
+    "width-1.5": ["model.width=1.5"],
+    "epochs-18": ["train.epochs=18"],
     "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, 1.1-1.4x the train time
     "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
     "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],

@@ -32,6 +32,11 @@ def test_repository_params_load() -> None:
         ("model.clahe=-1", "params.yaml: model.clahe: Input should be greater than or equal to 0"),
         ("model.clahe=2 model.equalize=true", "params.yaml: model.clahe: use it or model.equalize, not both"),
         ("model.clahe=2 model.image_size=96", "params.yaml: model.clahe: 2.0 on 8 x 8 tiles of 12 px (image_size 96)"),
+        (
+            "model.width=1.5 model.architecture=resnet50",
+            "params.yaml: model.width: only the from-scratch architectures",
+        ),
+        ("model.width=0.1", "params.yaml: model.width: Input should be greater than or equal to 0.25"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:

@@ -37,6 +37,21 @@ def test_builds_and_runs_forward(architecture: str) -> None:
         assert any(built.model.get_layer(n).trainable_weights for n in top)
 
 
+@pytest.mark.parametrize("architecture", ["compact_cnn", "residual_cnn"])
+def test_width_scales_every_layers_channels(architecture: str) -> None:
+    def channels(width: float) -> dict[str, int]:
+        model = build_model(architecture, 64, width=width).model
+        return {layer.name: layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)}
+
+    plain, wide = channels(1.0), channels(1.5)
+    assert plain.keys() == wide.keys()  # the same layers, so Grad-CAM's last_conv and every name hold
+    assert all(wide[name] == round(1.5 * plain[name]) for name in plain)
+    assert (
+        build_model(architecture, 64, width=1.5).model.count_params()
+        > 2 * build_model(architecture, 64).model.count_params()
+    )
+
+
 def test_three_class_head() -> None:
     built = build_model("compact_cnn", 64, n_classes=3)
     y = built.model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0)

@@ -134,6 +134,7 @@ class ModelParams(Strict):
     weights: str = Field("none", description="none | imagenet | path to a .weights.h5 file of this architecture")
     image_size: int = Field(128, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
+    width: float = Field(1.0, ge=0.25, le=4, description="from-scratch models: every layer's channels x this")
     standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
     equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
     trim_margins: bool = Field(False, description="dark outer rows and columns cropped off, the model's first layer")
@@ -147,7 +148,9 @@ class ModelParams(Strict):
     clahe_tiles: int = Field(8, ge=1, le=32, description="CLAHE: the image cut into this many tiles per side")
 
     @model_validator(mode="after")
-    def _clahe_usable(self) -> ModelParams:
+    def _consistent(self) -> ModelParams:
+        if self.width != 1.0 and self.architecture not in FROM_SCRATCH:
+            raise ValueError(f"width: only the from-scratch architectures are widened, not {self.architecture}")
         if self.clahe and self.equalize:
             raise ValueError("clahe: use it or model.equalize, not both (each re-maps the grey levels)")
         if self.clahe:

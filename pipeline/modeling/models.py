@@ -172,10 +172,16 @@ class BuiltModel:
     last_conv: str
 
 
-def _compact_cnn(inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
+def _scaled(filters: int, width: float) -> int:
+    return max(8, round(filters * width))
+
+
+def _compact_cnn(
+    inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float, width: float = 1.0
+) -> BuiltModel:
     x = keras.layers.Rescaling(1 / 255.0, name="rescale")(pixels)
     for i, filters in enumerate((32, 64, 128, 128)):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = keras.layers.Conv2D(_scaled(filters, width), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)  # small data: settle fast
         x = keras.layers.Activation("relu", name=f"relu{i}")(x)
         x = keras.layers.MaxPooling2D(name=f"pool{i}")(x) if i < 3 else x
@@ -202,18 +208,20 @@ def _residual_block(x: keras.KerasTensor, filters: int, stride: int, name: str) 
     return keras.layers.Activation("relu", name=f"{name}_out")(y)
 
 
-def _residual_cnn(inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float) -> BuiltModel:
+def _residual_cnn(
+    inputs: keras.KerasTensor, pixels: keras.KerasTensor, n_out: int, dropout: float, width: float = 1.0
+) -> BuiltModel:
     """From scratch, CPU-sized: a stride-2 stem, then four residual SE stages (32-256 channels, /16 overall).
 
     Every output unit sees the whole image at 128 px (the compact CNN's last layer sees about 38 px), so
     the score can rest on the lung fields' extent and not only on local texture.
     """
     x = keras.layers.Rescaling(1 / 255.0, name="rescale")(pixels)
-    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = keras.layers.Conv2D(_scaled(32, width), 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     for i, (filters, stride) in enumerate(((32, 1), (64, 2), (128, 2), (256, 2)), start=1):
-        x = _residual_block(x, filters, stride, f"stage{i}")
+        x = _residual_block(x, _scaled(filters, width), stride, f"stage{i}")
     return BuiltModel(_head(inputs, x, n_out, dropout, "residual_cnn"), [], "stage4_out")
 
 
@@ -279,12 +287,13 @@ def build_model(
     lung_crop: bool = False,
     clahe_tiles: int = 8,
     lung_crop_jitter: float = 0.0,
+    width: float = 1.0,
 ) -> BuiltModel:
     """An uncompiled model; ``weights``: ``none``, ``imagenet`` (backbone only) or a full-model weights file;
     ``trim``, ``lung_crop`` (its box moved by up to ``lung_crop_jitter`` in training), ``equalize`` or
     ``clahe`` (a clip limit; 0: off), ``standardize``: dark margins trimmed, a crop to the lung fields,
     per-image histogram equalization (global or contrast-limited adaptive), then intensity standardization,
-    as the model's first layers (so every caller gets them)."""
+    as the model's first layers (so every caller gets them); ``width``: the from-scratch models' channels x this."""
     if architecture not in ARCHITECTURES:
         raise PipelineError(f"model.architecture: unknown {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     n_out = 1 if n_classes == 2 else n_classes
@@ -298,8 +307,10 @@ def build_model(
     if architecture in FROM_SCRATCH:
         if weights == "imagenet":
             raise PipelineError(f"model.weights: {architecture} has no ImageNet weights; use none or a weights file")
-        built = FROM_SCRATCH[architecture](inputs, pixels, n_out, dropout)
+        built = FROM_SCRATCH[architecture](inputs, pixels, n_out, dropout, width)
     else:
+        if width != 1.0:
+            raise PipelineError(f"model.width: only the from-scratch models are widened, not {architecture}")
         spec = BACKBONES[architecture]
         if image_size < spec.min_size:
             raise PipelineError(f"model.image_size: {architecture} needs at least {spec.min_size}, got {image_size}")
@@ -340,6 +351,7 @@ def build_from_params(
         clahe_tiles=mp.clahe_tiles,
         lung_crop=mp.lung_crop,
         lung_crop_jitter=mp.lung_crop_jitter,
+        width=mp.width,
     )
 
 
