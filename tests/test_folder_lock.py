@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,26 @@ from pipeline.steps import evaluate, register, train
 HOLD = "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); input()"
 
 
+@contextlib.contextmanager
+def held_by_another_process(lock: Path) -> Iterator[None]:
+    """The lock file `lock` held by a child process (another stage) until the block ends; then it dies."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 def test_a_second_stage_in_a_busy_folder_fails_at_once_and_writes_nothing(
     params_in: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     params = params_in()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / FOLDER_LOCK)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path / FOLDER_LOCK):
         before = sorted(p.name for p in tmp_path.iterdir())
         for name, step in (("train", train), ("evaluate", evaluate), ("register", register)):
             with pytest.raises(PipelineError) as err:
@@ -39,14 +47,11 @@ def test_a_second_stage_in_a_busy_folder_fails_at_once_and_writes_nothing(
             assert str(err.value).startswith(f"{name}: another train, evaluate or register is running in {tmp_path}")
             assert "\n" not in str(err.value)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no model, metrics, run or decision
-    finally:
-        holder.kill()
-        holder.wait(10)
     with folder_lock("train", tmp_path):  # the holder died: its lock went with it
         pass
 
 
-def test_two_projects_that_write_one_output_folder_take_turns(
+def test_a_stage_of_another_project_writing_the_same_output_folder_is_refused(
     params_in: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An output path outside the project folder (an absolute train.model_dir) carries the lock too."""
@@ -54,14 +59,7 @@ def test_two_projects_that_write_one_output_folder_take_turns(
     project.mkdir()
     monkeypatch.chdir(project)
     params = params_in(f"train.model_dir={shared_models}")
-    holder = subprocess.Popen(  # project a's train, writing the same model folder
-        [sys.executable, "-c", HOLD, str(shared_models / FOLDER_LOCK)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with held_by_another_process(shared_models / FOLDER_LOCK):  # project a's train, writing the same model folder
         for name, step in (("train", train), ("evaluate", evaluate), ("register", register)):
             with pytest.raises(PipelineError) as err:
                 step.run(params)
@@ -71,9 +69,6 @@ def test_two_projects_that_write_one_output_folder_take_turns(
         assert sorted(p.name for p in shared_models.iterdir()) == [FOLDER_LOCK]  # no model written
         with folder_lock("train", project):  # project b's own folder was let go when the second lock failed
             pass
-    finally:
-        holder.kill()
-        holder.wait(10)
 
 
 def test_the_locked_folders_are_the_project_and_the_outputs_outside_it(
