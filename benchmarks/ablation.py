@@ -64,6 +64,8 @@ LEVERS: dict[str, list[str]] = {
     # The box moved by up to 5% / 10% of its side per edge in training: the network learns to ignore where it lands
     "lung-crop+jitter-0.05": ["model.lung_crop=true", "model.lung_crop_jitter=0.05"],
     "lung-crop+jitter-0.1": ["model.lung_crop=true", "model.lung_crop_jitter=0.1"],
+    "lung-crop+width-1.5": ["model.lung_crop=true", "model.width=1.5"],  # a larger network: less box-sensitive?
+    "lung-crop+width-2": ["model.lung_crop=true", "model.width=2.0"],
     "lung-crop+ema": ["model.lung_crop=true", "train.ema_epochs=0.85"],
     "lung-crop+ema+tta": [
         "model.lung_crop=true",
