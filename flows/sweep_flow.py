@@ -54,7 +54,7 @@ from prefect.tasks import exponential_backoff
 from flows.dvc_runner import changed_stages, run_pneumo
 from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, stage_task
 from pipeline.core import atomic
-from pipeline.core.config import Params, load_params, write_overrides
+from pipeline.core.config import STAGE_OUTPUT_FILES, STAGE_OUTPUT_FOLDERS, Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.project import project_path
 from pipeline.registry import tracking
@@ -134,15 +134,15 @@ def validate(
 
 
 def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict[str, Any], uri: str) -> Path:
-    """sweeps/<sweep>/<trial>/: params.yaml with the overrides, the project's data linked read-only,
-    the shared MLflow store, registration lock and validation report by absolute path."""
+    """sweeps/<sweep>/<trial>/: params.yaml with the overrides, its own stage outputs, the project's data
+    linked read-only, the shared MLflow store, registration lock and validation report by absolute path."""
     folder = root / name
     folder.mkdir(parents=True)
     shutil.copy2(params_file, folder / "params.yaml")
     project = load_params(params_file)
     for path in (project.data.root, project.index.path, project.shards.out):
         top = Path(path).parts[0]
-        if not Path(path).is_absolute() and not (folder / top).exists():
+        if not Path(path).is_absolute() and not os.path.lexists(folder / top):  # one link per top folder
             (folder / top).symlink_to(Path(top).resolve(), target_is_directory=Path(top).is_dir())
     if Path("dvc.lock").is_file():  # the data version the trial's run records (checked against the index)
         shutil.copy2("dvc.lock", folder / "dvc.lock")
@@ -153,8 +153,19 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
         "registry.lock_file": str(project_path(project.registry.lock_file).resolve()),
         "registry.promotion": "candidate",  # a sweep's winner never takes @champion by itself
     }
-    write_overrides(folder / "params.yaml", as_overrides({**overrides, **shared}))
+    write_overrides(folder / "params.yaml", as_overrides({**own_outputs(project), **overrides, **shared}))
     return folder
+
+
+def own_outputs(project: Params) -> dict[str, str]:
+    """The stage outputs the project names by absolute path, put back to their (relative) defaults: each
+    trial writes its own model and reports, not one shared folder (whose stage lock would refuse the others)."""
+    own = {}
+    for key in (*STAGE_OUTPUT_FOLDERS, *STAGE_OUTPUT_FILES):
+        if Path(project.setting(key)).expanduser().is_absolute():
+            section, field = key.split(".")
+            own[key] = type(getattr(project, section)).model_fields[field].default
+    return own
 
 
 def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.sweep_flow import expand, pneumonia_sweep, store_warning, table_markdown, validate, winner_of
+from flows.sweep_flow import (
+    expand,
+    own_outputs,
+    pneumonia_sweep,
+    store_warning,
+    table_markdown,
+    trial_folder,
+    validate,
+    winner_of,
+)
+from pipeline.core.config import load_params
 from pipeline.core.errors import ConfigError, PipelineError
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project
@@ -81,6 +91,22 @@ def test_an_unknown_trial_deployment_fails_before_anything_runs(
             trial_deployment="pneumonia-sweep-trial/nope",
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_trial_writes_its_own_outputs_even_where_the_project_names_absolute_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = copy_project(
+        tmp_path / "project", f"train.model_dir={tmp_path / 'models'}", f"evaluate.metrics={tmp_path / 'm.json'}"
+    )
+    monkeypatch.chdir(work)
+    project = load_params("params.yaml")
+    assert own_outputs(project) == {"train.model_dir": "models", "evaluate.metrics": "reports/metrics.json"}
+    folder = trial_folder(work / "sweeps" / "s", "t00", "params.yaml", {"train.learning_rate": 0.01}, "sqlite:///x.db")
+    trial = load_params(folder / "params.yaml")
+    assert (trial.train.model_dir, trial.evaluate.metrics) == ("models", "reports/metrics.json")
+    assert trial.train.learning_rate == 0.01 and trial.evaluate.plots_dir == project.evaluate.plots_dir
+    assert trial.mlflow.artifact_root == str((work / project.mlflow.artifact_root).resolve())  # still shared
 
 
 def test_the_winner_is_chosen_on_validation_never_on_test() -> None:

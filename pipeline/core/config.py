@@ -358,6 +358,11 @@ class ServeParams(Strict):
     drift_window: int = Field(200, ge=0, description="last served images compared with the training sample; 0: off")
 
 
+# What train, evaluate and register write: one folder at a time (pipeline.core.locks), one set per sweep trial.
+STAGE_OUTPUT_FOLDERS = ("train.model_dir", "train.tensorboard_dir", "evaluate.plots_dir", "evaluate.figures_dir")
+STAGE_OUTPUT_FILES = ("mlflow.run_file", "evaluate.metrics", "evaluate.predictions", "registry.decision_file")
+
+
 class Params(Strict):
     data: DataParams
     index: IndexParams = IndexParams()
@@ -385,11 +390,17 @@ class Params(Strict):
             raise ValueError(f"train.members: needs a from-scratch model.architecture, not {self.model.architecture}")
         return self
 
+    def setting(self, key: str) -> Any:
+        """The value of a dotted key, e.g. ``train.model_dir``."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
     def stage_folders(self) -> list[str]:
         """The folders that train, evaluate and register read or write (model, run, metrics, figures, decision)."""
-        files = (self.mlflow.run_file, self.evaluate.metrics, self.evaluate.predictions, self.registry.decision_file)
-        folders = (self.train.model_dir, self.train.tensorboard_dir, self.evaluate.plots_dir, self.evaluate.figures_dir)
-        return [*folders, *(os.path.dirname(f) or "." for f in files)]
+        files = (os.path.dirname(self.setting(k)) or "." for k in STAGE_OUTPUT_FILES)
+        return [*(self.setting(k) for k in STAGE_OUTPUT_FOLDERS), *files]
 
 
 def _format_error(err: ValidationError, source: str) -> str:
