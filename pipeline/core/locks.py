@@ -45,9 +45,9 @@ def folder_lock(stage: str, folder: Path = Path("."), outputs: Iterable[str | Pa
     """Hold the project folder's stage lock for `stage` (train, evaluate, register): the stages that write a
     folder's model, metrics and decision run one at a time, whoever starts them (a flow, `dvc repro`, a
     distributed training's chief); a second one fails at once with one line, before writing anything. Output
-    folders outside the project folder (`outputs`, e.g. an absolute train.model_dir) get the same lock file, so
-    two projects that write one model folder take turns too. The thread that holds it may take it again (nested
-    stages in one process); other threads and processes may not."""
+    folders outside the project folder (`outputs`, e.g. an absolute train.model_dir) get the same lock file, so a
+    stage of another project that writes the same folder is refused too. The thread that holds it may take it
+    again (nested stages in one process); other threads and processes may not."""
     with contextlib.ExitStack() as held:
         for place in lock_folders(folder, outputs):  # one order everywhere; timeout 0 cannot deadlock anyway
             place.mkdir(parents=True, exist_ok=True)
