@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
-from pipeline.core.locks import FOLDER_LOCK, folder_lock, lock_folders
+from pipeline.core.locks import FOLDER_LOCK, folder_lock, lock_files
 from pipeline.steps import evaluate, register, train
 
 HOLD = "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); input()"
@@ -59,14 +59,15 @@ def test_a_stage_of_another_project_writing_the_same_output_folder_is_refused(
     project.mkdir()
     monkeypatch.chdir(project)
     params = params_in(f"train.model_dir={shared_models}")
-    with held_by_another_process(shared_models / FOLDER_LOCK):  # project a's train, writing the same model folder
+    beside = tmp_path / f".models-of-both{FOLDER_LOCK}"  # beside the folder: the folder holds outputs only
+    with held_by_another_process(beside):  # project a's train, writing the same model folder
         for name, step in (("train", train), ("evaluate", evaluate), ("register", register)):
             with pytest.raises(PipelineError) as err:
                 step.run(params)
             assert str(err.value).startswith(
                 f"{name}: another train, evaluate or register is running in {shared_models}"
             )
-        assert sorted(p.name for p in shared_models.iterdir()) == [FOLDER_LOCK]  # no model written
+        assert not shared_models.exists()  # no model written
         with folder_lock("train", project):  # project b's own folder was let go when the second lock failed
             pass
 
@@ -78,7 +79,11 @@ def test_the_locked_folders_are_the_project_and_the_outputs_outside_it(
     project.mkdir()
     monkeypatch.chdir(project)  # relative outputs are the stages' cwd's
     outputs = ["models", "reports/plots", str(tmp_path / "out" / "models"), "../out/models", str(tmp_path / "cards")]
-    assert lock_folders(project, outputs) == [project, tmp_path / "cards", tmp_path / "out" / "models"]
+    assert lock_files(project, outputs) == [
+        (project, project / FOLDER_LOCK),
+        (tmp_path / "cards", tmp_path / f".cards{FOLDER_LOCK}"),
+        (tmp_path / "out" / "models", tmp_path / "out" / f".models{FOLDER_LOCK}"),
+    ]
 
 
 def test_every_stage_output_folder_is_named(params_in: Callable[..., Params], tmp_path: Path) -> None:

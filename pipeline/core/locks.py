@@ -33,11 +33,13 @@ def file_lock(path: Path, timeout: float, what: str, log: Callable[[str], None] 
 FOLDER_LOCK = ".pneumo-stage.lock"  # in the folder a stage writes its outputs to (git-ignored)
 
 
-def lock_folders(folder: Path, outputs: Iterable[str | Path]) -> list[Path]:
-    """`folder` (resolved) and every folder of `outputs` (relative to the cwd) that lies outside it, sorted."""
+def lock_files(folder: Path, outputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """(folder, its lock file): `folder`'s own, then every folder of `outputs` (relative to the cwd) outside it,
+    sorted, each locked by a file beside it (``.<name>.pneumo-stage.lock``), so the output folder holds outputs only."""
     root = folder.resolve()
-    outside = {Path(o).expanduser().resolve() for o in outputs}
-    return [root, *sorted(o for o in outside if not o.is_relative_to(root))]
+    outside = sorted({Path(o).expanduser().resolve() for o in outputs} - {root})
+    beside = [(o, o.parent / f".{o.name}{FOLDER_LOCK}") for o in outside if not o.is_relative_to(root)]
+    return [(root, root / FOLDER_LOCK), *beside]
 
 
 @contextlib.contextmanager
@@ -45,19 +47,19 @@ def folder_lock(stage: str, folder: Path = Path("."), outputs: Iterable[str | Pa
     """Hold the project folder's stage lock for `stage` (train, evaluate, register): the stages that write a
     folder's model, metrics and decision run one at a time, whoever starts them (a flow, `dvc repro`, a
     distributed training's chief); a second one fails at once with one line, before writing anything. Output
-    folders outside the project folder (`outputs`, e.g. an absolute train.model_dir) get the same lock file, so a
+    folders outside the project folder (`outputs`, e.g. an absolute train.model_dir) get a lock file too, so a
     stage of another project that writes the same folder is refused too. The thread that holds it may take it
     again (nested stages in one process); other threads and processes may not."""
     with contextlib.ExitStack() as held:
-        for place in lock_folders(folder, outputs):  # one order everywhere; timeout 0 cannot deadlock anyway
-            place.mkdir(parents=True, exist_ok=True)
-            lock = filelock.FileLock(place / FOLDER_LOCK, is_singleton=True)  # one object per path: counts re-entries
+        for place, path in lock_files(folder, outputs):  # one order everywhere; timeout 0 cannot deadlock anyway
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(path, is_singleton=True)  # one object per path: counts re-entries
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
                 raise PipelineError(
                     f"{stage}: another train, evaluate or register is running in {place} (it holds "
-                    f"{FOLDER_LOCK}); wait for it to end, or work in another folder (`dvc exp run --temp`, a sweep)"
+                    f"{path.name}); wait for it to end, or work in another folder (`dvc exp run --temp`, a sweep)"
                 ) from None
             held.callback(lock.release)
         yield
