@@ -160,12 +160,8 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
 def own_outputs(project: Params) -> dict[str, str]:
     """The stage outputs the project names by absolute path, put back to their (relative) defaults: each
     trial writes its own model and reports, not one shared folder (whose stage lock would refuse the others)."""
-    own = {}
-    for key in (*STAGE_OUTPUT_FOLDERS, *STAGE_OUTPUT_FILES):
-        if Path(project.setting(key)).expanduser().is_absolute():
-            section, field = key.split(".")
-            own[key] = type(getattr(project, section)).model_fields[field].default
-    return own
+    keys = (*STAGE_OUTPUT_FOLDERS, *STAGE_OUTPUT_FILES)
+    return {k: project.default_of(k) for k in keys if Path(project.setting(k)).expanduser().is_absolute()}
 
 
 def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:

@@ -397,6 +397,11 @@ class Params(Strict):
             node = getattr(node, part)
         return node
 
+    def default_of(self, key: str) -> Any:
+        """The schema's default of a dotted key (what params.yaml gets when it leaves the key out)."""
+        section, _, field = key.rpartition(".")
+        return type(self.setting(section) if section else self).model_fields[field].default
+
     def stage_folders(self) -> list[str]:
         """The folders that train, evaluate and register read or write (model, run, metrics, figures, decision)."""
         files = (os.path.dirname(self.setting(k)) or "." for k in STAGE_OUTPUT_FILES)
