@@ -5,7 +5,8 @@
 
 1. Input pipeline images/s: pneumo's training pipeline from files (the first epoch decodes, later
    epochs read the cache) against keras.utils.image_dataset_from_directory on the same files, and
-   the shard reader (train.input: shards: TFRecords streamed, decoded every epoch). TF's one-time
+   the shard reader (train.input: shards: TFRecords streamed, decoded every epoch: a split over
+   train.memory_cache_mb). TF's one-time
    start-up is spent on a warm-up pass over 64 images first; then each round builds every pipeline
    afresh (outside the clock) and times its iterator from creation, the pipelines taking turns;
    printed: the median of `--rounds` rounds with the range, and the median of the per-round ratios
@@ -13,6 +14,9 @@
 2. Training images/s per architecture (weights: none, batch 32, median of epochs 2-3 of one fit). TensorFlow's
    own CPU kernels instead of oneDNN's: prefix the command with ``TF_ENABLE_ONEDNN_OPTS=0``.
 3. A frozen-backbone head epoch on cached features against a full forward pass per epoch.
+4. Training on full-resolution X-rays (`--fullres-copies` copies of the 48 originals, in shards): the
+   compact CNN's images/s with the decoded images kept in memory against decoding every epoch, the two
+   taking turns for `--split-rounds` rounds.
 Compare figures as ratios within one run: the machine is shared and noisy.
 """
 
@@ -143,6 +147,36 @@ def spread(rates: list[float], base: list[float] | None = None) -> str:
     return text
 
 
+def fullres_training(shared: Path, tmp: Path, size: int, copies: int, rounds: int) -> None:
+    """Compact CNN images/s on `copies` x the full-resolution originals in shards: cached against streamed."""
+    folder, paths, labels = tmp / "fullres", [], []
+    for label_id, label in enumerate(("NORMAL", "PNEUMONIA")):
+        (folder / label).mkdir(parents=True)
+        for f in sorted((shared / "chest_xray_fullres_sample" / label).glob("*.jpeg")):
+            for k in range(copies):
+                copy = folder / label / f"copy{k}-{f.name}"
+                shutil.copy2(f, copy)
+                paths.append(str(copy))
+                labels.append(label_id)
+    sides = [max(Image.open(p).size) for p in paths]
+    data = dp.SplitData("train", paths, np.array(labels), ("NORMAL", "PNEUMONIA"), long_sides=sides)
+    streamed, n = sharded(data, folder, tmp / "fullres-shards"), len(data)
+    steps = dp.steps_per_epoch(n, 32)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for cache in (False, True):
+            model = build_model("compact_cnn", size, standardize=True).model
+            model.compile(optimizer="adam", loss="binary_crossentropy")
+            batches = dp.make_dataset(streamed, size, 32, training=True, seed=0, deterministic=False, cache=cache)
+            rates[cache] += [n / s for s in epoch_seconds(model, batches, steps, epochs=4)]
+    print(
+        f"training the compact CNN on {n} full-resolution records (the 48 originals x {copies}, in shards) at "
+        f"{size} px, epochs 2-4 of {rounds} fits each, img/s:"
+    )
+    print(f"  decoded every epoch (streamed)            {spread(rates[False])}")
+    print(f"  decoded once, kept in memory              {spread(rates[True], rates[False])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
@@ -151,6 +185,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--split-rounds", type=int, default=3, help="rounds over the whole 224 px train split")
     parser.add_argument("--models", default=",".join(ARCHITECTURES), help="architectures to train ('' for none)")
+    parser.add_argument("--fullres-copies", type=int, default=10, help="copies of the 48 originals (0: skip 4.)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     data = sample(args.shared, args.images, tmp / "images")
@@ -170,8 +205,8 @@ def main() -> None:
             folder, image_size=(size, size), batch_size=32, color_mode="grayscale", seed=0, verbose=False
         ).prefetch(tf.data.AUTOTUNE)
 
-    def pneumo(split: dp.SplitData) -> tf.data.Dataset:  # deterministic=False as training reads (one worker)
-        return dp.make_dataset(split, size, 32, training=True, seed=0, deterministic=False)
+    def pneumo(split: dp.SplitData, cache: bool = True) -> tf.data.Dataset:  # deterministic=False: one worker
+        return dp.make_dataset(split, size, 32, training=True, seed=0, deterministic=False, cache=cache)
 
     baseline, first, cached, stream, startups = [], [], [], [], ([], [])
     for _ in range(args.rounds):
@@ -183,7 +218,7 @@ def main() -> None:
         first.append(a)
         cached.append(b)
         startups[1].append(start)
-        stream += epoch_rates(pneumo(streamed), n, steps)[0]
+        stream += epoch_rates(pneumo(streamed, cache=False), n, steps)[0]
     print(f"input pipeline, median of {args.rounds} rounds (range); ratio to Keras in the same round, median (range):")
     print(f"  keras.utils.image_dataset_from_directory  {spread(baseline)}")
     print(f"  pneumo first epoch (decode, fill cache)   {spread(first, baseline)}")
@@ -202,6 +237,8 @@ def main() -> None:
         print(f"  keras.utils.image_dataset_from_directory  {spread(base)}")
         print(f"  pneumo first epoch (decode, fill cache)   {spread(ours, base)}")
 
+    if args.fullres_copies:
+        fullres_training(args.shared, tmp, size, args.fullres_copies, max(args.split_rounds, 1))
     if not args.models:
         shutil.rmtree(tmp, ignore_errors=True)
         return

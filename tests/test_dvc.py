@@ -65,6 +65,7 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     assert float(run.data.tags["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-4)
     assert run.data.tags["data_version"] == dvc_data_version("data/raw", repo_copy / "dvc.lock")
     assert run.data.tags["git_commit"] and run.data.params["model.architecture"] == "compact_cnn"
+    assert run.data.tags["train_images_read"].startswith("decoded once, kept in memory")  # a small split
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # per epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluation", "tensorboard", "training", "validation", "model_metadata"} <= artifacts

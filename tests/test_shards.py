@@ -131,6 +131,53 @@ def test_streamed_dataset_matches_files(sharded) -> None:
     np.testing.assert_array_equal(got, subset.labels)
 
 
+def test_cached_training_decodes_the_shards_once(sharded, tmp_path: Path) -> None:
+    """With `cache`, epochs after the first come from memory: the shard files can go, and every epoch still
+    holds each image once. Streamed (no cache), the next epochs read the files again and fail without them."""
+    folder, index, out, manifest = sharded
+    files = dp.split_data(index, "train", _root(folder), "binary")
+    steps = dp.steps_per_epoch(len(files), 16)
+
+    def epochs(cache: bool) -> tuple[list[np.ndarray], object]:
+        copies = tmp_path / f"cache-{cache}"
+        copies.mkdir()
+        shards = [str(copies / Path(f).name) for f in records.shard_files(out, manifest, "train")]
+        for source, copy in zip(records.shard_files(out, manifest, "train"), shards, strict=True):
+            Path(copy).write_bytes(Path(source).read_bytes())
+        data = dp.SplitData(**{**files.__dict__, "shards": tuple(shards)})
+        batches = iter(dp.make_dataset(data, 32, 16, training=True, seed=1, shuffle_buffer=20, cache=cache))
+        first = np.concatenate([next(batches)[0] for _ in range(steps)])
+        for shard in shards:
+            Path(shard).unlink()
+        return [first], batches
+
+    def fingerprint(images: np.ndarray) -> list[float]:  # the multiset of images, in any order
+        return sorted(np.round(images.reshape(len(images), -1).astype(np.float64) @ np.arange(32 * 32), 1))
+
+    seen, batches = epochs(cache=True)
+    for _ in range(2):
+        seen.append(np.concatenate([next(batches)[0] for _ in range(steps)]))
+    assert all(len(epoch) == len(files) for epoch in seen)
+    assert fingerprint(seen[1]) == fingerprint(seen[0]) == fingerprint(seen[2])
+    assert not np.array_equal(seen[1], seen[2])  # reshuffled every epoch
+    _, streamed = epochs(cache=False)
+    with pytest.raises(tf.errors.NotFoundError):
+        for _ in range(3 * steps):
+            next(streamed)
+
+
+def test_cache_limit_counts_the_reshuffle_copy() -> None:
+    assert dp.cache_megabytes(1024, 128, training=False) == 16.0  # 16 KiB per 128 x 128 uint8 image
+    assert dp.cache_megabytes(1024, 128, training=True) == 32.0
+    assert dp.fits_in_memory(1024, 128, 32, training=True)
+    assert not dp.fits_in_memory(1025, 128, 32, training=True)
+    assert not dp.fits_in_memory(1, 16, 0, training=False)  # 0: never
+    from pipeline.modeling.training import cache_note
+
+    assert cache_note(1024, 128, 32) == "decoded once, kept in memory (32 MB)"
+    assert cache_note(2048, 128, 32) == "decoded every epoch (64 MB cached would exceed train.memory_cache_mb 32)"
+
+
 def test_state_key_covers_input_and_shards(sharded, tmp_path: Path) -> None:
     from pipeline.modeling.training import state_key
 

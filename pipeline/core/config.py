@@ -225,6 +225,13 @@ class TrainParams(Strict):
         "shards", description="shards: stream train/val from shards.out | files: read the images under data.root"
     )
     shuffle_buffer: int = Field(4096, ge=1, description="shards: records in the shuffle buffer (memory stays flat)")
+    memory_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="decoded train/val images kept in memory (uint8) after the first epoch when they take at most "
+        "this many MB (training: twice its images' size, for the reshuffle); larger splits are decoded every "
+        "epoch; 0 = never",
+    )
     max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
     seed: int = 42
     deterministic: bool = False

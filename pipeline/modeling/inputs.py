@@ -70,6 +70,17 @@ class SplitData:
         return len(self.paths)
 
 
+def cache_megabytes(n_images: int, image_size: int, training: bool) -> float:
+    """Memory held by ``make_dataset(cache=True)`` for `n_images` decoded images (uint8, one channel); training
+    holds them twice (the cache, and the buffer that reshuffles it each epoch)."""
+    return (2 if training else 1) * n_images * image_size**2 / 2**20
+
+
+def fits_in_memory(n_images: int, image_size: int, limit_mb: float, training: bool) -> bool:
+    """Whether a split's decoded images may be cached within `limit_mb` (``train.memory_cache_mb``)."""
+    return cache_megabytes(n_images, image_size, training) <= limit_mb
+
+
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
     """Batches in one pass over `n_images` (the last one partial): the epoch of a training dataset."""
     return -(-n_images // batch_size)
@@ -191,10 +202,10 @@ def make_dataset(
     Not `training`: one pass in ``data`` order, batches cached in memory after the first (`cache`).
     `training`: endless, reshuffled every epoch (``steps_per_epoch`` batches), augmented and (``mixup``
     > 0) mixed; fit it with ``steps_per_epoch``. Images are decoded a batch per call, batches in
-    parallel. From files (``data.paths``) the first epoch reads the files in a shuffled order and
-    caches the decoded batches (`cache`); later epochs reshuffle the whole cached split. From shards
-    (``data.shards``): streamed, encoded records shuffled in a buffer of `shuffle_buffer` and decoded
-    every epoch, nothing cached, so memory stays flat.
+    parallel. The first epoch reads the files in a shuffled order (``data.paths``) or streams the shards'
+    records shuffled in a buffer of `shuffle_buffer` (``data.shards``). With `cache` the decoded images
+    are kept (uint8) and later epochs reshuffle the whole cached split, never decoding again; without it
+    every epoch decodes again and memory stays flat (``fits_in_memory`` decides for training).
     """
     n_classes = len(data.class_names)
     method = resize_method(data.long_sides, image_size) if len(data.long_sides) == len(data) else "auto"
@@ -202,9 +213,8 @@ def make_dataset(
     carry_weights = weights is not None or (training and mixup > 0)  # mixup blends the weights too
 
     # Cached images are held as uint8 (exact: decode_image gives whole gray levels), a quarter of the
-    # memory, and become float32 batch by batch after the cache. Streamed training never caches.
-    cached = cache and not (data.shards and training)
-    dtype = tf.uint8 if cached else tf.float32
+    # memory, and become float32 batch by batch after the cache.
+    dtype = tf.uint8 if cache else tf.float32
 
     spec = tf.TensorSpec((image_size, image_size, 1), dtype)
 
@@ -242,7 +252,6 @@ def make_dataset(
         from_bytes = decoder(from_paths=False)
         decode = lambda images, y: examples(images, y, one=from_bytes)  # noqa: E731
         ds = ds.batch(batch_size).map(decode, num_parallel_calls=AUTOTUNE, deterministic=order)
-        ds = ds.repeat() if training else ds.cache() if cached else ds
     else:
         ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
         if training:  # reshuffled whenever the files are read again
@@ -250,14 +259,14 @@ def make_dataset(
         from_files = decoder(from_paths=True)
         read = lambda paths, y: examples(paths, y, one=from_files)  # noqa: E731
         ds = ds.batch(batch_size).map(read, num_parallel_calls=AUTOTUNE, deterministic=order)
-        if cache:
-            ds = ds.cache()
-        if training and cache:  # later epochs: every cached image reshuffled
-            reshuffled = _unbatch(ds).shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.concatenate(reshuffled.batch(batch_size).repeat())
-        elif training:
-            ds = ds.repeat()
-    if cached:
+    if cache:
+        ds = ds.cache()
+    if training and cache:  # later epochs: every cached image reshuffled, nothing read or decoded again
+        reshuffled = _unbatch(ds).shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.concatenate(reshuffled.batch(batch_size).repeat())
+    elif training:
+        ds = ds.repeat()
+    if cache:
         ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=AUTOTUNE)
     aug = augmenter(augment, seed) if training and augment else None
     if aug is not None:

@@ -9,7 +9,9 @@ folder is written to a temporary sibling and renamed into place, so a failure le
 
 The reader lists a split's shards from the manifest, reads them with an interleave (parallel, in a
 deterministic order), shuffles encoded records in a bounded buffer, then decodes in parallel with the
-one preprocessing function, ``preprocess.decode_image``: memory stays flat however large the data set.
+one preprocessing function, ``preprocess.decode_image``. ``inputs.make_dataset`` then keeps the decoded
+images of a split that fits ``train.memory_cache_mb`` in memory and streams (decodes every epoch, memory
+flat however large the data set) one that does not.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     images_trained: int = 0
+    input_cache: str = ""  # how the train split was read after its first epoch (``cache_note``)
 
     @property
     def best_val_auc(self) -> float:
@@ -326,7 +327,10 @@ def _train(
 
     with strategy.scope():
         built = build()
+    cache_train = dp.fits_in_memory(len(train_data), mp.image_size, tp.memory_cache_mb, training=True)
+    cache_val = dp.fits_in_memory(len(val_data), mp.image_size, tp.memory_cache_mb, training=False)
     outcome = TrainOutcome(built, train_data.class_names, device)
+    outcome.input_cache = cache_note(len(train_data), mp.image_size, tp.memory_cache_mb)
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
     place = _Place(
         state_dir=shared_state if scratch is None else scratch / "state",
@@ -353,11 +357,12 @@ def _train(
             weights=weights,
             mixup=tp.mixup,
             shuffle_buffer=tp.shuffle_buffer,
+            cache=cache_train,
             # Images in the order they finish decoding, unless asked for determinism or several workers
             # read the same global batches (each keeps its share, so every worker must see one order).
             deterministic=tp.deterministic or place.multi_worker,
         )
-        val_ds = dp.make_dataset(val_data, mp.image_size, global_batch, one_hot=one_hot)
+        val_ds = dp.make_dataset(val_data, mp.image_size, global_batch, one_hot=one_hot, cache=cache_val)
         if place.multi_worker:  # the batches are global: the strategy gives each worker its share
             train_ds = distributed.distribute_options(train_ds, SHARD_POLICY)
             val_ds = distributed.distribute_options(val_ds, SHARD_POLICY)
@@ -465,6 +470,14 @@ def _train_head_on_features(
 def _cluster_size() -> int:
     cluster = distributed.cluster_from_env()
     return cluster.size if cluster else 1
+
+
+def cache_note(n_images: int, image_size: int, limit_mb: float) -> str:
+    """How the train split is read after its first epoch, for the log and the MLflow run."""
+    size = dp.cache_megabytes(n_images, image_size, training=True)
+    if dp.fits_in_memory(n_images, image_size, limit_mb, training=True):
+        return f"decoded once, kept in memory ({size:,.0f} MB)"
+    return f"decoded every epoch ({size:,.0f} MB cached would exceed train.memory_cache_mb {limit_mb:g})"
 
 
 def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> list[dp.SplitData]:

@@ -108,7 +108,7 @@ def _train_and_track(
             mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=int(row["epoch"]))
 
         outcome = training.train(params, index, sink=log_epoch, extra_callbacks=extra_callbacks, hardware=hardware)
-        mlflow.set_tag("device", outcome.device)
+        mlflow.set_tags({"device": outcome.device, "train_images_read": outcome.input_cache})
         model = outcome.built.model
         metadata = {
             "name": "pneumo-chest-xray",
@@ -171,6 +171,6 @@ def _train_and_track(
     return (
         f"trained {metadata['architecture']} ({params.task}) on {outcome.device}: best val AUC "
         f"{outcome.best_val_auc:.4f}{' (of its best network)' if ensemble else ''} after "
-        f"{len(outcome.history)} epochs, {images_per_s:.0f} images/s\n"
+        f"{len(outcome.history)} epochs, {images_per_s:.0f} images/s; train images {outcome.input_cache}\n"
         f"model: {params.train.model_dir}/{model_store.MODEL_FILE}; MLflow run {ref.run_id}"
     )
