@@ -5,8 +5,9 @@
 1. Builds N small synthetic X-rays (the project's renderer draws 256 base images, each image is one of
    them with its own noise, so every file's bytes differ), their index rows, and their shards.
 2. One epoch of the compact CNN at --size px, in a subprocess per form so the peak RSS is that form's:
-   `files` (the JPEG folder: decoded once into the in-memory cache, as train.input: files does) against
-   `shards` (streamed: bounded shuffle buffer, no cache). Images/s over the epoch, first pass included.
+   `files` (the JPEG folder decoded once into the in-memory cache, as training does when the split fits
+   train.memory_cache_mb) against `shards` (streamed: bounded shuffle buffer, no cache, as a split over the
+   limit is read). Images/s over the epoch, first pass included.
 3. `dvc add` + `dvc push` of each form to a local remote, in a temporary git + DVC repository.
 Compare figures within one run: the machine is shared and noisy.
 """
@@ -95,7 +96,8 @@ def worker(form: str, work: Path, size: int, batch: int) -> None:
         out = work / "repo" / "data" / "shards"
         manifest = records.load_manifest(out)
         data = dp.SplitData(**{**data.__dict__, "shards": tuple(records.shard_files(out, manifest, "train"))})
-    ds = dp.make_dataset(data, size, batch, training=True, seed=0)
+    # The two ends of train.memory_cache_mb: files decoded once and cached, shards streamed (decoded every epoch)
+    ds = dp.make_dataset(data, size, batch, training=True, seed=0, cache=form == "files")
     model = build_model("compact_cnn", size).model
     model.compile(optimizer="adam", loss="binary_crossentropy")
     zeros = tf.zeros((batch, size, size, 1))

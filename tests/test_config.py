@@ -19,6 +19,19 @@ def test_repository_params_load() -> None:
     assert 0 < params.split.val_fraction < 1
 
 
+def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() -> None:
+    """The schema's defaults are params.yaml's values (the data source and validation limits aside, which
+    must be written): a params file that omits a key trains the model the README describes."""
+    import yaml
+
+    from pipeline.core.config import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    written = Params.model_validate(raw).model_dump()
+    defaults = Params.model_validate({k: raw[k] for k in ("data", "validation")}).model_dump()
+    assert written == defaults
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -58,6 +71,12 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_overrides_parse_yaml_values() -> None:
     raw = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=[1, 2]", "d.e=x"])
     assert raw == {"a": {"b": 2, "c": [1, 2]}, "d": {"e": "x"}}
+    # Text YAML cannot parse is the string it is (a path starting with @ or *), for the schema to judge
+    assert apply_overrides({}, ["a.b=@x.zip", "a.c=*", "a.d=["]) == {"a": {"b": "@x.zip", "c": "*", "d": "["}}
+    params = load_params(REPO / "params.yaml", ["data.source=local", "data.local_path=@scans.zip"])
+    assert params.data.local_path == "@scans.zip"
+    with pytest.raises(ConfigError, match=r"params.yaml: split.seed: Input should be a valid integer"):
+        load_params(REPO / "params.yaml", ["split.seed=["])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["novalue"])
 
@@ -73,6 +92,54 @@ def test_cli_prints_one_line_and_exits_2() -> None:
     assert proc.stderr.strip().splitlines() == [
         "error: params.yaml: split.seed: Input should be a valid integer, unable to parse string as an integer "
         "(got 'abc')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--params", "."], "error: .: cannot read the params file (Is a directory)"),
+        (["predict", "x.png", "--batch-size", "-1"], "error: pneumo predict: batch_size: Input should be greater than"),
+        (["predict", "x.png", "--batch-size", "0"], "error: pneumo predict: batch_size: Input should be greater than"),
+        (["predict", "x.png", "-o", "."], "error: -o .: is a folder; name the .csv or .json file to write"),
+        (["serve", "--port", "70000"], "error: pneumo serve: port: Input should be less than or equal to 65535"),
+        (["serve", "--poll-seconds", "-1"], "error: pneumo serve: poll_seconds: Input should be greater than 0"),
+        (["serve", "--max-upload-mb", "0"], "error: pneumo serve: max_upload_mb: Input should be greater than 0"),
+    ],
+)
+def test_bad_command_line_values_fail_before_any_work(args: list[str], expected: str) -> None:
+    """Flags outside the schema's ranges are refused in one line before a model is loaded (none exists here:
+    the model URI would fail later, and differently), and never loop or bind."""
+    if args[0] == "--params":
+        args = [*args, "show"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.steps.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_an_unforeseen_exception_is_one_line_and_not_a_validation_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 1 means "validation failed" to the flows: a crash must not say that; -v keeps the traceback."""
+    from pipeline.steps import cli, commands
+
+    def crash(args: object, params: object) -> int:
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(commands, "run", crash)
+    assert cli.main(["show"]) == 2
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["-v", "show"])
+
+
+def test_unforeseen_exception_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.steps import cli, commands
+
+    monkeypatch.setattr(commands, "run", lambda args, params: 1 / 0)
+    assert cli.main(["show"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: ZeroDivisionError: division by zero (run with -v for the traceback)"
     ]
 
 

@@ -51,6 +51,9 @@ def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: C
     assert "\n" not in message and not Path(params.data.root).exists()
 
 
+SERVED = {"mode": "whole"}  # what the loopback server sends: whole, truncated or html
+
+
 @pytest.fixture
 def kaggle_server(tmp_path: Path) -> Iterator[str]:
     """A loopback stand-in for the Kaggle API: basic auth, then a zip in the real archive's shape."""
@@ -75,10 +78,15 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
                 return
             assert self.path == "/api/v1/datasets/download/paultimothymooney/chest-xray-pneumonia"
             body = archive.read_bytes()
+            mode = SERVED["mode"]
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(body) if mode != "html" else 24))
             self.end_headers()
-            self.wfile.write(body)
+            if mode == "truncated":  # the connection ends early, without an error
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+            else:
+                self.wfile.write(body if mode == "whole" else b"<html>try again</html>\n\n")
 
         def log_message(self, *args: object) -> None:
             pass
@@ -87,6 +95,7 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/datasets/download"
+    SERVED["mode"] = "whole"
     server.shutdown()
     server.server_close()
 
@@ -104,3 +113,27 @@ def test_download_then_import(
     result = ingest.ingest(params.data)
     assert result.total == 6 and result.counts[("train", "PNEUMONIA")] == 3
     assert Path(params.data.kaggle.download_dir, "paultimothymooney__chest-xray-pneumonia.zip").is_file()
+
+
+def test_only_a_whole_zip_is_kept_and_a_kept_one_needs_no_credentials(
+    kaggle_server: str, monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params]
+) -> None:
+    params = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}")
+    monkeypatch.setenv("KAGGLE_USERNAME", "ann")
+    monkeypatch.setenv("KAGGLE_KEY", "k3y")
+    cached = Path(params.data.kaggle.download_dir, "paultimothymooney__chest-xray-pneumonia.zip")
+    SERVED["mode"] = "truncated"
+    with pytest.raises(
+        TransientError, match=r"kaggle: the download of .* stopped at [\d,]+ of [\d,]+ bytes; run again"
+    ):
+        kaggle.download(params.data.kaggle)
+    SERVED["mode"] = "html"
+    with pytest.raises(DataError, match=r"sent 24 bytes that are not a zip archive; nothing was kept"):
+        kaggle.download(params.data.kaggle)
+    assert not cached.exists() and not list(cached.parent.iterdir())  # no half file, no temporary left
+    SERVED["mode"] = "whole"
+    assert kaggle.download(params.data.kaggle) == cached and zipfile.is_zipfile(cached)
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(cached.parent / "no-config"))
+    assert kaggle.download(params.data.kaggle) == cached  # the finished download, no credentials asked

@@ -196,3 +196,19 @@ def test_an_evaluation_file_that_is_not_one_is_one_clear_error(tmp_path: Path, t
     path.write_text(text)
     with pytest.raises(PipelineError, match=r"metrics\.json: not an evaluation written by the evaluate stage"):
         Evaluation.load(path)
+
+
+def test_an_external_section_of_the_same_name_is_replaced_not_repeated() -> None:
+    from pipeline.registry.model_card import EXTERNAL_HEADING, external_sections, with_external_section
+
+    def section(name: str, body: str) -> str:
+        return f"\n{EXTERNAL_HEADING}{name}\n\n{body}\n"
+
+    card = with_external_section("# Model card\n\nbody\n", "site-a", section("site-a", "first"))
+    card = with_external_section(card, "site-b", section("site-b", "second"))
+    again = with_external_section(card, "site-a", section("site-a", "again"))  # a rerun, or a retried write
+    assert again.startswith("# Model card\n\nbody\n")
+    assert again.count(EXTERNAL_HEADING) == 2 and "first" not in again
+    assert external_sections(again) == section("site-b", "second") + section("site-a", "again")
+    assert with_external_section(again, "site-a", section("site-a", "again")) == again  # idempotent
+    assert with_external_section(card, "site", section("site", "x")).count(EXTERNAL_HEADING) == 3  # names match whole

@@ -16,7 +16,9 @@ from pipeline.serving.predict import expand, render
 
 def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
-    for name in ("a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "a/notes.txt", "x.jpg"):
+    (tmp_path / "a" / "__MACOSX").mkdir()
+    junk = ("a/._1.jpeg", "a/__MACOSX/1.jpeg", "a/.hidden.png")  # macOS resource forks and hidden files: skipped
+    for name in ("a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "a/notes.txt", "x.jpg", *junk):
         (tmp_path / name).write_bytes(b"x")
     files, missing = expand(
         [str(tmp_path / "a"), str(tmp_path / "*.jpg"), str(tmp_path / "a" / "notes.txt"), str(tmp_path / "nope")]

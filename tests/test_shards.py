@@ -189,6 +189,22 @@ def test_state_key_covers_input_and_shards(sharded, tmp_path: Path) -> None:
     other = tmp_path / "other"
     records.write_shards(index, _root(folder), ShardsParams(out=str(other), images_per_shard=7))
     assert key != state_key(rooted_params(folder, f"shards.out={other}"), index)
+    # The memory limit counts only through its decision: both limits cache this split, 0 never does
+    assert key == state_key(rooted_params(folder, f"shards.out={out}", "train.memory_cache_mb=4096"), index)
+    assert key != state_key(rooted_params(folder, f"shards.out={out}", "train.memory_cache_mb=0"), index)
+
+
+def test_state_key_covers_the_weights_file_and_every_module_training_runs(sharded, tmp_path: Path) -> None:
+    from pipeline.modeling.training import state_key, training_code
+
+    modules = {Path(f).relative_to(REPO).as_posix() for f in training_code()}
+    assert {"pipeline/modeling/lung_crop.py", "pipeline/modeling/clahe.py", "pipeline/modeling/inputs.py"} <= modules
+    folder, index, out, _ = sharded
+    weights = tmp_path / "start.weights.h5"
+    weights.write_bytes(b"first")
+    key = state_key(rooted_params(folder, f"shards.out={out}", f"model.weights={weights}"), index)
+    weights.write_bytes(b"second")  # the same path, other weights: another training
+    assert key != state_key(rooted_params(folder, f"shards.out={out}", f"model.weights={weights}"), index)
 
 
 def test_shard_stage_is_in_dvc_yaml() -> None:

@@ -135,7 +135,7 @@ class ModelParams(Strict):
     image_size: int = Field(128, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
     width: float = Field(1.0, ge=0.25, le=4, description="from-scratch models: every layer's channels x this")
-    standardize: bool = Field(False, description="per-image intensity standardization, the model's first layer")
+    standardize: bool = Field(True, description="per-image intensity standardization, the model's first layer")
     equalize: bool = Field(False, description="per-image histogram equalization, a model layer before standardize")
     trim_margins: bool = Field(False, description="dark outer rows and columns cropped off, the model's first layer")
     lung_crop: bool = Field(False, description="each image cropped to its lung fields (found without labels), a layer")
@@ -182,7 +182,7 @@ class AugmentParams(Strict):
 
 
 class TrainParams(Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(
         32, ge=1, description="per replica (GPU or worker); the global batch is batch_size x replicas"
     )
@@ -202,7 +202,7 @@ class TrainParams(Strict):
         "plateau", description="plateau: halve on val AUC plateaus | cosine: warm-up, then cosine decay to 0"
     )
     warmup_epochs: int = Field(1, ge=0, description="cosine only: linear warm-up from 0")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(a, a) of image pairs; 0 = off")
     ema_epochs: float = Field(
         0.0, ge=0, le=100, description="weights averaged (exponential moving average) over about N epochs; 0 = off"
@@ -228,9 +228,9 @@ class TrainParams(Strict):
     memory_cache_mb: float = Field(
         1024,
         ge=0,
-        description="decoded train/val images kept in memory (uint8) after the first epoch when they take at most "
-        "this many MB (training: twice its images' size, for the reshuffle); larger splits are decoded every "
-        "epoch; 0 = never",
+        description="per split and training process: its decoded images kept in memory (uint8) after the first "
+        "epoch when they take at most this many MB (the train split counts twice, for the reshuffle); larger splits "
+        "are decoded every epoch; 0 = never",
     )
     max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
     seed: int = 42
@@ -415,6 +415,15 @@ class Params(Strict):
         return [*(self.setting(k) for k in STAGE_OUTPUT_FOLDERS), *files]
 
 
+def validated_update(section: BaseModel, updates: dict[str, Any], source: str) -> Any:
+    """`section` with `updates` applied and checked by its schema (``model_copy`` does not check); a value
+    out of range is a ConfigError naming `source` and the key."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -430,6 +439,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}" + (f" (and {more} more)" if more else "")
 
 
+def override_value(value: str) -> Any:
+    """An override's value parsed as YAML (``3``, ``true``, ``[a, b]``, ``null``); text YAML cannot parse
+    (``@x.zip``, ``*``) is taken as the string it is, and the schema then says whether it fits."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested params dict."""
     for item in overrides:
@@ -442,7 +460,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = override_value(value)
     return raw
 
 
@@ -452,6 +470,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (run from the project root or pass --params)") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{path}: cannot read the params file ({reason})") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
@@ -482,7 +503,7 @@ def write_overrides(path: str | Path, overrides: list[str]) -> None:
         node = data
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = override_value(value)
     buf = io.StringIO()
     yaml_rt.dump(data, buf)
     write_text(path, buf.getvalue())

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.core.atomic import staged_dir
 from pipeline.core.config import LABELS, SPLITS, DataParams
 from pipeline.core.errors import DataError
-from pipeline.data import kaggle, synthetic
+from pipeline.data import kaggle, naming, synthetic
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -57,10 +57,6 @@ class _Entry:
     open: Callable[[], BinaryIO]
 
 
-def _is_junk(path: PurePosixPath) -> bool:
-    return any(part == "__MACOSX" or part.startswith(".") for part in path.parts)
-
-
 def _folder_entries(root: Path) -> Iterator[_Entry]:
     for p in sorted(root.rglob("*")):
         if p.is_file():
@@ -88,7 +84,7 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
     """Copy the images of the shallowest Kaggle-layout tree in `entries` into `out_dir`."""
     placed = []
     for entry in entries:
-        if _is_junk(entry.path):
+        if naming.is_junk(entry.path):
             continue
         where = _placement(entry.path)
         if where is None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,25 +40,32 @@ def credentials() -> tuple[str, str]:
 
 
 def download(params: KaggleParams, timeout: float = 30.0) -> Path:
-    """Fetch the data set's zip into params.download_dir (resumes nothing; atomic on success)."""
-    user, key = credentials()
+    """Fetch the data set's zip into params.download_dir (resumes nothing; atomic on success). A download is
+    kept only whole (every byte the server announced) and a zip archive; one already there needs no credentials."""
     target = Path(params.download_dir) / (params.dataset.replace("/", "__") + ".zip")
     if target.is_file():
         return target
+    user, key = credentials()
     url = f"{params.url.rstrip('/')}/{params.dataset}"
     token = base64.b64encode(f"{user}:{key}".encode()).decode()
     request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, staged_file(target) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
+            got = 0
             with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="kaggle") as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
+                    got += len(chunk)
                     bar.update(len(chunk))
+            if total is not None and got != total:  # the connection ended early without an error
+                raise TransientError(f"kaggle: the download of {url} stopped at {got:,} of {total:,} bytes; run again")
+            if not zipfile.is_zipfile(tmp):
+                raise DataError(f"kaggle: {url} sent {got:,} bytes that are not a zip archive; nothing was kept")
     except urllib.error.HTTPError as exc:
         hint = "credentials rejected" if exc.code in (401, 403) else "request failed"
         raise DataError(f"kaggle: {hint} (HTTP {exc.code}) for {url}: {HOW_TO}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise TransientError(
             f"kaggle: cannot download {url} ({reason}); without network use data.source=local "

@@ -45,3 +45,9 @@ def subtype(filename: str, label: str) -> str:
         return "none"
     m = _PERSON.match(PurePath(filename).stem)
     return m.group(2).lower() if m else "unknown"
+
+
+def is_junk(relative: PurePath) -> bool:
+    """A path (relative to the folder searched) that is no X-ray whatever its suffix: under ``__MACOSX`` or
+    hidden (``.DS_Store``, macOS's ``._name.jpeg`` resource forks, ``.git``)."""
+    return any(part == "__MACOSX" or part.startswith(".") for part in relative.parts)

@@ -20,7 +20,9 @@ shared state at each phase's start so that every worker restores the same epoch 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -38,7 +40,7 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
-from pipeline.modeling import clahe, distributed, models, preprocess, records, snapshots
+from pipeline.modeling import distributed, records, snapshots
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_from_params, set_backbone_trainable
 
@@ -330,7 +332,7 @@ def _train(
     cache_train = dp.fits_in_memory(len(train_data), mp.image_size, tp.memory_cache_mb, training=True)
     cache_val = dp.fits_in_memory(len(val_data), mp.image_size, tp.memory_cache_mb, training=False)
     outcome = TrainOutcome(built, train_data.class_names, device)
-    outcome.input_cache = cache_note(len(train_data), mp.image_size, tp.memory_cache_mb)
+    outcome.input_cache = "decoded once for the frozen backbone's features (train.cache_features)"
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
     place = _Place(
         state_dir=shared_state if scratch is None else scratch / "state",
@@ -343,6 +345,7 @@ def _train(
 
     def fit_on_images(model: keras.Model, phase: str, epochs: int, learning_rate: float, seed: int) -> None:
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches, shuffled by `seed`."""
+        outcome.input_cache = cache_note(len(train_data), mp.image_size, tp.memory_cache_mb)
         steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
             _compile(model, learning_rate_schedule(tp, learning_rate * lr_scale, epochs, steps), n_classes, tp, steps)
@@ -491,26 +494,51 @@ def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> lis
     ]
 
 
+@functools.cache
+def _training_modules() -> tuple[str, ...]:
+    import grimp  # noqa: PLC0415 - only where a resume key is made
+
+    graph = grimp.build_graph(__name__.split(".")[0], include_external_packages=False)
+    return tuple(sorted({__name__} | graph.find_upstream_modules(__name__)))
+
+
+def training_code() -> list[str]:
+    """The source files of this module and of every package module it imports, at any depth (grimp's import
+    graph, function-level imports included): a list written by hand missed the lung-field crop once."""
+    loaded = [sys.modules.get(name) for name in _training_modules()]
+    return [
+        str(module.__file__ if module is not None else importlib.util.find_spec(name).origin)
+        for name, module in zip(_training_modules(), loaded, strict=True)
+    ]
+
+
 def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
     """Everything that determines a training's result: a resume matches only the same run.
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
-    and split params (output folders aside), where the images are read from (``train.input``; for
-    shards, their manifest: the shard files' hashes), the source of the modules that decode and train, and the
-    number of workers (a cluster of another size splits the batches differently).
+    and split params (output folders aside), a weights file's bytes (``model.weights``), where the images are
+    read from (``train.input``; for shards, their manifest: the shard files' hashes), the source of every
+    module training runs (``training_code``), and the number of workers (a cluster of another size splits
+    the batches differently).
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
+    tp = params.train
+    train = dp.split_data(index, "train", params.data.root, params.task, tp.max_images_per_split, tp.seed)
     settings = [
         params.task,
         params.model.model_dump(),
-        params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir"}),
+        params.train.model_dump(exclude={"model_dir", "tensorboard_dir", "resume_dir", "memory_cache_mb"}),
+        # Whether the train split is cached changes the batches after the first epoch; the limit itself does not
+        dp.fits_in_memory(len(train), params.model.image_size, params.train.memory_cache_mb, training=True),
         params.split.model_dump(),
         workers,
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))
-    modules = (sys.modules[__name__], dp, preprocess, models, clahe, records, distributed, snapshots)
-    code = [Path(m.__file__).read_bytes().decode() for m in modules]
+    weights = Path(params.model.weights)
+    if params.model.weights not in ("none", "imagenet") and weights.is_file():  # the file's bytes, not its name
+        settings.append(records.file_sha256(weights))
+    code = [Path(origin).read_bytes().decode() for origin in training_code()]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -38,6 +38,15 @@ def external_sections(card: str) -> str:
     return card[start:] if start >= 0 else ""
 
 
+def with_external_section(card: str, name: str, section: str) -> str:
+    """`card` with `section` (starting ``\\n## External validation: <name>``) as the section of `name`: one
+    already there under that name (a validation run again, or a retried write) is replaced, not repeated."""
+    marker = f"\n{EXTERNAL_HEADING}"
+    head, *sections = card.split(marker)
+    kept = [part for part in sections if part.split("\n", 1)[0].strip() != name]
+    return head + "".join(marker + part for part in kept) + section
+
+
 def _ci(ev: Evaluation, key: str) -> str:
     if key not in ev.ci95:
         return ""

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import PipelineError
+from pipeline.data import naming
 from pipeline.serving import gradcam, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo
 
@@ -51,7 +52,11 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in image_io.SUFFIXES)
+            found = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(path))
+            )
             if not found:
                 missing.append((item, f"no {'/'.join(image_io.SUFFIXES)} files in this folder"))
             files += found
@@ -185,6 +190,14 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return buffer.getvalue()
 
 
+def check_outputs(output: str | None, explain_dir: str | None) -> None:
+    """Refuse, before any prediction, an output file that is a folder and a heat-map folder that is a file."""
+    if output and Path(output).is_dir():
+        raise PipelineError(f"-o {output}: is a folder; name the .csv or .json file to write")
+    if explain_dir and Path(explain_dir).exists() and not Path(explain_dir).is_dir():
+        raise PipelineError(f"--explain {explain_dir}: is a file; name a folder for the heat maps")
+
+
 def run(
     classifier: Classifier,
     inputs: list[str],
@@ -199,7 +212,8 @@ def run(
     if not files:
         reasons = "; ".join(f"{item}: {why}" for item, why in missing) or "no inputs"
         raise PipelineError(f"nothing to predict ({reasons})")
-    fmt = fmt or ("json" if output and output.endswith(".json") else "csv")
+    check_outputs(output, explain_dir)
+    fmt = fmt or ("json" if output and output.lower().endswith(".json") else "csv")
     rows = predict_files(classifier, files, batch_size, workers, explain_dir, progress=len(files) > batch_size)
     rows += [{"file": item, "status": "error", "error": why} for item, why in missing]
     text = render(rows, fmt)

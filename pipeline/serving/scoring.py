@@ -46,7 +46,11 @@ def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int
             raise PipelineError(
                 f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
             )
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in image_io.SUFFIXES)
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(folder))
+        )
         items += [(str(p), label_id) for p in files]
     if not items:
         raise PipelineError(f"{root}: no {'/'.join(image_io.SUFFIXES)} files under NORMAL/ or PNEUMONIA/")

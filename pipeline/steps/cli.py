@@ -1,7 +1,8 @@
 """``pneumo``: one console script, a subcommand per step.
 
 Every stage is also a DVC stage (``dvc repro`` runs them as ``pneumo <stage>``). Errors print one
-line, ``error: ...``, and exit with status 2 (1 for a failed validation, 75 for I/O worth retrying).
+line, ``error: ...``, and exit with status 2 (1 for a failed validation, 75 for I/O worth retrying);
+an unforeseen exception too (``-v`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pipeline import __version__
 from pipeline.core import console
 from pipeline.core.config import load_params
-from pipeline.core.errors import EXIT_TRANSIENT, DataError, PipelineError, TransientError
+from pipeline.core.errors import EXIT_ERROR, EXIT_TRANSIENT, DataError, PipelineError, TransientError
 
 STAGE_HELP = {
     "ingest": "write the data set (synthetic, local folder/zip, or Kaggle) in the Kaggle layout under data.root",
@@ -181,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a case no check foresaw: still one line (the traceback with -v), never exit 1,
+        if args.verbose:  # which says "validation failed" to the flows
+            raise
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(
+            f"error: {type(exc).__name__}{': ' + detail if detail else ''} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.core.atomic import write_text
-from pipeline.core.config import Params
+from pipeline.core.config import Params, validated_update
 from pipeline.core.errors import PipelineError
 from pipeline.data.version import dvc_data_version
 from pipeline.registry import tracking
@@ -24,16 +24,17 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
     """predict, serve and drift: everything that loads a registered model."""
     mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
     uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
-    cfg = params.serve
+    flags = ("host", "port", "max_upload_mb", "poll_seconds") if args.command == "serve" else ("batch_size",)
+    given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    cfg = validated_update(params.serve, given, f"pneumo {args.command}")  # the schema's ranges, before any work
     if args.command == "serve":
-        flags = ("host", "port", "max_upload_mb", "poll_seconds")
-        rest.serve(uri, cfg.model_copy(update={k: getattr(args, k) for k in flags if getattr(args, k)}))
+        rest.serve(uri, cfg)
         return 0
+    if args.command == "predict":
+        predict.check_outputs(args.output, args.explain)  # before the predictions, not after
     model = classifier.load(uri)
     if args.command == "predict":
-        status, summary = predict.run(
-            model, args.paths, args.output, args.format, args.batch_size or cfg.batch_size, args.explain
-        )
+        status, summary = predict.run(model, args.paths, args.output, args.format, cfg.batch_size, args.explain)
         print(summary, file=sys.stderr)
         return status
     report, skipped = drift.check(model, args.paths, cfg.batch_size)

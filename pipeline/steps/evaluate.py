@@ -26,8 +26,7 @@ def show(params: Params) -> str:
     path = Path(params.evaluate.metrics)
     if not path.is_file():
         raise PipelineError(f"{path}: no evaluation yet (run `dvc repro`)")
-    saved = json.loads(path.read_text())
-    ev = evaluation.Evaluation.from_dict(saved)
+    ev = evaluation.Evaluation.load(path)  # another file's JSON: one line naming it
     ref = tracking.load_run_ref(params.mlflow.run_file)
     return f"{ev.summary()}\nMLflow run {ref.run_id}: {ref.ui_hint}"
 

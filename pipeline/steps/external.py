@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from pipeline.core.atomic import write_text
+from pipeline.core.atomic import staged_dir, write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.evaluation import figures
@@ -91,7 +91,8 @@ def record(model: Classifier, name: str, path: str, result: scoring.ExternalResu
             if match:  # the card lives in the training run: append the section and the pictures there
                 card_run, card_path = match.groups()
                 text = mlflow.artifacts.load_text(card)
-                text += card_section(name, path, result, run.info.run_id, figure_dir)
+                section = card_section(name, path, result, run.info.run_id, figure_dir)
+                text = model_card.with_external_section(text, name, section)
                 client.log_text(card_run, text, card_path)
                 for png in ("roc.png", "reliability.png"):
                     client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
@@ -104,27 +105,33 @@ def run(args: argparse.Namespace, params: Params) -> int:
     mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
     uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
     name = args.name or Path(args.path).resolve().name
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise PipelineError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
+        given = "--name" if args.name else "the folder's name (give --name)"
+        raise PipelineError(f"{given} {name!r}: use letters, digits, '.', '_' and '-' only, not only dots")
     prior = scoring.parse_prior(args.prior)
+    out = Path(args.output or f"reports/external/{name}")
+    if out.exists() and not out.is_dir():  # before the scoring, not after it
+        raise PipelineError(f"-o {out}: is a file; name a folder for the report and figures")
     items = scoring.labelled_files(args.path, args.split)
     model = classifier.load(uri)
     result = scoring.score(
         model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed, prior=prior
     )
-    out = Path(args.output or f"reports/external/{name}")
-    write_text(out / "report.json", json.dumps({"name": name, "model": uri, **result.to_dict()}, indent=2) + "\n")
     calibration = {"test_reliability": {"calibrated": result.reliability}, "test_ece": {"calibrated": result.ece}}
-    figures(
-        result.at_threshold,
-        result.labels,
-        result.scores,
-        model.info.class_names[:2],
-        out,
-        calibration=calibration,
-        temperature=model.info.temperature,
-        where=name,
-    )
+    with staged_dir(out) as staged:  # the report and its pictures replace the old ones together, or not at all
+        write_text(
+            staged / "report.json", json.dumps({"name": name, "model": uri, **result.to_dict()}, indent=2) + "\n"
+        )
+        figures(
+            result.at_threshold,
+            result.labels,
+            result.scores,
+            model.info.class_names[:2],
+            staged,
+            calibration=calibration,
+            temperature=model.info.temperature,
+            where=name,
+        )
     run_id = record(model, name, args.path, result, out, params)
     print(result.summary(name))
     print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")

@@ -207,7 +207,7 @@ def _register(params: Params) -> str:
     if decision.outcome == champion.CHALLENGER:
         hint = (
             f"\n  promote it in the MLflow UI: Models -> {decision.model_name} -> Version {decision.version} -> "
-            f"Aliases: add 'champion' (or set champion.promotion: auto)"
+            f"Aliases: add 'champion' (or set registry.promotion: auto)"
         )
     card = Path(params.train.model_dir) / "model_card.md"
     return decision.summary() + f"\n  model card: {card}" + hint
