@@ -498,7 +498,8 @@ def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> lis
 def _training_modules() -> tuple[str, ...]:
     import grimp  # noqa: PLC0415 - only where a resume key is made
 
-    graph = grimp.build_graph(__name__.split(".")[0], include_external_packages=False)
+    # No cache folder: training must not leave one in the user's project
+    graph = grimp.build_graph(__name__.split(".")[0], include_external_packages=False, cache_dir=None)
     return tuple(sorted({__name__} | graph.find_upstream_modules(__name__)))
 
 
