@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,10 @@ def test_bad_command_line_values_fail_before_any_work(args: list[str], expected:
     assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
-def test_an_unforeseen_exception_is_one_line_and_not_a_validation_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exit 1 means "validation failed" to the flows: a crash must not say that; -v keeps the traceback."""
+def test_an_unforeseen_exception_is_one_line_and_not_a_validation_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1 means "validation failed" to the flows: a crash must not say that, with -v (traceback) or not."""
     from pipeline.steps import cli, commands
 
     def crash(args: object, params: object) -> int:
@@ -129,8 +132,12 @@ def test_an_unforeseen_exception_is_one_line_and_not_a_validation_failure(monkey
 
     monkeypatch.setattr(commands, "run", crash)
     assert cli.main(["show"]) == 2
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        cli.main(["-v", "show"])
+    assert capsys.readouterr().err.splitlines() == ["error: RuntimeError: disk on fire (run with -v for the traceback)"]
+    for name in ("PNEUMO_VERBOSE", "TF_CPP_MIN_LOG_LEVEL"):  # -v sets them for the process: restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+    assert cli.main(["-v", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("error: RuntimeError")
 
 
 def test_unforeseen_exception_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,11 +44,15 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     real_champion: Champion, hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's own file\n")  # -o may name a folder that holds other files
     proc = _pneumo(real_champion, "external-validation", str(hospital), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 80 and report["unreadable"] and "notes.jpeg" in report["unreadable"][0]
+    assert (out / "mine.txt").read_text() == "the user's own file\n"  # untouched, and no scratch folder left
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     for picture in ("roc.png", "pr.png", "confusion.png", "reliability.png"):
         assert (out / picture).stat().st_size > 5_000
 

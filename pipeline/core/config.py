@@ -441,10 +441,10 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 def override_value(value: str) -> Any:
     """An override's value parsed as YAML (``3``, ``true``, ``[a, b]``, ``null``); text YAML cannot parse
-    (``@x.zip``, ``*``) is taken as the string it is, and the schema then says whether it fits."""
+    (``@x.zip``, ``*``, ``2024-02-30``) is taken as the string it is, and the schema then says whether it fits."""
     try:
         return yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date that cannot be (2024-02-30), a bad explicit tag
         return value
 
 

@@ -43,8 +43,9 @@ def download(params: KaggleParams, timeout: float = 30.0) -> Path:
     """Fetch the data set's zip into params.download_dir (resumes nothing; atomic on success). A download is
     kept only whole (every byte the server announced) and a zip archive; one already there needs no credentials."""
     target = Path(params.download_dir) / (params.dataset.replace("/", "__") + ".zip")
-    if target.is_file():
+    if zipfile.is_zipfile(target):
         return target
+    target.unlink(missing_ok=True)  # not a zip: left by an older version that kept cut-off downloads
     user, key = credentials()
     url = f"{params.url.rstrip('/')}/{params.dataset}"
     token = base64.b64encode(f"{user}:{key}".encode()).decode()
@@ -60,8 +61,8 @@ def download(params: KaggleParams, timeout: float = 30.0) -> Path:
                     bar.update(len(chunk))
             if total is not None and got != total:  # the connection ended early without an error
                 raise TransientError(f"kaggle: the download of {url} stopped at {got:,} of {total:,} bytes; run again")
-            if not zipfile.is_zipfile(tmp):
-                raise DataError(f"kaggle: {url} sent {got:,} bytes that are not a zip archive; nothing was kept")
+            if not zipfile.is_zipfile(tmp):  # an error page; or cut off where the server announced no length
+                raise TransientError(f"kaggle: {url} sent {got:,} bytes that are not a zip archive; nothing was kept")
     except urllib.error.HTTPError as exc:
         hint = "credentials rejected" if exc.code in (401, 403) else "request failed"
         raise DataError(f"kaggle: {hint} (HTTP {exc.code}) for {url}: {HOW_TO}") from None

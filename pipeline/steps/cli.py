@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 
 from pipeline import __version__
 from pipeline.core import console
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a case no check foresaw: still one line (the traceback with -v), never exit 1,
-        if args.verbose:  # which says "validation failed" to the flows
-            raise
+    except Exception as exc:  # noqa: BLE001 - a case no check foresaw: one line (the traceback with -v too)
+        if args.verbose:  # and never exit 1, which says "validation failed" to the flows
+            traceback.print_exc()
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         print(
             f"error: {type(exc).__name__}{': ' + detail if detail else ''} (run with -v for the traceback)",

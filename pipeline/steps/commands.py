@@ -25,7 +25,7 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
     mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
     uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
     flags = ("host", "port", "max_upload_mb", "poll_seconds") if args.command == "serve" else ("batch_size",)
-    given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in flags if getattr(args, k, None) not in (None, "")}  # "": not given
     cfg = validated_update(params.serve, given, f"pneumo {args.command}")  # the schema's ranges, before any work
     if args.command == "serve":
         rest.serve(uri, cfg)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 
-from pipeline.core.atomic import staged_dir, write_text
+from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.evaluation import figures
@@ -118,7 +120,11 @@ def run(args: argparse.Namespace, params: Params) -> int:
         model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed, prior=prior
     )
     calibration = {"test_reliability": {"calibrated": result.reliability}, "test_ece": {"calibrated": result.ece}}
-    with staged_dir(out) as staged:  # the report and its pictures replace the old ones together, or not at all
+    # Everything is made in a scratch folder first; then each file replaces its namesake in `out`, and nothing
+    # else there is touched (`-o` may name a folder that holds other files, even the images scored)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out) as scratch:
+        staged = Path(scratch)
         write_text(
             staged / "report.json", json.dumps({"name": name, "model": uri, **result.to_dict()}, indent=2) + "\n"
         )
@@ -132,6 +138,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
             temperature=model.info.temperature,
             where=name,
         )
+        for made in sorted(staged.iterdir()):
+            os.replace(made, out / made.name)
     run_id = record(model, name, args.path, result, out, params)
     print(result.summary(name))
     print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")
