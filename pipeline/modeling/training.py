@@ -20,7 +20,6 @@ shared state at each phase's start so that every worker restores the same epoch 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -40,6 +39,7 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
+from pipeline.core.imports import imported_by
 from pipeline.modeling import distributed, records, snapshots
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_from_params, set_backbone_trainable
@@ -494,22 +494,12 @@ def from_shards(params: Params, index: pd.DataFrame, *data: dp.SplitData) -> lis
     ]
 
 
-@functools.cache
-def _training_modules() -> tuple[str, ...]:
-    import grimp  # noqa: PLC0415 - only where a resume key is made
-
-    # No cache folder: training must not leave one in the user's project
-    graph = grimp.build_graph(__name__.split(".")[0], include_external_packages=False, cache_dir=None)
-    return tuple(sorted({__name__} | graph.find_upstream_modules(__name__)))
-
-
 def training_code() -> list[str]:
-    """The source files of this module and of every package module it imports, at any depth (grimp's import
+    """The source files of this module and of every package module it imports, at any depth (the import
     graph, function-level imports included): a list written by hand missed the lung-field crop once."""
-    loaded = [sys.modules.get(name) for name in _training_modules()]
     return [
-        str(module.__file__ if module is not None else importlib.util.find_spec(name).origin)
-        for name, module in zip(_training_modules(), loaded, strict=True)
+        str(getattr(sys.modules.get(name), "__file__", None) or importlib.util.find_spec(name).origin)
+        for name in sorted(imported_by(__name__))
     ]
 
 

@@ -45,6 +45,15 @@ class Prepared:
     display: np.ndarray | None = None  # a thumbnail for Grad-CAM figures, when asked for
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (any depth, by suffix), sorted; macOS forks and hidden files skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(folder))
+    )
+
+
 def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given (any name), image files under folders, glob matches; plus (input, reason) misses."""
     files: list[str] = []
@@ -52,11 +61,7 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(path))
-            )
+            found = [str(p) for p in image_files(path)]
             if not found:
                 missing.append((item, f"no {'/'.join(image_io.SUFFIXES)} files in this folder"))
             files += found
@@ -212,7 +217,6 @@ def run(
     if not files:
         reasons = "; ".join(f"{item}: {why}" for item, why in missing) or "no inputs"
         raise PipelineError(f"nothing to predict ({reasons})")
-    check_outputs(output, explain_dir)
     fmt = fmt or ("json" if output and output.lower().endswith(".json") else "csv")
     rows = predict_files(classifier, files, batch_size, workers, explain_dir, progress=len(files) > batch_size)
     rows += [{"file": item, "status": "error", "error": why} for item, why in missing]

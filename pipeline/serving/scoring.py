@@ -23,7 +23,7 @@ from pipeline.modeling import prior_shift
 from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, reliability
 from pipeline.serving import image_io
 from pipeline.serving.classifier import Classifier
-from pipeline.serving.predict import prepared_batches
+from pipeline.serving.predict import image_files, prepared_batches
 
 
 def _child(folder: Path, name: str) -> Path | None:
@@ -46,12 +46,7 @@ def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int
             raise PipelineError(
                 f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
             )
-        files = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(folder))
-        )
-        items += [(str(p), label_id) for p in files]
+        items += [(str(p), label_id) for p in image_files(folder)]
     if not items:
         raise PipelineError(f"{root}: no {'/'.join(image_io.SUFFIXES)} files under NORMAL/ or PNEUMONIA/")
     return items

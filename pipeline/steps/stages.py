@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import grimp
 import yaml
 
 from pipeline.core.config import Params
+from pipeline.core.imports import PACKAGE, imported_by
 
-PACKAGE = "pipeline"
 CLI_MODULE = "pipeline.steps.cli"
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the package (the project root)
 
@@ -56,11 +54,6 @@ def run_stage(name: str, params: Params) -> str:
     return importlib.import_module(f"{PACKAGE}.steps.{name}").run(params)
 
 
-@cache
-def _graph() -> grimp.ImportGraph:
-    return grimp.build_graph(PACKAGE, include_external_packages=False)
-
-
 def module_file(module: str) -> str:
     """``pipeline.data.splits`` -> ``pipeline/data/splits.py``; a package -> its ``__init__.py``."""
     path = Path(*module.split("."))
@@ -70,8 +63,7 @@ def module_file(module: str) -> str:
 def modules_run_by(module: str) -> set[str]:
     """`module`, the CLI, everything they import (directly, transitively, at any depth of a function),
     and every package ``__init__`` Python runs on the way."""
-    graph = _graph()
-    found = {module, CLI_MODULE} | graph.find_upstream_modules(module) | graph.find_upstream_modules(CLI_MODULE)
+    found = imported_by(module) | imported_by(CLI_MODULE)
     for name in list(found):
         parts = name.split(".")
         found |= {".".join(parts[:i]) for i in range(1, len(parts))}
