@@ -133,8 +133,7 @@ def prepare(workdir: Path, protocol: list[str], env: dict[str, str]) -> None:
         *protocol,
     ]
     write_overrides(workdir / "params.yaml", overrides)
-    sh("pneumo", "dvc-yaml", "--write", cwd=workdir, env=env)  # deps follow stress.originals
-    sh("git", "add", "params.yaml", "dvc.yaml", cwd=workdir)
+    sh("git", "add", "params.yaml", cwd=workdir)
     sh("git", "-c", "user.name=ablation", "-c", "user.email=ablation@localhost", "commit", "--quiet", "-m",
        f"ablation baseline: {' '.join(protocol) or 'params.yaml'}", cwd=workdir)  # fmt: skip
 

@@ -76,12 +76,14 @@ def dvc(*args: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = 
 
 
 def changed_stages(cwd: str | Path = ".") -> set[str]:
-    """The stages `dvc status` reports as changed (their own deps, params, outs or definition)."""
+    """The stages `dvc status` reports as changed (their own deps, params, outs or definition); a stage
+    marked ``always_changed`` that changed nothing else is not one of them."""
     code, out = dvc("status", "--json", cwd=cwd)
     if code != 0:
         raise PipelineError(f"dvc status failed: {_last_error(out)}")
     start = out.find("{")
-    return set(json.loads(out[start:]) if start >= 0 else {})
+    status = json.loads(out[start:]) if start >= 0 else {}
+    return {name for name, why in status.items() if why != ["always changed"]}
 
 
 def lock_outs(stage: str, cwd: str | Path = ".") -> dict[str, str]:

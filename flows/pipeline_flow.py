@@ -1,7 +1,8 @@
 """The Prefect flow: the DVC pipeline, stage by stage, run by a worker and watched in the Prefect UI.
 
 DVC owns caching and lineage, Prefect owns scheduling, retries, where a stage runs and the UI. The
-flow asks `dvc status` which stages changed; the stages before the first changed one are reported
+flow runs `source` first (it fingerprints the data read from outside the project, every time), then asks
+`dvc status` which stages changed; the stages before the first changed one are reported
 cached without starting anything, and from there each stage is a task running
 `dvc repro --single-item <stage>`, so DVC re-runs exactly what `dvc repro` would and writes the same
 dvc.lock. Flow parameter overrides are written into params.yaml first (comments kept), so dvc.lock
@@ -27,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import TransientError
+from pipeline.registry import model_card
 from pipeline.registry.tracking import load_run_ref
 from pipeline.steps import stages as stage_list
 
@@ -62,8 +64,27 @@ def stage_task(name: str, cached: bool) -> Any:
 
 
 def flow_stage_names(params: Params, ingest: bool) -> list[str]:
-    """The stages a flow run executes: the DVC stage list, without ingest when asked."""
+    """The stages a flow run executes: the DVC stage list, without ingest when asked (`source` stays: it keeps
+    the fingerprint of pulled data whose source is out of reach, and refreshes stress.originals')."""
     return [s.name for s in stage_list.stages(params) if ingest or s.name != "ingest"]
+
+
+def run_changed(names: list[str], logger: Any) -> list[StageRun]:
+    """`names` in order through DVC: the stages before the first changed one reported cached without starting
+    anything, then each one a task. `source` runs every time (it is how DVC learns whether the data source
+    changed), and `dvc status` is asked after it."""
+    runs: list[StageRun] = []
+    changed: set[str] | None = None
+    started = False
+    for name in names:
+        if name == "source":
+            runs.append(stage_task(name, cached=False)(name))
+        else:
+            changed = changed_stages() if changed is None else changed
+            started = started or name in changed
+            runs.append(stage_task(name, cached=not started)(name))
+        logger.info("%s: %s", name, runs[-1].status)
+    return runs
 
 
 def as_overrides(overrides: dict[str, Any] | None) -> list[str]:
@@ -79,8 +100,13 @@ def stages_markdown(runs: list[StageRun]) -> list[str]:
     return [*lines, ""]
 
 
+def stages_that_ran(runs: list[StageRun]) -> list[str]:
+    """The stages DVC re-ran because something changed: `source` runs every time, so it is not one."""
+    return [r.name for r in runs if r.ran and r.name != "source"]
+
+
 def summary_markdown(params: Params, runs: list[StageRun]) -> str:
-    ran = [r.name for r in runs if r.ran]
+    ran = stages_that_ran(runs)
     lines = ["# Pneumonia pipeline run", "", f"Stages run by DVC: {', '.join(ran) or 'none (all cached)'}.", ""]
     lines += stages_markdown(runs)
     metrics_file, decision_file = Path(params.evaluate.metrics), Path(params.registry.decision_file)
@@ -103,7 +129,8 @@ def summary_markdown(params: Params, runs: list[StageRun]) -> str:
         lines += [f"**Registry:** {d['model_name']} version {d['version']}: **{d['outcome']}** ({d['reason']}).", ""]
         card = Path(params.train.model_dir) / "model_card.md"
         if card.is_file():
-            lines += [f"**Model card:** `{card.resolve()}` (and the run artifact `model_card/model_card.md`).", ""]
+            logged = f"{model_card.artifact_dir(d['version'])}/model_card.md"
+            lines += [f"**Model card:** `{card.resolve()}` (and the run artifact `{logged}`).", ""]
     run_file = Path(params.mlflow.run_file)
     if run_file.is_file():
         lines.append(f"**MLflow run:** {load_run_ref(run_file).ui_hint}")
@@ -117,7 +144,8 @@ def pneumonia_pipeline(
     params_file: str = "params.yaml",
     workdir: str | None = None,
 ) -> dict[str, str]:
-    """Ingest, index, validate, train, evaluate and register through DVC; returns each stage's status.
+    """Source, ingest, index, validate, shard, train, evaluate, stress and register through DVC; returns each
+    stage's status.
 
     `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}; they are written
     into params.yaml before DVC runs. `ingest=False` leaves the data as it is (pulled by `dvc pull`).
@@ -132,19 +160,13 @@ def pneumonia_pipeline(
     if override_list:
         write_overrides(params_file, override_list)
         logger.info("params.yaml: %s", ", ".join(override_list))
-    changed = changed_stages()
-    runs: list[StageRun] = []
-    started = False
-    for name in flow_stage_names(params, ingest):
-        started = started or name in changed
-        runs.append(stage_task(name, cached=not started)(name))
-        logger.info("%s: %s", name, runs[-1].status)
+    runs = run_changed(flow_stage_names(params, ingest), logger)
     create_markdown_artifact(
         summary_markdown(params, runs),
         key="pneumonia-pipeline-summary",
         description="Stages run or cached by DVC, test metrics, champion decision and MLflow run",
     )
-    logger.info("pipeline finished in %.1f s; ran: %s", time.perf_counter() - start, [r.name for r in runs if r.ran])
+    logger.info("pipeline finished in %.1f s; ran: %s", time.perf_counter() - start, stages_that_ran(runs))
     return {r.name: r.status for r in runs}
 
 

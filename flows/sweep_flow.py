@@ -2,7 +2,7 @@
 
 The sweep expands a grid of dotted params.yaml keys (or draws random combinations, seeded), and checks
 every combination against the typed schema before anything runs: a bad key or value fails the flow with
-the schema's one-line error naming it. The data stages (ingest, index, validate, shard) are brought up to date
+the schema's one-line error naming it. The data stages (source, ingest, index, validate, shard) are brought up to date
 through DVC first, as the pipeline flow does (``data_stages=False``: they must already be, e.g. after
 ``dvc pull``). Each trial is a Prefect task, submitted to a thread pool limited to ``parallel``, that
 runs the ordinary stage commands ``pneumo train`` and ``pneumo evaluate`` as subprocesses in its own
@@ -51,8 +51,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from flows.dvc_runner import changed_stages, run_pneumo
-from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, stage_task
+from flows.dvc_runner import run_pneumo
+from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, run_changed
 from pipeline.core import atomic
 from pipeline.core.config import STAGE_OUTPUT_FILES, STAGE_OUTPUT_FOLDERS, Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
@@ -60,7 +60,7 @@ from pipeline.core.project import project_path
 from pipeline.registry import tracking
 from pipeline.steps.stages import ROOT as CODE_ROOT
 
-DATA_STAGES = ("ingest", "index", "validate", "shard")
+DATA_STAGES = ("source", "ingest", "index", "validate", "shard")
 SWEEPABLE = ("task", "model", "train", "evaluate")  # what a trial may change: the data stages are shared
 SUMMARY_KEY = "pneumonia-sweep-summary"
 TRIAL_ROW = "trial.json"  # a finished trial's row of the comparison, in its folder
@@ -321,10 +321,7 @@ def prepare_data(params: Params, run_stages: bool) -> None:
     """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are."""
     logger = get_run_logger()
     if run_stages:
-        changed, started = changed_stages(), False
-        for name in [s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES]:
-            started = started or name in changed
-            logger.info("%s: %s", name, stage_task(name, cached=not started)(name).status)
+        run_changed([s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES], logger)
         return
     needed = [params.index.path, params.validation.report]
     if params.train.input == "shards":

@@ -7,6 +7,7 @@ One copy per module: repro (all stages, twice), MLflow contents, push/pull, a ch
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.dvc_runner import changed_stages
 from pipeline.data.version import dvc_data_version
 from pipeline.steps import stages
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run, write_params
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"]
+STAGES = ["source", "ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,53 @@ def test_repro_runs_every_stage_then_nothing(repo_copy: Path) -> None:
         )
         assert "pipeline/modeling/training.py" not in files or t["command"] == "train"  # the trace is specific
     assert "validation PASSED" in first and "test (n=45) at the threshold" in first
+    # Nothing changed: only `source` runs (it fingerprints the data source every time), and writes the same.
+    lock = (repo_copy / "dvc.lock").read_text()
     second = run(["dvc", "repro"], repo_copy).stdout
-    assert "Running stage" not in second and "Data and pipelines are up to date." in second
+    assert re.findall(r"Running stage '(\w+)'", second) == ["source"], second
+    assert "Stage 'ingest' didn't change, skipping" in second and (repo_copy / "dvc.lock").read_text() == lock
+    assert status_json(repo_copy) == {"source": ["always changed"]}
+    assert changed_stages(repo_copy) == set()  # what the flow reads: `source` runs anyway, nothing else
+
+
+def status_json(project: Path) -> dict:
+    out = run(["dvc", "status", "--json"], project).stdout
+    return json.loads(out[out.find("{") :])
+
+
+def test_a_changed_local_source_is_ingested_again(real_224: Path, tmp_path: Path) -> None:
+    """Ingest's DVC state is keyed by the source's files, not only by the params naming them: a file added to
+    the folder under the same data.local_path re-runs ingest; the same folder untouched does not."""
+    source = tmp_path / "hospital"
+    for split in ("train", "val", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            (source / split / label).mkdir(parents=True)
+            for f in sorted((real_224 / "test" / label).iterdir())[:2]:
+                shutil.copy2(f, source / split / label / f"{split}-{f.name}")
+    project = copy_project(tmp_path / "project", "data.source=local", f"data.local_path={source}")
+    first = run(["dvc", "repro", "ingest"], project).stdout
+    assert re.findall(r"Running stage '(\w+)'", first) == ["source", "ingest"], first
+    fingerprint = json.loads((project / "data" / "source.json").read_text())
+    assert fingerprint["files"] == 12 and fingerprint["local_path"] == str(source)
+    same = run(["dvc", "repro", "ingest"], project).stdout
+    assert "Stage 'ingest' didn't change, skipping" in same, same
+    extra = sorted((real_224 / "train" / "NORMAL").iterdir())[0]
+    shutil.copy2(extra, source / "train" / "NORMAL" / extra.name)
+    again = run(["dvc", "repro", "ingest"], project).stdout
+    assert "Running stage 'ingest'" in again, again
+    assert (project / "data" / "raw" / "train" / "NORMAL" / extra.name).is_file()
+    assert json.loads((project / "data" / "source.json").read_text())["files"] == 13
+
+    # The source out of reach (an unmounted share, a clone that pulled the data): its last fingerprint is kept,
+    # with a warning, and the data as last ingested stays current. Another path that is not there stops it.
+    source.rename(tmp_path / "unmounted")
+    away = run(["dvc", "repro", "ingest"], project).stdout
+    assert "warning: " in away and "kept the fingerprint of the data as last ingested" in away, away
+    assert "Stage 'ingest' didn't change, skipping" in away
+    write_params(project, f"data.local_path={tmp_path / 'elsewhere'}")
+    stopped = run(["dvc", "repro", "ingest"], project, check=False)
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and "elsewhere: no such file or folder (data.local_path)" in said, said
 
 
 def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
@@ -123,7 +170,7 @@ def test_push_pull_and_changed_param(repo_copy: Path) -> None:
     counts = yaml.safe_load((repo_copy / "params.yaml").read_text())["data"]["synthetic"]["counts"]
     assert len(list((repo_copy / "data" / "raw").rglob("*.jpeg"))) == sum(sum(c.values()) for c in counts.values())
     assert (repo_copy / "models" / "model.keras").is_file()
-    assert "up to date" in run(["dvc", "status"], repo_copy).stdout
+    assert status_json(repo_copy) == {"source": ["always changed"]}  # everything else as pushed
 
     text = (repo_copy / "params.yaml").read_text().replace("target_sensitivity: 0.95", "target_sensitivity: 0.9")
     (repo_copy / "params.yaml").write_text(text)
@@ -131,6 +178,22 @@ def test_push_pull_and_changed_param(repo_copy: Path) -> None:
     for stage in ("ingest", "index", "validate", "train"):
         assert f"Stage '{stage}' didn't change, skipping" in third
     assert "Running stage 'evaluate'" in third
+
+    # Another evaluation of the same training is another version, with its own card: the first one's stays.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
+    run_id = json.loads((repo_copy / "reports" / "mlflow_run.json").read_text())["run_id"]
+    versions = sorted(
+        (v for v in client.search_model_versions("name = 'pneumo-chest-xray'") if v.run_id == run_id),
+        key=lambda v: int(v.version),
+    )
+    assert len(versions) >= 2, [v.version for v in versions]
+    cards = [client.download_artifacts(run_id, v.tags["model_card"].split("/", 2)[2], str(repo_copy / f"card{i}"))
+             for i, v in enumerate(versions[-2:])]  # fmt: skip
+    for v, card in zip(versions[-2:], cards, strict=True):
+        assert v.tags["model_card"] == f"runs:/{run_id}/model_card/v{v.version}/model_card.md"
+        assert f"pneumo-chest-xray version {v.version}" in Path(card).read_text()
 
 
 def test_metrics_plots_and_experiments(repo_copy: Path) -> None:

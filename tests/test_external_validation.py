@@ -78,11 +78,16 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     assert float(tags["external.hospital-x.roc_auc"]) == pytest.approx(report["at_threshold"]["roc_auc"], abs=1e-4)
     run = client.get_run(tags["external.hospital-x.run_id"])
     assert run.data.tags["model_version"] == str(version.version) and run.data.metrics["sensitivity"] >= 0
-    card = client.download_artifacts(version.run_id, "model_card/model_card.md", str(tmp_path))
+    card_path = f"model_card/v{version.version}/model_card.md"
+    assert tags["model_card"] == f"runs:/{version.run_id}/{card_path}"
+    card = client.download_artifacts(version.run_id, card_path, str(tmp_path))
     text = Path(card).read_text()
     assert "## External validation: hospital-x" in text and f"**{fn} missed**" in text
     # Beside the card's other pictures, where its relative links point (model_card/ next to model_card.md).
-    figures = {a.path for a in client.list_artifacts(version.run_id, "model_card/model_card/external/hospital-x")}
+    figures = {
+        a.path
+        for a in client.list_artifacts(version.run_id, f"model_card/v{version.version}/model_card/external/hospital-x")
+    }
     assert {"roc.png", "reliability.png"} <= {Path(f).name for f in figures}
     assert "(model_card/external/hospital-x/roc.png)" in text
 
@@ -96,11 +101,44 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     again = client.get_model_version_by_alias(real_champion.name, "champion")
     assert again.version == version.version  # the same version, finished again, not a new one
     (tmp_path / "again").mkdir()
-    card = client.download_artifacts(version.run_id, "model_card/model_card.md", str(tmp_path / "again"))
+    card = client.download_artifacts(version.run_id, card_path, str(tmp_path / "again"))
     rendered = Path(card).read_text()
     assert rendered.count("## External validation: hospital-x") == 1 and f"**{fn} missed**" in rendered
     local = (real_champion.root / real_champion.params.train.model_dir / "model_card.md").read_text()
     assert rendered.startswith(local) and "## External validation" not in local  # the training's copy
+
+
+def test_a_held_registration_lock_records_nothing(real_champion: Champion, hospital: Path, tmp_path: Path) -> None:
+    """The card is read, extended and written back under the registration lock that `register` takes to render
+    it: while another process holds that lock past the timeout, the command fails as transient (75) with one
+    line, the report is written, and the registry and MLflow hold nothing of this validation."""
+    lock_file = real_champion.root / real_champion.params.registry.lock_file
+    client = MlflowClient(real_champion.tracking_uri)
+    version = client.get_model_version_by_alias(real_champion.name, "champion")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import filelock, time; held = filelock.FileLock({str(lock_file)!r}); held.acquire(); "
+         "print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        out = tmp_path / "out"
+        proc = _pneumo(real_champion, "-S", f"registry.lock_file={lock_file}", "-S", "registry.lock_timeout_seconds=1",
+                       "external-validation", str(hospital), "--name", "locked-out", "-o", str(out))  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: external-validation: timed out after 1 s") and str(lock_file) in last, last
+    assert "nothing was recorded" in last and (out / "report.json").is_file()
+    tags = client.get_model_version(real_champion.name, version.version).tags
+    assert not [k for k in tags if k.startswith("external.locked-out.")]
+    experiment = client.get_experiment_by_name("external-validation")
+    runs = client.search_runs([experiment.experiment_id], "tags.dataset = 'locked-out'") if experiment else []
+    assert not runs
+    card = client.download_artifacts(version.run_id, f"model_card/v{version.version}/model_card.md", str(tmp_path))
+    assert "locked-out" not in Path(card).read_text()
 
 
 def test_not_a_labelled_folder_is_one_clear_error(real_champion: Champion, tmp_path: Path) -> None:

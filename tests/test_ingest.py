@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.core.config import Params
 from pipeline.core.errors import DataError
-from pipeline.data import dataset_index, ingest, splits, validation
+from pipeline.data import dataset_index, ingest, source, splits, validation
 from pipeline.steps import stages
 
 pytestmark = pytest.mark.realdata
@@ -134,3 +134,53 @@ def test_split_is_grouped_and_deterministic(real_subset: Path) -> None:
     assert a["split"].tolist() == b["split"].tolist() != c["split"].tolist()
     assert a.groupby("patient_id")["split"].nunique().max() == 1
     assert set(a.loc[a["split"] == "val", "label"]) == {"NORMAL", "PNEUMONIA"}  # stratified
+
+
+def test_source_fingerprint_follows_the_files(
+    real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    """The fingerprint ingest's DVC state is keyed by: the same for an untouched folder, another one when a file
+    is added, removed or rewritten; a zip's table of contents, the same for a copy; a missing path names
+    data.local_path; a broken link is left out, as ingest leaves it out."""
+    folder = tmp_path / "hospital"
+    shutil.copytree(real_subset, folder)
+    params = params_in("data.source=local", f"data.local_path={folder}").data
+    first = source.fingerprint(params)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert first["kind"] == "folder" and first["files"] == len(files) and first["local_path"] == str(folder)
+    assert first["bytes"] == sum(p.stat().st_size for p in files)
+    assert source.fingerprint(params) == first
+    one = next(folder.rglob("*.jpeg"))
+    added = one.with_name("added.jpeg")
+    shutil.copy2(one, added)
+    with_added = source.fingerprint(params)
+    assert with_added["files"] == first["files"] + 1 and with_added["listing_sha256"] != first["listing_sha256"]
+    added.unlink()
+    (folder / "gone.jpeg").symlink_to(tmp_path / "nowhere.jpeg")
+    assert source.fingerprint(params) == first  # the same files again: the same fingerprint
+    one.write_bytes(one.read_bytes() + b"\0")  # rewritten in place: size and time move
+    assert source.fingerprint(params)["listing_sha256"] != first["listing_sha256"]
+
+    archive = tmp_path / "hospital.zip"
+    shutil.make_archive(str(archive.with_suffix("")), "zip", folder)
+    zipped = source.fingerprint(params_in("data.source=local", f"data.local_path={archive}").data)
+    copy = shutil.copy(archive, tmp_path / "copy.zip")  # a new file time: the same contents
+    assert (
+        source.fingerprint(params_in("data.source=local", f"data.local_path={copy}").data)["listing_sha256"]
+        == (zipped["listing_sha256"])
+    )
+    assert zipped["kind"] == "file" and zipped["bytes"] == sum(p.stat().st_size for p in files)
+    assert source.fingerprint(params_in().data) == {"source": "synthetic"}
+    kaggle = source.fingerprint(params_in("data.source=kaggle").data)  # nothing downloaded for it
+    assert kaggle == {"source": "kaggle", "dataset": "paultimothymooney/chest-xray-pneumonia"}
+    with pytest.raises(DataError, match=r"^/nowhere: no such file or folder \(data\.local_path\)$"):
+        source.fingerprint(params_in("data.source=local", "data.local_path=/nowhere").data)
+
+    # The stress stage's originals, the same way; a missing folder is recorded, and stops the stress stage.
+    assert source.originals_fingerprint(params_in().stress) == {"originals": None}
+    originals = source.originals_fingerprint(params_in(f"stress.originals={folder}").stress)
+    assert originals["files"] == first["files"] and originals["originals"] == str(folder)
+    missing = params_in("stress.originals=/nowhere").stress
+    assert source.originals_fingerprint(missing) == {"originals": "/nowhere", "kind": "unreachable"}
+    with pytest.raises(DataError, match=r"^stress\.originals: /nowhere: no such folder$"):
+        source.originals_folder(missing)

@@ -43,7 +43,7 @@ def test_official_layout_runs_every_stage_with_dvc(official_layout: Path, tmp_pa
         "registry.sensitivity_floor=0",  # a one-epoch model: this run checks the layout, not the model
     )
     out = run(["dvc", "repro"], project).stdout
-    for stage in ("ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"):
+    for stage in ("source", "ingest", "index", "validate", "shard", "train", "evaluate", "stress", "register"):
         assert f"Running stage '{stage}'" in out
     assert "validation PASSED" in out
 

@@ -54,6 +54,7 @@ class DataParams(Strict):
     source: Literal["synthetic", "local", "kaggle"] = "synthetic"
     root: str = "data/raw"
     local_path: str | None = None
+    fingerprint: str = "data/source.json"
     flat_layout_split: Literal["train", "val", "test"] = "train"
     synthetic: SyntheticParams
     kaggle: KaggleParams = KaggleParams()
@@ -264,6 +265,7 @@ class StressParams(Strict):
 
     per_class: int = Field(30, ge=1, description="test images per class and transform")
     originals: str | None = Field(None, description="optional labelled folder (NORMAL/, PNEUMONIA/) scored as is")
+    fingerprint: str = Field("data/stress_originals.json", description="the source stage: the originals' files")
     out: str = "data/stress"
     report: str = "reports/stress.json"
 

@@ -1,5 +1,6 @@
 """The project folder, for state that outlives a DVC experiment's workspace (the MLflow store, its
-artifacts, the registration lock).
+artifacts, the registration lock) and for data read from outside DVC (data.local_path, the Kaggle
+download, stress.originals).
 
 DVC runs a queued or ``--temp`` experiment in a throwaway copy of the project, ``<root>/.dvc/tmp/exps/tmpXXXX/``,
 and brings back only its outputs: relative paths in params.yaml for anything else must still mean

@@ -1,4 +1,4 @@
-"""Ingest, the first stage: write the data set in the Kaggle layout under ``data.root``.
+"""Ingest (after the source's fingerprint): write the data set in the Kaggle layout under ``data.root``.
 
 Sources: ``synthetic`` (embedded, offline), ``local`` (a folder or .zip in the Kaggle layout, with
 the real archive's quirks: a nested ``chest_xray/chest_xray`` copy, ``__MACOSX`` and ``.DS_Store``
@@ -23,6 +23,7 @@ from pipeline.core.atomic import staged_dir
 from pipeline.core.config import LABELS, SPLITS, DataParams
 from pipeline.core.errors import DataError
 from pipeline.data import kaggle, naming, synthetic
+from pipeline.data.source import local_path
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -133,14 +134,17 @@ def ingest(params: DataParams) -> IngestResult:
     """Run the configured source into ``params.root``, replacing what was there only on success."""
     root = Path(params.root)
     result = IngestResult(params.source, root)
-    archive = kaggle.download(params.kaggle) if params.source == "kaggle" else None
+    source = None
+    if params.source == "kaggle":
+        source = kaggle.download(params.kaggle)
+    elif params.source == "local":
+        source = local_path(params)
     with staged_dir(root) as tmp:
-        if params.source == "synthetic":
+        if source is None:
             synthetic.generate(params.synthetic, tmp)
             for p in tmp.glob("*/*/*"):
                 result.counts[(p.parent.parent.name, p.parent.name)] += 1
         else:
-            source = archive or Path(params.local_path or "")
             try:
                 import_local(source, tmp, params.flat_layout_split, result)
             except DataError as exc:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline.core.atomic import staged_file
 from pipeline.core.config import KaggleParams
 from pipeline.core.errors import DataError, TransientError
+from pipeline.core.project import project_path
 
 HOW_TO = (
     "set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json from kaggle.com -> Settings -> API "
@@ -42,7 +43,7 @@ def credentials() -> tuple[str, str]:
 def download(params: KaggleParams, timeout: float = 30.0) -> Path:
     """Fetch the data set's zip into params.download_dir (resumes nothing; atomic on success). A download is
     kept only whole (every byte the server announced) and a zip archive; one already there needs no credentials."""
-    target = Path(params.download_dir) / (params.dataset.replace("/", "__") + ".zip")
+    target = project_path(params.download_dir) / (params.dataset.replace("/", "__") + ".zip")
     if zipfile.is_zipfile(target):
         return target
     target.unlink(missing_ok=True)  # not a zip: left by an older version that kept cut-off downloads

@@ -50,14 +50,17 @@ def redact(url: str) -> str:
 
 
 @contextlib.contextmanager
-def registry_lock(params: RegisterParams, log: Callable[[str], None] = print) -> Iterator[Check]:
-    """Hold the registration lock of `params.model_name`; yields a check to call before moving aliases."""
+def registry_lock(
+    params: RegisterParams, log: Callable[[str], None] = print, what: str = "register"
+) -> Iterator[Check]:
+    """Hold the registration lock of `params.model_name` (`what`: who wants it, in messages); yields a check
+    to call before moving aliases."""
     url = params.effective_lock_url()
     if url is None:
-        with file_lock(project_path(params.lock_file), params.lock_timeout_seconds, "register", log):
+        with file_lock(project_path(params.lock_file), params.lock_timeout_seconds, what, log):
             yield lambda: None
     else:
-        with advisory_lock(url, params, log) as check:
+        with advisory_lock(url, params, log, what) as check:
             yield check
 
 
@@ -66,7 +69,9 @@ KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_kee
 
 
 @contextlib.contextmanager
-def advisory_lock(url: str, params: RegisterParams, log: Callable[[str], None] = print) -> Iterator[Check]:
+def advisory_lock(
+    url: str, params: RegisterParams, log: Callable[[str], None] = print, what: str = "register"
+) -> Iterator[Check]:
     shown, name, timeout = redact(url), params.model_name, params.lock_timeout_seconds
     dsn = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", url)  # an SQLAlchemy URL (MLflow's) will do
 
@@ -84,22 +89,22 @@ def advisory_lock(url: str, params: RegisterParams, log: Callable[[str], None] =
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
             if not cur.fetchone()[0]:
-                log(f"register: waiting for {held}")
+                log(f"{what}: waiting for {held}")
                 cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout * 1000)}ms",))
                 cur.execute("SELECT pg_advisory_lock(%s)", (key,))
     except psycopg2.errors.LockNotAvailable:
         conn.close()
-        raise TransientError(f"register: timed out after {timeout:g} s waiting for {held}") from None
+        raise TransientError(f"{what}: timed out after {timeout:g} s waiting for {held}") from None
     except psycopg2.Error as exc:
         conn.close()
-        raise TransientError(f"register: taking the registration lock on {shown} failed: {first_line(exc)}") from None
+        raise TransientError(f"{what}: taking the registration lock on {shown} failed: {first_line(exc)}") from None
 
     def check() -> None:
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")
         except psycopg2.Error as exc:
-            raise TransientError(f"register: lost the registration lock on {shown}: {first_line(exc)}") from None
+            raise TransientError(f"{what}: lost the registration lock on {shown}: {first_line(exc)}") from None
 
     try:
         yield check

@@ -21,6 +21,7 @@ from pipeline.core.config import load_params
 from pipeline.core.errors import EXIT_ERROR, EXIT_TRANSIENT, DataError, PipelineError, TransientError
 
 STAGE_HELP = {
+    "source": "fingerprint the data read from outside the project (data.local_path, stress.originals), run every time",
     "ingest": "write the data set (synthetic, local folder/zip, or Kaggle) in the Kaggle layout under data.root",
     "index": "scan the images into the index table (hash, size, mode, decodability) and carve patient-grouped splits",
     "validate": "check the index with Great Expectations, write a JSON report and Data Docs, fail on unmet ones",
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "external-validation",
         help="score a labelled folder (NORMAL/ PNEUMONIA/, or the Kaggle layout) with a registered version",
         description="Predict every image of a labelled folder as served (the version's temperature and threshold), "
-        "report metrics with patient-level 95%% intervals, ROC/PR/confusion/reliability pictures, and record it: "
+        "report metrics with patient-level 95% intervals, ROC/PR/confusion/reliability pictures, and record it: "
         "an MLflow run in experiment 'external-validation', tags on the model version, a section of its model card.",
     )
     ev.add_argument("path", metavar="PATH", help="folder with NORMAL/ and PNEUMONIA/ (or train/val/test/ of them)")

@@ -9,6 +9,7 @@ model card, so whoever opens the version later sees how it did on that hospital'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -20,9 +21,10 @@ from mlflow import MlflowClient
 
 from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling.evaluation import figures
 from pipeline.registry import champion, model_card, tracking
+from pipeline.registry.registry_lock import registry_lock
 from pipeline.serving import classifier, scoring
 from pipeline.serving.classifier import Classifier
 
@@ -67,39 +69,49 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
 
 
 def record(model: Classifier, name: str, path: str, result: scoring.ExternalResult, out: Path, params: Params) -> str:
-    """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id."""
+    """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id.
+    All of it under the registration lock: waiting past `registry.lock_timeout_seconds` records nothing (75)."""
     info = model.info
     client = MlflowClient()
     experiment_id = tracking.experiment_id(EXPERIMENT, params.mlflow)
     figure_dir = f"model_card/external/{name}"
     t = result.at_threshold
     scores = {k: float(getattr(t, k)) for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1")}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}") as run:
-        mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
-        mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
-        mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
-        if result.prior:
-            mlflow.log_params({"prior_source": result.prior["source"], "prior_adjustment": result.prior["how"]})
-            mlflow.log_metric("prior_target", result.prior["target"])
-        mlflow.log_artifacts(str(out), "external")
-    if info.name and info.version:
+    # The registration lock of the version's model: the card is read, extended and written back, as
+    # `register` renders it anew; one of them at a time, so neither loses the other's change
+    lock_params = params.registry.model_copy(update={"model_name": info.name or params.registry.model_name})
+    with contextlib.ExitStack() as held:
+        try:
+            still_held = held.enter_context(registry_lock(lock_params, what="external-validation"))
+        except TransientError as exc:  # nothing is recorded yet; the report in `out` stands
+            raise TransientError(f"{exc}; the report is in {out}/, nothing was recorded in MLflow") from None
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}") as run:
+            mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
+            mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
+            mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
+            if result.prior:
+                mlflow.log_params({"prior_source": result.prior["source"], "prior_adjustment": result.prior["how"]})
+                mlflow.log_metric("prior_target", result.prior["target"])
+            mlflow.log_artifacts(str(out), "external")
+        if info.name and info.version:
 
-        def tag_version() -> None:
-            for key, value in {**scores, "brier": result.brier}.items():
-                client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
-            client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
-            card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
-            match = re.match(r"runs:/([^/]+)/(.+)$", card)
-            if match:  # the card lives in the training run: append the section and the pictures there
-                card_run, card_path = match.groups()
-                text = mlflow.artifacts.load_text(card)
-                section = card_section(name, path, result, run.info.run_id, figure_dir)
-                text = model_card.with_external_section(text, name, section)
-                client.log_text(card_run, text, card_path)
-                for png in ("roc.png", "reliability.png"):
-                    client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
+            def tag_version() -> None:
+                for key, value in {**scores, "brier": result.brier}.items():
+                    client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
+                client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
+                card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
+                match = re.match(r"runs:/([^/]+)/(.+)$", card)
+                if match:  # the card lives in the training run: append the section and the pictures there
+                    card_run, card_path = match.groups()
+                    text = mlflow.artifacts.load_text(card)
+                    section = card_section(name, path, result, run.info.run_id, figure_dir)
+                    text = model_card.with_external_section(text, name, section)
+                    still_held()  # a lost database lock: another writer may be rendering the card
+                    client.log_text(card_run, text, card_path)
+                    for png in ("roc.png", "reliability.png"):
+                        client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
 
-        champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
+            champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
     return run.info.run_id
 
 
@@ -140,7 +152,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
         )
         for made in sorted(staged.iterdir()):
             os.replace(made, out / made.name)
+    print(result.summary(name))  # before recording, which may wait for the registration lock
     run_id = record(model, name, args.path, result, out, params)
-    print(result.summary(name))
     print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")
     return 0

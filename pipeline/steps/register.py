@@ -126,20 +126,22 @@ def card_writer(
             lambda: validations_on_card(client, decision), "reading the model card", params.registry
         )
 
+        folder = model_card.artifact_dir(decision.version)
+
         def log() -> None:
-            client.log_text(candidate.run_id, logged, "model_card/model_card.md")
+            client.log_text(candidate.run_id, logged, f"{folder}/model_card.md")
             for png in sorted(examples_dir.glob("*.png")):
-                client.log_artifact(candidate.run_id, str(png), "model_card/model_card")
+                client.log_artifact(candidate.run_id, str(png), f"{folder}/model_card")
             client.set_model_version_tag(
                 decision.model_name,
                 decision.version,
                 model_card.CARD_TAG,
-                f"runs:/{candidate.run_id}/model_card/model_card.md",
+                f"runs:/{candidate.run_id}/{folder}/model_card.md",
             )
             client.update_model_version(
                 decision.model_name,
                 decision.version,
-                description=f"{candidate.description}\n\nModel card: run artifact `model_card/model_card.md`.",
+                description=f"{candidate.description}\n\nModel card: run artifact `{folder}/model_card.md`.",
             )
 
         champion.with_retries(log, "logging the model card", params.registry)

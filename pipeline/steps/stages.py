@@ -36,6 +36,8 @@ class Stage:
     outs: list[str] = field(default_factory=list)  # all cached: `dvc pull` in a clone restores every one
     metrics: list[str] = field(default_factory=list)
     plots: list[dict[str, dict[str, str]] | str] = field(default_factory=list)
+    always_changed: bool = False  # DVC runs it on every repro; what it writes decides whether the next stage runs
+    persist: bool = False  # its outputs stay in place while it runs (it may keep them)
 
     @property
     def module(self) -> str:
@@ -78,7 +80,17 @@ def stages(params: Params) -> list[Stage]:
     p = params
     model = f"{p.train.model_dir}/model.keras"
     return [
-        Stage("ingest", [], params=["data"], outs=[p.data.root]),
+        # A source's files can change under the same data.local_path: `source` fingerprints them every time
+        # (and stress.originals'), so that the stages reading them run again
+        Stage(
+            "source",
+            [],
+            params=["data", "stress.originals", "stress.fingerprint"],
+            outs=[p.data.fingerprint, p.stress.fingerprint],
+            always_changed=True,
+            persist=True,
+        ),
+        Stage("ingest", [p.data.fingerprint], params=["data"], outs=[p.data.root]),
         Stage(
             "index",
             [p.data.root],
@@ -137,7 +149,7 @@ def stages(params: Params) -> list[Stage]:
                 p.evaluate.metrics,
                 p.data.root,
                 p.mlflow.run_file,
-                *([p.stress.originals] if p.stress.originals else []),
+                p.stress.fingerprint,
             ],
             params=["stress"],
             outs=[p.stress.out],
@@ -167,7 +179,9 @@ def dvc_yaml(params: Params) -> str:
     for s in stages(params):
         spec: dict[str, Any] = {"cmd": f"pneumo {s.name}", "deps": s.deps, "params": s.params}
         if s.outs:
-            spec["outs"] = list(s.outs)
+            spec["outs"] = [{o: {"persist": True}} for o in s.outs] if s.persist else list(s.outs)
+        if s.always_changed:
+            spec["always_changed"] = True
         if s.metrics:
             spec["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         if s.plots:

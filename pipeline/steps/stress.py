@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.core.atomic import staged_dir, write_text
 from pipeline.core.config import Params
-from pipeline.core.errors import DataError
+from pipeline.data import source
 from pipeline.data.stress import build_stress_set
 from pipeline.modeling import model_store
 from pipeline.modeling.evaluation import Evaluation
@@ -44,9 +44,7 @@ def run(params: Params) -> str:
     model, metadata = model_store.load(params.train.model_dir)
     ref = tracking.load_run_ref(params.mlflow.run_file)
     classifier = Classifier(model, packaging.model_info(metadata, ev, ref.run_id, ""))
-    originals = Path(s.originals) if s.originals else None
-    if originals is not None and not originals.is_dir():
-        raise DataError(f"stress.originals: {originals}: no such folder")
+    originals = source.originals_folder(s)
     with staged_dir(s.out) as tmp:
         counts = build_stress_set(Path(params.data.root) / "test", tmp, s.per_class, originals)
     sets: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,106 @@
+"""The data read from outside the project as it is now, fingerprinted.
+
+The `source` stage runs on every `dvc repro` (DVC's ``always_changed``) and writes these fingerprints;
+`ingest` depends on the data source's, `stress` on its originals' (``stress.originals``). So a local
+folder or zip whose files change under the same ``data.local_path`` is ingested again: a stage's DVC
+state is keyed by what it reads, not only by the params that name it. A folder's fingerprint is each
+file's path inside it, size and modification time (what DVC itself trusts before re-hashing: a directory
+walk, no image read), a zip's is its table of contents (names, sizes, CRCs: the same for a copy), and the
+Kaggle archive's is the data set's name (a download is kept, never replaced). Where the project sits is
+not part of it, so a clone that pulled the data sees the same fingerprint for the same source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import DataParams, StressParams
+from pipeline.core.errors import DataError
+from pipeline.core.project import project_path
+
+UNREACHABLE = "unreachable"
+
+
+def shown(given: str, path: Path) -> str:
+    """A path as the user wrote it, with where it was looked for when that differs."""
+    return given if Path(given).expanduser() == path else f"{given} ({path})"
+
+
+def local_path(params: DataParams) -> Path:
+    """data.local_path (relative to the project), checked: a folder or a file."""
+    given = params.local_path or ""
+    path = project_path(given)
+    if not path.exists():
+        raise DataError(f"{shown(given, path)}: no such file or folder (data.local_path)")
+    if not (path.is_dir() or path.is_file()):
+        raise DataError(f"{shown(given, path)}: neither a folder nor a file (data.local_path)")
+    return path
+
+
+def _listing(root: Path) -> list[str]:
+    """Every regular file under `root` as 'relative path, size, mtime' (sorted); broken links and files gone
+    mid-walk are left out, as ingest leaves them out."""
+    lines = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder, name)
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            lines.append(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return sorted(lines)
+
+
+def _zip_listing(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sorted(f"{i.filename}\t{i.file_size}\t{i.CRC:08x}" for i in archive.infolist())
+    except (zipfile.BadZipFile, OSError):  # not a zip: ingest says so; its size and time stand in
+        stat = path.stat()
+        return [f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}"]
+
+
+def folder_or_file(path: Path) -> dict[str, Any]:
+    """A folder's files (or a zip's entries) as a fingerprint: how many, their bytes, a hash of the listing."""
+    lines = _listing(path) if path.is_dir() else _zip_listing(path)
+    total = sum(int(line.split("\t")[1]) for line in lines)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    kind = "folder" if path.is_dir() else "file"
+    return {"kind": kind, "files": len(lines), "bytes": total, "listing_sha256": digest}
+
+
+def fingerprint(params: DataParams) -> dict[str, Any]:
+    """What determines ingest's output beyond the `data` params. Synthetic data is made from the params alone."""
+    if params.source == "synthetic":
+        return {"source": "synthetic"}
+    if params.source == "kaggle":
+        return {"source": "kaggle", "dataset": params.kaggle.dataset}
+    return {"source": "local", "local_path": params.local_path, **folder_or_file(local_path(params))}
+
+
+def originals_folder(params: StressParams) -> Path | None:
+    """stress.originals (relative to the project), or None; a path that is no folder is a DataError."""
+    if not params.originals:
+        return None
+    path = project_path(params.originals)
+    if not path.is_dir():
+        raise DataError(f"stress.originals: {shown(params.originals, path)}: no such folder")
+    return path
+
+
+def originals_fingerprint(params: StressParams) -> dict[str, Any]:
+    """The same for the stress stage's labelled folder of originals; a missing one is recorded as such (the
+    stress stage stops on it, not the stages before it)."""
+    if not params.originals:
+        return {"originals": None}
+    try:
+        folder = originals_folder(params)
+    except DataError:
+        return {"originals": params.originals, "kind": UNREACHABLE}
+    assert folder is not None
+    return {"originals": params.originals, **folder_or_file(folder)}
