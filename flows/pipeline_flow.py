@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,15 @@ def flow_stage_names(params: Params, ingest: bool) -> list[str]:
     return [s.name for s in stage_list.stages(params) if ingest or s.name != "ingest"]
 
 
-def run_changed(names: list[str], logger: Any) -> list[StageRun]:
+def run_changed(names: list[str], always: Collection[str], logger: Any) -> list[StageRun]:
     """`names` in order through DVC: the stages before the first changed one reported cached without starting
-    anything, then each one a task. `source` runs every time (it is how DVC learns whether the data source
-    changed), and `dvc status` is asked after it."""
+    anything, then each one a task. The `always` ones (`source`: how DVC learns whether the data source
+    changed) run every time, and `dvc status` is asked after them."""
     runs: list[StageRun] = []
     changed: set[str] | None = None
     started = False
     for name in names:
-        if name == "source":
+        if name in always:
             runs.append(stage_task(name, cached=False)(name))
         else:
             changed = changed_stages() if changed is None else changed
@@ -100,13 +101,13 @@ def stages_markdown(runs: list[StageRun]) -> list[str]:
     return [*lines, ""]
 
 
-def stages_that_ran(runs: list[StageRun]) -> list[str]:
-    """The stages DVC re-ran because something changed: `source` runs every time, so it is not one."""
-    return [r.name for r in runs if r.ran and r.name != "source"]
+def stages_that_ran(runs: list[StageRun], always: Collection[str]) -> list[str]:
+    """The stages DVC re-ran because something changed: the `always` ones run every time, so they are not."""
+    return [r.name for r in runs if r.ran and r.name not in always]
 
 
 def summary_markdown(params: Params, runs: list[StageRun]) -> str:
-    ran = stages_that_ran(runs)
+    ran = stages_that_ran(runs, stage_list.always_run(params))
     lines = ["# Pneumonia pipeline run", "", f"Stages run by DVC: {', '.join(ran) or 'none (all cached)'}.", ""]
     lines += stages_markdown(runs)
     metrics_file, decision_file = Path(params.evaluate.metrics), Path(params.registry.decision_file)
@@ -160,13 +161,14 @@ def pneumonia_pipeline(
     if override_list:
         write_overrides(params_file, override_list)
         logger.info("params.yaml: %s", ", ".join(override_list))
-    runs = run_changed(flow_stage_names(params, ingest), logger)
+    always = stage_list.always_run(params)
+    runs = run_changed(flow_stage_names(params, ingest), always, logger)
     create_markdown_artifact(
         summary_markdown(params, runs),
         key="pneumonia-pipeline-summary",
         description="Stages run or cached by DVC, test metrics, champion decision and MLflow run",
     )
-    logger.info("pipeline finished in %.1f s; ran: %s", time.perf_counter() - start, stages_that_ran(runs))
+    logger.info("pipeline finished in %.1f s; ran: %s", time.perf_counter() - start, stages_that_ran(runs, always))
     return {r.name: r.status for r in runs}
 
 

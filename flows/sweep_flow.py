@@ -58,6 +58,7 @@ from pipeline.core.config import STAGE_OUTPUT_FILES, STAGE_OUTPUT_FOLDERS, Param
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.project import project_path
 from pipeline.registry import tracking
+from pipeline.steps import stages as stage_list
 from pipeline.steps.stages import ROOT as CODE_ROOT
 
 DATA_STAGES = ("source", "ingest", "index", "validate", "shard")
@@ -321,7 +322,8 @@ def prepare_data(params: Params, run_stages: bool) -> None:
     """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are."""
     logger = get_run_logger()
     if run_stages:
-        run_changed([s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES], logger)
+        names = [s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES]
+        run_changed(names, stage_list.always_run(params), logger)
         return
     needed = [params.index.path, params.validation.report]
     if params.train.input == "shards":

@@ -20,6 +20,7 @@ from flows.pipeline_flow import as_overrides, flow_stage_names, pneumonia_pipeli
 from pipeline.core.config import load_params
 from pipeline.core.errors import EXIT_TRANSIENT, EXIT_VALIDATION, ConfigError, DataError, PipelineError, TransientError
 from pipeline.data.version import dvc_data_version
+from pipeline.steps import stages as stage_list
 from tests.conftest import FAST_TRAIN, REPO, SMALL_SYNTHETIC
 from tests.projects import copy_project, run
 
@@ -47,11 +48,13 @@ def test_dvc_status_is_asked_after_source_ran(monkeypatch: pytest.MonkeyPatch) -
         return lambda _: events.append(f"{name} {'cached' if cached else 'ran'}") or StageRun(name, not cached, 0.0)
 
     monkeypatch.setattr(pipeline_flow, "stage_task", task)
-    runs = pipeline_flow.run_changed(["source", "ingest", "index"], logging.getLogger("test"))
+    always = stage_list.always_run(load_params(REPO / "params.yaml"))
+    assert always == {"source"}
+    runs = pipeline_flow.run_changed(["source", "ingest", "index"], always, logging.getLogger("test"))
     assert events == ["source ran", "status", "ingest ran", "index ran"]
-    assert pipeline_flow.stages_that_ran(runs) == ["ingest", "index"]
+    assert pipeline_flow.stages_that_ran(runs, always) == ["ingest", "index"]
     events.clear()
-    pipeline_flow.run_changed(["index", "validate"], logging.getLogger("test"))  # no source: asked at once
+    pipeline_flow.run_changed(["index", "validate"], always, logging.getLogger("test"))  # no source: asked at once
     assert events == ["status", "index cached", "validate cached"]
 
 

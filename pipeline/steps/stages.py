@@ -173,6 +173,11 @@ def stages(params: Params) -> list[Stage]:
     ]
 
 
+def always_run(params: Params) -> frozenset[str]:
+    """The stages DVC runs on every repro (``always_changed``): running them says nothing changed."""
+    return frozenset(s.name for s in stages(params) if s.always_changed)
+
+
 def dvc_yaml(params: Params) -> str:
     """The dvc.yaml text for `stages(params)`: each stage runs ``pneumo <name>``."""
     out: dict[str, Any] = {}
