@@ -78,6 +78,9 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     assert float(tags["external.hospital-x.roc_auc"]) == pytest.approx(report["at_threshold"]["roc_auc"], abs=1e-4)
     run = client.get_run(tags["external.hospital-x.run_id"])
     assert run.data.tags["model_version"] == str(version.version) and run.data.metrics["sensitivity"] >= 0
+    # The run holds what the command wrote, not the rest of the -o folder (it may hold the user's images)
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "external")}
+    assert logged == {p.name for p in out.iterdir()} - {"mine.txt"} and "report.json" in logged
     card_path = f"model_card/v{version.version}/model_card.md"
     assert tags["model_card"] == f"runs:/{version.run_id}/{card_path}"
     card = client.download_artifacts(version.run_id, card_path, str(tmp_path))

@@ -68,9 +68,13 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
     )
 
 
-def record(model: Classifier, name: str, path: str, result: scoring.ExternalResult, out: Path, params: Params) -> str:
+def record(
+    model: Classifier, name: str, path: str, result: scoring.ExternalResult, written: list[Path], params: Params
+) -> str:
     """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id.
-    All of it under the registration lock: waiting past `registry.lock_timeout_seconds` records nothing (75)."""
+    All of it under the registration lock: waiting past `registry.lock_timeout_seconds` records nothing (75).
+    The run gets the files this command `written`, never the rest of their folder (-o may hold images)."""
+    out = written[0].parent
     info = model.info
     client = MlflowClient()
     experiment_id = tracking.experiment_id(EXPERIMENT, params.mlflow)
@@ -92,7 +96,8 @@ def record(model: Classifier, name: str, path: str, result: scoring.ExternalResu
             if result.prior:
                 mlflow.log_params({"prior_source": result.prior["source"], "prior_adjustment": result.prior["how"]})
                 mlflow.log_metric("prior_target", result.prior["target"])
-            mlflow.log_artifacts(str(out), "external")
+            for made in written:
+                mlflow.log_artifact(str(made), "external")
         if info.name and info.version:
 
             def tag_version() -> None:
@@ -150,9 +155,10 @@ def run(args: argparse.Namespace, params: Params) -> int:
             temperature=model.info.temperature,
             where=name,
         )
-        for made in sorted(staged.iterdir()):
-            os.replace(made, out / made.name)
+        written = [out / made.name for made in sorted(staged.iterdir())]
+        for made in written:
+            os.replace(staged / made.name, made)
     print(result.summary(name))  # before recording, which may wait for the registration lock
-    run_id = record(model, name, args.path, result, out, params)
+    run_id = record(model, name, args.path, result, written, params)
     print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")
     return 0
