@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.modeling.models import build_model
-from pipeline.serving import drift
+from pipeline.serving import drift, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo, parse_registry_uri
-from pipeline.serving.predict import expand, render
+from pipeline.serving.predict import expand, prepare, render
 
 
 def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
@@ -27,6 +27,18 @@ def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
     assert names == ["a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "x.jpg", "a/notes.txt"]  # a named file is always tried
     assert missing == [(str(tmp_path / "nope"), "no such file or folder")]
     assert expand([str(tmp_path / "*.gif")])[1][0][1] == "the pattern matches no files"
+
+
+def test_a_file_larger_than_any_image_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder may hold a multi-frame study of gigabytes: it becomes an error row, and is never read."""
+    huge = tmp_path / "ct-study.dcm"
+    with open(huge, "wb") as handle:
+        handle.truncate(image_io.MAX_FILE_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    prepared = prepare(str(huge), 64)
+    assert prepared.x is None and prepared.error == (
+        f"a file of {image_io.MAX_FILE_BYTES + 1:,} bytes is over the limit of {image_io.MAX_FILE_BYTES:,}"
+    )
 
 
 @pytest.mark.parametrize(

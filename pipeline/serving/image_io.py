@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -46,6 +47,7 @@ SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MAX_PIXELS = 50_000_000  # a larger header is a decompression bomb, not an X-ray
 MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # decoded DICOM pixel data: 16-bit grayscale at the pixel limit
 MAX_INFLATED_BYTES = MAX_PIXEL_BYTES + 16 * 2**20  # a deflated DICOM data set: those pixels and 16 MiB of header
+MAX_FILE_BYTES = MAX_INFLATED_BYTES  # no image within the pixel limit is a larger file (a multi-frame CT may be)
 INFLATE_CHUNK = 2**20
 DEFER_SIZE = 64 * 1024  # DICOM element values over this are read from the upload only when used
 MIN_SIDE = 16
@@ -368,6 +370,14 @@ def _dicom(data: bytes) -> LoadedImage:
     except Exception as exc:  # noqa: BLE001 - corrupt codestreams, bad lengths, ...
         raise ImageError(f"cannot decode DICOM pixels (transfer syntax {syntax}): {_reason(exc, 120)}") from None
     return LoadedImage(pixels, "dicom", width, height, intended_use_warnings(ds))
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes, refused (ImageTooLarge) before reading when it is larger than any image we take."""
+    size = Path(path).stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ImageTooLarge(f"a file of {size:,} bytes is over the limit of {MAX_FILE_BYTES:,}")
+    return Path(path).read_bytes()
 
 
 def load(data: bytes) -> LoadedImage:

@@ -79,7 +79,7 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def prepare(path: str, image_size: int, display: bool = False) -> Prepared:
     try:
-        image = image_io.load(Path(path).read_bytes())
+        image = image_io.load(image_io.read_file(path))
         x = image_io.model_input(image, image_size)
         thumbnail = image_io.display_pixels(image) if display else None
         header = dataclasses.replace(image, pixels=np.empty((0, 0, 1), np.uint8))  # full-size pixels not kept
