@@ -79,6 +79,30 @@ def test_same_image_in_train_and_test(real_copy: Path, params_in: Callable[..., 
     assert set(check.examples) == {"train/NORMAL/IM-9999-0001.jpeg", f"test/NORMAL/{src.name}"}
 
 
+def test_empty_files_in_two_splits_are_quarantined_not_a_shared_image(
+    real_copy: Path, params_in: Callable[..., Params]
+) -> None:
+    """Two 0-byte files share a hash; they are no image, so they are quarantined, never "one image in two splits"."""
+    for split in ("train", "test"):
+        (real_copy / split / "NORMAL" / "IM-9998-0001.jpeg").write_bytes(b"")
+    params, index = _pipeline(real_copy, params_in, "validation.max_undecodable_fraction=0.05")
+    report = validation.validate(index, params.validation)
+    assert len(report.quarantined) == 2 and _check(report, "no image (sha256) in two splits").success
+    assert report.success, report.summary()
+
+
+def test_a_file_name_without_its_patient_is_caught(real_copy: Path, params_in: Callable[..., Params]) -> None:
+    """A renamed file is its own patient, so patient grouping cannot keep it with its siblings: validation names it,
+    unless the data set is declared as named otherwise (validation.min_patient_in_name)."""
+    victim = _first(real_copy / "train" / "PNEUMONIA")
+    victim.rename(victim.with_name("scan-0001.jpeg"))
+    params, index = _pipeline(real_copy, params_in)
+    check = _check(validation.validate(index, params.validation), "patient id in the file name")
+    assert not check.success and check.unexpected == 1 and check.examples == ["train/PNEUMONIA/scan-0001.jpeg"]
+    lenient = params_in("validation.min_patient_in_name=0")
+    assert _check(validation.validate(index, lenient.validation), "patient id in the file name").success
+
+
 def test_one_patient_across_train_and_kept_val_folder(real_copy: Path, params_in: Callable[..., Params]) -> None:
     """With the official val folder kept as is (split.pool: [train]), a patient in both folders is a leak:
     val continues train's patient numbering."""

@@ -86,6 +86,8 @@ def test_kaggle_archive_quirks_zip(real_subset: Path, tmp_path: Path, params_in:
     result = ingest.ingest(params.data)
     assert dict(result.counts) == _folder_counts(real_subset)
     assert result.skipped == ["chest_xray/train/NORMAL/notes.txt"]
+    assert result.nested == {"chest_xray/chest_xray": result.total}  # the nested copy: named, not imported
+    assert f"ignored a nested copy of the data set: chest_xray/chest_xray/ ({result.total} files)" in result.summary()
     root = Path(params.data.root)
     assert not list(root.rglob("._*")) and not list(root.rglob(".DS_Store"))
     assert any(p.suffix == ".jpg" for p in root.glob("train/NORMAL/*"))
@@ -178,9 +180,102 @@ def test_source_fingerprint_follows_the_files(
 
     # The stress stage's originals, the same way; a missing folder is recorded, and stops the stress stage.
     assert source.originals_fingerprint(params_in().stress) == {"originals": None}
-    originals = source.originals_fingerprint(params_in(f"stress.originals={folder}").stress)
-    assert originals["files"] == first["files"] and originals["originals"] == str(folder)
+    originals = source.originals_fingerprint(params_in(f"stress.originals={folder / 'train'}").stress)
+    assert originals["files"] == len(list((folder / "train").rglob("*.jpeg")))
+    assert originals["originals"] == str(folder / "train")
+    unlabelled = params_in(f"stress.originals={folder}").stress  # split folders, no NORMAL/ or PNEUMONIA/ in it
+    with pytest.raises(DataError, match=rf"^stress\.originals: {folder}: no NORMAL/, PNEUMONIA/ folder in it$"):
+        source.originals_folder(unlabelled)
+    assert source.originals_fingerprint(unlabelled)["kind"] == "unreachable"
     missing = params_in("stress.originals=/nowhere").stress
     assert source.originals_fingerprint(missing) == {"originals": "/nowhere", "kind": "unreachable"}
     with pytest.raises(DataError, match=r"^stress\.originals: /nowhere: no such folder$"):
         source.originals_folder(missing)
+
+
+def test_an_empty_mount_point_is_no_data_set_and_the_last_fingerprint_stays(
+    real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    """An empty folder at data.local_path (a share not mounted) is an error, not a data set of 0 files that
+    would make DVC ingest again (and delete the data) only for ingest to fail; the source stage keeps the
+    fingerprint of the data as last ingested, as for a path that is gone."""
+    from pipeline.steps import source as source_stage
+
+    mount = tmp_path / "mnt"
+    shutil.copytree(real_subset, mount)
+    params = params_in("data.source=local", f"data.local_path={mount}")
+    stages.run_stage("source", params)
+    recorded = Path(params.data.fingerprint).read_text()
+    shutil.rmtree(mount)
+    mount.mkdir()  # unmounted: the folder is there, empty
+    with pytest.raises(DataError, match=rf"^{mount}: empty, no files in it \(data\.local_path\)$"):
+        source.fingerprint(params.data)
+    kept, line = source_stage.data_fingerprint(params)
+    assert (
+        "warning" in line
+        and "empty, no files in it" in line
+        and kept["files"] == len(list(real_subset.rglob("*.jpeg")))
+    )
+    stages.run_stage("source", params)
+    assert Path(params.data.fingerprint).read_text() == recorded
+
+
+def test_two_data_sets_side_by_side_are_an_error_not_one_dropped(
+    real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    months = tmp_path / "months"
+    shutil.copytree(real_subset, months / "2024-01")
+    shutil.copytree(real_subset, months / "2024-02")
+    params = params_in("data.source=local", f"data.local_path={months}")
+    with pytest.raises(DataError, match=r"2 data sets side by side \(2024-01/, 2024-02/\): point data\.local_path at"):
+        ingest.ingest(params.data)
+    assert ingest.ingest(params_in("data.source=local", f"data.local_path={months / '2024-02'}").data).total > 0
+
+
+def test_linked_split_and_class_folders_are_followed_and_a_link_loop_is_not(
+    real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    """A split or class folder may be a link to where the images are (another disk, a share); ingest and the
+    source fingerprint read through it, and a link back up the tree is not walked round and round."""
+    store = tmp_path / "store"
+    shutil.copytree(real_subset / "train", store / "train")
+    tree = tmp_path / "linked"
+    shutil.copytree(real_subset, tree, ignore=shutil.ignore_patterns("train"))
+    (tree / "train").mkdir()
+    (tree / "train" / "NORMAL").symlink_to(store / "train" / "NORMAL", target_is_directory=True)
+    (tree / "train" / "PNEUMONIA").symlink_to(store / "train" / "PNEUMONIA", target_is_directory=True)
+    (tree / "train" / "PNEUMONIA" / "loop").symlink_to(tree, target_is_directory=True)  # up the tree
+    params = params_in("data.source=local", f"data.local_path={tree}")
+    result = ingest.ingest(params.data)
+    assert dict(result.counts) == _folder_counts(real_subset)
+    assert source.fingerprint(params.data)["files"] == len(list(real_subset.rglob("*.jpeg")))
+
+
+def test_a_zip_with_backslash_paths_imports_and_a_damaged_entry_is_named(
+    real_subset: Path, tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    archive = tmp_path / "windows.zip"
+    files = sorted(real_subset.rglob("*.jpeg"))
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("chest_xray\\train\\", b"")  # a folder entry, as such tools write them
+        for f in files:
+            z.write(f, "chest_xray\\" + "\\".join(f.relative_to(real_subset).parts))
+    params = params_in("data.source=local", f"data.local_path={archive}")
+    result = ingest.ingest(params.data)
+    assert dict(result.counts) == _folder_counts(real_subset) and not result.skipped
+
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            z.write(f, f"chest_xray/{f.relative_to(real_subset).as_posix()}")
+    with zipfile.ZipFile(damaged) as z:
+        victim = z.infolist()[3]
+    data = bytearray(damaged.read_bytes())
+    start = victim.header_offset + 30 + len(victim.filename.encode())  # the entry's compressed bytes
+    data[start + 100 : start + 140] = bytes(40)
+    damaged.write_bytes(bytes(data))
+    before = sorted(p.name for p in Path(params.data.root).rglob("*.jpeg"))
+    with pytest.raises(DataError) as err:
+        ingest.ingest(params_in("data.source=local", f"data.local_path={damaged}").data)
+    assert str(err.value).startswith(f"{damaged}: {victim.filename}: cannot be read from the archive")
+    assert sorted(p.name for p in Path(params.data.root).rglob("*.jpeg")) == before  # nothing half-written

@@ -51,7 +51,8 @@ def test_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, params_in: C
     assert "\n" not in message and not Path(params.data.root).exists()
 
 
-SERVED = {"mode": "whole"}  # what the loopback server sends: whole, truncated or html
+SERVED = {"mode": "whole"}  # what the loopback server sends: whole, truncated, html or redirect (to storage)
+STORAGE_SAW: list[str | None] = []  # the Authorization header of each request the storage server got
 
 
 @pytest.fixture
@@ -70,6 +71,21 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
             z.writestr(f"chest_xray/chest_xray/{item.split}/{item.label}/{item.filename}", data)
     good = "Basic " + base64.b64encode(b"ann:k3y").decode()
 
+    class Storage(http.server.BaseHTTPRequestHandler):  # where Kaggle's redirect points: another host
+        def do_GET(self) -> None:
+            STORAGE_SAW.append(self.headers.get("Authorization"))
+            body = archive.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+    threading.Thread(target=storage.serve_forever, daemon=True).start()
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.headers.get("Authorization") != good:
@@ -79,6 +95,11 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
             assert self.path == "/api/v1/datasets/download/paultimothymooney/chest-xray-pneumonia"
             body = archive.read_bytes()
             mode = SERVED["mode"]
+            if mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{storage.server_address[1]}/signed/archive.zip")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(body) if mode != "html" else 24))
             self.end_headers()
@@ -96,8 +117,10 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/datasets/download"
     SERVED["mode"] = "whole"
-    server.shutdown()
-    server.server_close()
+    STORAGE_SAW.clear()
+    for s in (server, storage):
+        s.shutdown()
+        s.server_close()
 
 
 def test_download_then_import(
@@ -138,3 +161,14 @@ def test_only_a_whole_zip_is_kept_and_a_kept_one_needs_no_credentials(
     monkeypatch.delenv("KAGGLE_KEY")
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(cached.parent / "no-config"))
     assert kaggle.download(params.data.kaggle) == cached  # the finished download, no credentials asked
+
+
+def test_the_credentials_never_follow_a_redirect_to_another_host(
+    kaggle_server: str, monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params]
+) -> None:
+    params = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}")
+    monkeypatch.setenv("KAGGLE_USERNAME", "ann")
+    monkeypatch.setenv("KAGGLE_KEY", "k3y")
+    SERVED["mode"] = "redirect"  # as Kaggle does: 302 to a signed storage URL
+    assert zipfile.is_zipfile(kaggle.download(params.data.kaggle))
+    assert STORAGE_SAW == [None]  # the download came from storage, which never saw the key

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.stress import AGAINST_CLASS, SETS, TRANSFORMS, build_stress_set
+from pipeline.core.errors import DataError
+from pipeline.data.dataset_index import build_index
+from pipeline.data.stress import AGAINST_CLASS, SETS, TRANSFORMS, build_stress_set, stress_sources
 
 
 def _cross(size: int = 200, band: int = 20) -> np.ndarray:
@@ -37,25 +39,53 @@ def test_aspect_sets_stretch_one_axis_by_a_quarter_and_keep_the_frame() -> None:
     assert _thickness(taller) == pytest.approx((20, 25), abs=0.3)
 
 
-def test_the_stress_set_holds_every_transform_for_each_class(tmp_path: Path) -> None:
-    source = tmp_path / "test"
+def _labelled_test_folder(root: Path) -> None:
     for label, value in (("NORMAL", 60), ("PNEUMONIA", 160)):
-        (source / label).mkdir(parents=True)
+        (root / "test" / label).mkdir(parents=True)
         for i in range(3):
             ramp = np.add.outer(np.arange(96), 2 * np.arange(128)) % 40  # a pattern: each framing changes it
-            Image.fromarray((value + i + ramp).astype(np.uint8)).save(source / label / f"{label}-{i}.jpeg")
-    counts = build_stress_set(source, tmp_path / "stress", per_class=2)
+            Image.fromarray((value + i + ramp).astype(np.uint8)).save(root / "test" / label / f"{label}-{i}.jpeg")
+
+
+def test_the_stress_set_holds_every_transform_for_each_class(tmp_path: Path) -> None:
+    _labelled_test_folder(tmp_path / "raw")
+    picked = stress_sources(build_index(tmp_path / "raw", workers=1), tmp_path / "raw", per_class=2)
+    counts = build_stress_set(picked, tmp_path / "stress")
     assert counts == dict.fromkeys(SETS, 4) and set(SETS) == {*TRANSFORMS, AGAINST_CLASS}
     for name in SETS:
         for label in ("NORMAL", "PNEUMONIA"):
             files = sorted((tmp_path / "stress" / name / label).iterdir())
-            assert [f.name for f in files] == [f"{label}-0.png", f"{label}-1.png"], name  # the first two, sorted
-    assert Image.open(tmp_path / "stress" / "aspect_wider_x1.25" / "NORMAL" / "NORMAL-0.png").size == (128, 96)
+            assert [f.name for f in files] == [f"{label}-0.jpeg.png", f"{label}-1.jpeg.png"], name  # first two
+    assert Image.open(tmp_path / "stress" / "aspect_wider_x1.25" / "NORMAL" / "NORMAL-0.jpeg.png").size == (128, 96)
     # The set framed apart: normal images as the wider set's, pneumonia ones as the taller set's
     for label, like in (("NORMAL", "aspect_wider_x1.25"), ("PNEUMONIA", "aspect_taller_x1.25")):
-        apart = np.asarray(Image.open(tmp_path / "stress" / AGAINST_CLASS / label / f"{label}-0.png"))
-        framed = {n: np.asarray(Image.open(tmp_path / "stress" / n / label / f"{label}-0.png")) for n in SETS}
+        name = f"{label}-0.jpeg.png"
+        apart = np.asarray(Image.open(tmp_path / "stress" / AGAINST_CLASS / label / name))
+        framed = {n: np.asarray(Image.open(tmp_path / "stress" / n / label / name)) for n in SETS}
         assert [n for n, pixels in framed.items() if np.array_equal(pixels, apart)] == [like, AGAINST_CLASS]
+
+
+def test_the_stress_set_skips_what_the_index_quarantined_and_keeps_same_stem_files_apart(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _labelled_test_folder(raw)
+    (raw / "test" / "NORMAL" / "A-cut.jpeg").write_bytes((raw / "test" / "NORMAL" / "NORMAL-0.jpeg").read_bytes()[:300])
+    (raw / "test" / "NORMAL" / "A-empty.jpeg").write_bytes(b"")
+    Image.open(raw / "test" / "NORMAL" / "NORMAL-2.jpeg").save(raw / "test" / "NORMAL" / "NORMAL-0.png")
+    picked = stress_sources(build_index(raw, workers=1), raw, per_class=3)
+    assert [p.name for p in picked["NORMAL"]] == ["NORMAL-0.jpeg", "NORMAL-0.png", "NORMAL-1.jpeg"]
+    counts = build_stress_set(picked, tmp_path / "stress")
+    assert counts["gamma_0.6"] == 6
+    written = sorted(p.name for p in (tmp_path / "stress" / "gamma_0.6" / "NORMAL").iterdir())
+    assert written == ["NORMAL-0.jpeg.png", "NORMAL-0.png.png", "NORMAL-1.jpeg.png"]  # two files of one stem: two
+
+
+def test_a_label_without_a_decodable_test_image_is_one_clear_error(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _labelled_test_folder(raw)
+    for f in (raw / "test" / "PNEUMONIA").iterdir():
+        f.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"test/PNEUMONIA: no decodable test images"):
+        stress_sources(build_index(raw, workers=1), raw, per_class=3)
 
 
 def test_aspect_augmentation_stretches_each_axis_on_its_own_within_its_range() -> None:

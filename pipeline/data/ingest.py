@@ -3,13 +3,16 @@
 Sources: ``synthetic`` (embedded, offline), ``local`` (a folder or .zip in the Kaggle layout, with
 the real archive's quirks: a nested ``chest_xray/chest_xray`` copy, ``__MACOSX`` and ``.DS_Store``
 junk, any letter case, .jpeg/.jpg/.png) and ``kaggle`` (download, then import as ``local``).
-The output folder is replaced atomically: a failed ingest leaves the previous data in place.
+The output folder is written whole and then moved into place, so it is never half-written. Run by hand
+(``pneumo ingest``), a failed ingest leaves the previous data in place; under ``dvc repro`` DVC removes a
+stage's outputs before running it, so the data then comes back from the DVC cache (``dvc checkout``).
 """
 
 from __future__ import annotations
 
 import shutil
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from pipeline.core.atomic import staged_dir
 from pipeline.core.config import LABELS, SPLITS, DataParams
 from pipeline.core.errors import DataError
 from pipeline.data import kaggle, naming, synthetic
-from pipeline.data.source import local_path
+from pipeline.data.source import local_path, walk_files
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -34,6 +37,7 @@ class IngestResult:
     root: Path
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     skipped: list[str] = field(default_factory=list)
+    nested: Counter[str] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -47,6 +51,8 @@ class IngestResult:
         if self.skipped:
             shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
             lines.append(f"  skipped {len(self.skipped)} non-image or duplicate entries: {shown}")
+        for root, n in sorted(self.nested.items()):
+            lines.append(f"  ignored a nested copy of the data set: {root}/ ({n} files)")
         return "\n".join(lines)
 
 
@@ -59,15 +65,15 @@ class _Entry:
 
 
 def _folder_entries(root: Path) -> Iterator[_Entry]:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            yield _Entry(PurePosixPath(p.relative_to(root).as_posix()), partial(p.open, "rb"))
+    for p, _ in walk_files(root):  # linked split or class folders are followed
+        yield _Entry(PurePosixPath(p.relative_to(root).as_posix()), partial(p.open, "rb"))
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
-        if not info.is_dir():
-            yield _Entry(PurePosixPath(info.filename), lambda info=info: archive.open(info))
+        if not (info.is_dir() or info.filename.endswith("\\")):
+            # Zips written on Windows by some tools separate folders with backslashes
+            yield _Entry(PurePosixPath(info.filename.replace("\\", "/")), lambda info=info: archive.open(info))
 
 
 def _placement(path: PurePosixPath) -> tuple[tuple[str, ...], str | None, str] | None:
@@ -79,6 +85,16 @@ def _placement(path: PurePosixPath) -> tuple[tuple[str, ...], str | None, str] |
     if len(parts) >= 3 and parts[-3].lower() in SPLITS:
         return parts[:-3], parts[-3].lower(), label
     return parts[:-2], None, label
+
+
+def _data_set_root(roots: set[tuple[str, ...]]) -> tuple[str, ...]:
+    """The one tree to import: the real archive holds chest_xray/ and a nested chest_xray/chest_xray/ copy, so a
+    root inside another is a copy; two trees side by side (2024-01/, 2024-02/) are two data sets, an error."""
+    outer = sorted(r for r in roots if not any(r[: len(o)] == o and r != o for o in roots))
+    if len(outer) > 1:
+        shown = ", ".join("/".join(r) + "/" for r in outer)
+        raise DataError(f"{len(outer)} data sets side by side ({shown}): point data.local_path at one of them")
+    return outer[0]
 
 
 def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result: IngestResult) -> None:
@@ -96,13 +112,11 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
         raise DataError("no images in a {train,val,test}/{NORMAL,PNEUMONIA}/ or {NORMAL,PNEUMONIA}/ layout")
     split_layout = [p for p in placed if p[2] is not None]
     candidates = split_layout or placed
-    # The real archive holds chest_xray/ and a nested chest_xray/chest_xray/ copy: take the shallowest.
-    depth = min(len(p[1]) for p in candidates)
-    roots = Counter(p[1] for p in candidates if len(p[1]) == depth)
-    chosen = roots.most_common(1)[0][0]
+    chosen = _data_set_root({p[1] for p in candidates})
     seen: set[Path] = set()
     for entry, root, split, label in tqdm(candidates, desc="import", unit="file", mininterval=1.0):
-        if root != chosen:
+        if root != chosen:  # a nested copy, as the real archive's chest_xray/chest_xray/
+            result.nested["/".join(root)] += 1
             continue
         if entry.path.suffix.lower() not in IMAGE_SUFFIXES:
             result.skipped.append(str(entry.path))
@@ -113,8 +127,11 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
             continue
         seen.add(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with entry.open() as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with entry.open() as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged archive entry
+            raise DataError(f"{entry.path}: cannot be read from the archive ({exc})") from None
         result.counts[(split or flat_split, label)] += 1
 
 

@@ -50,7 +50,9 @@ def download(params: KaggleParams, timeout: float = 30.0) -> Path:
     user, key = credentials()
     url = f"{params.url.rstrip('/')}/{params.dataset}"
     token = base64.b64encode(f"{user}:{key}".encode()).decode()
-    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    request = urllib.request.Request(url)
+    # Kaggle answers with a redirect to a signed storage URL: the credentials go to Kaggle only, never on
+    request.add_unredirected_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, staged_file(target) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None

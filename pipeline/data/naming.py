@@ -17,14 +17,19 @@ _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 
 
-def patient_id(filename: str) -> str:
-    """The patient id in a file name; an unknown pattern falls back to the whole stem (one image, one patient)."""
+def named_patient(filename: str) -> str | None:
+    """The patient id a Kermany file name gives, or None for a name of another pattern."""
     stem = PurePath(filename).stem
     for pattern in (_PERSON, _IM):
         m = pattern.match(stem)
         if m:
             return m.group(1)
-    return stem
+    return None
+
+
+def patient_id(filename: str) -> str:
+    """The patient id in a file name; an unknown pattern falls back to the whole stem (one image, one patient)."""
+    return named_patient(filename) or PurePath(filename).stem
 
 
 def scoped_patient_id(filename: str, folder: str, scopes: dict[str, str]) -> str:

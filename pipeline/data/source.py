@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat as stat_module
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import DataParams, StressParams
+from pipeline.core.config import LABELS, DataParams, StressParams
 from pipeline.core.errors import DataError
 from pipeline.core.project import project_path
 
@@ -41,19 +43,37 @@ def local_path(params: DataParams) -> Path:
     return path
 
 
-def _listing(root: Path) -> list[str]:
-    """Every regular file under `root` as 'relative path, size, mtime' (sorted); broken links and files gone
-    mid-walk are left out, as ingest leaves them out."""
-    lines = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = Path(folder, name)
+def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """(file, its stat) for every regular file under `root`, following linked folders (a split or class folder
+    may be a link to where the images are) but never into a folder it is already inside (a link loop); broken
+    links and files gone mid-walk are left out."""
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        ancestors = {_key(p) for p in (here, *here.parents) if p.is_relative_to(root)}
+        dirs[:] = sorted(d for d in dirs if _key(here / d) not in ancestors)
+        for name in sorted(files):
+            path = here / name
             try:
                 stat = path.stat()
             except OSError:
                 continue
-            lines.append(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    return sorted(lines)
+            if stat_module.S_ISREG(stat.st_mode):
+                yield path, stat
+
+
+def _key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _listing(root: Path) -> list[str]:
+    """Every regular file under `root` as 'relative path, size, mtime' (sorted), as ingest reads them."""
+    return sorted(
+        f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}" for path, stat in walk_files(root)
+    )
 
 
 def _zip_listing(path: Path) -> list[str]:
@@ -80,16 +100,24 @@ def fingerprint(params: DataParams) -> dict[str, Any]:
         return {"source": "synthetic"}
     if params.source == "kaggle":
         return {"source": "kaggle", "dataset": params.kaggle.dataset}
-    return {"source": "local", "local_path": params.local_path, **folder_or_file(local_path(params))}
+    path = local_path(params)
+    found = folder_or_file(path)
+    if found["files"] == 0:  # an empty mount point is a share not mounted, never a data set with no images
+        raise DataError(f"{shown(params.local_path or '', path)}: empty, no files in it (data.local_path)")
+    return {"source": "local", "local_path": params.local_path, **found}
 
 
 def originals_folder(params: StressParams) -> Path | None:
-    """stress.originals (relative to the project), or None; a path that is no folder is a DataError."""
+    """stress.originals (relative to the project), or None; a path that is no folder, or one without NORMAL/ and
+    PNEUMONIA/, is a DataError."""
     if not params.originals:
         return None
     path = project_path(params.originals)
     if not path.is_dir():
         raise DataError(f"stress.originals: {shown(params.originals, path)}: no such folder")
+    missing = [label for label in LABELS if not (path / label).is_dir()]
+    if missing:
+        raise DataError(f"stress.originals: {shown(params.originals, path)}: no {'/, '.join(missing)}/ folder in it")
     return path
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from pipeline.core.config import LABELS
@@ -102,27 +103,35 @@ def small_changes(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def build_stress_set(
-    source: str | Path, out: str | Path, per_class: int = 30, fullres: str | Path | None = None
-) -> dict[str, int]:
-    """Write out/<set>/{NORMAL,PNEUMONIA}/ for every set of `SETS` (the first `per_class` files of each class,
-    sorted) and, with `fullres`, the originals as out/fullres/; returns images per set."""
-    source, out = Path(source), Path(out)
-    picked: dict[str, list[Path]] = {}
-    for label in LABELS:
-        folder = source / label
-        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+def stress_sources(index: pd.DataFrame, root: str | Path, per_class: int) -> dict[str, list[Path]]:
+    """The first `per_class` decodable test images of each label in the index (sorted by path): a file the index
+    quarantined (truncated, empty, not an image) is never picked."""
+    test = index[(index["split"] == "test") & index["decodable"]].sort_values("path")
+    picked = {label: [Path(root) / p for p in test.loc[test["label"] == label, "path"][:per_class]] for label in LABELS}
+    for label, files in picked.items():
         if not files:
-            raise DataError(f"{folder}: no images (a stress set needs NORMAL/ and PNEUMONIA/ under {source})")
-        picked[label] = files[:per_class]
+            raise DataError(f"{Path(root) / 'test' / label}: no decodable test images (a stress set needs both labels)")
+    return picked
+
+
+def build_stress_set(
+    picked: dict[str, list[Path]], out: str | Path, fullres: str | Path | None = None
+) -> dict[str, int]:
+    """Write out/<set>/{NORMAL,PNEUMONIA}/ for every set of `SETS` from the `picked` files of each label (each
+    written as its file name plus ``.png``, so ``x.jpeg`` and ``x.png`` stay two images) and, with `fullres`,
+    the originals as out/fullres/; returns images per set."""
+    out = Path(out)
     counts = {}
     for name, transforms in SETS.items():
         for label, files in picked.items():
             target = out / name / label
             target.mkdir(parents=True, exist_ok=True)
             for f in files:
-                with Image.open(f) as img:
-                    transforms[label](img.convert("L")).save(target / f"{f.stem}.png")
+                try:
+                    with Image.open(f) as img:
+                        transforms[label](img.convert("L")).save(target / f"{f.name}.png")
+                except OSError as exc:
+                    raise DataError(f"{f}: cannot be read for the stress set ({exc})") from exc
         counts[name] = sum(len(f) for f in picked.values())
     if fullres is not None:
         shutil.copytree(fullres, out / "fullres", dirs_exist_ok=True)

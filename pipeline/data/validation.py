@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import great_expectations as gx
@@ -23,6 +23,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from pipeline.core.atomic import staged_dir, write_text
 from pipeline.core.config import LABELS, SPLITS, ValidationParams
+from pipeline.data import naming
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -71,9 +72,11 @@ class ValidationReport:
 def validation_frame(index: pd.DataFrame) -> pd.DataFrame:
     """The index plus the derived columns the row expectations need."""
     df = index.copy()
-    df["sha256_split_count"] = df.groupby("sha256")["split"].transform("nunique")
-    df["patient_split_count"] = df.groupby("patient_id")["split"].transform("nunique")
     bad = ~df["decodable"]
+    # Only images count: two empty or unreadable files share a hash but are no image in two splits (quarantined)
+    df["sha256_split_count"] = df[~bad].groupby("sha256")["split"].transform("nunique").reindex(df.index)
+    df["patient_split_count"] = df.groupby("patient_id")["split"].transform("nunique")
+    df["patient_in_name"] = [naming.named_patient(PurePath(p).name) is not None for p in df["path"]]
     df["width"] = df["width"].astype("Float64").mask(bad)  # sizes of undecodable files are unknown
     df["height"] = df["height"].astype("Float64").mask(bad)
     df["mode"] = df["mode"].mask(bad)
@@ -116,7 +119,12 @@ def _suites(params: ValidationParams) -> dict[str, list[Any]]:
                 meta={"check": "subtype matches label"},
             ),
             gxe.ExpectColumnValuesToBeUnique(column="path", meta={"check": "paths unique"}),
-            gxe.ExpectColumnValuesToNotBeNull(column="patient_id", meta={"check": "patient id parsed"}),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="patient_in_name",
+                value_set=[True],
+                mostly=params.min_patient_in_name,
+                meta={"check": "patient id in the file name"},
+            ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="width", min_value=params.width.min, max_value=params.width.max, meta={"check": "width in range"}
             ),

@@ -54,7 +54,10 @@ def run(params: Params) -> str:
     write_text(params.stress.fingerprint, json.dumps(originals, indent=2) + "\n")
     lines = [line]
     if originals.get("kind") == source.UNREACHABLE:
-        lines.append(f"  stress.originals: {params.stress.originals}: no such folder (the stress stage will stop)")
+        lines.append(
+            f"  stress.originals: {params.stress.originals}: not a folder with NORMAL/ and PNEUMONIA/ "
+            "(the stress stage will stop)"
+        )
     elif originals["originals"] is not None:
         lines.append(f"  stress.originals: {params.stress.originals}: {describe(originals, params.stress.fingerprint)}")
     return "\n".join(lines)

@@ -148,6 +148,7 @@ def stages(params: Params) -> list[Stage]:
                 model,
                 p.evaluate.metrics,
                 p.data.root,
+                p.index.path,
                 p.mlflow.run_file,
                 p.stress.fingerprint,
             ],

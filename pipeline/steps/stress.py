@@ -1,10 +1,10 @@
 """The stress stage: score the evaluated model on a shift-stress set built from the test split.
 
 Each transform of ``pipeline/data/stress.py`` (exposure, contrast, gamma, resolution, border, crop)
-is applied to the first ``stress.per_class`` test images of each class; ``stress.originals``, when
-set, adds a labelled folder scored as is (e.g. full-resolution originals). Every set is scored as
-served (calibration and threshold from the evaluation), so ``dvc exp show`` and the model card
-compare configurations on robustness, not only on the test split.
+is applied to the first ``stress.per_class`` decodable test images of each class (from the index);
+``stress.originals``, when set, adds a labelled folder scored as is (e.g. full-resolution originals).
+Every set is scored as served (calibration and threshold from the evaluation), so ``dvc exp show`` and
+the model card compare configurations on robustness, not only on the test split.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 from pipeline.core.atomic import staged_dir, write_text
 from pipeline.core.config import Params
 from pipeline.data import source
-from pipeline.data.stress import build_stress_set
+from pipeline.data.dataset_index import read_index
+from pipeline.data.stress import build_stress_set, stress_sources
 from pipeline.modeling import model_store
 from pipeline.modeling.evaluation import Evaluation
 from pipeline.registry import packaging, tracking
@@ -46,7 +47,8 @@ def run(params: Params) -> str:
     classifier = Classifier(model, packaging.model_info(metadata, ev, ref.run_id, ""))
     originals = source.originals_folder(s)
     with staged_dir(s.out) as tmp:
-        counts = build_stress_set(Path(params.data.root) / "test", tmp, s.per_class, originals)
+        picked = stress_sources(read_index(params.index.path), params.data.root, s.per_class)
+        counts = build_stress_set(picked, tmp, originals)
     sets: dict[str, dict[str, Any]] = {}
     for name in counts:
         r = scoring.score(classifier, scoring.labelled_files(Path(s.out) / name), params.serve.batch_size, bootstrap=0)
