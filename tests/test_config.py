@@ -51,6 +51,14 @@ def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() ->
             "params.yaml: model.width: only the from-scratch architectures",
         ),
         ("model.width=0.1", "params.yaml: model.width: Input should be greater than or equal to 0.25"),
+        (
+            "model.architecture=resnet50 train.fine_tune_epochs=0 train.mixup=0.2",
+            "params.yaml: train.mixup: 0.2 would do nothing: the head trains on cached backbone features",
+        ),
+        (
+            "model.architecture=resnet50 train.fine_tune_epochs=0 train.augment.class_aspect=0.3",
+            "params.yaml: train.augment.class_aspect: 0.3 would do nothing",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:
@@ -58,6 +66,15 @@ def test_bad_values_name_the_key(override: str, expected: str) -> None:
         load_params(REPO / "params.yaml", override.split(" "))
     assert str(err.value).removeprefix(f"{REPO}/").startswith(expected)
     assert "\n" not in str(err.value)
+
+
+def test_image_levers_are_allowed_where_batches_see_them() -> None:
+    for allowed in (
+        ["model.architecture=resnet50", "train.fine_tune_epochs=0", "train.mixup=0.2", "train.cache_features=false"],
+        ["model.architecture=resnet50", "train.fine_tune_epochs=2", "train.mixup=0.2"],
+        ["train.mixup=0.2", "train.augment.class_aspect=0.3"],  # the compact CNN: always images
+    ):
+        load_params(REPO / "params.yaml", allowed)
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

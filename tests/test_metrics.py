@@ -32,6 +32,17 @@ def test_threshold_reaches_target_sensitivity_in_the_middle_of_the_gap() -> None
         assert np.mean(S[Y == 0] < t) == np.mean(S[Y == 0] < edge)
 
 
+@pytest.mark.parametrize(("target", "positives"), [(0.56, 25), (0.55, 100), (0.68, 75), (0.95, 20)])
+def test_a_target_reached_exactly_takes_no_extra_positive(target: float, positives: int) -> None:
+    """0.56 of 25 positives is 14 (14.000000000000002 in floating point): the threshold keeps 14, not 15."""
+    y = np.array([1] * positives + [0] * positives)
+    ranked = np.linspace(0.9, 0.1, positives)
+    scores = np.concatenate([ranked, ranked - 0.01])  # a normal image just below each pneumonia one
+    threshold = choose_threshold(y, scores, target)
+    reached = int((scores[:positives] >= threshold).sum())
+    assert reached == round(target * positives) and reached / positives >= target - 1e-12
+
+
 def test_threshold_on_separable_scores_leaves_a_margin() -> None:
     y = np.array([0] * 20 + [1] * 40)
     s = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.6, 0.99, 40)])
@@ -188,6 +199,26 @@ def test_the_evaluation_summary_says_when_calibration_hit_its_range() -> None:
     assert "edge of the fitted range" not in summary_and_card(0.0, 3.0)  # a trained model's spread
 
 
+def test_an_evaluation_without_intervals_reports_and_says_so() -> None:
+    """evaluate.bootstrap: 0 is allowed: no interval, and every report says there is none (it used to fail with a
+    KeyError after metrics.json and MLflow were written)."""
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import evaluate
+    from pipeline.registry.model_card import _performance_intro
+
+    rng = np.random.default_rng(5)
+    y_val, p_val, y_test, p_test = rng.integers(0, 2, 100), rng.random(100), rng.integers(0, 2, 40), rng.random(40)
+    patients = [f"p{i // 2}" for i in range(40)]
+    ev = evaluate(y_val, p_val, y_test, p_test, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=0), patients)
+    assert ev.ci95 == {} and ev.ci_method == "none (no bootstrap resamples, or none with both classes)"
+    summary = ev.summary()
+    assert "ROC AUC" in summary and "[" not in summary.split("\n")[1] and "95% intervals: none" in summary
+    assert "without confidence intervals (none" in _performance_intro(ev)
+    assert not [k for k in ev.flat() if "_ci_" in k]
+    with_ci = evaluate(y_val, p_val, y_test, p_test, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=50), patients)
+    assert with_ci.ci_method == "bootstrap over 20 patients" and "one child count once" in _performance_intro(with_ci)
+
+
 @pytest.mark.parametrize("text", ['{"threshold": 0.5, "surprise": 1}', '{"threshold": 0.5', "[]"])
 def test_an_evaluation_file_that_is_not_one_is_one_clear_error(tmp_path: Path, text: str) -> None:
     from pipeline.modeling.evaluation import Evaluation
@@ -212,3 +243,21 @@ def test_an_external_section_of_the_same_name_is_replaced_not_repeated() -> None
     assert external_sections(again) == section("site-b", "second") + section("site-a", "again")
     assert with_external_section(again, "site-a", section("site-a", "again")) == again  # idempotent
     assert with_external_section(card, "site", section("site", "x")).count(EXTERNAL_HEADING) == 3  # names match whole
+
+
+def test_platt_scaling_keeps_the_ranking_and_three_class_temperature_may_not() -> None:
+    """What the README says of calibration: two classes keep the order of the pneumonia score for any T and bias;
+    three classes keep each image's argmax but can reorder 1 - P(NORMAL) between images."""
+    from pipeline.modeling.evaluation import pneumonia_score
+    from pipeline.modeling.metrics import apply_temperature
+
+    rng = np.random.default_rng(0)
+    binary = rng.random(500)
+    for t, b in ((0.3, 1.0), (3.0, -2.0)):
+        assert (np.argsort(apply_temperature(binary, t, b), kind="stable") == np.argsort(binary, kind="stable")).all()
+    three = rng.dirichlet([0.5, 0.5, 0.5], 300)
+    scaled = apply_temperature(three, 3.0)
+    assert (scaled.argmax(axis=1) == three.argmax(axis=1)).all()
+    before, after = pneumonia_score(three), pneumonia_score(scaled)
+    i, j = np.triu_indices(len(three), 1)
+    assert ((before[i] - before[j]) * (after[i] - after[j]) < 0).any()

@@ -141,6 +141,38 @@ def test_a_kill_mid_save_still_resumes(synthetic_index: tuple[Path, pd.DataFrame
     assert not any(Path(params.train.resume_dir).iterdir())
 
 
+def test_a_kill_between_the_backup_and_the_best_checkpoint_loses_no_row_and_no_best(
+    synthetic_index: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed at the first epoch after the first that beats the best, after its backup and its checkpoint's write
+    but before the checkpoint is stamped and promoted: the resumed run has every epoch's row once, and ends on
+    the best epoch's weights (that epoch's, which only the backup held)."""
+    from pipeline.modeling import selection
+
+    tmp, index = synthetic_index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=5", "train.early_stopping_patience=10")
+    promote = selection.BestCheckpoint.on_epoch_end
+
+    def killed(self: selection.BestCheckpoint, epoch: int, logs: dict | None = None) -> None:
+        if epoch >= 1 and selection.pending(self.best).is_file():
+            raise RuntimeError("simulated kill")
+        promote(self, epoch, logs)
+
+    monkeypatch.setattr(selection.BestCheckpoint, "on_epoch_end", killed)
+    first = KernelAtEpochEdges()
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        training.train(params, index, extra_callbacks=[first])
+    monkeypatch.setattr(selection.BestCheckpoint, "on_epoch_end", promote)
+    killed_at = len(first.ends) + 1  # the kill came before the extra callbacks saw that epoch end
+    second, counter = KernelAtEpochEdges(), CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[second, counter])
+    assert counter.started == list(range(killed_at + 1, 6)), "the killed epoch's backup was written: not redone"
+    assert [h["epoch"] for h in outcome.history] == [1, 2, 3, 4, 5], "its history row too"
+    ends = [*first.ends, second.begins[0], *second.ends]  # the killed epoch's weights: what the backup restored
+    best = int(np.argmax([h["val_auc"] for h in outcome.history]))
+    np.testing.assert_array_equal(np.array(outcome.built.model.trainable_weights[0]), ends[best])
+
+
 def test_resume_state_is_keyed_by_data_settings_and_code(
     synthetic_index: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,8 +192,9 @@ def test_resume_state_is_keyed_by_data_settings_and_code(
         training.state_key(params, relabelled),
         training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.learning_rate=0.01"), index),
         training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "split.seed=1"), index),
+        training.state_key(params, index, replicas=2),  # two local GPUs: another global batch
     ]
-    assert len({key, *others}) == 6
+    assert len({key, *others}) == 7
     # Folders are not content: moving them (the same shards elsewhere included) keeps the key.
     elsewhere = rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN)
     shutil.copytree(params.shards.out, elsewhere.shards.out, dirs_exist_ok=True)
@@ -195,6 +228,35 @@ def test_backbone_head_on_cached_features_then_fine_tune_resumed(synthetic_index
     trained = outcome.built.model.get_layer("prediction").get_weights()[0]
     assert not np.allclose(trained, fresh.get_layer("prediction").get_weights()[0]), "head weights must be trained"
     assert outcome.history[-1]["learning_rate"] == pytest.approx(1e-5)
+
+
+def test_fine_tuning_that_only_hurts_keeps_the_head_phase_model(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    """A fine-tuning rate far too high wrecks the network: no fine-tuning epoch beats the head phase's best, so
+    the saved model is the head phase's, and best_val_auc is that model's."""
+    from sklearn.metrics import roc_auc_score
+
+    tmp, index = synthetic_index
+    params = rooted_params(
+        tmp,
+        *SMALL_SYNTHETIC,
+        *FAST_TRAIN,
+        "model.architecture=resnet50",
+        "model.image_size=64",
+        "train.epochs=4",
+        "train.learning_rate=0.01",
+        "train.fine_tune_epochs=2",
+        "train.fine_tune_layers=20",
+        "train.fine_tune_learning_rate=50.0",
+        "train.early_stopping_patience=5",
+    )
+    outcome = training.train(params, index)
+    head = max(h["val_auc"] for h in outcome.history if h["phase"] == "head")
+    tuned = [h.get("val_auc", 0.0) for h in outcome.history if h["phase"] == "fine_tune"]
+    assert len(tuned) == 2 and max(tuned) < head - 0.05, "the premise: fine-tuning at this rate only hurts"
+    val = dp.split_data(index, "val", params.data.root, params.task, None, 0)
+    scores = outcome.built.model.predict(dp.make_dataset(val, 64, 32, cache=False), verbose=0)[:, -1]
+    assert roc_auc_score(val.labels, scores) == pytest.approx(head, abs=0.05)  # Keras' AUC is binned
+    assert outcome.best_val_auc == head
 
 
 def test_three_class_task(synthetic_index: tuple[Path, pd.DataFrame]) -> None:

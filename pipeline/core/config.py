@@ -107,6 +107,13 @@ class ValidationParams(Strict):
     modes: list[str] = ["L", "RGB"]
     pneumonia_fraction: Range
     max_undecodable_fraction: float = Field(0.01, ge=0, lt=1)
+    min_patient_in_name: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of files whose name gives the patient (person12_..., IM-0001-...); the others are each "
+        "their own patient, so a renamed file can put a child in two splits; 0 for data named otherwise",
+    )
     report: str = "reports/validation.json"
     data_docs: str = "reports/data_docs"
     examples: int = Field(5, ge=1, le=100)
@@ -399,6 +406,20 @@ class Params(Strict):
             raise ValueError(f"train.members: needs a from-scratch model.architecture, not {self.model.architecture}")
         return self
 
+    @model_validator(mode="after")
+    def _image_levers_see_images(self) -> Params:
+        """Mixup and the class reframing act on image batches: with a backbone whose head trains on cached
+        features and no fine-tuning, no batch ever gets them."""
+        t = self.train
+        cached_only = self.model.architecture not in FROM_SCRATCH and t.cache_features and not t.fine_tune_epochs
+        for key, value in (("train.mixup", t.mixup), ("train.augment.class_aspect", t.augment.class_aspect)):
+            if cached_only and value:
+                raise ValueError(
+                    f"{key}: {value} would do nothing: the head trains on cached backbone features "
+                    "(train.cache_features) and train.fine_tune_epochs is 0; set train.cache_features: false"
+                )
+        return self
+
     def setting(self, key: str) -> Any:
         """The value of a dotted key, e.g. ``train.model_dir``."""
         node: Any = self
@@ -432,7 +453,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif first["type"] == "value_error" and re.match(r"^\w+: ", msg):  # a cross-field check names its key
+    elif first["type"] == "value_error" and re.match(r"^[\w.]+: ", msg):  # a cross-field check names its key
         sub, _, msg = msg.partition(": ")
         key = f"{key}.{sub}" if first["loc"] else sub
     elif first["type"] != "missing" and not isinstance(first.get("input"), dict | list):

@@ -32,6 +32,8 @@ from pipeline.modeling.metrics import (
     calibration_at_bounds,
     choose_threshold,
     fit_calibration,
+    interval,
+    interval_method,
     log_loss,
     reliability,
 )
@@ -109,10 +111,9 @@ class Evaluation:
         lines = [
             f"threshold {self.threshold:.4f} (sensitivity >= {self.target_sensitivity} at best specificity on val, "
             f"n={self.n['val']})",
-            f"test (n={self.n['test']}) at the threshold: accuracy {t.accuracy:.3f}  sensitivity {t.sensitivity:.3f} "
-            f"[{c['sensitivity'][0]:.3f}, {c['sensitivity'][1]:.3f}]  specificity {t.specificity:.3f} "
-            f"[{c['specificity'][0]:.3f}, {c['specificity'][1]:.3f}]  ROC AUC {t.roc_auc:.3f} "
-            f"[{c['roc_auc'][0]:.3f}, {c['roc_auc'][1]:.3f}]  F1 {t.f1:.3f}",
+            f"test (n={self.n['test']}) at the threshold: accuracy {t.accuracy:.3f}  sensitivity {t.sensitivity:.3f}"
+            f"{interval(c, 'sensitivity')}  specificity {t.specificity:.3f}{interval(c, 'specificity')}  "
+            f"ROC AUC {t.roc_auc:.3f}{interval(c, 'roc_auc')}  F1 {t.f1:.3f}",
             f"test at 0.5: accuracy {self.test_at_half.accuracy:.3f}  sensitivity {self.test_at_half.sensitivity:.3f}  "
             f"specificity {self.test_at_half.specificity:.3f}",
             f"95% intervals: {self.ci_method}",
@@ -164,7 +165,8 @@ class Calibrated:
 
 def calibrate(y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray) -> Calibrated:
     """Temperature scaling fitted on val (log loss); Brier score and calibration error before and after,
-    and the test reliability table. The ranking, and so the operating point, does not change."""
+    and the test reliability table. Two classes keep their ranking; three classes can reorder the pneumonia
+    score a little (``metrics.apply_temperature``), so the threshold is chosen on the calibrated val scores."""
     temperature, bias = fit_calibration(y_val, p_val)
     cal_val, cal_test = apply_temperature(p_val, temperature, bias), apply_temperature(p_test, temperature, bias)
     b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
@@ -226,16 +228,15 @@ def evaluate(
             ),
             "confusion": skm.confusion_matrix(y_test, pred, labels=range(len(class_names))).tolist(),
         }
+    ci95 = bootstrap_ci(b_test, s_test, threshold, params.bootstrap, params.seed, groups=test_patients or None)
     return Evaluation(
         threshold=threshold,
         target_sensitivity=params.target_sensitivity,
         val=binary_metrics(b_val, s_val, threshold),
         test=binary_metrics(b_test, s_test, threshold),
         test_at_half=binary_metrics(b_test, s_test, 0.5),
-        ci95=bootstrap_ci(b_test, s_test, threshold, params.bootstrap, params.seed, groups=test_patients or None)
-        if params.bootstrap
-        else {},
-        ci_method=f"bootstrap over {len(set(test_patients))} patients" if test_patients else "bootstrap over images",
+        ci95=ci95,
+        ci_method=interval_method(ci95, len(set(test_patients)) if test_patients else None),
         n={"val": int(b_val.size), "test": int(b_test.size)},
         multiclass=multiclass,
         temperature=calibrated.temperature if calibrated else 1.0,

@@ -28,7 +28,8 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity:
     if positives.size == 0:
         raise PipelineError("cannot choose a threshold: the validation split has no PNEUMONIA image")
     # Predicting positive for score >= positives[k-1] catches the k highest-scoring positives.
-    k = int(np.ceil(target_sensitivity * positives.size))
+    # (less a hair: 0.7 * 10 is 7.000000000000001 in floating point, and 7 of 10 positives reach 0.7)
+    k = int(np.ceil(target_sensitivity * positives.size - 1e-9))
     upper = float(positives[k - 1])
     below = scores[(y_true == 0) & (scores < upper)]
     if below.size == 0:  # no negative can be cleared at this sensitivity: any lower threshold is as good
@@ -121,6 +122,18 @@ def bootstrap_ci(
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if v}
 
 
+def interval_method(ci95: dict[str, tuple[float, float]], patients: int | None) -> str:
+    """How `ci95` was made, for reports: over `patients` (None: over images), or why there is none."""
+    if not ci95:
+        return "none (no bootstrap resamples, or none with both classes)"
+    return f"bootstrap over {patients} patients" if patients else "bootstrap over images"
+
+
+def interval(ci95: dict[str, tuple[float, float]], key: str) -> str:
+    """' [lo, hi]' for `key`, or '' when there is no interval."""
+    return f" [{ci95[key][0]:.3f}, {ci95[key][1]:.3f}]" if key in ci95 else ""
+
+
 def class_probabilities(probs: np.ndarray) -> np.ndarray:
     """(n,) or (n, 1) P(positive) -> (n, 2); (n, k) unchanged."""
     probs = np.asarray(probs, dtype=float)
@@ -134,7 +147,9 @@ def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) 
     """Calibrated probabilities, in the shape they came in ((n, 1) sigmoid outputs stay so).
 
     Two classes: sigmoid(logit / T + bias) (Platt scaling on the logit); more: softmax(log p / T). With
-    T > 0 the order of the scores, and so every ranking metric and the operating point, does not change.
+    T > 0 two classes keep the order of the scores (every ranking metric); more classes keep each image's
+    class order, but 1 - P(first class) can change order between images, so thresholds are chosen on
+    calibrated scores.
     """
     probs = np.asarray(probs, dtype=float)
     if temperature == 1.0 and bias == 0.0:

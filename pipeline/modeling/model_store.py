@@ -12,9 +12,11 @@ import tensorflow as tf
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.modeling import models  # noqa: F401 - registers the custom preprocessing layer for loading
+from pipeline.modeling.records import file_sha256
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+HASH_KEY = "model_sha256"  # the model file's hash, in its metadata
 
 
 def pip_requirements() -> list[str]:
@@ -23,11 +25,13 @@ def pip_requirements() -> list[str]:
 
 
 def save(model: keras.Model, model_dir: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write model.keras and metadata.json; a crash mid-way leaves the previous pair intact."""
+    """Write model.keras and metadata.json, bound by the model file's hash in the metadata: a crash between the
+    two renames leaves a pair `load` refuses by name, never a model served with another one's threshold."""
     target = Path(model_dir) / MODEL_FILE
     with staged_file(target) as tmp:
         model.save(tmp)
-    write_text(Path(model_dir) / METADATA_FILE, json.dumps(metadata, indent=2, default=str) + "\n")
+        bound = {**metadata, HASH_KEY: file_sha256(tmp)}
+        write_text(Path(model_dir) / METADATA_FILE, json.dumps(bound, indent=2, default=str) + "\n")
     return target
 
 
@@ -41,4 +45,8 @@ def load(model_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
         raise PipelineError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:120]})") from None
     meta_path = Path(model_dir) / METADATA_FILE
     metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if HASH_KEY in metadata and metadata[HASH_KEY] != file_sha256(path):
+        raise PipelineError(
+            f"{meta_path}: describes another model than {path} (a save was interrupted): run the train stage again"
+        )
     return model, metadata

@@ -40,7 +40,7 @@ import tensorflow as tf
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
 from pipeline.core.imports import imported_by
-from pipeline.modeling import distributed, records, snapshots
+from pipeline.modeling import distributed, records, selection, snapshots
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_from_params, set_backbone_trainable
 
@@ -59,6 +59,8 @@ class TrainOutcome:
 
     @property
     def best_val_auc(self) -> float:
+        """The saved model's val AUC where training selects one: a later phase keeps its weights only when it
+        beats every earlier phase's best (of an ensemble: its best network's)."""
         return max((h["val_auc"] for h in self.history if "val_auc" in h), default=float("nan"))
 
 
@@ -97,6 +99,16 @@ class _PhaseRecorder(keras.callbacks.Callback):
         self.phase, self.path, self.sink, self.offset = phase, path, sink, offset
         # Only the chief's copy is the shared state; a non-chief worker's is a private copy of it.
         self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
+        self.started = False
+
+    def done(self) -> list[dict[str, float]]:
+        """The rows of the epochs done (after the fit's first epoch began: of the epochs the backup restored)."""
+        return self.rows
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if not self.started:  # a row written just before a kill ended that epoch's backup: it is done again
+            self.started = True
+            self.rows = [r for r in self.rows if r["epoch"] - self.offset <= epoch]
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         lr = self.model.optimizer.learning_rate
@@ -173,44 +185,33 @@ class _Place:
         return distributed.is_multi_worker(self.strategy)
 
 
-def _selection_callbacks(best: Path, best_so_far: float | None, params: TrainParams) -> list[keras.callbacks.Callback]:
-    """The best epoch on val AUC checkpointed, early stopping, and (plateau schedule) the rate halved on plateaus."""
+def _selection_callbacks(
+    best: Path, to_beat: float | None, rows: selection.Rows, params: TrainParams
+) -> list[keras.callbacks.Callback]:
+    """The best epoch on val AUC checkpointed, early stopping, and (plateau schedule) the rate halved on plateaus:
+    each keeps its state over a resume (``pipeline.modeling.selection``)."""
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(selection.pending(best)),
+        monitor=selection.MONITOR,
+        mode="max",
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=to_beat,
+    )
     callbacks = [
-        keras.callbacks.ModelCheckpoint(
-            str(_pending(best)),
-            monitor="val_auc",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=best_so_far,
+        checkpoint,
+        selection.BestCheckpoint(best, checkpoint, rows, rebuild=not params.ema_epochs),
+        selection.ResumedEarlyStopping(
+            rows, monitor=selection.MONITOR, mode="max", patience=params.early_stopping_patience
         ),
-        _PromotePending(best),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.early_stopping_patience),
     ]
     if params.schedule == "plateau":
         callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor="val_auc", mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
+            selection.ResumedReduceLROnPlateau(
+                rows, monitor=selection.MONITOR, mode="max", factor=0.5, patience=params.lr_patience, min_lr=1e-7
             )
         )
     return callbacks
-
-
-def _pending(path: Path) -> Path:
-    return path.with_name(f".pending.{path.name}")
-
-
-class _PromotePending(keras.callbacks.Callback):
-    """Moves what ModelCheckpoint wrote to `_pending(path)` onto `path` (a rename) at the epoch's end, so a kill
-    mid-save truncates the pending file, never the best weights a resumed training ends with."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if _pending(self.path).is_file():
-            os.replace(_pending(self.path), self.path)
 
 
 def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> list[keras.callbacks.Callback]:
@@ -228,9 +229,13 @@ def _fit_phase(
     offset: int,
     sink: EpochSink | None,
     extra: list[keras.callbacks.Callback],
+    floor: float | None = None,
     **fit_kwargs: object,
 ) -> list[dict[str, float]]:
-    """Fit one phase with early stopping and a best checkpoint on val AUC, LR decay, TensorBoard, resume."""
+    """Fit one phase with early stopping and a best checkpoint on val AUC, LR decay, TensorBoard, resume.
+
+    `floor`: the best val AUC of the phase before (fine-tuning after the head), whose weights the model holds
+    now: they stay the phase's best until an epoch beats them, so fine-tuning never ends on a worse model."""
     phase_dir = place.state_dir / phase
     shared = place.shared_state_dir / phase
     if not place.chief and shared.is_dir():
@@ -244,10 +249,14 @@ def _fit_phase(
     if done.is_file():  # finished before an interruption in a later phase or ensemble member
         model.load_weights(done)
         return recorder.rows
-    best_so_far = max((r.get("val_auc", -np.inf) for r in recorder.rows), default=None)
     best = phase_dir / "best.weights.h5"
-    _pending(best).unlink(missing_ok=True)  # cut short by a kill: never promoted
+    to_beat = selection.settle(best)
+    if floor is not None and not params.snapshots and to_beat is None:
+        # The earlier phase's model stays the best until an epoch of this one beats it
+        selection.save_stamped(model, best, 0, floor)
+        to_beat = floor
     callbacks = [
+        recorder,  # first: an epoch's row is on disk before its backup says the epoch is done
         # Two states kept: a kill mid-save leaves the previous epoch's to resume from.
         keras.callbacks.BackupAndRestore(
             str(phase_dir / "backup"), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True
@@ -259,10 +268,9 @@ def _fit_phase(
         *(
             _snapshot_callbacks(phase_dir, epochs, params)
             if params.snapshots
-            else _selection_callbacks(best, best_so_far, params)
+            else _selection_callbacks(best, to_beat, recorder.done, params)
         ),
         keras.callbacks.TensorBoard(str(place.tensorboard_dir / phase), histogram_freq=0),
-        recorder,
         *extra,
     ]
     if place.multi_worker:
@@ -332,8 +340,11 @@ def _train(
     cache_train = dp.fits_in_memory(len(train_data), mp.image_size, tp.memory_cache_mb, training=True)
     cache_val = dp.fits_in_memory(len(val_data), mp.image_size, tp.memory_cache_mb, training=False)
     outcome = TrainOutcome(built, train_data.class_names, device)
-    outcome.input_cache = "decoded once for the frozen backbone's features (train.cache_features)"
-    shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size())
+    outcome.input_cache = (
+        "decoded once for the frozen backbone's features (train.cache_features): "
+        "the head phase sees no augmentation, mixup or class reframing"
+    )
+    shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size(), replicas=replicas)
     place = _Place(
         state_dir=shared_state if scratch is None else scratch / "state",
         tensorboard_dir=Path(tp.tensorboard_dir) if scratch is None else scratch / "tensorboard",
@@ -343,8 +354,11 @@ def _train(
     )
     start = time.perf_counter()
 
-    def fit_on_images(model: keras.Model, phase: str, epochs: int, learning_rate: float, seed: int) -> None:
-        """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches, shuffled by `seed`."""
+    def fit_on_images(
+        model: keras.Model, phase: str, epochs: int, learning_rate: float, seed: int, floor: float | None = None
+    ) -> None:
+        """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches, shuffled by `seed`;
+        `floor`: see ``_fit_phase``."""
         outcome.input_cache = cache_note(len(train_data), mp.image_size, tp.memory_cache_mb)
         steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
@@ -381,6 +395,7 @@ def _train(
                 len(outcome.history),
                 sink,
                 extra,
+                floor,
                 steps_per_epoch=steps,  # the training batches never end: an epoch is one pass
                 shuffle=False,
             )
@@ -410,7 +425,9 @@ def _train(
             fit_on_images(built.model, "head", tp.epochs, tp.learning_rate, tp.seed)
         if tp.fine_tune_epochs:
             set_backbone_trainable(built, tp.fine_tune_layers)
-            fit_on_images(built.model, "fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate, tp.seed)
+            head_best = outcome.best_val_auc
+            floor = None if np.isnan(head_best) else head_best
+            fit_on_images(built.model, "fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate, tp.seed, floor)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * len(outcome.history)
     if place.chief:  # finished: nothing is left for a later run to pick up
@@ -503,14 +520,14 @@ def training_code() -> list[str]:
     ]
 
 
-def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
+def state_key(params: Params, index: pd.DataFrame, workers: int = 1, replicas: int = 1) -> str:
     """Everything that determines a training's result: a resume matches only the same run.
 
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
     and split params (output folders aside), a weights file's bytes (``model.weights``), where the images are
     read from (``train.input``; for shards, their manifest: the shard files' hashes), the source of every
-    module training runs (``training_code``), and the number of workers (a cluster of another size splits
-    the batches differently).
+    module training runs (``training_code``), and the number of workers and of replicas (a cluster of another
+    size, or another number of local GPUs, splits the batches differently: the global batch is per replica).
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
@@ -524,6 +541,7 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1) -> str:
         dp.fits_in_memory(len(train), params.model.image_size, params.train.memory_cache_mb, training=True),
         params.split.model_dump(),
         workers,
+        replicas,
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))

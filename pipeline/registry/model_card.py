@@ -63,6 +63,13 @@ def _ci(ev: Evaluation, key: str) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
 
 
+def _performance_intro(ev: Evaluation) -> str:
+    if not ev.ci95:
+        return f"At the chosen threshold **{ev.threshold:.4f}**, without confidence intervals ({ev.ci_method}):"
+    grouped = ", so several images of one child count once" if "patients" in ev.ci_method else ""
+    return f"At the chosen threshold **{ev.threshold:.4f}**, with 95% confidence intervals ({ev.ci_method}{grouped}):"
+
+
 def _calibration(ev: Evaluation) -> list[str]:
     if not ev.calibration:
         return [
@@ -182,8 +189,7 @@ def render(facts: CardFacts) -> str:
         "",
         "## Performance on the test split",
         "",
-        f"At the chosen threshold **{ev.threshold:.4f}**, with 95% confidence intervals ({ev.ci_method}, "
-        "so several images of one child count once):",
+        _performance_intro(ev),
         "",
         "| metric | value | 95% CI | at threshold 0.5 |",
         "|---|---|---|---|",

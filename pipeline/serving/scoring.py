@@ -20,7 +20,14 @@ from pipeline.core.config import LABELS
 from pipeline.core.errors import PipelineError
 from pipeline.data import naming
 from pipeline.modeling import prior_shift
-from pipeline.modeling.metrics import BinaryMetrics, binary_metrics, bootstrap_ci, reliability
+from pipeline.modeling.metrics import (
+    BinaryMetrics,
+    binary_metrics,
+    bootstrap_ci,
+    interval,
+    interval_method,
+    reliability,
+)
 from pipeline.serving import image_io
 from pipeline.serving.classifier import Classifier
 from pipeline.serving.predict import image_files, prepared_batches
@@ -73,13 +80,11 @@ class ExternalResult:
         t, c = self.at_threshold, self.ci95
         (tn, fp), (fn, tp) = t.confusion
 
-        def ci(key: str) -> str:
-            return f" [{c[key][0]:.3f}, {c[key][1]:.3f}]" if key in c else ""
-
         lines = [
             f"external validation '{name}': {self.n} images ({self.n_patients} patients), threshold {t.threshold:.4f}",
-            f"  ROC AUC {t.roc_auc:.3f}{ci('roc_auc')}  sensitivity {t.sensitivity:.3f}{ci('sensitivity')}  "
-            f"specificity {t.specificity:.3f}{ci('specificity')}  accuracy {t.accuracy:.3f}",
+            f"  ROC AUC {t.roc_auc:.3f}{interval(c, 'roc_auc')}  "
+            f"sensitivity {t.sensitivity:.3f}{interval(c, 'sensitivity')}  "
+            f"specificity {t.specificity:.3f}{interval(c, 'specificity')}  accuracy {t.accuracy:.3f}",
             f"  confusion: {tp} pneumonia found, {fn} missed, {tn} normal cleared, {fp} false alarms",
             f"  at 0.5: sensitivity {self.at_half.sensitivity:.3f}  specificity {self.at_half.specificity:.3f}",
             f"  calibration: Brier {self.brier:.4f}, expected calibration error {self.ece:.4f}; 95% intervals: "
@@ -154,13 +159,14 @@ def score(
     patients = [naming.patient_id(Path(f).name) for f in files]
     grouped = len(set(patients)) < len(patients)
     table, ece = reliability(y, s)
+    ci95 = bootstrap_ci(y, s, classifier.info.threshold, bootstrap, seed, groups=patients if grouped else None)
     return ExternalResult(
         n=len(files),
         n_patients=len(set(patients)),
         at_threshold=binary_metrics(y, s, classifier.info.threshold),
         at_half=binary_metrics(y, s, 0.5),
-        ci95=bootstrap_ci(y, s, classifier.info.threshold, bootstrap, seed, groups=patients if grouped else None),
-        ci_method=f"bootstrap over {len(set(patients))} patients" if grouped else "bootstrap over images",
+        ci95=ci95,
+        ci_method=interval_method(ci95, len(set(patients)) if grouped else None),
         brier=float(skm.brier_score_loss(y, s)),
         ece=ece,
         reliability=table,

@@ -23,7 +23,7 @@ from pipeline.data.dataset_index import read_index
 from pipeline.modeling import inputs as dp
 from pipeline.modeling import tta
 from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
-from pipeline.modeling.metrics import apply_temperature, binary_metrics
+from pipeline.modeling.metrics import apply_temperature, binary_metrics, interval
 from pipeline.modeling.models import preprocessing_of
 from pipeline.registry import champion, model_card, packaging, tracking
 from pipeline.serving import classifier
@@ -56,11 +56,10 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
     sweep = run_tags.get(tracking.PARENT_RUN_TAG, "")
     if sweep:  # a sweep trial's run: the version says which sweep chose it
         tags["sweep_parent_run_id"] = sweep
-    auc_ci = ev.ci95.get("roc_auc", (float("nan"), float("nan")))
     description = (
         f"{tags['architecture']} ({tags['task']}) trained on data version {tags['data_version']} at git "
-        f"{tags['git_commit'][:12]}. Test ({ev.n['test']} images): ROC AUC {ev.test.roc_auc:.3f} "
-        f"[{auc_ci[0]:.3f}, {auc_ci[1]:.3f}], sensitivity {ev.test.sensitivity:.3f}, specificity "
+        f"{tags['git_commit'][:12]}. Test ({ev.n['test']} images): ROC AUC {ev.test.roc_auc:.3f}"
+        f"{interval(ev.ci95, 'roc_auc')}, sensitivity {ev.test.sensitivity:.3f}, specificity "
         f"{ev.test.specificity:.3f} at threshold {ev.threshold:.4f}, chosen on validation to reach "
         f"sensitivity >= {ev.target_sensitivity}. Decision support only."
     )

@@ -1,0 +1,157 @@
+"""A phase's best epoch on val AUC, early stopping and plateau decay, kept right across a kill at any instant.
+
+At each epoch's end the callbacks run in this order: the history row (first), the resume backup
+(``BackupAndRestore``), then these. The best checkpoint is written to a pending file, stamped with its epoch
+and val AUC (HDF5 attributes) and renamed onto ``best.weights.h5``: a stamped pending file is whole, an
+unstamped one was cut short. On a resume:
+
+- a whole pending file is promoted, a cut one dropped (``settle``);
+- the score to beat is the checkpoint's own stamp, not the history's best;
+- where the kill fell between the backup and the checkpoint of an epoch that beat it, that epoch's weights
+  (what the backup restored) become the checkpoint (``BestCheckpoint``; not with weight averaging, where the
+  checkpoint is of the average);
+- early stopping and plateau decay get their counters back by replaying the history's val AUC: Keras resets
+  them at every fit's start, so a resumed run would otherwise wait a full patience again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import keras
+
+from pipeline.core.atomic import staged_file
+
+MONITOR = "val_auc"
+STAMP = "pneumo_val_auc"
+Rows = Callable[[], list[dict[str, float]]]  # the phase's history rows of the epochs already done
+
+
+def pending(path: Path) -> Path:
+    return path.with_name(f".pending.{path.name}")
+
+
+def stamped_score(path: Path) -> float | None:
+    """The val AUC a checkpoint was stamped with; None when there is none (missing, cut short, not stamped)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get(STAMP)
+    except (OSError, ValueError):
+        return None
+    return None if value is None else float(value)
+
+
+def _stamp(path: Path, epoch: int, val_auc: float) -> None:
+    with h5py.File(path, "r+") as f:
+        f.attrs[STAMP] = val_auc
+        f.attrs["pneumo_epoch"] = epoch
+
+
+def save_stamped(model: keras.Model, path: Path, epoch: int, val_auc: float) -> None:
+    """The model's weights as the checkpoint of `epoch` (0: the phase before this one) scoring `val_auc`."""
+    with staged_file(path) as tmp:
+        model.save_weights(tmp)
+        _stamp(tmp, epoch, val_auc)
+
+
+def settle(best: Path) -> float | None:
+    """At a phase's (re)start: promote a whole pending checkpoint, drop a cut one; return the score to beat."""
+    cut = pending(best)
+    if cut.is_file():
+        if stamped_score(cut) is not None:
+            os.replace(cut, best)
+        else:
+            cut.unlink()
+    return stamped_score(best) if best.is_file() else None
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Stamps and promotes what `checkpoint` wrote to the pending file; rebuilds a checkpoint a kill cut short."""
+
+    def __init__(self, best: Path, checkpoint: keras.callbacks.ModelCheckpoint, rows: Rows, rebuild: bool) -> None:
+        super().__init__()
+        self.best, self.checkpoint, self.rows, self.rebuild = best, checkpoint, rows, rebuild
+        self.started = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if self.started:
+            return
+        self.started = True
+        done = self.rows()
+        if not (self.rebuild and epoch and len(done) == epoch and MONITOR in done[-1]):
+            return
+        last = done[-1][MONITOR]
+        to_beat = self.checkpoint.best if self.checkpoint.best is not None else -math.inf
+        if last > to_beat:  # the epoch before the kill won, but its checkpoint never landed: the restored weights
+            save_stamped(self.model, self.best, epoch, last)
+            self.checkpoint.best = last
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        written = pending(self.best)
+        if written.is_file():
+            _stamp(written, epoch + 1, float((logs or {})[MONITOR]))
+            os.replace(written, self.best)
+
+
+def _scores(rows: list[dict[str, float]]) -> list[float]:
+    return [r[MONITOR] for r in rows if MONITOR in r]
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose best value and wait count carry over a resume (replayed from the history rows)."""
+
+    def __init__(self, rows: Rows, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.rows, self.replayed = rows, False
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        super().on_train_begin(logs)
+        self.replayed = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if self.replayed:
+            return
+        self.replayed = True
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        for value in _scores(self.rows()):  # as on_epoch_end counts (start_from_epoch 0, no baseline)
+            self.wait += 1
+            if self._is_improvement(value, self.best):
+                self.best, self.wait = value, 0
+
+
+class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose best value, wait and cooldown carry over a resume. The rate itself comes back
+    with the optimizer; a reduction shows in the history as a lower rate in the next epoch's row."""
+
+    def __init__(self, rows: Rows, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.rows, self.replayed = rows, False
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        super().on_train_begin(logs)
+        self.replayed = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if self.replayed:
+            return
+        self.replayed = True
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        rows = [r for r in self.rows() if MONITOR in r]
+        now = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        rates = [r["learning_rate"] for r in rows] + [now]
+        for i, row in enumerate(rows):  # as on_epoch_end counts
+            if self.in_cooldown():
+                self.cooldown_counter -= 1
+                self.wait = 0
+            if self._is_improvement(row[MONITOR], self.best):
+                self.best, self.wait = row[MONITOR], 0
+            elif not self.in_cooldown():
+                self.wait += 1
+                if self.wait >= self.patience and rates[i + 1] < rates[i]:
+                    self.cooldown_counter, self.wait = self.cooldown, 0
