@@ -352,3 +352,40 @@ def test_deflate_bomb_is_refused_within_bounded_memory(xray: np.ndarray, tmp_pat
     mib = {key: round(value / 2**20) for key, value in result.items() if key != "error"}
     print(f"bomb {bomb.stat().st_size:,} bytes: peak RSS {mib['peak']} MiB, {mib['rss_before']} MiB before loading")
     assert growth < BOMB_PEAK_GROWTH and result["peak"] < BOMB_PEAK, mib
+
+
+@pytest.mark.parametrize("deflated", [False, True], ids=["plain", "deflated"])
+def test_a_header_of_countless_sequence_items_is_refused_before_it_is_parsed(
+    xray: np.ndarray, deflated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each item becomes a Python object: millions of empty items (a few MB, a few KB deflated) took gigabytes
+    and half a minute. Over the limit the file is refused from a byte count, before pydicom builds one."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    items = image_io.MAX_SEQUENCE_ITEMS + 1
+    syntax = DeflatedExplicitVRLittleEndian if deflated else None
+    bomb = dicom_bytes(
+        xray, transfer_syntax=syntax, ReferencedImageSequence=Sequence([Dataset() for _ in range(items)])
+    )
+    parsed: list[object] = []
+    read_dataset = image_io.read_dataset
+
+    def data_set_read(*args: object, **kwargs: object) -> object:  # the file meta (stop_when) is read as ever
+        if "stop_when" not in kwargs:
+            parsed.append(args)
+        return read_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(image_io.pydicom, "dcmread", lambda *a, **k: parsed.append(a))
+    monkeypatch.setattr(image_io, "read_dataset", data_set_read)
+    with pytest.raises(image_io.ImageTooLarge, match=rf"^DICOM with {items:,} sequence items is over the limit of"):
+        image_io.load(bomb)
+    assert not parsed
+    monkeypatch.undo()
+    fine = dicom_bytes(xray, transfer_syntax=syntax, ReferencedImageSequence=Sequence([Dataset() for _ in range(50)]))
+    assert image_io.load(fine).pixels.shape[:2] == xray.shape  # a header with a few items reads as ever
+
+
+def test_items_are_counted_across_chunk_edges() -> None:
+    data = bytes(5) + image_io.ITEM_TAG + bytes(3) + image_io.ITEM_TAG * 2
+    for chunk in (1, 2, 3, 4, 5, 7, 64):
+        assert image_io._count(memoryview(data), image_io.ITEM_TAG, chunk) == 3 == data.count(image_io.ITEM_TAG)

@@ -131,6 +131,26 @@ def test_cmyk_and_ycck_jpegs_are_read_as_grey(xray: Path, make, transform: int) 
     np.testing.assert_allclose(model_input(data), model_input(png_bytes(rgb)), atol=2.0)  # the original, as trained
 
 
+def test_a_large_cmyk_jpeg_is_turned_grey_a_strip_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same pixels as the whole image turned grey at once, with array temporaries of a strip, not about
+    20 bytes a pixel of float planes (Pillow's own buffers are not counted by tracemalloc; numpy's are)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rgb = tinted(np.repeat(np.repeat(rng.integers(0, 256, (250, 300), dtype=np.uint8), 8, 0), 8, 1))  # 2000x2400
+    data = cmyk_jpeg(rgb)
+    with Image.open(io.BytesIO(data)) as img:
+        whole = image_io._luma(np.asarray(img.convert("RGB")))
+    tracemalloc.start()
+    try:
+        pixels = image_io.load(data).pixels
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(pixels, whole)
+    assert peak < 2 * pixels.size + 24 * image_io.STRIP_PIXELS, f"{peak / pixels.size:.1f} bytes a pixel"
+
+
 def test_ycck_planes_are_not_read_as_plain_cmyk(xray: Path) -> None:
     """The YCCK file really is YCCK: the same planes flagged as CMYK (transform 0) are a different picture."""
     rgb = tinted(stretched(xray))

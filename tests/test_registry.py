@@ -248,6 +248,30 @@ def test_registry_down_mid_way_retries_then_rolls_back(store: tuple[str, Any], t
     assert aliases(client) == {"champion": "1"}
 
 
+class LostReplies(FailingAliases):
+    """The real client; moving @champion reaches the registry, but every reply is lost (fault injection)."""
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+        if alias == "champion":
+            self.alias_calls += 1
+            raise ConnectionError("Connection reset by peer")
+
+
+def test_a_champion_move_that_landed_with_its_replies_lost_is_put_back(store: tuple[str, Any], tmp_path: Path) -> None:
+    """The registry never ends without a champion: the move landed each time though no reply said so, and the
+    rollback puts @champion back on v1 (and keeps v2, which the alias pointed to, for a re-run to clean up)."""
+    _, client = store
+    params = policy(tmp_path, retries=1, promotion="auto")
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    with pytest.raises(PipelineError, match=r"^register: moving @champion failed after 2 attempts"):
+        champion.register(LostReplies(client), log_candidate(0.95, 0.95), params, never, log=lambda _: None)
+    assert aliases(client) == {"champion": "1"}
+    assert client.get_registered_model("pneumo-test").tags[champion.PIPELINE_CHAMPION_TAG] == "1"
+    rerun = champion.register(client, log_candidate(0.96, 0.95), params, never, log=lambda _: None)
+    assert rerun.outcome == "champion" and aliases(client) == {"champion": rerun.version}
+
+
 def test_tracking_server_unreachable_is_one_clear_error(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

@@ -131,7 +131,10 @@ def test_cli_lists_unreadable_inputs_with_reasons(real_champion: Champion, input
     assert done.returncode == 2  # nothing was predictable
     import json
 
-    reasons = {Path(r["file"]).name: r["error"] for r in json.loads(out.read_text())}
+    rows = json.loads(out.read_text())
+    reasons = {Path(r["file"]).name: r["error"] for r in rows}
+    assert len({tuple(sorted(r)) for r in rows}) == 1, "a missing input's row has every field the others have"
+    assert {(r["model_version"], r["threshold"]) for r in rows} == {(rows[0]["model_version"], rows[0]["threshold"])}
     assert reasons == {
         "empty.jpeg": "empty file",
         "notes.jpeg": "not a JPEG, PNG or DICOM image",

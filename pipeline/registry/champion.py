@@ -222,13 +222,27 @@ def register(
             still_held()  # a lock lost with its connection: another registration may be deciding right now
             _set_aliases(client, decision, retry)
         except BaseException:
-            with contextlib.suppress(Exception):  # best effort; a version left behind is cleaned up by a re-run
-                if decision.previous_champion and CHAMPION in decision.aliases:
-                    client.set_registered_model_alias(name, CHAMPION, decision.previous_champion)
-                    client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, decision.previous_champion)
-                client.delete_model_version(name, decision.version)
+            _roll_back(client, decision)
             raise
     return decision
+
+
+def _roll_back(client: Any, decision: Decision) -> None:
+    """Best effort after a failure: @champion back on the previous champion, then the new version deleted.
+
+    The previous champion is put back whenever this version was to take its place, whether or not a reply said
+    @champion moved (a move can land with every reply lost; putting it back is idempotent). The version is
+    deleted only once that worked: deleting the version @champion may point to would leave no champion; a
+    version left behind is cleaned up by a re-run."""
+    name = decision.model_name
+    if decision.outcome == CHAMPION and decision.previous_champion:
+        try:
+            client.set_registered_model_alias(name, CHAMPION, decision.previous_champion)
+            client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, decision.previous_champion)
+        except Exception:  # noqa: BLE001 - the registry is down: leave the version for a re-run
+            return
+    with contextlib.suppress(Exception):
+        client.delete_model_version(name, decision.version)
 
 
 def _set_aliases(client: Any, decision: Decision, retry: Callable[[Callable[[], Any], str], Any]) -> None:

@@ -48,6 +48,8 @@ MAX_PIXELS = 50_000_000  # a larger header is a decompression bomb, not an X-ray
 MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # decoded DICOM pixel data: 16-bit grayscale at the pixel limit
 MAX_INFLATED_BYTES = MAX_PIXEL_BYTES + 16 * 2**20  # a deflated DICOM data set: those pixels and 16 MiB of header
 MAX_FILE_BYTES = MAX_INFLATED_BYTES  # no image within the pixel limit is a larger file (a multi-frame CT may be)
+ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian: a sequence item, or a fragment of encapsulated pixels
+MAX_SEQUENCE_ITEMS = 10_000  # a radiograph's header holds tens; its pixels a few fragments
 INFLATE_CHUNK = 2**20
 DEFER_SIZE = 64 * 1024  # DICOM element values over this are read from the upload only when used
 MIN_SIDE = 16
@@ -156,10 +158,21 @@ def _tf_decode(data: bytes, kind: str) -> np.ndarray:
         raise ImageError(f"corrupt {kind.upper()} ({reason})") from None
 
 
+STRIP_PIXELS = 1 << 20  # CMYK is turned grey a strip of rows at a time: its temporaries stay this small
+
+
 def _pillow_decode(data: bytes, kind: str) -> np.ndarray:
-    """CMYK (and YCCK, which Pillow also reads as CMYK) -> RGB -> grey with TensorFlow's weights."""
+    """CMYK (and YCCK, which Pillow also reads as CMYK) -> RGB -> grey with TensorFlow's weights, a strip of
+    rows at a time: the float planes of the whole image would take about 20 bytes a pixel."""
     with _parsing(kind.upper()), Image.open(io.BytesIO(data)) as img:
-        return _luma(np.asarray(img.convert("RGB")))
+        img.load()
+        width, height = img.size
+        grey = np.empty((height, width, 1), np.uint8)
+        rows = max(1, STRIP_PIXELS // max(width, 1))
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            grey[top:bottom] = _luma(np.asarray(img.crop((0, top, width, bottom)).convert("RGB")))
+        return grey
 
 
 def _raster(data: bytes, kind: str) -> LoadedImage:
@@ -276,6 +289,22 @@ def _file_meta(buffer: io.BytesIO) -> FileMetaDataset:
     return meta
 
 
+def _count(buffer: bytes | memoryview, pattern: bytes, chunk: int = 1 << 24) -> int:
+    """Occurrences of `pattern` in `buffer`, read a chunk at a time (no copy of the whole)."""
+    if isinstance(buffer, bytes):
+        return buffer.count(pattern)
+    overlap = len(pattern) - 1  # a match starting in a chunk ends at most this far past it
+    return sum(bytes(buffer[i : i + chunk + overlap]).count(pattern) for i in range(0, len(buffer), chunk))
+
+
+def _check_items(buffer: bytes | memoryview) -> None:
+    """Refuse a data set with more sequence items than any radiograph's header holds before pydicom builds them
+    (each is a Python object: a few MB of items, or a few KB deflated, took gigabytes and half a minute)."""
+    items = _count(buffer, ITEM_TAG)
+    if items > MAX_SEQUENCE_ITEMS:
+        raise ImageTooLarge(f"DICOM with {items:,} sequence items is over the limit of {MAX_SEQUENCE_ITEMS:,}")
+
+
 def _read_dicom(data: bytes) -> FileDataset:
     """The data set with values over DEFER_SIZE left unread; a deflated one inflated here, under a cap."""
     with _parsing("DICOM"):
@@ -283,9 +312,12 @@ def _read_dicom(data: bytes) -> FileDataset:
         buffer.seek(132)  # the preamble and "DICM", checked by sniff
         meta = _file_meta(buffer)
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            _check_items(data)
             buffer.seek(0)
             return pydicom.dcmread(buffer, defer_size=DEFER_SIZE)
         body = _inflate(memoryview(data)[buffer.tell() :])
+        with body.getbuffer() as inflated:
+            _check_items(inflated)
         dataset = read_dataset(body, False, True, defer_size=DEFER_SIZE)
         return FileDataset(body, dataset, data[:128], meta, is_implicit_VR=False, is_little_endian=True)
 

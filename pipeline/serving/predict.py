@@ -219,7 +219,7 @@ def run(
         raise PipelineError(f"nothing to predict ({reasons})")
     fmt = fmt or ("json" if output and output.lower().endswith(".json") else "csv")
     rows = predict_files(classifier, files, batch_size, workers, explain_dir, progress=len(files) > batch_size)
-    rows += [{"file": item, "status": "error", "error": why} for item, why in missing]
+    rows += [error_row(item, classifier.info, why) for item, why in missing]
     text = render(rows, fmt)
     if output:
         write_text(output, text)
