@@ -174,3 +174,45 @@ def test_prior_adjustment_moves_the_scores_to_the_folder_balance(
     assert after["at_threshold"]["sensitivity"] <= before["at_threshold"]["sensitivity"]
     bad = _pneumo(real_champion, "external-validation", str(hospital), "--prior", "1.5")
     assert bad.returncode == 2 and "--prior '1.5'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_a_registry_failure_after_the_run_is_logged_marks_it_failed(
+    real_champion: Champion,
+    hospital: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The run is logged, then the model version cannot be tagged (the registry went down): the run ends FAILED,
+    not FINISHED beside a version and card that never heard of it, and the one-line error (75) names it."""
+    import mlflow
+
+    from pipeline.steps import cli
+
+    for key, value in real_champion.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(real_champion.root)
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", down)
+    before = mlflow.get_tracking_uri()
+    try:
+        argv = ["--params", str(REPO / "params.yaml"), "-S", "evaluate.bootstrap=50", "-S", "registry.retries=1",
+                "-S", "registry.retry_backoff_seconds=0.01", "external-validation", str(hospital), "--name",
+                "cut-off", "-o", str(tmp_path / "out")]  # fmt: skip
+        status = cli.main(argv)
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert status == 75
+    monkeypatch.undo()
+    client = MlflowClient(real_champion.tracking_uri)
+    experiment = client.get_experiment_by_name("external-validation")
+    runs = client.search_runs([experiment.experiment_id], "tags.dataset = 'cut-off'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: register: recording the validation on the model version failed after 2 attempts")
+    assert f"run {runs[0].info.run_id} is marked FAILED" in last
+    version = client.get_model_version_by_alias(real_champion.name, "champion")
+    assert not [k for k in version.tags if k.startswith("external.cut-off.")]

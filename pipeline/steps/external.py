@@ -89,7 +89,11 @@ def record(
             still_held = held.enter_context(registry_lock(lock_params, what="external-validation"))
         except TransientError as exc:  # nothing is recorded yet; the report in `out` stands
             raise TransientError(f"{exc}; the report is in {out}/, nothing was recorded in MLflow") from None
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}") as run:
+        # The version's tags and card are written while the run is open: a failure there (the server gone) ends
+        # the run FAILED, not FINISHED beside a version that never heard of it; the command says so and exits 75
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}")
+        status = "FAILED"
+        try:
             mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
             mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
             mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
@@ -98,25 +102,34 @@ def record(
                 mlflow.log_metric("prior_target", result.prior["target"])
             for made in written:
                 mlflow.log_artifact(str(made), "external")
-        if info.name and info.version:
+            if info.name and info.version:
 
-            def tag_version() -> None:
-                for key, value in {**scores, "brier": result.brier}.items():
-                    client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
-                client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
-                card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
-                match = re.match(r"runs:/([^/]+)/(.+)$", card)
-                if match:  # the card lives in the training run: append the section and the pictures there
-                    card_run, card_path = match.groups()
-                    text = mlflow.artifacts.load_text(card)
-                    section = card_section(name, path, result, run.info.run_id, figure_dir)
-                    text = model_card.with_external_section(text, name, section)
-                    still_held()  # a lost database lock: another writer may be rendering the card
-                    client.log_text(card_run, text, card_path)
-                    for png in ("roc.png", "reliability.png"):
-                        client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
+                def tag_version() -> None:
+                    for key, value in {**scores, "brier": result.brier}.items():
+                        client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
+                    client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
+                    card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
+                    match = re.match(r"runs:/([^/]+)/(.+)$", card)
+                    if match:  # the card lives in the training run: append the section and the pictures there
+                        card_run, card_path = match.groups()
+                        text = mlflow.artifacts.load_text(card)
+                        section = card_section(name, path, result, run.info.run_id, figure_dir)
+                        text = model_card.with_external_section(text, name, section)
+                        still_held()  # a lost database lock: another writer may be rendering the card
+                        client.log_text(card_run, text, card_path)
+                        for png in ("roc.png", "reliability.png"):
+                            client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
 
-            champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
+                champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
+            status = "FINISHED"
+        except TransientError as exc:
+            raise TransientError(
+                f"{exc}; run {run.info.run_id} is marked FAILED and the report is in {out}/: run the command "
+                "again (it replaces this validation's tags and card section)"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception) if status == "FAILED" else contextlib.nullcontext():
+                mlflow.end_run(status)  # a server gone for good leaves the failed run RUNNING; the error names it
     return run.info.run_id
 
 
