@@ -97,19 +97,15 @@ class BestCheckpoint(keras.callbacks.Callback):
             os.replace(written, self.best)
 
 
-def _scores(rows: list[dict[str, float]]) -> list[float]:
-    return [r[MONITOR] for r in rows if MONITOR in r]
-
-
-class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose best value and wait count carry over a resume (replayed from the history rows)."""
+class _ReplayOnResume:
+    """At a fit's first epoch, the history rows of the epochs done run through the callback's own counting."""
 
     def __init__(self, rows: Rows, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.rows, self.replayed = rows, False
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
-        super().on_train_begin(logs)
+        super().on_train_begin(logs)  # Keras resets the counters here
         self.replayed = False
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
@@ -118,31 +114,24 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
         self.replayed = True
         if self.monitor_op is None:
             self._set_monitor_op()
-        for value in _scores(self.rows()):  # as on_epoch_end counts (start_from_epoch 0, no baseline)
+        self.replay([r for r in self.rows() if MONITOR in r])
+
+
+class ResumedEarlyStopping(_ReplayOnResume, keras.callbacks.EarlyStopping):
+    """EarlyStopping whose best value and wait count carry over a resume."""
+
+    def replay(self, rows: list[dict[str, float]]) -> None:
+        for row in rows:  # as on_epoch_end counts (start_from_epoch 0, no baseline)
             self.wait += 1
-            if self._is_improvement(value, self.best):
-                self.best, self.wait = value, 0
+            if self._is_improvement(row[MONITOR], self.best):
+                self.best, self.wait = row[MONITOR], 0
 
 
-class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+class ResumedReduceLROnPlateau(_ReplayOnResume, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose best value, wait and cooldown carry over a resume. The rate itself comes back
     with the optimizer; a reduction shows in the history as a lower rate in the next epoch's row."""
 
-    def __init__(self, rows: Rows, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.rows, self.replayed = rows, False
-
-    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
-        super().on_train_begin(logs)
-        self.replayed = False
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if self.replayed:
-            return
-        self.replayed = True
-        if self.monitor_op is None:
-            self._set_monitor_op()
-        rows = [r for r in self.rows() if MONITOR in r]
+    def replay(self, rows: list[dict[str, float]]) -> None:
         now = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         rates = [r["learning_rate"] for r in rows] + [now]
         for i, row in enumerate(rows):  # as on_epoch_end counts
