@@ -38,10 +38,33 @@ def _state(stop: keras.callbacks.EarlyStopping, decay: keras.callbacks.ReduceLRO
     return (stop.best, stop.wait, decay.best, decay.wait, decay.cooldown_counter)
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("cut", [1, 4, 7])
-def test_resumed_callbacks_decide_as_an_uninterrupted_run(seed: int, cut: int) -> None:
-    """Random val AUC curves with plateaus (values drawn from a few levels): the run killed after `cut` epochs and
+def _resumed(rows: list[dict[str, float]], rate: float, done: int, epochs: int) -> list[keras.callbacks.Callback]:
+    """The two callbacks of a fit resumed after `done` epochs, as BackupAndRestore leaves it: the optimizer's rate
+    as the backup saved it (before that epoch's halving) and the epochs done in ``model._initial_epoch``."""
+    model = _model(rate)
+    model._initial_epoch = done
+    resumed = [
+        selection.ResumedEarlyStopping(lambda n: rows[:n], monitor="val_auc", mode="max", patience=PATIENCE),
+        selection.ResumedReduceLROnPlateau(
+            lambda n: rows[:n],
+            monitor="val_auc",
+            mode="max",
+            factor=0.5,
+            patience=LR_PATIENCE,
+            cooldown=COOLDOWN,
+            min_lr=1e-7,
+        ),
+    ]
+    for cb in resumed:
+        cb.set_model(model)
+        cb.set_params({"epochs": epochs})
+        cb.on_train_begin()
+    return resumed
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_resumed_callbacks_decide_as_an_uninterrupted_run(seed: int) -> None:
+    """Random val AUC curves with plateaus (values drawn from a few levels): a run killed after any epoch and
     resumed stops, and halves its rate, at the same epochs as the run never killed."""
     rng = np.random.default_rng(seed)
     aucs = [float(v) for v in rng.choice([0.80, 0.85, 0.86, 0.9, 0.905], 14)]
@@ -49,55 +72,37 @@ def test_resumed_callbacks_decide_as_an_uninterrupted_run(seed: int, cut: int) -
     for cb in whole:
         cb.set_model(whole_model)
         cb.on_train_begin()
-    rows, decisions = [], []
+    rows, after = [], []  # the history rows; the state, rate and stop after each epoch
     for epoch, auc in enumerate(aucs):
-        if epoch == cut:
-            # The resume: a new fit whose optimizer has the rate the backup restored, and the rows on disk
-            resumed_model = _model(_rate(whole_model))
-            done = list(rows)
-            resumed = [
-                selection.ResumedEarlyStopping(
-                    lambda done=done: done, monitor="val_auc", mode="max", patience=PATIENCE
-                ),
-                selection.ResumedReduceLROnPlateau(
-                    lambda done=done: done,
-                    monitor="val_auc",
-                    mode="max",
-                    factor=0.5,
-                    patience=LR_PATIENCE,
-                    cooldown=COOLDOWN,
-                    min_lr=1e-7,
-                ),
-            ]
-            for cb in resumed:
-                cb.set_model(resumed_model)
-                cb.on_train_begin()
-                cb.on_epoch_begin(epoch)
-            assert _state(*resumed) == _state(*whole)
         rows.append({"epoch": epoch + 1, "val_auc": auc, "learning_rate": _rate(whole_model)})
         for cb in whole:
             cb.on_epoch_end(epoch, {"val_auc": auc})
-        decisions.append((whole_model.stop_training, _rate(whole_model)))
-        if epoch >= cut:
-            for cb in resumed:
-                cb.on_epoch_end(epoch, {"val_auc": auc})
-            assert (resumed_model.stop_training, _rate(resumed_model)) == decisions[-1], f"epoch {epoch + 1}"
+        after.append((_state(*whole), _rate(whole_model), whole_model.stop_training))
         if whole_model.stop_training:
             break
+    assert any(rate < 0.01 for _, rate, _ in after), "the curves must exercise a halving"
+    for done in range(1, len(rows) + 1):
+        resumed = _resumed(rows, rows[done - 1]["learning_rate"], done, len(aucs))
+        model = resumed[0].model
+        state, rate, stopped = after[done - 1]
+        assert _state(*resumed) == state and _rate(model) == rate, f"resumed after epoch {done}"
+        assert model._initial_epoch == (len(aucs) if stopped else done), "a stopped run trains no further epoch"
+        for epoch in range(done, len(rows)):  # carrying on, the same decisions
+            for cb in resumed:
+                cb.on_epoch_end(epoch, {"val_auc": rows[epoch]["val_auc"]})
+            assert (_state(*resumed), _rate(model), model.stop_training) == after[epoch], f"epoch {epoch + 1}"
 
 
 def test_keras_alone_forgets_the_wait_over_a_resume() -> None:
     """Why the replay exists: a plateau that began before the kill stops the resumed run no sooner than a whole
     patience after the resume."""
     aucs = [0.9, 0.8, 0.8, 0.8]  # patience 3: an uninterrupted run stops after the fourth epoch
-    done = [{"epoch": i + 1, "val_auc": v, "learning_rate": 0.01} for i, v in enumerate(aucs[:2])]
+    rows = [{"epoch": i + 1, "val_auc": v, "learning_rate": 0.01} for i, v in enumerate(aucs)]
     plain = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=PATIENCE)
-    resumed = selection.ResumedEarlyStopping(lambda: done, monitor="val_auc", mode="max", patience=PATIENCE)
+    plain.set_model(_model(0.01))
+    plain.on_train_begin()
+    resumed = _resumed(rows, 0.01, 2, 10)[0]
     for cb in (plain, resumed):
-        model = _model(0.01)
-        cb.set_model(model)
-        cb.on_train_begin()
-        cb.on_epoch_begin(2)
         for epoch in (2, 3):
             cb.on_epoch_end(epoch, {"val_auc": aucs[epoch]})
     assert resumed.model.stop_training and not plain.model.stop_training
@@ -129,9 +134,10 @@ def test_a_winning_epoch_whose_checkpoint_never_landed_is_rebuilt_from_the_resto
     checkpoint = keras.callbacks.ModelCheckpoint(
         str(selection.pending(best)), monitor="val_auc", mode="max", save_best_only=True, initial_value_threshold=0.8
     )
-    callback = selection.BestCheckpoint(best, checkpoint, lambda: rows, rebuild=rebuild)
+    callback = selection.BestCheckpoint(best, checkpoint, lambda n: rows[:n], rebuild=rebuild)
     callback.set_model(model)
-    callback.on_epoch_begin(3)  # resumed after epoch 3: the backup restored its weights into `model`
+    model._initial_epoch = 3  # resumed after epoch 3, the last: the backup restored its weights into `model`
+    callback.on_train_begin()  # before any epoch begins (none will, when it was the last)
     assert selection.stamped_score(best) == (0.85 if rebuild else 0.8)
     assert checkpoint.best == (0.85 if rebuild else 0.8)
     restored = _model(0.01)

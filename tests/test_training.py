@@ -230,6 +230,32 @@ def test_backbone_head_on_cached_features_then_fine_tune_resumed(synthetic_index
     assert outcome.history[-1]["learning_rate"] == pytest.approx(1e-5)
 
 
+def test_a_head_phase_resumed_on_images_leaves_fine_tuning_all_its_epochs(
+    synthetic_index: tuple[Path, pd.DataFrame],
+) -> None:
+    """Keras keeps the epoch a resumed fit started from on the model; fine-tuning fits the same model next and
+    must not start there (it ran only its last epoch, or none)."""
+    tmp, index = synthetic_index
+    params = rooted_params(
+        tmp,
+        *SMALL_SYNTHETIC,
+        *FAST_TRAIN,
+        "model.architecture=mobilenetv2",
+        "model.image_size=64",
+        "train.cache_features=false",
+        "train.epochs=2",
+        "train.fine_tune_epochs=2",
+        "train.fine_tune_layers=10",
+        "train.early_stopping_patience=10",
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):  # after the head phase's first epoch
+        training.train(params, index, extra_callbacks=[CrashAtEpoch(total=1)])
+    counter = CountEpochs()
+    outcome = training.train(params, index, extra_callbacks=[counter])
+    assert counter.started == [2, 1, 2], "the head resumes at its second epoch, fine-tuning runs both of its own"
+    assert [h["phase"] for h in outcome.history] == ["head", "head", "fine_tune", "fine_tune"]
+
+
 def test_fine_tuning_that_only_hurts_keeps_the_head_phase_model(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
     """A fine-tuning rate far too high wrecks the network: no fine-tuning epoch beats the head phase's best, so
     the saved model is the head phase's, and best_val_auc is that model's."""

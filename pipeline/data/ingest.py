@@ -10,6 +10,7 @@ stage's outputs before running it, so the data then comes back from the DVC cach
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import zipfile
 import zlib
@@ -127,11 +128,14 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
             continue
         seen.add(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with entry.open() as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged archive entry
-            raise DataError(f"{entry.path}: cannot be read from the archive ({exc})") from None
+        with open(target, "wb") as dst:
+            try:
+                with entry.open() as src:
+                    shutil.copyfileobj(src, dst)
+            # A damaged entry (any compression), one compressed in a way zipfile cannot read, or encrypted
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, NotImplementedError,
+                    RuntimeError) as exc:  # fmt: skip
+                raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
         result.counts[(split or flat_split, label)] += 1
 
 

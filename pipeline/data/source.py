@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import LABELS, DataParams, StressParams
+from pipeline.core.config import DataParams, StressParams
 from pipeline.core.errors import DataError
 from pipeline.core.project import project_path
+from pipeline.data.labelled_folders import class_folders
 
 UNREACHABLE = "unreachable"
 
@@ -108,16 +109,17 @@ def fingerprint(params: DataParams) -> dict[str, Any]:
 
 
 def originals_folder(params: StressParams) -> Path | None:
-    """stress.originals (relative to the project), or None; a path that is no folder, or one without NORMAL/ and
-    PNEUMONIA/, is a DataError."""
+    """stress.originals (relative to the project), or None; a path that is no folder, or no labelled folder (see
+    ``labelled_folders``), is a DataError."""
     if not params.originals:
         return None
     path = project_path(params.originals)
     if not path.is_dir():
         raise DataError(f"stress.originals: {shown(params.originals, path)}: no such folder")
-    missing = [label for label in LABELS if not (path / label).is_dir()]
-    if missing:
-        raise DataError(f"stress.originals: {shown(params.originals, path)}: no {'/, '.join(missing)}/ folder in it")
+    if class_folders(path) is None:  # as external validation reads a folder: any letter case, or under test/
+        raise DataError(
+            f"stress.originals: {shown(params.originals, path)}: no NORMAL/ and PNEUMONIA/ folders in it (or in test/)"
+        )
     return path
 
 

@@ -11,7 +11,13 @@ unstamped one was cut short. On a resume:
   (what the backup restored) become the checkpoint (``BestCheckpoint``; not with weight averaging, where the
   checkpoint is of the average);
 - early stopping and plateau decay get their counters back by replaying the history's val AUC: Keras resets
-  them at every fit's start, so a resumed run would otherwise wait a full patience again.
+  them at every fit's start, so a resumed run would otherwise wait a full patience again. A halving owed by
+  the last epoch done is made (the backup was written before it), and a run that had stopped early (killed
+  before it finished) trains no further epoch.
+
+All of it happens in ``on_train_begin``, after ``BackupAndRestore`` restored the weights and recorded the
+epochs done in ``model._initial_epoch`` (Keras 3.15's trainer reads it after ``on_train_begin``; setting it to
+the fit's epochs ends the fit there).
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ from pipeline.core.atomic import staged_file
 
 MONITOR = "val_auc"
 STAMP = "pneumo_val_auc"
-Rows = Callable[[], list[dict[str, float]]]  # the phase's history rows of the epochs already done
+Rows = Callable[[int], list[dict[str, float]]]  # the phase's history rows of its first n epochs
+
+
+def epochs_done(model: keras.Model) -> int:
+    """The epochs a resumed fit starts after: what BackupAndRestore restored (0 for a fresh fit)."""
+    return getattr(model, "_initial_epoch", None) or 0
 
 
 def pending(path: Path) -> Path:
@@ -75,19 +86,16 @@ class BestCheckpoint(keras.callbacks.Callback):
     def __init__(self, best: Path, checkpoint: keras.callbacks.ModelCheckpoint, rows: Rows, rebuild: bool) -> None:
         super().__init__()
         self.best, self.checkpoint, self.rows, self.rebuild = best, checkpoint, rows, rebuild
-        self.started = False
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if self.started:
-            return
-        self.started = True
-        done = self.rows()
-        if not (self.rebuild and epoch and len(done) == epoch and MONITOR in done[-1]):
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        done_epochs = epochs_done(self.model)
+        done = self.rows(done_epochs)
+        if not (self.rebuild and done_epochs and len(done) == done_epochs and MONITOR in done[-1]):
             return
         last = done[-1][MONITOR]
         to_beat = self.checkpoint.best if self.checkpoint.best is not None else -math.inf
         if last > to_beat:  # the epoch before the kill won, but its checkpoint never landed: the restored weights
-            save_stamped(self.model, self.best, epoch, last)
+            save_stamped(self.model, self.best, done_epochs, last)
             self.checkpoint.best = last
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
@@ -98,42 +106,38 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class _ReplayOnResume:
-    """At a fit's first epoch, the history rows of the epochs done run through the callback's own counting."""
+    """At a fit's start, the history rows of the epochs done run through the callback's own counting."""
 
     def __init__(self, rows: Rows, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.rows, self.replayed = rows, False
+        self.rows = rows
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
         super().on_train_begin(logs)  # Keras resets the counters here
-        self.replayed = False
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if self.replayed:
-            return
-        self.replayed = True
         if self.monitor_op is None:
             self._set_monitor_op()
-        self.replay([r for r in self.rows() if MONITOR in r])
+        self.replay([r for r in self.rows(epochs_done(self.model)) if MONITOR in r])
 
 
 class ResumedEarlyStopping(_ReplayOnResume, keras.callbacks.EarlyStopping):
-    """EarlyStopping whose best value and wait count carry over a resume."""
+    """EarlyStopping whose best value and wait count carry over a resume; a run that had stopped stays stopped."""
 
     def replay(self, rows: list[dict[str, float]]) -> None:
-        for row in rows:  # as on_epoch_end counts (start_from_epoch 0, no baseline)
+        for epoch, row in enumerate(rows):  # as on_epoch_end counts (start_from_epoch 0, no baseline)
             self.wait += 1
             if self._is_improvement(row[MONITOR], self.best):
                 self.best, self.wait = row[MONITOR], 0
+            elif self.wait >= self.patience and epoch > 0:  # it stopped here; the kill came before the fit ended
+                self.stopped_epoch = epoch
+                self.model._initial_epoch = self.params["epochs"]  # no epoch more: the fit ends at once
+                return
 
 
 class ResumedReduceLROnPlateau(_ReplayOnResume, keras.callbacks.ReduceLROnPlateau):
-    """ReduceLROnPlateau whose best value, wait and cooldown carry over a resume. The rate itself comes back
-    with the optimizer; a reduction shows in the history as a lower rate in the next epoch's row."""
+    """ReduceLROnPlateau whose best value, wait and cooldown carry over a resume. The rate comes back with the
+    optimizer as the backup saved it: before the last epoch's halving, which is made here when it was due."""
 
     def replay(self, rows: list[dict[str, float]]) -> None:
-        now = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        rates = [r["learning_rate"] for r in rows] + [now]
         for i, row in enumerate(rows):  # as on_epoch_end counts
             if self.in_cooldown():
                 self.cooldown_counter -= 1
@@ -142,5 +146,13 @@ class ResumedReduceLROnPlateau(_ReplayOnResume, keras.callbacks.ReduceLROnPlatea
                 self.best, self.wait = row[MONITOR], 0
             elif not self.in_cooldown():
                 self.wait += 1
-                if self.wait >= self.patience and rates[i + 1] < rates[i]:
-                    self.cooldown_counter, self.wait = self.cooldown, 0
+                if self.wait >= self.patience:
+                    # A halving shows as a lower rate in the next row; the last one's is owed to the optimizer
+                    last = i == len(rows) - 1
+                    halved = (
+                        self._reduce_optimizer_lr(self.model.optimizer, i)
+                        if last
+                        else rows[i + 1]["learning_rate"] < row["learning_rate"]
+                    )
+                    if halved:
+                        self.cooldown_counter, self.wait = self.cooldown, 0

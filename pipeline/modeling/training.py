@@ -101,14 +101,14 @@ class _PhaseRecorder(keras.callbacks.Callback):
         self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
         self.started = False
 
-    def done(self) -> list[dict[str, float]]:
-        """The rows of the epochs done (after the fit's first epoch began: of the epochs the backup restored)."""
-        return self.rows
+    def done(self, epochs: int) -> list[dict[str, float]]:
+        """The rows of the phase's first `epochs` epochs (those the backup restored)."""
+        return [r for r in self.rows if r["epoch"] - self.offset <= epochs]
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         if not self.started:  # a row written just before a kill ended that epoch's backup: it is done again
             self.started = True
-            self.rows = [r for r in self.rows if r["epoch"] - self.offset <= epoch]
+            self.rows = self.done(epoch)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         lr = self.model.optimizer.learning_rate
@@ -273,6 +273,9 @@ def _fit_phase(
         keras.callbacks.TensorBoard(str(place.tensorboard_dir / phase), histogram_freq=0),
         *extra,
     ]
+    # Keras keeps the epoch BackupAndRestore restored on the model: a later fit of it (fine-tuning after a resumed
+    # head phase) would start there
+    model._initial_epoch = None
     if place.multi_worker:
         distributed.fit_ready(model)
         with place.strategy.scope():

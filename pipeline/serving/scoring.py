@@ -19,6 +19,7 @@ from sklearn import metrics as skm
 from pipeline.core.config import LABELS
 from pipeline.core.errors import PipelineError
 from pipeline.data import naming
+from pipeline.data.labelled_folders import class_folders
 from pipeline.modeling import prior_shift
 from pipeline.modeling.metrics import (
     BinaryMetrics,
@@ -33,27 +34,17 @@ from pipeline.serving.classifier import Classifier
 from pipeline.serving.predict import image_files, prepared_batches
 
 
-def _child(folder: Path, name: str) -> Path | None:
-    """A subfolder by name, in any letter case."""
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name.lower()] if folder.is_dir() else []
-    return found[0] if found else None
-
-
 def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int]]:
     """(file, 1 for PNEUMONIA / 0 for NORMAL) under NORMAL/ and PNEUMONIA/, or under `split`/ of the Kaggle layout."""
     root = Path(path)
     if not root.is_dir():
         raise PipelineError(f"{root}: no such folder")
-    split_dir = _child(root, split)
-    base = split_dir if split_dir is not None and _child(split_dir, "NORMAL") is not None else root
-    items: list[tuple[str, int]] = []
-    for label_id, label in enumerate(LABELS):
-        folder = _child(base, label)
-        if folder is None:
-            raise PipelineError(
-                f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
-            )
-        items += [(str(p), label_id) for p in image_files(folder)]
+    folders = class_folders(root, split)
+    if folders is None:
+        raise PipelineError(
+            f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
+        )
+    items = [(str(p), label_id) for label_id, label in enumerate(LABELS) for p in image_files(folders[label])]
     if not items:
         raise PipelineError(f"{root}: no {'/'.join(image_io.SUFFIXES)} files under NORMAL/ or PNEUMONIA/")
     return items
