@@ -173,6 +173,17 @@ def test_a_kill_between_the_backup_and_the_best_checkpoint_loses_no_row_and_no_b
     np.testing.assert_array_equal(np.array(outcome.built.model.trainable_weights[0]), ends[best])
 
 
+def test_a_worker_copies_the_chiefs_state_but_not_the_files_being_written(tmp_path: Path) -> None:
+    shared, mine = tmp_path / "chief" / "fine_tune", tmp_path / "worker" / "fine_tune"
+    (shared / "backup").mkdir(parents=True)
+    kept = ["best.weights.h5", "history.json", ".pending.best.weights.h5", "backup/latest.weights.h5"]
+    for name in [*kept, ".best.weights.h5.x1.tmp.weights.h5", ".history.json.x2.tmp"]:
+        (shared / name).write_bytes(b"state")
+    (mine / "stale").mkdir(parents=True)
+    training.copy_shared_state(shared, mine)
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*") if p.is_file()) == sorted(kept)
+
+
 def test_resume_state_is_keyed_by_data_settings_and_code(
     synthetic_index: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -218,6 +218,13 @@ def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> li
     return [snapshots.SnapshotSaver(phase_dir, snapshots.cycle_epochs(epochs, params.snapshots))]
 
 
+def copy_shared_state(shared: Path, phase_dir: Path) -> None:
+    """A non-chief worker's private copy of the chief's phase state; not the files the chief is writing right
+    now (atomic writes' temporaries), which it may rename mid-copy and so fail the copy."""
+    shutil.rmtree(phase_dir, ignore_errors=True)
+    shutil.copytree(shared, phase_dir, ignore=shutil.ignore_patterns(".*.tmp*"))
+
+
 def _fit_phase(
     model: keras.Model,
     phase: str,
@@ -241,8 +248,7 @@ def _fit_phase(
     if not place.chief and shared.is_dir():
         # Restore what the chief saved (read before the first epoch ends, so before the chief writes again):
         # every worker starts at the same epoch, weights and best-so-far, and keeps to the same step count.
-        shutil.rmtree(phase_dir, ignore_errors=True)
-        shutil.copytree(shared, phase_dir)
+        copy_shared_state(shared, phase_dir)
     phase_dir.mkdir(parents=True, exist_ok=True)
     recorder = _PhaseRecorder(phase, phase_dir / "history.json", sink, offset)
     done = phase_dir / "done.weights.h5"
