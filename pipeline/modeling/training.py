@@ -99,16 +99,11 @@ class _PhaseRecorder(keras.callbacks.Callback):
         self.phase, self.path, self.sink, self.offset = phase, path, sink, offset
         # Only the chief's copy is the shared state; a non-chief worker's is a private copy of it.
         self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
-        self.started = False
 
     def done(self, epochs: int) -> list[dict[str, float]]:
-        """The rows of the phase's first `epochs` epochs (those the backup restored)."""
+        """The rows of the phase's first `epochs` epochs (those the backup restored). A row written just before a
+        kill ended its epoch's backup is past them; that epoch runs again and its row replaces this one."""
         return [r for r in self.rows if r["epoch"] - self.offset <= epochs]
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if not self.started:  # a row written just before a kill ended that epoch's backup: it is done again
-            self.started = True
-            self.rows = self.done(epoch)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         lr = self.model.optimizer.learning_rate

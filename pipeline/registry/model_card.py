@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.modeling.evaluation import Evaluation
+from pipeline.modeling.metrics import interval
 from pipeline.serving.classifier import ModelInfo
 
 PUBLISHED = "Kermany et al. 2018 (transfer learning, official test split): accuracy 92.8%, sensitivity 93.2%, specificity 90.1%, ROC AUC 0.968"  # noqa: E501
@@ -54,13 +55,6 @@ def with_external_section(card: str, name: str, section: str) -> str:
     head, *sections = card.split(marker)
     kept = [part for part in sections if part.split("\n", 1)[0].strip() != name]
     return head + "".join(marker + part for part in kept) + section
-
-
-def _ci(ev: Evaluation, key: str) -> str:
-    if key not in ev.ci95:
-        return ""
-    lo, hi = ev.ci95[key]
-    return f"[{lo:.3f}, {hi:.3f}]"
 
 
 def _performance_intro(ev: Evaluation) -> str:
@@ -195,7 +189,10 @@ def render(facts: CardFacts) -> str:
         "|---|---|---|---|",
     ]
     for key in SHOWN:
-        lines.append(f"| {key} | {getattr(ev.test, key):.3f} | {_ci(ev, key)} | {getattr(ev.test_at_half, key):.3f} |")
+        lines.append(
+            f"| {key} | {getattr(ev.test, key):.3f} | {interval(ev.ci95, key).strip()} "
+            f"| {getattr(ev.test_at_half, key):.3f} |"
+        )
     (tn, fp), (fn, tp) = ev.test.confusion
     lines += [
         "",

@@ -23,6 +23,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling.evaluation import figures
+from pipeline.modeling.metrics import interval
 from pipeline.registry import champion, model_card, tracking
 from pipeline.registry.registry_lock import registry_lock
 from pipeline.serving import classifier, scoring
@@ -35,9 +36,7 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
     t, c = result.at_threshold, result.ci95
     (tn, fp), (fn, tp) = t.confusion
     rows = [
-        f"| {key} | {getattr(t, key):.3f} | "
-        + (f"[{c[key][0]:.3f}, {c[key][1]:.3f}]" if key in c else "")
-        + f" | {getattr(result.at_half, key):.3f} |"
+        f"| {key} | {getattr(t, key):.3f} | {interval(c, key).strip()} | {getattr(result.at_half, key):.3f} |"
         for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1")
     ]
     return "\n".join(
