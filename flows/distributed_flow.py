@@ -26,7 +26,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.dvc_runner import last_error
 from flows.pipeline_flow import as_overrides
+from flows.turns import project_turn
 
 
 def free_ports(n: int) -> list[int]:
@@ -51,6 +53,8 @@ class WorkerRun:
     index: int
     returncode: int
     output: str
+    stopped: bool = False  # killed by the launcher (a peer failed, or the timeout), not ended by itself
+    ended: float = 0.0  # when it was seen to end (time.monotonic)
 
 
 def run_workers(
@@ -94,23 +98,52 @@ def run_workers(
         outputs.append(lines)
         readers.append(reader)
     deadline = None if timeout is None else time.monotonic() + timeout
+    ended: dict[int, float] = {}
+    stopped: set[int] = set()
     try:
         while True:
             codes = [p.poll() for p in procs]  # every one polled (any() would stop at the first running)
+            now = time.monotonic()
+            for i, code in enumerate(codes):
+                if code is not None:
+                    ended.setdefault(i, now)
             if None not in codes or any(c not in (None, 0) for c in codes):
                 break
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and now > deadline:
                 break
             time.sleep(0.2)
     finally:
-        for p in procs:
+        for i, p in enumerate(procs):
             if p.poll() is None:
                 p.kill()
+                stopped.add(i)
         for p in procs:
             p.wait()
         for r in readers:
             r.join(timeout=10)
-    return [WorkerRun(i, p.returncode, "".join(outputs[i])) for i, p in enumerate(procs)]
+    now = time.monotonic()
+    return [
+        WorkerRun(i, p.returncode, "".join(outputs[i]), i in stopped, ended.get(i, now)) for i, p in enumerate(procs)
+    ]
+
+
+def failure(runs: Sequence[WorkerRun], timeout: float | None) -> str | None:
+    """One line on why a cluster failed, naming the worker that failed first on its own (its error line), not
+    the peers stopped because of it; None when every worker succeeded."""
+    failed = [r for r in runs if r.returncode != 0]
+    if not failed:
+        return None
+    statuses = f"exit statuses {[r.returncode for r in runs]}"
+    own = sorted((r for r in failed if not r.stopped), key=lambda r: (r.ended, r.index))
+    if not own:
+        limit = f" after {timeout:g} s (timeout_seconds)" if timeout else ""
+        return f"timed out{limit}; workers {[r.index for r in failed]} stopped; {statuses}"
+    first = own[0]
+    others = [r.index for r in failed if r.stopped]
+    with_it = f"; stopped with it: workers {others}" if others else ""
+    return (
+        f"worker {first.index} exited with {first.returncode} ({last_error(first.output)[:300]}){with_it}; {statuses}"
+    )
 
 
 def loopback_hosts(workers: int) -> list[str]:
@@ -170,15 +203,11 @@ def distributed_train(
     for item in as_overrides(overrides):
         command += ["-S", item]
     command.append("train")
-    runs = run_cluster(command, workers, hosts, cwd=workdir, echo=logger.info, timeout=timeout_seconds)
-    failed = [r for r in runs if r.returncode != 0]
-    if failed:
-        first = failed[0]
-        tail = first.output.strip().splitlines()[-1:] or [""]
-        raise RuntimeError(
-            f"worker {first.index} exited with {first.returncode} ({tail[0][:300]}); "
-            f"exit statuses {[r.returncode for r in runs]}"
-        )
+    with project_turn("pneumonia-distributed-train", logger.info, workdir or "."):
+        runs = run_cluster(command, workers, hosts, cwd=workdir, echo=logger.info, timeout=timeout_seconds)
+    why = failure(runs, timeout_seconds)
+    if why:
+        raise RuntimeError(why)
     chief = runs[0].output.strip().splitlines()
     return "\n".join(line for line in chief if line.startswith(("trained", "model:"))) or (chief[-1] if chief else "")
 

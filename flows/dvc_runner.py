@@ -80,7 +80,7 @@ def changed_stages(cwd: str | Path = ".") -> set[str]:
     marked ``always_changed`` that changed nothing else is not one of them."""
     code, out = dvc("status", "--json", cwd=cwd)
     if code != 0:
-        raise PipelineError(f"dvc status failed: {_last_error(out)}")
+        raise PipelineError(f"dvc status failed: {last_error(out)}")
     start = out.find("{")
     status = json.loads(out[start:]) if start >= 0 else {}
     return {name for name, why in status.items() if why != ["always changed"]}
@@ -94,7 +94,8 @@ def lock_outs(stage: str, cwd: str | Path = ".") -> dict[str, str]:
     return {o["path"]: o.get("md5", "") for o in entry.get("outs", [])}
 
 
-def _last_error(output: str) -> str:
+def last_error(output: str) -> str:
+    """The last `error:` line of a command's output (pneumo's and DVC's one-line errors), else its last line."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for prefix in ("error: ", "ERROR: "):
         found = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
@@ -111,7 +112,7 @@ def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | 
     if code != 0:
         exited = _EXITED.search(out)
         status = int(exited.group(1)) if exited else None
-        _raise_typed(status, _last_error(out), f"stage {name}")
+        _raise_typed(status, last_error(out), f"stage {name}")
     return StageRun(name, f"Running stage '{name}'" in out, seconds, out, lock_outs(name, cwd))
 
 
@@ -124,5 +125,5 @@ def run_pneumo(
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.steps.cli"]
     code, out = _stream([*command, *args], cwd, {**_env(), **(env or {})}, echo)
     if code != 0:
-        _raise_typed(code, _last_error(out), f"pneumo {' '.join(args)} in {cwd}")
+        _raise_typed(code, last_error(out), f"pneumo {' '.join(args)} in {cwd}")
     return out

@@ -27,11 +27,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
+from flows.turns import project_turn
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import TransientError
 from pipeline.registry import model_card
 from pipeline.registry.tracking import load_run_ref
 from pipeline.steps import stages as stage_list
+
+PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read (`pneumo <stage>` and their `params:`)
 
 IO_STAGES = {"ingest": 3, "register": 3}  # stage -> task retries
 
@@ -142,14 +145,14 @@ def summary_markdown(params: Params, runs: list[StageRun]) -> str:
 def pneumonia_pipeline(
     ingest: bool = True,
     overrides: dict[str, Any] | None = None,
-    params_file: str = "params.yaml",
     workdir: str | None = None,
 ) -> dict[str, str]:
     """Source, ingest, index, validate, shard, train, evaluate, stress and register through DVC; returns each
     stage's status.
 
-    `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}; they are written
-    into params.yaml before DVC runs. `ingest=False` leaves the data as it is (pulled by `dvc pull`).
+    `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}; they are written into
+    params.yaml (the file every DVC stage reads) before DVC runs. `ingest=False` leaves the data as it is
+    (pulled by `dvc pull`).
     `workdir` is the project folder to run in (default: the current one).
     """
     if workdir:
@@ -157,14 +160,17 @@ def pneumonia_pipeline(
     logger = get_run_logger()
     start = time.perf_counter()
     override_list = as_overrides(overrides)
-    params = load_params(params_file, override_list)  # a bad key fails here, before any work
-    if override_list:
-        write_overrides(params_file, override_list)
-        logger.info("params.yaml: %s", ", ".join(override_list))
-    always = stage_list.always_run(params)
-    runs = run_changed(flow_stage_names(params, ingest), always, logger)
+    load_params(PARAMS_FILE, override_list)  # a bad key fails here, before any work
+    with project_turn("pneumonia-pipeline", logger.info):
+        params = load_params(PARAMS_FILE, override_list)  # as it is now: another flow may have changed it
+        if override_list:
+            write_overrides(PARAMS_FILE, override_list)
+            logger.info("params.yaml: %s", ", ".join(override_list))
+        always = stage_list.always_run(params)
+        runs = run_changed(flow_stage_names(params, ingest), always, logger)
+        summary = summary_markdown(params, runs)  # of this run's outputs, before another flow's turn
     create_markdown_artifact(
-        summary_markdown(params, runs),
+        summary,
         key="pneumonia-pipeline-summary",
         description="Stages run or cached by DVC, test metrics, champion decision and MLflow run",
     )

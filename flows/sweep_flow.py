@@ -52,7 +52,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import run_pneumo
-from flows.pipeline_flow import as_overrides, flow_stage_names, retry_on_transient, run_changed
+from flows.pipeline_flow import PARAMS_FILE, as_overrides, flow_stage_names, retry_on_transient, run_changed
+from flows.turns import project_turn
 from pipeline.core import atomic
 from pipeline.core.config import STAGE_OUTPUT_FILES, STAGE_OUTPUT_FOLDERS, Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
@@ -78,12 +79,16 @@ def _draw(key: str, spec: Any, rng: Random) -> Any:
             return rng.choice(arg)
         if kind in ("uniform", "loguniform", "randint") and isinstance(arg, list) and len(arg) == 2:
             lo, hi = arg
+            number = int if kind == "randint" else (int, float)
+            if not all(isinstance(v, number) and not isinstance(v, bool) for v in arg) or lo > hi:
+                whole = "whole " if kind == "randint" else ""
+                raise ConfigError(f"sweep: random {key}: {kind} needs two {whole}numbers, low <= high (got {arg!r})")
             if kind == "randint":
-                return rng.randint(int(lo), int(hi))
+                return rng.randint(lo, hi)
             if kind == "uniform":
-                return float(f"{rng.uniform(float(lo), float(hi)):.6g}")
-            if float(lo) > 0 and float(hi) > 0:
-                return float(f"{math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi)))):.6g}")
+                return float(f"{rng.uniform(lo, hi):.6g}")
+            if lo > 0:
+                return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.6g}")
     raise ConfigError(
         f"sweep: random {key}: expected a list of values or one of {{uniform|loguniform|randint: [low, high]}}, "
         f"{{choice: [values]}} (got {spec!r})"
@@ -136,7 +141,8 @@ def validate(
 
 def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict[str, Any], uri: str) -> Path:
     """sweeps/<sweep>/<trial>/: params.yaml with the overrides, its own stage outputs, the project's data
-    linked read-only, the shared MLflow store, registration lock and validation report by absolute path."""
+    linked read-only, the shared MLflow store, registration lock, validation report and a starting weights
+    file (``model.weights``) by absolute path."""
     folder = root / name
     folder.mkdir(parents=True)
     shutil.copy2(params_file, folder / "params.yaml")
@@ -154,7 +160,11 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
         "registry.lock_file": str(project_path(project.registry.lock_file).resolve()),
         "registry.promotion": "candidate",  # a sweep's winner never takes @champion by itself
     }
-    write_overrides(folder / "params.yaml", as_overrides({**own_outputs(project), **overrides, **shared}))
+    trial = {**own_outputs(project), **overrides}
+    weights = str(trial.get("model.weights", project.model.weights))
+    if weights not in ("none", "imagenet") and not Path(weights).expanduser().is_absolute():
+        trial["model.weights"] = str(project_path(weights).resolve())  # the trial runs in its own folder
+    write_overrides(folder / "params.yaml", as_overrides({**trial, **shared}))
     return folder
 
 
@@ -362,93 +372,104 @@ def pneumonia_sweep(
     validate(combos, overrides, params_file)  # a bad key or value fails here, before any work
     if trial_deployment:
         check_deployment(trial_deployment)
+    if data_stages and Path(params_file).resolve() != Path(PARAMS_FILE).resolve():
+        raise ConfigError(
+            f"sweep: params_file {params_file}: the data stages run through DVC, which reads {PARAMS_FILE} "
+            "(pass `overrides`, or data_stages=False with the data already built)"
+        )
     logger = get_run_logger()
-    params = load_params(params_file)
-    prepare_data(params, data_stages)
+    with project_turn("pneumonia-sweep", logger.info):  # its trials read the project's data to the end
+        params = load_params(params_file)
+        prepare_data(params, data_stages)
 
-    uri = tracking.tracking_uri(params.mlflow)
-    if trial_deployment and (warning := store_warning(uri)):
-        logger.warning(warning)
-    experiment_id = tracking.configure(params.mlflow)
-    client = MlflowClient(uri)
-    spec = {"grid": grid, "random": random, "trials": len(combos), "seed": seed, "overrides": overrides or {}}
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"pneumo.sweep": "parent", "git_commit": tracking.git_commit()},
-    ).info.run_id
-    try:
-        client.log_dict(parent, spec, "sweep/spec.json")
-        logged = {"sweep.trials": len(combos), "sweep.parallel": parallel, "sweep.seed": seed}
-        logged["sweep.trials_on"] = trial_deployment or "this flow run"
-        for key, value in logged.items():
-            client.log_param(parent, key, value)
-        root = Path(sweep_dir).resolve() / parent
-        names = [f"t{i + 1:02d}" for i in range(len(combos))]
-        logger.info("sweep %s: %d trials, %d at a time, in %s", parent, len(combos), parallel, root)
-        rows = []
-        with ThreadPoolTaskRunner(max_workers=max(1, parallel)) as runner:
-            futures = []
-            for name, combo in zip(names, combos, strict=True):
-                trial_overrides = {**(overrides or {}), **combo}
-                folder = trial_folder(root, name, params_file, trial_overrides, uri)
-                parameters = {
-                    "trial": name,
-                    "folder": str(folder),
-                    "overrides": combo,
-                    "env": trial_env(uri, parent, name),
-                }
-                if trial_deployment:
-                    on_pool = run_trial_on_pool.with_options(task_run_name=f"trial {name} on the pool")
-                    futures.append(runner.submit(on_pool, {"deployment": trial_deployment, "parameters": parameters}))
-                else:
-                    futures.append(runner.submit(run_trial.with_options(task_run_name=f"trial {name}"), parameters))
-            for name, combo, future in zip(names, combos, futures, strict=True):
-                future.wait()
-                state = future.state
-                if state.is_completed():
-                    rows.append(future.result())
-                else:
-                    error = state.result(raise_on_failure=False)
-                    rows.append({"trial": name, "overrides": combo, "error": str(error).splitlines()[0][:300]})
-        best = winner_of(rows)
-        table = table_markdown(rows, best["trial"])
-        client.log_text(parent, table, "sweep/comparison.md")
-        client.log_text(parent, table_csv(rows), "sweep/comparison.csv")
-        client.log_metric(parent, "winner_val_roc_auc", best["val_roc_auc"])
-        client.set_tag(parent, "winner_trial", best["trial"])
-        client.set_tag(parent, "winner_run_id", best["run_id"])
-        decision: dict[str, Any] = {}
-        if register_winner:
-            decision = register_task(best["folder"], trial_env(uri, parent, best["trial"]))
-            client.set_tag(parent, "winner_version", str(decision["version"]))
-            client.set_tag(parent, "winner_decision", decision["outcome"])
-        print(table)
-        registered = (
-            f"{decision['model_name']} version {decision['version']}: **{decision['outcome']}** ({decision['reason']})"
-            if decision
-            else "not registered (register_winner=False)"
-        )
-        summary = (
-            f"# Pneumonia sweep {parent}\n\n{len(rows)} trials, {parallel} at a time. The winner is chosen on "
-            f"**validation AUC**; test figures are reported only.\n\n{table}\n"
-            f"**Winner:** {best['trial']} (MLflow run {best['run_id']}), val ROC AUC {best['val_roc_auc']:.4f}.\n\n"
-            f"**Registry:** {registered}.\n"
-        )
-        create_markdown_artifact(summary, key=SUMMARY_KEY, description="Sweep trials compared; the winner on val AUC")
-        client.set_terminated(parent, "FINISHED")
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
-    logger.info("sweep %s: winner %s (%s)", parent, best["trial"], best["run_id"])
-    return {
-        "parent_run_id": parent,
-        "winner": best["trial"],
-        "winner_run_id": best["run_id"],
-        "version": decision.get("version"),
-        "decision": decision.get("outcome"),
-        "rows": rows,
-    }
+        uri = tracking.tracking_uri(params.mlflow)
+        if trial_deployment and (warning := store_warning(uri)):
+            logger.warning(warning)
+        experiment_id = tracking.configure(params.mlflow)
+        client = MlflowClient(uri)
+        spec = {"grid": grid, "random": random, "trials": len(combos), "seed": seed, "overrides": overrides or {}}
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"pneumo.sweep": "parent", "git_commit": tracking.git_commit()},
+        ).info.run_id
+        try:
+            client.log_dict(parent, spec, "sweep/spec.json")
+            logged = {"sweep.trials": len(combos), "sweep.parallel": parallel, "sweep.seed": seed}
+            logged["sweep.trials_on"] = trial_deployment or "this flow run"
+            for key, value in logged.items():
+                client.log_param(parent, key, value)
+            root = Path(sweep_dir).resolve() / parent
+            names = [f"t{i + 1:02d}" for i in range(len(combos))]
+            logger.info("sweep %s: %d trials, %d at a time, in %s", parent, len(combos), parallel, root)
+            rows = []
+            with ThreadPoolTaskRunner(max_workers=max(1, parallel)) as runner:
+                futures = []
+                for name, combo in zip(names, combos, strict=True):
+                    trial_overrides = {**(overrides or {}), **combo}
+                    folder = trial_folder(root, name, params_file, trial_overrides, uri)
+                    parameters = {
+                        "trial": name,
+                        "folder": str(folder),
+                        "overrides": combo,
+                        "env": trial_env(uri, parent, name),
+                    }
+                    if trial_deployment:
+                        on_pool = run_trial_on_pool.with_options(task_run_name=f"trial {name} on the pool")
+                        futures.append(
+                            runner.submit(on_pool, {"deployment": trial_deployment, "parameters": parameters})
+                        )
+                    else:
+                        futures.append(runner.submit(run_trial.with_options(task_run_name=f"trial {name}"), parameters))
+                for name, combo, future in zip(names, combos, futures, strict=True):
+                    future.wait()
+                    state = future.state
+                    if state.is_completed():
+                        rows.append(future.result())
+                    else:
+                        error = state.result(raise_on_failure=False)
+                        rows.append({"trial": name, "overrides": combo, "error": str(error).splitlines()[0][:300]})
+            best = winner_of(rows)
+            table = table_markdown(rows, best["trial"])
+            client.log_text(parent, table, "sweep/comparison.md")
+            client.log_text(parent, table_csv(rows), "sweep/comparison.csv")
+            client.log_metric(parent, "winner_val_roc_auc", best["val_roc_auc"])
+            client.set_tag(parent, "winner_trial", best["trial"])
+            client.set_tag(parent, "winner_run_id", best["run_id"])
+            decision: dict[str, Any] = {}
+            if register_winner:
+                decision = register_task(best["folder"], trial_env(uri, parent, best["trial"]))
+                client.set_tag(parent, "winner_version", str(decision["version"]))
+                client.set_tag(parent, "winner_decision", decision["outcome"])
+            print(table)
+            registered = (
+                f"{decision['model_name']} version {decision['version']}: "
+                f"**{decision['outcome']}** ({decision['reason']})"
+                if decision
+                else "not registered (register_winner=False)"
+            )
+            summary = (
+                f"# Pneumonia sweep {parent}\n\n{len(rows)} trials, {parallel} at a time. The winner is chosen on "
+                f"**validation AUC**; test figures are reported only.\n\n{table}\n"
+                f"**Winner:** {best['trial']} (MLflow run {best['run_id']}), val ROC AUC {best['val_roc_auc']:.4f}.\n\n"
+                f"**Registry:** {registered}.\n"
+            )
+            create_markdown_artifact(
+                summary, key=SUMMARY_KEY, description="Sweep trials compared; the winner on val AUC"
+            )
+            client.set_terminated(parent, "FINISHED")
+        except BaseException:
+            client.set_terminated(parent, "FAILED")
+            raise
+        logger.info("sweep %s: winner %s (%s)", parent, best["trial"], best["run_id"])
+        return {
+            "parent_run_id": parent,
+            "winner": best["trial"],
+            "winner_run_id": best["run_id"],
+            "version": decision.get("version"),
+            "decision": decision.get("outcome"),
+            "rows": rows,
+        }
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() ->
     [
         ("data.bogus=1", "params.yaml: data.bogus: unknown key"),
         ("split.seed=abc", "params.yaml: split.seed: Input should be a valid integer"),
+        ("split.seed=-1", "params.yaml: split.seed: Input should be greater than or equal to 0 (got -1)"),
+        ("train.seed=4294967296", "params.yaml: train.seed: Input should be less than or equal to 4294967295"),
         ("split.val_fraction=1.5", "params.yaml: split.val_fraction: Input should be less than 1 (got 1.5)"),
         ("data.source=ftp", "params.yaml: data.source: Input should be 'synthetic', 'local' or 'kaggle'"),
         ("data.source=local", "params.yaml: data.local_path: must be set when data.source is 'local'"),

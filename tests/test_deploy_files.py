@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker.types
 import httpx
@@ -477,3 +478,121 @@ def test_pull_steps_clone_the_code_and_pull_the_data_from_s3(
     clone = worker / json.loads(pulled.stdout.strip().splitlines()[-1])["directory"]
     assert (clone / "data" / "images.txt").read_text() == "person1_bacteria_1.jpeg\n"
     assert (clone / ".git").is_dir() and not (clone / ".dvc" / "config.local").exists()
+
+
+# --- reaching the stack from elsewhere (deploy/README.md, "Work pools and deployments") ----------------------
+
+README = DEPLOY / "README.md"
+STACK_HOST = "pneumo-stack.example.org"  # the README's and .env.example's name for the stack's host
+
+
+def test_postgres_is_published_for_the_registration_lock() -> None:
+    """The lock URL of Kubernetes pods, laptops and other Docker hosts names the stack's host: PostgreSQL must be
+    published there (on 5432 by default, which the ExternalName Service `postgres` keeps)."""
+    postgres = compose()["services"]["postgres"]
+    assert postgres["ports"] == ["${POSTGRES_PORT:-5432}:5432"]
+    example = (DEPLOY / ".env.example").read_text()
+    assert re.search(r"^POSTGRES_PORT=5432$", example, re.MULTILINE) and re.search(r"^MLFLOW_PORT=5000$", example, re.M)
+
+
+def readme_lock_urls() -> dict[str, str]:
+    """The lock URLs deploy/README.md stores as Secret blocks: block name -> URL."""
+    return dict(
+        (name, url)
+        for url, name in re.findall(
+            r"PNEUMO_REGISTRY_LOCK_URL=(\S+) python -c '\n.*\n.*\.save\(\"([\w-]+)\"", README.read_text()
+        )
+    )
+
+
+def test_readme_documents_a_lock_url_for_each_network() -> None:
+    """`postgres` resolves on the stack's Docker network and, through k8s/stack-services.yaml, in the cluster;
+    laptops and other Docker hosts use the stack host's name and the published port."""
+    text, urls = README.read_text(), readme_lock_urls()
+    assert urls == {
+        "pneumo-registry-lock-url": "postgresql://<POSTGRES_USER>:<POSTGRES_PASSWORD>@postgres:5432/<MLFLOW_DB>",
+        "pneumo-registry-lock-url-external": (
+            f"postgresql://<POSTGRES_USER>:<POSTGRES_PASSWORD>@{STACK_HOST}:5432/<MLFLOW_DB>"
+        ),
+    }
+    assert f"export PNEUMO_REGISTRY_LOCK_URL={urls['pneumo-registry-lock-url-external']}" in text  # laptops
+    assert "reachable\nonly inside the stack's network" not in text
+    assert urlsplit(LOCK_URL).hostname == "postgres" and urlsplit(LOCK_URL).port == 5432  # what the tests save
+    # In the cluster: the pools' host names as ExternalName Services of the stack's host, ports as published.
+    services = {
+        doc["metadata"]["name"]: doc["spec"]
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / "stack-services.yaml").read_text())
+    }
+    env = template("kubernetes")["variables"]["properties"]["env"]["default"]
+    assert set(services) == {urlsplit(env["MLFLOW_TRACKING_URI"]).hostname, "postgres"}
+    assert all(s == {"type": "ExternalName", "externalName": STACK_HOST} for s in services.values())
+    assert urlsplit(env["MLFLOW_TRACKING_URI"]).port == 5000 and "stack-services.yaml" in text
+
+
+def test_readme_gives_docker_hosts_elsewhere_a_pool_that_reaches_the_stack(tmp_path: Path) -> None:
+    """The README's derived template for a Docker worker on another host: no `pneumo` network, both URLs by the
+    stack host's name, the lock still a Secret block's placeholder (resolved by the worker, never stored)."""
+    snippet = re.search(r"^python -c '\n(.*?)'$", README.read_text(), re.MULTILINE | re.DOTALL)
+    assert snippet is not None and "docker.json" in snippet.group(1)
+    (tmp_path / "deploy").symlink_to(DEPLOY)
+    subprocess.run([sys.executable, "-c", snippet.group(1)], cwd=tmp_path, check=True)
+    derived = json.loads((tmp_path / "docker-gpu2.json").read_text())
+    variables = BaseJobConfiguration._get_base_config_defaults(derived["variables"]["properties"])
+    jsonschema.validate(variables, derived["variables"])
+    config = apply_values(derived["job_configuration"], variables | {"gpu_count": 1})
+    assert (
+        config["networks"] == []
+        and config["image"] == template("docker")["variables"]["properties"]["image"]["default"]
+    )
+    assert config["env"]["MLFLOW_TRACKING_URI"] == f"http://{STACK_HOST}:5000"
+    block = re.fullmatch(r"\{\{ prefect\.blocks\.secret\.([\w-]+) \}\}", config["env"]["PNEUMO_REGISTRY_LOCK_URL"])
+    assert block is not None and urlsplit(readme_lock_urls()[block.group(1)]).hostname == STACK_HOST
+    # Everything else as in the stack's own pool.
+    derived["variables"]["properties"]["networks"] = template("docker")["variables"]["properties"]["networks"]
+    derived["variables"]["properties"]["env"] = template("docker")["variables"]["properties"]["env"]
+    assert derived == template("docker")
+
+
+def test_multiworker_job_runs_the_cli_from_the_shared_project(tmp_path: Path) -> None:
+    """The pipeline image has the locked dependencies, not the project (deploy/Dockerfile): the Job's pods must
+    run the CLI from the project folder on the shared volume. Run its start script and args as the pod would,
+    with /shared standing in for the volume and no `pneumo` on PATH, `train` swapped for `--help`."""
+    job = next(
+        d for d in yaml.safe_load_all((DEPLOY / "k8s" / "multiworker-job.yaml").read_text()) if d["kind"] == "Job"
+    )
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "pneumo" not in lock_versions() and "pip install" not in container["command"][2]  # installs nothing
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    # The project folder on the volume (claim pneumo-shared): its code, a copy so that it is not the installed one.
+    shutil.copytree(REPO / "pipeline", shared / "project" / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/shared" and container["workingDir"].startswith("/shared/")
+
+    def on_volume(value: str) -> str:
+        return value.replace("/shared", str(shared))
+
+    env = {e["name"]: on_volume(e["value"]) for e in container["env"]}
+    assert env["PYTHONPATH"] == str(shared / "project")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # the image's python
+    (bin_dir / "python").chmod(0o755)
+    env |= {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "JOB_COMPLETION_INDEX": "1"}
+    assert shutil.which("pneumo", path=env["PATH"]) is None  # as in the image
+    args = container["args"]
+    assert args[:3] == ["python", "-m", "pipeline.steps.cli"] and args[-1] == "train"
+    script = [*container["command"], *(on_volume(a) for a in args[:-1]), "--help"]
+    where = "import pipeline.steps.cli as c, os; print(c.__file__); print(os.environ['TF_CONFIG'])"
+    outputs = []
+    for cmd in (script, [*container["command"], "python", "-c", where]):
+        done = subprocess.run(
+            cmd, cwd=on_volume(container["workingDir"]), env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert outputs[0].startswith("usage: pneumo")
+    module, tf_config = outputs[1].strip().splitlines()
+    assert module == str(shared / "project" / "pipeline" / "steps" / "cli.py")  # the volume's code, not the venv's
+    assert json.loads(tf_config)["task"] == {"type": "worker", "index": 1}

@@ -184,3 +184,24 @@ def test_bad_override_fails_before_any_work(prefect_harness: None, project: Path
     with pytest.raises(ConfigError, match=r"params\.yaml: train\.epochs: Input should be greater than or equal to 1"):
         pneumonia_pipeline(overrides={"train.epochs": 0})
     assert not (project / "data").exists() and (project / "params.yaml").read_text() == before
+
+
+def test_flows_in_one_folder_take_turns(prefect_harness: None, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline started while another flow (a sweep, a distributed training, another pipeline deployment) works
+    in the same folder waits for its turn instead of failing on DVC's lock or writing params.yaml under the
+    other's feet; past the wait it is a TransientError for the orchestrator to retry, with nothing written."""
+    import filelock
+
+    from flows import turns
+    from flows.sweep_flow import pneumonia_sweep
+
+    monkeypatch.setattr(turns, "WAIT_SECONDS", 0.5)
+    before = (project / "params.yaml").read_text()
+    other_flow = filelock.FileLock(project / turns.FLOW_LOCK)
+    waited = r"another flow works in .*: timed out after 0\.5 s"
+    with other_flow, pytest.raises(TransientError, match=rf"^pneumonia-pipeline: {waited}"):
+        pneumonia_pipeline(overrides={"train.epochs": 3})
+    assert (project / "params.yaml").read_text() == before and not (project / "data").exists()
+    with other_flow, pytest.raises(TransientError, match=rf"^pneumonia-sweep: {waited}"):
+        pneumonia_sweep(grid={"train.learning_rate": [0.01]})
+    assert not (project / "sweeps").exists() and not (project / "data").exists()

@@ -6,14 +6,17 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
 from PIL import Image, ImageOps
 
 from pipeline.modeling import preprocess
-from pipeline.serving import image_io
+from pipeline.serving import image_io, pyfunc_model
 from tests.images import bad_inputs, cmyk_jpeg, dicom_bytes, oriented, png_bytes, stretched, ycck_jpeg
 
 pytestmark = pytest.mark.realdata
@@ -91,6 +94,41 @@ def test_dicom_outside_intended_use_is_predicted_with_warnings(xray: Path) -> No
 def test_dicom_out_of_spec_is_one_clear_error(xray: Path, make, reason: str) -> None:
     with pytest.raises(image_io.ImageError, match=re.escape(reason)):
         image_io.load(make(stretched(xray, 128)))
+
+
+def two_valued_transfer_syntax(xray: Path) -> bytes:
+    """A DICOM whose TransferSyntaxUID lost a byte to a backslash: 1.2.840.100\\8.1.2.1, two values."""
+    data = dicom_bytes(stretched(xray, 128))
+    bad = data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.100\\8.1.2.1\x00", 1)
+    assert bad != data
+    return bad
+
+
+def test_a_transfer_syntax_that_is_not_one_uid_is_one_clear_error(xray: Path) -> None:
+    with pytest.raises(
+        image_io.ImageError, match=r"^corrupt DICOM header \(the transfer syntax is not a single UID\)$"
+    ):
+        image_io.load(two_valued_transfer_syntax(xray))
+
+
+def test_the_pyfunc_wrapper_turns_any_decoding_failure_into_its_row_error(
+    xray: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As REST does: an ImageError keeps its reason, anything else a decoder raises is "cannot decode (Type)"."""
+    wrapper = pyfunc_model.ChestXrayClassifier()
+    wrapper.classifier = SimpleNamespace(info=SimpleNamespace(image_size=64))  # type: ignore[assignment]
+    rows = pd.DataFrame({"image": [png_bytes(stretched(xray, 64)), two_valued_transfer_syntax(xray)]})
+    with pytest.raises(MlflowException, match=r"^row 1: corrupt DICOM header \(the transfer syntax") as caught:
+        wrapper.predict(None, rows)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+    def failing(data: bytes) -> image_io.LoadedImage:
+        raise KeyError("a decoder's internals\nover two lines")
+
+    monkeypatch.setattr(image_io, "load", failing)
+    with pytest.raises(MlflowException, match=r"^row 0: cannot decode \(KeyError\)$") as caught:
+        wrapper.predict(None, rows)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 @pytest.mark.parametrize(

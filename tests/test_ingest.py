@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -307,3 +308,24 @@ def test_a_damaged_entry_of_any_compression_is_one_clear_error(
     with pytest.raises(DataError) as err:
         ingest.ingest(params_in("data.source=local", f"data.local_path={damaged}").data)
     assert str(err.value).startswith(f"{damaged}: {victim.filename}: cannot be read (") and "\n" not in str(err.value)
+
+
+def test_a_weights_file_is_fingerprinted_by_its_bytes_for_the_train_stage(
+    tmp_path: Path, params_in: Callable[..., Params]
+) -> None:
+    """dvc.yaml names the weights file's path only as a param: train depends on its fingerprint instead, so a file
+    replaced under the same name trains again, and a copy elsewhere (the same bytes) does not."""
+    weights = tmp_path / "start.weights.h5"
+    weights.write_bytes(b"first")
+    params = params_in(f"model.weights={weights}")
+    first = source.weights_fingerprint(params.model)
+    assert first["sha256"] == hashlib.sha256(b"first").hexdigest() and first["bytes"] == 5
+    weights.write_bytes(b"other")
+    assert source.weights_fingerprint(params.model)["sha256"] != first["sha256"]
+    assert source.weights_fingerprint(params_in().model) == {"weights": "none"}
+    assert source.weights_fingerprint(params_in("model.weights=imagenet").model) == {"weights": "imagenet"}
+    assert source.weights_fingerprint(params_in("model.weights=/nowhere.h5").model)["kind"] == "unreachable"
+    train = next(s for s in stages.stages(params) if s.name == "train")
+    assert params.model.weights_fingerprint in train.data_deps
+    src = next(s for s in stages.stages(params) if s.name == "source")
+    assert params.model.weights_fingerprint in src.outs and "model.weights" in src.params

@@ -83,3 +83,27 @@ def test_resize_method_is_what_auto_picks_for_every_image(tmp_path: Path) -> Non
         np.testing.assert_array_equal(preprocess.decode_image(raw, 128, method).numpy(), auto)
         other = "area" if method == "bilinear" else "bilinear"
         assert not np.array_equal(preprocess.decode_image(raw, 128, other).numpy(), auto)
+
+
+@pytest.mark.parametrize(("normal", "pneumonia", "limit"), [(50, 50, 1), (25, 75, 1), (25, 75, 2), (30, 70, 10)])
+def test_a_small_subset_keeps_every_class(normal: int, pneumonia: int, limit: int) -> None:
+    """train.max_images_per_split samples each class in proportion; rounding never drops a class (a one-class
+    split would fail later, naming the class, not the limit)."""
+    import pandas as pd
+
+    from pipeline.modeling.inputs import split_data
+
+    n = normal + pneumonia
+    index = pd.DataFrame(
+        {
+            "path": [f"train/{'NORMAL' if i < normal else 'PNEUMONIA'}/{i:03d}.jpeg" for i in range(n)],
+            "split": "train",
+            "label": ["NORMAL"] * normal + ["PNEUMONIA"] * pneumonia,
+            "subtype": ["none"] * normal + ["bacteria"] * pneumonia,
+            "decodable": True,
+            "patient_id": [f"p{i}" for i in range(n)],
+        }
+    )
+    subset = split_data(index, "train", "/data", "binary", limit=limit, seed=0)
+    assert set(subset.labels.tolist()) == {0, 1}
+    assert len(subset.labels) <= limit + 1  # rounding, and one image of a class that rounded to none

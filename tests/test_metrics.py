@@ -261,3 +261,56 @@ def test_platt_scaling_keeps_the_ranking_and_three_class_temperature_may_not() -
     before, after = pneumonia_score(three), pneumonia_score(scaled)
     i, j = np.triu_indices(len(three), 1)
     assert ((before[i] - before[j]) * (after[i] - after[j]) < 0).any()
+
+
+def test_three_class_figures_are_of_the_classes_every_interface_gives() -> None:
+    """NORMAL below the threshold on 1 - P(NORMAL), else the likelier pneumonia class: the per-class report and
+    confusion of a three-class run count what predict and serve say, not the plain argmax (which clears
+    images the threshold flags), and agree with the binary figures at that threshold."""
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import evaluate
+    from pipeline.modeling.metrics import served_classes
+
+    rng = np.random.default_rng(8)
+    y_val, y_test = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    p_val, p_test = rng.dirichlet([1, 1, 1], 300), rng.dirichlet([1, 1, 1], 300)
+    names = ("NORMAL", "BACTERIAL", "VIRAL")
+    ev = evaluate(y_val, p_val, y_test, p_test, names, EvaluateParams(bootstrap=0))
+    pred = served_classes(p_test, ev.threshold)
+    assert (pred != p_test.argmax(axis=1)).sum() > 10  # the two rules differ on these outputs
+    confusion = np.array(ev.multiclass["confusion"])
+    (tn, _fp), (fn, tp) = ev.test.confusion
+    assert confusion[:, 0].sum() == tn + fn  # cleared: the binary figure's negatives
+    assert confusion[0, 0] == tn and confusion[1:, 1:].sum() == tp
+    assert np.array_equal(served_classes(np.array([[0.5, 0.2, 0.3], [0.6, 0.3, 0.1]]), 0.45), [2, 0])
+    assert np.array_equal(served_classes(np.array([0.3, 0.7]), 0.5), [0, 1])  # P(positive) alone
+
+
+def test_the_model_card_describes_the_calibration_the_task_used() -> None:
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import calibrate, evaluate
+    from pipeline.registry.model_card import _calibration
+
+    rng = np.random.default_rng(9)
+    y3, p3 = rng.integers(0, 3, 200), rng.dirichlet([0.5, 0.5, 0.5], 200)
+    three = evaluate(y3, p3, y3, p3, ("N", "B", "V"), EvaluateParams(bootstrap=0), calibrated=calibrate(y3, p3, y3, p3))
+    text = "\n".join(_calibration(three))
+    assert "softmax(log p / T)" in text and "sigmoid" not in text and "can change order" in text
+    y2, p2 = rng.integers(0, 2, 200), rng.random(200)
+    two = evaluate(y2, p2, y2, p2, ("N", "P"), EvaluateParams(bootstrap=0), calibrated=calibrate(y2, p2, y2, p2))
+    assert "sigmoid(logit / T + b)" in "\n".join(_calibration(two))
+
+
+def test_external_patients_are_named_ids_or_each_file_its_own() -> None:
+    """NORMAL/0001.png and PNEUMONIA/0001.png are two children; person7's images are one."""
+    from pipeline.serving.scoring import patient_keys
+
+    files = [
+        "h/NORMAL/0001.png",
+        "h/PNEUMONIA/0001.png",
+        "h/PNEUMONIA/person7_virus_1.jpeg",
+        "h/PNEUMONIA/person7_virus_2.jpeg",
+        "h/NORMAL/IM-0003-0001.jpeg",
+    ]
+    keys = patient_keys(files)
+    assert len(set(keys)) == 4 and keys[2] == keys[3] == "person7" and keys[0] != keys[1]

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.distributed_flow import loopback_hosts, run_workers, tf_config
+from flows.distributed_flow import failure, loopback_hosts, run_workers, tf_config
 from pipeline.data.dataset_index import write_index
 from pipeline.modeling.distributed import Cluster, cluster_from_env
 from tests.conftest import REPO, SMALL_SYNTHETIC
@@ -218,14 +218,28 @@ def test_tf_config_names_the_chief() -> None:
 def test_launcher_stops_the_cluster_when_a_worker_fails() -> None:
     script = (
         "import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
-        "print('hello from', i, flush=True); sys.exit(3) if i == 1 else time.sleep(120)"
+        "print('hello from', i, flush=True); i == 1 and print('error: model.weights: x.h5: no such file'); "
+        "sys.exit(3) if i == 1 else time.sleep(120)"
     )
     lines: list[str] = []
     started = time.monotonic()
     runs = run_workers([sys.executable, "-c", script], loopback_hosts(2), echo=lines.append)
     assert time.monotonic() - started < 60, "the waiting worker is stopped, not waited for"
     assert [r.returncode for r in runs] == [-signal.SIGKILL, 3]
-    assert sorted(lines) == ["[worker 0] hello from 0", "[worker 1] hello from 1"]
+    assert sorted(lines) == [
+        "[worker 0] hello from 0",
+        "[worker 1] error: model.weights: x.h5: no such file",
+        "[worker 1] hello from 1",
+    ]
+    # The flow's error names the worker that failed by itself, with its error line, not the chief it took down.
+    assert failure(runs, None) == (
+        "worker 1 exited with 3 (model.weights: x.h5: no such file); stopped with it: workers [0]; "
+        "exit statuses [-9, 3]"
+    )
+    # A cluster stopped by the deadline says so.
+    sleeping = "import time; time.sleep(120)"
+    runs = run_workers([sys.executable, "-c", sleeping], loopback_hosts(2), echo=lines.append, timeout=1)
+    assert failure(runs, 1) == "timed out after 1 s (timeout_seconds); workers [0, 1] stopped; exit statuses [-9, -9]"
 
 
 TF_SERVER = (

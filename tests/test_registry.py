@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from collections.abc import Callable
 from pathlib import Path
@@ -280,3 +281,71 @@ def test_tracking_server_unreachable_is_one_clear_error(tmp_path: Path) -> None:
     candidate = champion.Candidate("run", "models:/m-x", champion.Scores({}, 0.5, "T"), {}, "")
     with pytest.raises(PipelineError, match=r"^register: reading the registered model failed after 2 attempts"):
         champion.register(client, candidate, policy(tmp_path, retries=1), never, log=lambda _: None)
+
+
+def test_the_pyfunc_requirements_cover_every_package_the_serving_code_imports() -> None:
+    """An environment built from the logged requirements.txt (`mlflow models serve` with its default virtualenv,
+    `build-docker`) can load the model: every distribution a loaded pipeline module imports is required, or is
+    a dependency of one that is. Checked in a fresh interpreter, by the import statements of the pipeline
+    modules loading the pyfunc actually loads (libraries' own optional imports are theirs to declare)."""
+    import subprocess
+    import sys
+
+    script = r"""
+import ast, importlib.metadata as md, json, sys
+import pipeline.serving.pyfunc_model
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+from pipeline.registry.packaging import pyfunc_requirements
+tops = set()
+for name, module in list(sys.modules.items()):
+    if name.split(".")[0] == "pipeline" and getattr(module, "__file__", None):
+        for node in ast.walk(ast.parse(open(module.__file__).read())):
+            if isinstance(node, ast.Import):
+                tops |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops.add(node.module.split(".")[0])
+owners = md.packages_distributions()
+# A top-level name several distributions share (ruamel: ruamel.yaml and its C part) needs one of them.
+imported = [{canon(d) for d in owners[t]} - {"pneumo"} for t in tops if t in owners]
+imported = [names for names in imported if names]
+seen, todo = set(), [canon(Requirement(r).name) for r in [*pyfunc_requirements(), "mlflow"]]
+while todo:
+    name = todo.pop()
+    if name not in seen:
+        seen.add(name)
+        for r in map(Requirement, md.requires(name) or []):
+            if not r.marker or r.marker.evaluate({"extra": ""}):
+                todo.append(canon(r.name))
+print(json.dumps({"imported": sorted(set().union(*imported)),
+                  "missing": sorted(min(names) for names in imported if not names & seen)}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert {"tensorflow", "ruamel-yaml", "filelock"} <= set(found["imported"])  # the check sees the real imports
+    assert found["missing"] == []
+
+
+def test_a_changed_bundle_setting_is_a_new_registration_key_and_a_card_setting_is_not() -> None:
+    """The key names what the version serves: the evaluation and the packaging that goes into the bundle. A
+    changed OOD limit or drift reference is another served model (a new version, not a new card on the old
+    one); a changed number of card examples is not."""
+    import numpy as np
+
+    from pipeline.core.config import EvaluateParams, load_params
+    from pipeline.modeling.evaluation import evaluate
+    from pipeline.steps.register import serving_digest
+    from tests.conftest import REPO
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 60), rng.random(60)
+    ev = evaluate(y, p, y, p, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=0))
+    other_ev = evaluate(y, p, y, p, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=0, target_sensitivity=0.8))
+
+    def digest(*overrides: str, evaluation: Any = ev) -> str:
+        return serving_digest(evaluation, load_params(REPO / "params.yaml", list(overrides)))
+
+    base = digest()
+    assert base == digest() == digest("package.gradcam_examples=3")
+    assert len({base, digest("package.ood_threshold=5.0"), digest("package.ood_warning=null"),
+                digest("package.reference_images=50"), digest(evaluation=other_ev)}) == 5  # fmt: skip

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
 from pipeline.core.config import LOCK_URL_ENV, RegisterParams
-from pipeline.core.errors import TransientError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.registry import champion
 from pipeline.registry.champion import COMPLETE, KEY_TAG, PENDING, STATE_TAG
-from pipeline.registry.registry_lock import registry_lock
+from pipeline.registry.registry_lock import permanent_connect_error, registry_lock
 from tests.conftest import REPO
 from tests.servers import Postgres, Service, mlflow_server
 
@@ -300,6 +301,90 @@ def test_unreachable_lock_database_is_one_clear_error(tmp_path: Path, monkeypatc
         "postgresql://pneumo:***@127.0.0.1:9/mlflow: connection to server at"
     )
     assert "s3cret" not in message and "\n" not in message
+
+
+@pytest.fixture
+def refusing_databases(postgres: Postgres) -> Iterator[dict[str, str]]:
+    """Lock URLs the server answers and refuses, with the password s3cret: a wrong password (scram-sha-256 for
+    one database), a pg_hba.conf reject (another), an unknown database and an unknown role. The pg_hba.conf
+    lines name only this test's databases, so the session's trust auth stays as it was for every other test."""
+    hba = postgres.dir / "data" / "pg_hba.conf"
+    original = hba.read_text()
+    conn = psycopg2.connect(postgres.url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for db in ("lock_pw", "lock_rejected"):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE DATABASE {db}")
+            cur.execute("DROP ROLE IF EXISTS lock_user")
+            cur.execute("CREATE ROLE lock_user LOGIN PASSWORD 'right-one'")
+            hba.write_text(
+                "host lock_pw all 127.0.0.1/32 scram-sha-256\nhost lock_rejected all 127.0.0.1/32 reject\n" + original
+            )
+            cur.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the postmaster re-reads pg_hba.conf on SIGHUP
+        base = f"127.0.0.1:{postgres.port}"
+        yield {
+            "wrong password": f"postgresql://lock_user:s3cret@{base}/lock_pw",
+            "pg_hba.conf reject": f"postgresql://postgres:s3cret@{base}/lock_rejected",
+            "no such database": f"postgresql://postgres:s3cret@{base}/no_such_db",
+            "no such role": f"postgresql://nobody_here:s3cret@{base}/postgres",
+        }
+    finally:
+        hba.write_text(original)
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_reload_conf()")
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("wrong password", 'password authentication failed for user "lock_user"'),
+        ("pg_hba.conf reject", "pg_hba.conf rejects connection"),
+        ("no such database", 'database "no_such_db" does not exist'),
+        ("no such role", 'role "nobody_here" does not exist'),
+    ],
+)
+def test_a_lock_url_the_server_refuses_fails_at_once_without_retries(
+    refusing_databases: dict[str, str], case: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad credentials or a missing database are bad input: one PipelineError line at once (exit 2), not a
+    TransientError after every retry (exit 75, for the orchestrator to retry a stage that cannot succeed)."""
+    url = refusing_databases[case]
+    monkeypatch.setenv(LOCK_URL_ENV, url)
+    params = RegisterParams(model_name="x", lock_file=str(tmp_path / "unused"), retries=3, retry_backoff_seconds=2.0)
+    logs: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as err, registry_lock(params, logs.append):
+        pass
+    assert time.monotonic() - started < 2.0 and logs == []  # no retry, no backoff
+    assert not isinstance(err.value, TransientError)
+    message, shown = str(err.value), url.replace(":s3cret@", ":***@")
+    assert message.startswith(f"register: connecting to the registration lock on {shown} failed: ")
+    assert says in message and "s3cret" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("message", "permanent"),
+    [
+        ('connection to server at "db", port 5432 failed: FATAL:  database "mlflow" does not exist', True),
+        ('connection to server at "db", port 5432 failed: FATAL:  password authentication failed for user "p"', True),
+        ('connection to server at "db" (10.0.0.5), port 5432 failed: FATAL:  no pg_hba.conf entry for host', True),
+        ('invalid port number: "99999"', True),
+        ('connection to server at "db", port 5432 failed: FATAL:  the database system is starting up', False),
+        ('connection to server at "db", port 5432 failed: FATAL:  sorry, too many clients already', False),
+        ('connection to server at "db", port 5432 failed: timeout expired', False),
+        ('connection to server at "db", port 5432 failed: Connection refused', False),
+        ('could not translate host name "postgres" to address: Name or service not known', False),
+        ('could not translate host name "does not exist.invalid" to address: Temporary failure', False),
+        ("server closed the connection unexpectedly", False),
+    ],
+)
+def test_connect_failures_are_retried_only_while_the_server_may_yet_answer(message: str, permanent: bool) -> None:
+    assert (permanent_connect_error(psycopg2.OperationalError(message + "\n")) is not None) is permanent
 
 
 # --- idempotent registration -----------------------------------------------------------------------------

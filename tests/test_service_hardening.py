@@ -8,6 +8,7 @@ are small untrained networks packed as real serving bundles in a real MLflow reg
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.core.config import ServeParams
 from pipeline.core.errors import ConfigError
-from pipeline.serving import api_key, rest
+from pipeline.serving import api_key, drift, rest, service_metrics
 from pipeline.serving import classifier as clf
 from pipeline.serving.model_holder import ModelHolder
 from tests.conftest import REPO
@@ -365,6 +367,123 @@ def test_decodes_are_bounded(bundles: Bundles) -> None:
     finally:
         server.stop()
     assert codes == [200] * 8 and state["peak"] == 2
+
+
+MIB = 1 << 20
+
+
+def test_a_chunked_upload_is_refused_before_its_body_is_read(bundles: Bundles) -> None:
+    """h11 frames a body by Transfer-Encoding: chunked even beside a small Content-Length: such an upload is
+    refused at once (411), while the client is still sending, not after 64 MiB have been read into memory."""
+    server = threaded(ModelHolder(str(bundles.v1)), max_upload_mb=1)
+    port = int(server.url.rsplit(":", 1)[1])
+    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n" % MIB + b"A" * MIB + b"\r\n"
+    sent = {"chunks": 0}
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    def send_body() -> None:
+        try:
+            s.sendall(head)
+            for _ in range(64):
+                s.sendall(chunk)
+                sent["chunks"] += 1
+            s.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed the connection: what this test wants
+            pass
+
+    sender = threading.Thread(target=send_body, daemon=True)
+    try:
+        sender.start()
+        received = b""
+        try:
+            while b"\r\n\r\n" not in received and (data := s.recv(65536)):
+                received += data
+        except ConnectionResetError:
+            pass
+        sender.join(30)
+    finally:
+        s.close()
+        server.stop()
+    assert received.startswith(b"HTTP/1.1 411 "), received[:200]
+    assert b"not chunked" in received and b"connection: close" in received.lower()
+    assert sent["chunks"] < 64, "the server read the whole chunked body"
+
+
+def asgi_post(app: object, content_type: bytes, first: bytes, chunks: int, size: int) -> tuple[int, dict, int]:
+    """POST /predict straight to the ASGI app, Content-Length: 10, then `first` and `chunks` chunks of `size`
+    bytes: what a server that does not enforce Content-Length would pass on. (status, body, bytes taken)."""
+    headers = [(b"host", b"x"), (b"content-length", b"10"), (b"content-type", content_type)]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    parts = [first] + [b"A" * size] * chunks
+    taken = {"bytes": 0, "i": 0}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        i = taken["i"]
+        taken["i"] += 1
+        if i >= len(parts):
+            return {"type": "http.disconnect"}
+        taken["bytes"] += len(parts[i])
+        return {"type": "http.request", "body": parts[i], "more_body": i < len(parts) - 1}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    return status, body, taken["bytes"]
+
+
+def test_the_body_is_counted_as_it_arrives_raw_and_multipart(bundles: Bundles) -> None:
+    """A body longer than its Content-Length is cut off at the limit (plus the multipart slack), raw or
+    multipart: the app never reads, spools or holds the rest."""
+    cfg = ServeParams(max_upload_mb=1)
+    app = rest.create_app(ModelHolder(str(bundles.v1)), cfg)
+    cap = 1_000_000 + rest.MULTIPART_SLACK
+    size, chunks = 64 * 1024, 200  # 12.5 MiB on offer
+    preamble = (
+        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    for content_type, first in ((b"application/octet-stream", b""), (b"multipart/form-data; boundary=xx", preamble)):
+        status, body, taken = asgi_post(app, content_type, first, chunks, size)
+        assert status == 413, (content_type, body)
+        assert body["detail"] == f"upload of over {cap:,} bytes is over the limit of 1 MB", content_type
+        assert taken <= cap + size, f"{content_type!r}: {taken:,} bytes read"
+
+
+def test_a_request_of_a_swapped_out_model_leaves_the_drift_window_alone(
+    bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v1 request passes the "still serving?" check, v2 is swapped in and answers three images, then the v1
+    request adds its image: it must not clear v2's rows and point the window back at v1."""
+    v1, v2 = clf.load(str(bundles.v1)), clf.load(str(bundles.v2))
+    serving = {"model": v1}
+    window = service_metrics.InputDriftWindow(50, lambda: serving["model"])
+    x = np.full((v1.info.image_size, v1.info.image_size, 1), 128, np.float32)
+    real_features = drift.image_features
+
+    def swap_meanwhile(*args: object) -> dict[str, float]:
+        monkeypatch.setattr(drift, "image_features", real_features)
+        serving["model"] = v2
+        for _ in range(3):
+            window.add(v2, x, 64, 64)
+        return real_features(*args)  # type: ignore[arg-type]
+
+    for _ in range(2):
+        window.add(v1, x, 64, 64)
+    monkeypatch.setattr(drift, "image_features", swap_meanwhile)
+    window.add(v1, x, 64, 64)  # the straggler
+    report = window.report()
+    assert report is not None and report.n_images == 3
+    window.add(v2, x, 64, 64)
+    assert window.report().n_images == 4  # type: ignore[union-attr]
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:

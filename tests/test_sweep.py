@@ -54,6 +54,14 @@ def test_grid_and_random_expansion() -> None:
         expand(grid, spec, trials=2)
     with pytest.raises(ConfigError, match=r"^sweep: random model\.dropout: expected"):
         expand(random={"model.dropout": {"normal": [0, 1]}}, trials=1)
+    for key, bad in [
+        ("train.epochs", {"randint": [8, 2]}),
+        ("train.batch_size", {"randint": [16.7, 32]}),
+        ("model.dropout", {"uniform": ["a", 0.5]}),
+        ("model.dropout", {"uniform": [True, 0.5]}),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^sweep: random {key}: \w+ needs two (whole )?numbers, low <= high"):
+            expand(random={key: bad}, trials=1)
 
 
 def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,6 +77,19 @@ def test_a_bad_key_or_value_fails_before_anything_runs(tmp_path: Path, monkeypat
         monkeypatch.chdir(tmp_path)
         pneumonia_sweep.fn(grid={"train.learnin_rate": [0.1]}, params_file=str(params))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_params_file_is_refused_where_dvc_builds_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC's stages read params.yaml: a sweep's params_file elsewhere would build the data from other values than the
+    trials name, so with data_stages it fails before anything runs."""
+    other = tmp_path / "other.yaml"
+    other.write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^sweep: params_file .*other\.yaml: the data stages run through DVC"):
+        pneumonia_sweep.fn(grid={"train.learning_rate": [0.1]}, params_file=str(other))
+    assert list(tmp_path.iterdir()) == [other]
 
 
 def test_trials_on_a_pool_are_warned_off_a_local_sqlite_store() -> None:
@@ -107,6 +128,16 @@ def test_each_trial_writes_its_own_outputs_even_where_the_project_names_absolute
     assert (trial.train.model_dir, trial.evaluate.metrics) == ("models", "reports/metrics.json")
     assert trial.train.learning_rate == 0.01 and trial.evaluate.plots_dir == project.evaluate.plots_dir
     assert trial.mlflow.artifact_root == str((work / project.mlflow.artifact_root).resolve())  # still shared
+    # A starting weights file named relative to the project is found from the trial's folder too.
+    (work / "weights").mkdir()
+    (work / "weights" / "start.weights.h5").write_bytes(b"w")
+    folder = trial_folder(
+        work / "sweeps" / "s", "t01", "params.yaml", {"model.weights": "weights/start.weights.h5"}, ""
+    )
+    weights = Path(load_params(folder / "params.yaml").model.weights)
+    assert weights.is_absolute() and weights.read_bytes() == b"w"
+    folder = trial_folder(work / "sweeps" / "s", "t02", "params.yaml", {"model.weights": "none"}, "")
+    assert load_params(folder / "params.yaml").model.weights == "none"
 
 
 def test_the_winner_is_chosen_on_validation_never_on_test() -> None:

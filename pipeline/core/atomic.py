@@ -1,20 +1,50 @@
-"""Atomic file and folder writes: readers see the old version or the new one, never half of one."""
+"""Atomic file and folder writes: readers see the old version or the new one, never half of one.
+
+Temporary files and folders are created with the modes a plain ``open`` / ``mkdir`` gives (0o666 / 0o777 less
+the umask), not ``tempfile``'s private 0o600 / 0o700, so what they become is readable as any other output.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """A new name beside `path`: ``.<name>.<random><suffix>``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
+
+
+def _new_file(path: Path, suffix: str) -> tuple[int, Path]:
+    """A new empty file beside `path`, mode 0o666 less the umask: (open descriptor, path)."""
+    while True:
+        tmp = _sibling(path, suffix)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def _new_dir(path: Path, suffix: str) -> Path:
+    """A new empty folder beside `path`, mode 0o777 less the umask."""
+    while True:
+        tmp = _sibling(path, suffix)
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # pragma: no cover
+            continue
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary sibling and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_file(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -37,10 +67,10 @@ def staged_file(path: str | Path) -> Iterator[Path]:
     suffix); it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{''.join(path.suffixes)}", dir=path.parent)
+    fd, tmp = _new_file(path, f".tmp{''.join(path.suffixes)}")
     os.close(fd)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -52,12 +82,12 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _new_dir(path, ".tmp")
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = _sibling(path, ".old")  # a unique name: a killed run's half-deleted one never blocks the next
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

@@ -37,8 +37,11 @@ class ClassCounts(Strict):
     virus: int = Field(ge=0)
 
 
+SEED_MAX = 2**32 - 1  # what NumPy, TensorFlow and Keras accept as a seed
+
+
 class SyntheticParams(Strict):
-    seed: int = 7
+    seed: int = Field(7, ge=0, le=SEED_MAX)
     image_size: int = Field(128, ge=32, le=1024)
     max_images_per_patient: int = Field(3, ge=1, le=10)
     counts: dict[Literal["train", "val", "test"], ClassCounts]
@@ -85,7 +88,7 @@ class IndexParams(Strict):
 
 class SplitParams(Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     pool: list[Literal["train", "val"]] = ["train", "val"]
 
 
@@ -140,6 +143,9 @@ TASKS = {"binary": ("NORMAL", "PNEUMONIA"), "three_class": ("NORMAL", "BACTERIAL
 class ModelParams(Strict):
     architecture: Literal[ARCHITECTURES] = "compact_cnn"  # type: ignore[valid-type]
     weights: str = Field("none", description="none | imagenet | path to a .weights.h5 file of this architecture")
+    weights_fingerprint: str = Field(
+        "data/weights_source.json", description="the source stage: the weights file's sha256, for train"
+    )
     image_size: int = Field(128, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
     width: float = Field(1.0, ge=0.25, le=4, description="from-scratch models: every layer's channels x this")
@@ -240,8 +246,10 @@ class TrainParams(Strict):
         "epoch when they take at most this many MB (the train split counts twice, for the reshuffle); larger splits "
         "are decoded every epoch; 0 = never",
     )
-    max_images_per_split: int | None = Field(None, ge=1, description="stratified subset per split, for quick runs")
-    seed: int = 42
+    max_images_per_split: int | None = Field(
+        None, ge=1, description="stratified subset per split (every class keeps one image), for quick runs"
+    )
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     deterministic: bool = False
     model_dir: str = "models"
     tensorboard_dir: str = "reports/tensorboard"
@@ -258,7 +266,7 @@ class TTAParams(Strict):
 class EvaluateParams(Strict):
     target_sensitivity: float = Field(0.95, gt=0, lt=1, description="chosen on val; missing pneumonia is costly")
     bootstrap: int = Field(1000, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     calibrate: bool = Field(True, description="Platt/temperature scaling on val; it travels with the model")
     tta: TTAParams = TTAParams()
     metrics: str = "reports/metrics.json"

@@ -1,7 +1,8 @@
 """The data read from outside the project as it is now, fingerprinted.
 
 The `source` stage runs on every `dvc repro` (DVC's ``always_changed``) and writes these fingerprints;
-`ingest` depends on the data source's, `stress` on its originals' (``stress.originals``). So a local
+`ingest` depends on the data source's, `stress` on its originals' (``stress.originals``), `train` on its
+starting weights file's (``model.weights``: its bytes, as the resume key hashes them). So a local
 folder or zip whose files change under the same ``data.local_path`` is ingested again: a stage's DVC
 state is keyed by what it reads, not only by the params that name it. A folder's fingerprint is each
 file's path inside it, size and modification time (what DVC itself trusts before re-hashing: a directory
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import DataParams, StressParams
+from pipeline.core.config import DataParams, ModelParams, StressParams
 from pipeline.core.errors import DataError
 from pipeline.core.project import project_path
 from pipeline.data.labelled_folders import class_folders
@@ -134,3 +135,18 @@ def originals_fingerprint(params: StressParams) -> dict[str, Any]:
         return {"originals": params.originals, "kind": UNREACHABLE}
     assert folder is not None
     return {"originals": params.originals, **folder_or_file(folder)}
+
+
+def weights_fingerprint(params: ModelParams) -> dict[str, Any]:
+    """``model.weights`` as train reads it: ``none`` / ``imagenet`` as such, a file by its bytes (sha256), so a
+    file replaced under the same name trains again; a missing file is recorded (train stops on it)."""
+    if params.weights in ("none", "imagenet"):
+        return {"weights": params.weights}
+    path = project_path(params.weights)
+    if not path.is_file():
+        return {"weights": params.weights, "kind": UNREACHABLE}
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"weights": params.weights, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -36,6 +36,7 @@ from pipeline.modeling.metrics import (
     interval_method,
     log_loss,
     reliability,
+    served_classes,
 )
 
 
@@ -216,7 +217,7 @@ def evaluate(
     views = tta.Views.of(params.tta)
     multiclass = None
     if len(class_names) > 2:
-        pred = np.asarray(p_test).argmax(axis=1)
+        pred = served_classes(p_test, threshold)
         report = skm.classification_report(
             y_test, pred, labels=range(len(class_names)), target_names=class_names, output_dict=True, zero_division=0
         )
@@ -276,7 +277,7 @@ def write_plot_data(
         ),
     )
     if len(class_names) > 2:
-        pred = np.asarray(p_test).argmax(axis=1)
+        pred = served_classes(p_test, ev.threshold)
         pairs = [(class_names[a], class_names[p]) for a, p in zip(y_test, pred, strict=True)]
     else:
         pairs = [(class_names[a], class_names[int(v >= ev.threshold)]) for a, v in zip(b, s, strict=True)]

@@ -106,11 +106,11 @@ def split_data(
     if rows.empty:
         raise DataError(f"split {split!r} has no usable images in the index (see reports/validation.json)")
     labels = class_ids(rows, task)
-    if limit is not None and len(rows) > limit:  # stratified, seeded subset
+    if limit is not None and len(rows) > limit:  # stratified, seeded subset; every class keeps one image at least
         keep = (
             pd.Series(labels)
             .groupby(labels, group_keys=False)
-            .apply(lambda g: g.sample(frac=limit / len(rows), random_state=seed))
+            .apply(lambda g: g.sample(n=max(1, round(limit * len(g) / len(rows))), random_state=seed))
             .index.sort_values()
         )
         rows, labels = rows.iloc[keep], labels[keep]

@@ -143,6 +143,14 @@ def class_probabilities(probs: np.ndarray) -> np.ndarray:
     return probs
 
 
+def served_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The class every interface gives: the first (NORMAL) below `threshold` on 1 - P(first class), else the
+    most likely of the others (with two classes, the second)."""
+    full = class_probabilities(probs)
+    flagged = 1.0 - full[:, 0] >= threshold
+    return np.where(flagged, 1 + full[:, 1:].argmax(axis=1), 0)
+
+
 def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
     """Calibrated probabilities, in the shape they came in ((n, 1) sigmoid outputs stay so).
 

@@ -18,9 +18,10 @@ Safety, on one machine or many. Registrations of a model take turns under the re
 retried (retrying: tenacity, transient errors only), so every step is idempotent:
 
 - one version per evaluation of a training run: the version carries ``pneumo.registration_key`` (the
-  run id and a digest of the evaluation: threshold, calibration, test-time views, figures) from the call
-  that creates it, so an evaluate-only change (e.g. ``evaluate.tta``, with DVC's run cache restoring the
-  training) registers the model it now serves as a new version instead of rewriting the old one's card.
+  run id and a digest of the evaluation: threshold, calibration, test-time views, figures, and of the
+  packaging settings the served bundle is built with) from the call that creates it, so an evaluate-only
+  or packaging-only change (e.g. ``evaluate.tta``, ``package.ood_threshold``, with DVC's run cache restoring
+  the training) registers the model it now serves as a new version instead of rewriting the old one's card.
   A create whose response was lost is not repeated blindly: the retry first looks for this key's
   version and reuses it;
 - the decision is computed before anything is written; the version is created ``pending`` with all its
@@ -142,7 +143,7 @@ class Candidate:
     tags: dict[str, str]
     description: str
     origin: str = ""  # where the candidate came from (e.g. "from sweep <run id>"), added to the decision reason
-    evaluation: str = ""  # a digest of the evaluation this candidate was scored (and is served) with
+    evaluation: str = ""  # a digest of the evaluation and packaging this candidate is scored and served with
 
     @property
     def key(self) -> str:

@@ -73,13 +73,23 @@ def _calibration(ev: Evaluation) -> list[str]:
             "",
         ]
     c = ev.calibration
+    if ev.multiclass:
+        how = (
+            f"P = softmax(log p / T) with T = {ev.temperature:.3f} (T > 1 softens over-confident outputs). Each "
+            "image keeps its class order, but the pneumonia score (1 - P(NORMAL)) can change order between images, "
+            "so the threshold was chosen on the calibrated validation scores"
+        )
+    else:
+        how = (
+            f"P = sigmoid(logit / T + b) with T = {ev.temperature:.3f} (T > 1 softens over-confident outputs) and "
+            f"b = {ev.calibration_bias:+.3f} (shifts outputs that are too low or too high overall). Ranking is "
+            "unchanged"
+        )
     return [
         "## Calibration",
         "",
-        f"Probabilities are calibrated on the validation split ({c['method']}): P = sigmoid(logit / T + b) with "
-        f"T = {ev.temperature:.3f} (T > 1 softens over-confident outputs) and b = {ev.calibration_bias:+.3f} "
-        "(shifts outputs that are too low or too high overall). Ranking, and so the operating point, is "
-        "unchanged; every interface applies the same calibration.",
+        f"Probabilities are calibrated on the validation split ({c['method']}): {how}; every interface applies "
+        "the same calibration.",
         *(["", f"**Note:** {warning}."] if (warning := ev.calibration_warning()) else []),
         "",
         "| | raw | calibrated |",

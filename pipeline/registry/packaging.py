@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def model_info(
         calibration_bias=float(ev.calibration_bias),
         tta_shift=ev.views.shift,
         tta_zoom=ev.views.zoom,
-        source_prior=positive_fraction(ev.val),
+        # The class balance calibrated probabilities carry; raw outputs of a class-weighted model carry none.
+        source_prior=positive_fraction(ev.val) if ev.calibration else None,
         ood_threshold=ood_threshold,
         ood_warning=ood_warning,
         data_version=str(metadata.get("data_version", "unknown")),
@@ -172,9 +174,38 @@ def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tup
     return classifier, metadata
 
 
+# What loading and serving the pyfunc imports beyond MLflow (the pipeline code reads its config with
+# ruamel.yaml, locks with filelock, retries with tenacity, shows progress with tqdm), and the pylibjpeg
+# plugins pydicom decodes compressed DICOM with. Pinned to this environment; tests/test_registry.py checks
+# the list against the imports of the serving code.
+SERVING_DISTRIBUTIONS = (
+    "tensorflow",
+    "keras",
+    "numpy",
+    "pandas",
+    "scipy",
+    "pillow",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "ruamel.yaml",
+    "filelock",
+    "tenacity",
+    "tqdm",
+)
+
+
+def pyfunc_requirements() -> list[str]:
+    """The logged pyfunc's pip requirements, pinned to the versions installed here."""
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_DISTRIBUTIONS]
+
+
 def log_pyfunc(bundle: Path, run_id: str) -> str:
     """Log the bundle as an MLflow pyfunc model in the run; returns its model URI."""
-    requirements = [*model_store.pip_requirements(), "pandas", "pydicom", "scipy"]
+    requirements = pyfunc_requirements()
     with mlflow.start_run(run_id=run_id):
         logged = mlflow.pyfunc.log_model(
             name="classifier",

@@ -6,7 +6,10 @@ registrations on this machine. With a PostgreSQL URL (``registry.lock_url`` or
 name, so every machine that reaches that database takes turns. The lock belongs to the connection:
 if the holder dies, PostgreSQL ends its session and the lock is free (TCP keepalives bound how long a
 vanished machine keeps it). Waiting longer than ``registry.lock_timeout_seconds`` fails with one
-TransientError line naming the lock (never its password).
+TransientError line naming the lock (never its password). Connecting is retried only while the server may
+yet answer (unreachable, a timeout, starting up, too many clients); a server that refuses the URL itself (a
+wrong password, an unknown role or database, a pg_hba.conf rejection, a malformed URL) fails at once with one
+PipelineError line, which no retry of the stage would fix.
 
 The library does not import Prefect (an import-linter contract), hence a database lock rather than a
 Prefect concurrency limit: it needs nothing but a database the team already runs for MLflow.
@@ -24,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import psycopg2.errors
 
-from pipeline.core.config import RegisterParams
-from pipeline.core.errors import TransientError
+from pipeline.core.config import LOCK_URL_ENV, RegisterParams
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.core.locks import file_lock
 from pipeline.core.project import project_path
 from pipeline.registry.retrying import first_line, with_retries
@@ -64,6 +67,30 @@ def registry_lock(
             yield check
 
 
+# Connect failures that no retry fixes: the server answered and refused the URL, or libpq refused it. Checked
+# on the message with its quoted names ("db", "user", "host.invalid") taken out; psycopg2 has no SQLSTATE for
+# a failed connect, so a pgcode is checked too where one comes (class 28 authorization, 3D000 no database,
+# 42501 no CONNECT privilege). Everything else (could not connect / translate host name, timeout expired,
+# 57P03 the database system is starting up, 53300 too many clients, 08* connection failures) is retried.
+PERMANENT_CONNECT = re.compile(
+    r"authentication failed|does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects|no password supplied"
+    r"|permission denied|invalid dsn|invalid port|invalid [\w ]*(value|option)|missing \S+ after",
+    re.IGNORECASE,
+)
+
+
+def permanent_connect_error(exc: psycopg2.Error) -> str | None:
+    """The line of a failed connect that says no retry will help (see PERMANENT_CONNECT), else None."""
+    code = getattr(exc, "pgcode", None) or ""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if PERMANENT_CONNECT.search(re.sub(r'"[^"]*"', '""', line)):
+            return line[:200]
+    if code[:2] in ("28", "3D") or code == "42501":
+        return lines[0][:200] if lines else code
+    return None
+
+
 # Server-side keepalives: a holder whose machine vanishes (no FIN) loses the lock after about a minute.
 KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 
@@ -75,11 +102,24 @@ def advisory_lock(
     shown, name, timeout = redact(url), params.model_name, params.lock_timeout_seconds
     dsn = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", url)  # an SQLAlchemy URL (MLflow's) will do
 
+    password = re.search(r"://[^:/@]*:([^@]*)@", url)
+
+    def scrub(text: str) -> str:  # libpq quotes a malformed URL whole in its message
+        return text.replace(password.group(1), "***") if password and password.group(1) else text
+
     def connect() -> Any:
         try:
             return psycopg2.connect(dsn, connect_timeout=10, application_name="pneumo-register", options=KEEPALIVES)
-        except psycopg2.OperationalError as exc:  # retried as an I/O error; the message carries no password
-            raise ConnectionError(f"{shown}: {first_line(exc)}") from None
+        except psycopg2.Error as exc:
+            permanent = permanent_connect_error(exc)
+            if permanent is not None:  # not retried: the same URL gets the same answer
+                raise PipelineError(
+                    f"{what}: connecting to the registration lock on {shown} failed: {scrub(permanent)} "
+                    f"(check registry.lock_url or ${LOCK_URL_ENV})"
+                ) from None
+            if not isinstance(exc, psycopg2.OperationalError):
+                raise PipelineError(f"{what}: registration lock {shown}: {scrub(first_line(exc))}") from None
+            raise ConnectionError(f"{shown}: {scrub(first_line(exc))}") from None  # retried as an I/O error
 
     conn = with_retries(connect, "connecting to the registration lock", params, log)
     conn.autocommit = True

@@ -27,7 +27,7 @@ from pipeline.modeling import (
     models,  # noqa: F401 - registers the custom layer for loading
     tta,
 )
-from pipeline.modeling.metrics import apply_temperature, class_probabilities
+from pipeline.modeling.metrics import apply_temperature, class_probabilities, served_classes
 from pipeline.serving import ood
 from pipeline.serving.gradcam import Explainer
 
@@ -157,11 +157,7 @@ class Classifier:
         return ood.scores(self.ood_reference, features, batch)
 
     def label(self, probs: np.ndarray) -> str:
-        names = self.info.class_names
-        score = 1.0 - float(probs[0])
-        if score < self.info.threshold:
-            return names[0]
-        return names[1] if len(names) == 2 else names[1 + int(np.argmax(probs[1:]))]
+        return self.info.class_names[int(served_classes(np.asarray(probs)[None, :], self.info.threshold)[0])]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """A label per image at the threshold, or a refusal when the image is out of distribution."""

@@ -38,7 +38,7 @@ from pydicom.encaps import generate_fragmented_frames
 from pydicom.filereader import read_dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pipeline.core.errors import DataError
 from pipeline.modeling.preprocess import resize_square
@@ -349,7 +349,10 @@ def _check_decoder(ds: FileDataset) -> str:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:  # pydicom guesses the encoding
         return "unknown"
-    name = syntax.name
+    if not isinstance(syntax, UID):  # several values (a stray backslash), or not text: nothing to look up
+        raise ImageError("corrupt DICOM header (the transfer syntax is not a single UID)")
+    with _parsing("DICOM header"):
+        name = syntax.name
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:

@@ -47,6 +47,9 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
                 warnings.append(image.warnings)
             except (image_io.ImageError, ValueError) as exc:
                 raise MlflowException(f"row {row}: {exc}", INVALID_PARAMETER_VALUE) from None
+            except Exception as exc:  # noqa: BLE001 - a decoder failing in an unexpected way is still a bad image
+                reason = f"cannot decode ({type(exc).__name__})"  # as REST answers it: one line, no traceback
+                raise MlflowException(f"row {row}: {reason}", INVALID_PARAMETER_VALUE) from None
         predictions = self.classifier.predict(np.stack(batch)) if batch else []
         records = [p.record(info, w) for p, w in zip(predictions, warnings, strict=True)]
         for record in records:

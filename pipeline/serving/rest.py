@@ -4,8 +4,9 @@ The service follows an alias (``@champion`` by default) and swaps in a new versi
 loaded (``model_holder``). POST /predict takes the image as a multipart field ``file``
 (``curl -F file=@xray.jpeg``) or as the raw request body. Everything that is the client's fault gets a
 4xx and one line: 401 no or wrong API key, 408 an upload slower than ``serve.body_timeout_seconds``,
-411 no Content-Length, 413 over ``serve.max_upload_mb`` (or too many pixels), 415 not an image,
-422 a corrupt image. At most ``serve.max_concurrent_decodes`` images are decoded and predicted at once.
+411 no Content-Length or a chunked upload, 413 over ``serve.max_upload_mb`` (or too many pixels), 415 not an
+image, 422 a corrupt image. The body is counted as it arrives: no more than the limit is ever read. At most
+``serve.max_concurrent_decodes`` images are decoded and predicted at once.
 
 With ``PNEUMO_API_KEY`` (or ``PNEUMO_API_KEY_FILE``) set, /predict and /model need the key; /health and
 /metrics stay open for probes and scrapers. Nothing of an upload is logged (``request_log``).
@@ -25,6 +26,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.types import Message, Receive
 
 from pipeline import __version__
 from pipeline.core.config import ServeParams
@@ -85,15 +87,45 @@ def predict_bytes(
     return {"file": filename, **pred.record(model.info, image.warnings)}, pred
 
 
-async def read_upload(request: Request) -> tuple[bytes, str]:
+async def read_capped(request: Request, cap: int, limit_mb: float) -> bytes:
+    """The body, refused (413) as soon as more than `cap` bytes have arrived, whatever the headers said."""
+    chunks: list[bytes] = []
+    size = 0
+    async with contextlib.aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > cap:
+                raise HTTPException(413, f"upload of over {cap:,} bytes is over the limit of {limit_mb:g} MB", CLOSE)
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def replay(body: bytes) -> Receive:
+    """An ASGI receive that hands over `body`, already read and bounded, in one message."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def read_upload(request: Request, cap: int, limit_mb: float) -> tuple[bytes, str]:
+    """(image bytes, file name); at most `cap` bytes of the body are ever read, multipart included."""
     filename = request.query_params.get("filename", "")
+    body = await read_capped(request, cap, limit_mb)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await request.body(), filename
-    form = await request.form(max_files=1, max_fields=4)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise HTTPException(400, "no file: send the image as the multipart field 'file'")
-    return await upload.read(), upload.filename or filename
+        return body, filename
+    # Parsed from the bounded bytes, never from the socket: Starlette would spool any size to disk.
+    async with Request(request.scope, replay(body)).form(max_files=1, max_fields=4) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "no file: send the image as the multipart field 'file'")
+        return await upload.read(), upload.filename or filename
 
 
 def create_app(holder: ModelHolder, cfg: ServeParams, key: str | None = None) -> FastAPI:
@@ -131,6 +163,8 @@ def create_app(holder: ModelHolder, cfg: ServeParams, key: str | None = None) ->
 
     @app.post("/predict", dependencies=guarded)
     async def predict(request: Request) -> dict[str, Any]:
+        if "transfer-encoding" in request.headers:  # h11 would frame the body by it, ignoring Content-Length
+            raise HTTPException(411, "send the upload with a Content-Length header, not chunked", CLOSE)
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
             raise HTTPException(411, "send a Content-Length header with the upload", CLOSE)
@@ -138,7 +172,7 @@ def create_app(holder: ModelHolder, cfg: ServeParams, key: str | None = None) ->
             raise HTTPException(413, f"upload of {int(length):,} bytes is over the limit of {limit_mb:g} MB", CLOSE)
         try:
             async with asyncio.timeout(cfg.body_timeout_seconds):
-                data, filename = await read_upload(request)
+                data, filename = await read_upload(request, max_bytes + MULTIPART_SLACK, limit_mb)
         except TimeoutError:
             raise HTTPException(
                 408, f"the upload did not arrive within {cfg.body_timeout_seconds:g} s", CLOSE

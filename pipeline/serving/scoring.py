@@ -112,13 +112,22 @@ def adjust_for_prior(
     """Scores moved to `prior` (a fraction, or 'auto': estimated by EM on the scores themselves)."""
     source = classifier.info.source_prior
     if source is None:
-        raise PipelineError("--prior: this model version does not record the class balance it was calibrated on")
+        raise PipelineError(
+            "--prior: this model version records no class balance to adjust from (it is uncalibrated, or older)"
+        )
     if prior == "auto":
         target, steps = prior_shift.estimate_prior(scores, source)
         how = f"estimated by EM from the unlabelled predictions in {steps} steps"
     else:
         target, how = float(prior), "given"
     return prior_shift.adjust(scores, source, target), {"source": source, "target": target, "how": how}
+
+
+def patient_keys(files: list[str]) -> list[str]:
+    """The patient of each file: the id its name gives, or the file itself for a name of no known pattern
+    (hospital exports number each class folder from 0001: NORMAL/0001.png and PNEUMONIA/0001.png are two
+    children)."""
+    return [naming.named_patient(Path(f).name) or f for f in files]
 
 
 def score(
@@ -147,7 +156,7 @@ def score(
     adjusted = None
     if prior is not None:
         s, adjusted = adjust_for_prior(classifier, s, prior)
-    patients = [naming.patient_id(Path(f).name) for f in files]
+    patients = patient_keys(files)
     grouped = len(set(patients)) < len(patients)
     table, ece = reliability(y, s)
     ci95 = bootstrap_ci(y, s, classifier.info.threshold, bootstrap, seed, groups=patients if grouped else None)

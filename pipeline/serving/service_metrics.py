@@ -56,9 +56,12 @@ class InputDriftWindow:
             features = drift.image_features(x, width, height)
             embedding = model.embed(x[None])[0] if embedding is None else embedding
         except Exception:  # noqa: BLE001 - drift statistics must never fail a prediction; they count instead
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             return
         with self._lock:
+            if model is not self._serving():  # swapped out while its features were computed: a straggler
+                return
             if model is not self._model:  # another version: its pooled features live in another space
                 self._rows.clear()
                 self._model = model

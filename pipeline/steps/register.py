@@ -4,6 +4,7 @@ record why, and write the version's model card (logged to the run, kept beside t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -27,6 +28,16 @@ from pipeline.modeling.metrics import apply_temperature, binary_metrics, interva
 from pipeline.modeling.models import preprocessing_of
 from pipeline.registry import champion, model_card, packaging, tracking
 from pipeline.serving import classifier
+
+
+def serving_digest(ev: Evaluation, params: Params) -> str:
+    """What the served bundle holds beyond the training run: the evaluation (threshold, calibration, views) and
+    the packaging settings that go into it (drift reference, out-of-distribution limits; not the card's example
+    count). Part of the registration key: a change to either registers the bundle it now builds as a new version,
+    never a new card on a version that serves the old one."""
+    package = params.package.model_dump(exclude={"gradcam_examples"})
+    text = json.dumps({"evaluation": ev.digest(), "package": package}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champion.Candidate:
@@ -64,7 +75,7 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
         f"sensitivity >= {ev.target_sensitivity}. Decision support only."
     )
     origin = f"from sweep {sweep}" if sweep else ""
-    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin, ev.digest())
+    return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin, serving_digest(ev, params))
 
 
 def rescorer(params: Params) -> Any:

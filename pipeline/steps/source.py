@@ -1,6 +1,7 @@
 """The source stage: fingerprint the data read from outside the project, for the stages that read it.
 
-The data source for ingest, ``stress.originals`` for stress (pipeline/data/source.py). Its outputs persist
+The data source for ingest, ``stress.originals`` for stress, a ``model.weights`` file for train
+(pipeline/data/source.py). Its outputs persist
 (DVC leaves them in place while it runs): where a local data source cannot be reached (a clone that pulled
 the data, an unmounted share) and the fingerprint there is of the same ``data.local_path``, it is kept, with
 a warning, so the data as last ingested stays current; with none to keep, the stage stops on it.
@@ -50,9 +51,15 @@ def data_fingerprint(params: Params) -> tuple[dict[str, Any], str]:
 def run(params: Params) -> str:
     data, line = data_fingerprint(params)
     originals = source.originals_fingerprint(params.stress)
+    weights = source.weights_fingerprint(params.model)
     write_text(params.data.fingerprint, json.dumps(data, indent=2) + "\n")
     write_text(params.stress.fingerprint, json.dumps(originals, indent=2) + "\n")
+    write_text(params.model.weights_fingerprint, json.dumps(weights, indent=2) + "\n")
     lines = [line]
+    if "sha256" in weights:
+        lines.append(f"  model.weights: {params.model.weights}: sha256 {weights['sha256'][:12]}")
+    elif weights.get("kind") == source.UNREACHABLE:
+        lines.append(f"  model.weights: {params.model.weights}: no such file (the train stage will stop)")
     if originals.get("kind") == source.UNREACHABLE:
         lines.append(
             f"  stress.originals: {params.stress.originals}: not a folder with NORMAL/ and PNEUMONIA/ "

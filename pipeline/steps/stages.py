@@ -81,12 +81,12 @@ def stages(params: Params) -> list[Stage]:
     model = f"{p.train.model_dir}/model.keras"
     return [
         # A source's files can change under the same data.local_path: `source` fingerprints them every time
-        # (and stress.originals'), so that the stages reading them run again
+        # (and stress.originals', model.weights'), so that the stages reading them run again
         Stage(
             "source",
             [],
-            params=["data", "stress.originals", "stress.fingerprint"],
-            outs=[p.data.fingerprint, p.stress.fingerprint],
+            params=["data", "stress.originals", "stress.fingerprint", "model.weights", "model.weights_fingerprint"],
+            outs=[p.data.fingerprint, p.stress.fingerprint, p.model.weights_fingerprint],
             always_changed=True,
             persist=True,
         ),
@@ -113,7 +113,12 @@ def stages(params: Params) -> list[Stage]:
         Stage(
             "train",
             # shards: training streams them and never opens data.root; files: it reads the images there
-            [p.index.path, p.validation.report, p.shards.out if p.train.input == "shards" else p.data.root],
+            [
+                p.index.path,
+                p.validation.report,
+                p.shards.out if p.train.input == "shards" else p.data.root,
+                p.model.weights_fingerprint,  # a weights file replaced under the same name
+            ],
             params=["task", "model", "train"],
             outs=[model, f"{p.train.model_dir}/metadata.json", p.train.tensorboard_dir, p.mlflow.run_file],
             metrics=["reports/train.json"],
