@@ -122,6 +122,8 @@ def test_cli_prints_one_line_and_exits_2() -> None:
         (["predict", "x.png", "--batch-size", "-1"], "error: pneumo predict: batch_size: Input should be greater than"),
         (["predict", "x.png", "--batch-size", "0"], "error: pneumo predict: batch_size: Input should be greater than"),
         (["predict", "x.png", "-o", "."], "error: -o .: is a folder; name the .csv or .json file to write"),
+        (["drift", "x.png", "-o", "."], "error: -o .: is a folder; name the .json file to write"),
+        (["predict", "x.png", "--model", "no model/v1"], "error: no model/v1: no such model folder"),
         (["serve", "--port", "70000"], "error: pneumo serve: port: Input should be less than or equal to 65535"),
         (["serve", "--poll-seconds", "-1"], "error: pneumo serve: poll_seconds: Input should be greater than 0"),
         (["serve", "--max-upload-mb", "0"], "error: pneumo serve: max_upload_mb: Input should be greater than 0"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.modeling.models import build_model
 from pipeline.serving import drift, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo, parse_registry_uri
@@ -17,7 +18,9 @@ from pipeline.serving.predict import expand, prepare, render
 def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "__MACOSX").mkdir()
-    junk = ("a/._1.jpeg", "a/__MACOSX/1.jpeg", "a/.hidden.png")  # macOS resource forks and hidden files: skipped
+    (tmp_path / "a" / "heat").mkdir()
+    # macOS resource forks, hidden files and an earlier --explain's heat maps (written inside the folder): skipped
+    junk = ("a/._1.jpeg", "a/__MACOSX/1.jpeg", "a/.hidden.png", "a/heat/1.gradcam.png", "a/b/2-2.gradcam.png")
     for name in ("a/1.jpeg", "a/b/2.PNG", "a/b/3.dcm", "a/notes.txt", "x.jpg", *junk):
         (tmp_path / name).write_bytes(b"x")
     files, missing = expand(
@@ -145,3 +148,41 @@ def test_out_of_distribution_images_are_refused_or_flagged_in_every_output() -> 
     odd = preds[2]
     assert (odd.label is None and odd.refused) or any("out-of-distribution" in w for w in odd.record(info)["warnings"])
     assert plain.predict(batch)[1].ood_score is None and plain.predict(batch)[1].label  # no reference: no check
+
+
+def test_a_three_class_heat_map_explains_the_class_served() -> None:
+    """The threshold can serve BACTERIAL where NORMAL is the most likely class: the --explain figure titled with
+    the label shows that label's evidence, not the argmax's."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    built = build_model("compact_cnn", 32, n_classes=3)
+    head = built.model.get_layer("prediction")
+    kernel, _ = head.get_weights()
+    head.set_weights([kernel * 0.01, np.array([2.0, 0.5, -0.5], np.float32)])  # NORMAL likeliest, P(pneumonia) ~0.25
+    names = ("NORMAL", "BACTERIAL", "VIRAL")
+    three = Classifier(built.model, ModelInfo(0.15, names, 32, "three_class", "compact_cnn", built.last_conv))
+    x = np.random.default_rng(0).uniform(0, 255, (32, 32, 1)).astype(np.float32)
+    pred = three.predict(x[None])[0]
+    assert pred.label == "BACTERIAL" and max(pred.class_probabilities, key=pred.class_probabilities.get) == "NORMAL"
+    served, argmax = three.heatmap(x, pred.label), three.heatmap(x)
+    assert np.allclose(served, three._explainer(x, 1)) and not np.allclose(served, argmax)
+
+
+def test_a_failed_download_is_transient_and_a_missing_model_is_not(tmp_path: Path) -> None:
+    """A dropped connection while downloading a version is worth another try (exit 75; the service retries at
+    its next poll instead of giving up on that version); an artifact or folder that is not there is not."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from pipeline.core.errors import TransientError
+    from pipeline.serving.classifier import download_error, load
+
+    assert type(download_error("m", ConnectionError("reset by peer"))) is TransientError
+    unreachable = MlflowException("API request to http://h:5000 failed: Max retries exceeded")
+    assert type(download_error("m", unreachable)) is TransientError
+    gone = MlflowException("no such artifact", error_code=RESOURCE_DOES_NOT_EXIST)
+    assert type(download_error("runs:/r/bundle", gone)) is PipelineError
+    assert str(download_error("runs:/r/bundle", gone)) == "runs:/r/bundle: cannot download the model (no such artifact)"
+    with pytest.raises(PipelineError, match=r"^my models/v1: no such model folder$"):
+        load("my models/v1")

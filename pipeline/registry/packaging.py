@@ -146,7 +146,7 @@ def gradcam_examples(classifier: Classifier, picks: list[tuple[str, str]], out_d
         pred = classifier.predict(item.x[None])[0]
         caption = f"{kind}: {Path(path).name}, P(pneumonia) {pred.probability:.3f}"
         name = f"gradcam_{i + 1}.png"
-        write_bytes(out_dir / name, explain(classifier, item, caption))
+        write_bytes(out_dir / name, explain(classifier, item, caption, pred.label))
         written.append((name, caption))
     return written
 

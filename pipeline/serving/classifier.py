@@ -179,11 +179,13 @@ class Classifier:
         """Pooled features (the `gap` layer), for drift and out-of-distribution statistics."""
         return self._forward(batch)[1]
 
-    def heatmap(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of one (size, size, 1) input, with the explainer built once per model."""
+    def heatmap(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """Grad-CAM of one (size, size, 1) input for the class `label` (the one served for it; None: the most
+        likely), with the explainer built once per model. A one-output model explains its pneumonia logit."""
         if self._explainer is None:
             self._explainer = Explainer(self.model, self.info.last_conv_layer)
-        return self._explainer(image)
+        names = self.info.class_names
+        return self._explainer(image, names.index(label) if len(names) > 2 and label in names else None)
 
 
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
@@ -217,6 +219,20 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
         raise TransientError(f"MLflow registry unreachable ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
+def download_error(uri: str, exc: Exception) -> PipelineError:
+    """A failed download as the caller should take it: an artifact that is not there is permanent, anything else
+    (a connection dropped, the store timing out or failing) transient, so a flow retries it and a service tries
+    again at its next poll instead of giving up on the version."""
+    text = f"{uri}: cannot download the model ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    missing = isinstance(exc, MlflowException) and exc.error_code in (
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_PARAMETER_VALUE",
+    )
+    if missing or isinstance(exc, FileNotFoundError | NotADirectoryError | PermissionError):
+        return PipelineError(text)
+    return TransientError(text)
+
+
 def load(uri: str, tracking_uri: str | None = None, *, version: str | None = None) -> Classifier:
     """Load a registered model (models:/name@alias, models:/name/N), any MLflow model URI, or a folder.
 
@@ -234,12 +250,14 @@ def load(uri: str, tracking_uri: str | None = None, *, version: str | None = Non
         mv = resolve_version(MlflowClient(), name, version or number, None if version else alias)
         registry.update(name=name, version=str(mv.version), alias=alias)
         source = f"models:/{name}/{mv.version}"  # pinned: an alias moving mid-download cannot mix versions
+    elif "://" not in uri and not uri.startswith(("runs:/", "models:/")):  # a path: no download to try
+        raise PipelineError(f"{uri}: no such model folder")
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-model-"))
     try:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
-        except Exception as exc:  # noqa: BLE001
-            raise PipelineError(f"{uri}: cannot download the model ({str(exc).splitlines()[0][:160]})") from None
+        except Exception as exc:  # noqa: BLE001 - the store's client raises many types
+            raise download_error(uri, exc) from None
         try:
             return Classifier.from_bundle(local, **registry)
         except PipelineError as exc:

@@ -45,12 +45,19 @@ class Prepared:
     display: np.ndarray | None = None  # a thumbnail for Grad-CAM figures, when asked for
 
 
+HEATMAP_SUFFIX = ".gradcam.png"  # the figures `--explain` writes
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder` (any depth, by suffix), sorted; macOS forks and hidden files skipped."""
+    """The image files under `folder` (any depth, by suffix), sorted; macOS forks, hidden files and the heat maps
+    of an earlier `--explain` (a folder inside the inputs would otherwise feed them back in) skipped."""
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not naming.is_junk(p.relative_to(folder))
+        if p.is_file()
+        and p.suffix.lower() in image_io.SUFFIXES
+        and not p.name.endswith(HEATMAP_SUFFIX)
+        and not naming.is_junk(p.relative_to(folder))
     )
 
 
@@ -114,17 +121,19 @@ def prepared_batches(
 
 def _heatmap_name(file: str, used: set[str]) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(file).stem) or "image"
-    name, n = f"{stem}.gradcam.png", 1
+    name, n = f"{stem}{HEATMAP_SUFFIX}", 1
     while name in used:
         n += 1
-        name = f"{stem}-{n}.gradcam.png"
+        name = f"{stem}-{n}{HEATMAP_SUFFIX}"
     used.add(name)
     return name
 
 
-def explain(classifier: Classifier, item: Prepared, title: str) -> bytes:
+def explain(classifier: Classifier, item: Prepared, title: str, label: str | None = None) -> bytes:
+    """The Grad-CAM figure of the class served for the image (`label`: three classes explain that one, not the
+    most likely, which the threshold may overrule)."""
     assert item.x is not None and item.display is not None, "prepare(..., display=True) first"
-    return gradcam.figure_png(item.display, classifier.heatmap(item.x), title)
+    return gradcam.figure_png(item.display, classifier.heatmap(item.x, label), title)
 
 
 def predict_files(
@@ -157,9 +166,8 @@ def predict_files(
             if explain_dir is not None:
                 name = _heatmap_name(item.file, used)
                 title = f"{Path(item.file).name}: P(pneumonia) {pred.probability:.3f} -> {pred.label}"
-                write_bytes(
-                    Path(explain_dir) / name, explain(classifier, item, f"{title} (threshold {info.threshold:.3f})")
-                )
+                figure = explain(classifier, item, f"{title} (threshold {info.threshold:.3f})", pred.label)
+                write_bytes(Path(explain_dir) / name, figure)
                 row["heatmap"] = str(Path(explain_dir) / name)
             rows.append(row)
         bar.update(len(batch))
