@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
   || { echo "error: Python >= 3.11 is required (found $("$PY" --version 2>&1))" >&2; exit 2; }
 stamp=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$stamp" ]; then
+  echo "bootstrap: .venv is up to date with requirements.lock"
   exit 0
 fi
 echo "bootstrap: creating .venv from requirements.lock (first run downloads ~1.5 GB of wheels)"

@@ -61,6 +61,12 @@ def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() ->
             "model.architecture=resnet50 train.fine_tune_epochs=0 train.augment.class_aspect=0.3",
             "params.yaml: train.augment.class_aspect: 0.3 would do nothing",
         ),
+        (
+            "model.architecture=resnet50 model.lung_crop=true model.lung_crop_jitter=0.1",
+            "params.yaml: model.lung_crop_jitter: 0.1 would do nothing",
+        ),
+        ("model.lung_crop_jitter=0.1", "params.yaml: model.lung_crop_jitter: 0.1 moves the lung-field box: set model"),
+        ("train.fine_tune_epochs=3", "params.yaml: train.fine_tune_epochs: 3 would do nothing: compact_cnn trains"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:

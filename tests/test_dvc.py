@@ -124,6 +124,9 @@ def test_one_mlflow_run_holds_everything(repo_copy: Path) -> None:
     assert metrics["ci_method"].startswith("bootstrap over") and "patients" in metrics["ci_method"]
     card = (repo_copy / "models" / "model_card.md").read_text()
     assert "## Calibration" in card and "(model_card/reliability.png)" in card
+    # A demo model's card says it is one, and describes the synthetic images, not the real data set
+    assert "Trained on the pipeline's synthetic demo data" in card and "synthetic demo images" in card
+    assert "Guangzhou" not in card
     assert (repo_copy / "models" / "model_card" / "reliability.png").is_file()
     models = client.search_logged_models(experiment_ids=[ref["experiment_id"]])
     assert any(m.source_run_id == run.info.run_id for m in models)

@@ -51,6 +51,7 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     print(proc.stdout)
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 80 and report["unreadable"] and "notes.jpeg" in report["unreadable"][0]
+    assert report["refused"] == []  # real images, a model trained on real images: none out of distribution
     assert (out / "mine.txt").read_text() == "the user's own file\n"  # untouched, and no scratch folder left
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     for picture in ("roc.png", "pr.png", "confusion.png", "reliability.png"):
@@ -93,6 +94,7 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     }
     assert {"roc.png", "reliability.png"} <= {Path(f).name for f in figures}
     assert "(model_card/external/hospital-x/roc.png)" in text
+    assert f"section 'External validation: hospital-x': {tags['model_card']}" in proc.stdout  # where it went
 
     # Register again for the same evaluation (a retried flow run, a changed registry.* param): the card is
     # rendered anew, and keeps the validation.

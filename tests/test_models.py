@@ -254,3 +254,26 @@ def test_clahe_model_keeps_a_black_border_local(real_224: Path, tmp_path: Path) 
     config = build_from_params(mp, image_size=64).model.get_layer("clahe").get_config()
     assert (config["clip"], config["tiles"]) == (3.0, 4)
     assert np.allclose(loaded.predict(bordered, verbose=0), built.model.predict(bordered, verbose=0), atol=1e-6)
+
+
+def test_a_model_trained_in_mixed_precision_standardizes_on_a_cpu(tmp_path: Path) -> None:
+    """Training on a GPU uses mixed_float16, and the saved layers keep that policy: the per-image standardization
+    must not overflow float16 (its sum of squared deviations did, so every image became a flat 128 and every
+    prediction the same wherever the model was loaded)."""
+    from pipeline.modeling import model_store
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model_store.save(build_model("compact_cnn", 64, standardize=True).model, tmp_path / "m", {})
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model, _ = model_store.load(tmp_path / "m")
+    assert model.get_layer("standardize").dtype_policy.name == "mixed_float16"  # as saved
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 64, 64, 1)).astype("float32")
+    x[0] *= 0.3
+    x[1, :, :32] = 0
+    seen = np.asarray(keras.Model(model.input, model.get_layer("standardize").output)(x), np.float32)
+    assert np.isfinite(seen).all() and (seen.max(axis=(1, 2, 3)) - seen.min(axis=(1, 2, 3)) > 100).all()
+    assert np.ptp(model.predict(x, verbose=0)) > 1e-4  # the images differ, and so do their scores

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.models import build_model
@@ -186,3 +187,37 @@ def test_a_failed_download_is_transient_and_a_missing_model_is_not(tmp_path: Pat
     assert str(download_error("runs:/r/bundle", gone)) == "runs:/r/bundle: cannot download the model (no such artifact)"
     with pytest.raises(PipelineError, match=r"^my models/v1: no such model folder$"):
         load("my models/v1")
+
+
+def test_external_validation_counts_no_refused_image_and_says_how_many(tmp_path: Path) -> None:
+    """An image the version refuses as out of distribution is served without a label: it is in no figure at the
+    threshold, and the result says how many there were; a folder left with one class is one clear error."""
+    from types import SimpleNamespace
+
+    from pipeline.serving.classifier import Prediction
+    from pipeline.serving.scoring import score
+
+    files = []
+    for i, (label, value) in enumerate([(0, 20), (0, 40), (1, 200), (1, 220), (1, 240)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((32, 32), value, np.uint8)).save(path)
+        files.append((str(path), label))
+
+    class Stand:  # the probability is the grey level; 240 is "unlike the training images"
+        info = SimpleNamespace(image_size=32, threshold=0.5)
+
+        def predict(self, batch: np.ndarray) -> list[Prediction]:
+            out = []
+            for x in batch:
+                level = float(x.mean()) / 255
+                refused = "out of distribution (score 9.0 > 3.0)" if level > 0.9 else None
+                out.append(Prediction(level, None if refused else "x", {}, 9.0 if refused else 1.0, refused))
+            return out
+
+    result = score(Stand(), files, bootstrap=0)  # type: ignore[arg-type]
+    assert result.n == 4 and len(result.refused) == 1 and result.refused[0].startswith(files[4][0])
+    (tn, fp), (fn, tp) = result.at_threshold.confusion
+    assert (tn, fp, fn, tp) == (2, 0, 0, 2)
+    assert "refused as out of distribution: 1 of 5 readable images" in result.summary("h")
+    with pytest.raises(PipelineError, match=r"both NORMAL and PNEUMONIA \(3 of 5 readable images were refused"):
+        score(Stand(), [*files[:2], (files[4][0], 1)] + [(files[4][0], 1)] * 2, bootstrap=0)  # type: ignore[arg-type]

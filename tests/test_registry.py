@@ -349,3 +349,46 @@ def test_a_changed_bundle_setting_is_a_new_registration_key_and_a_card_setting_i
     assert base == digest() == digest("package.gradcam_examples=3")
     assert len({base, digest("package.ood_threshold=5.0"), digest("package.ood_warning=null"),
                 digest("package.reference_images=50"), digest(evaluation=other_ev)}) == 5  # fmt: skip
+
+
+def test_a_run_of_the_committed_code_is_not_dirty_a_changed_module_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The git_commit tag: a pipeline run rewrites dvc.lock and the reports committed beside the code, so a clean
+    clone's first run is still the commit; a changed module (or params.yaml) makes it -dirty, and a sweep trial's
+    folder below the project reads the project's dvc.yaml."""
+    import subprocess
+
+    from pipeline.registry.tracking import git_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    project = tmp_path / "proj"  # a DVC project in a folder of its repository
+    (project / "reports" / "figures").mkdir(parents=True)
+    (project / "pipeline").mkdir()
+    (project / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: x\n    outs: [reports/figures]\n    metrics: [reports/metrics.json]\n"
+        "    plots:\n    - reports/plots/roc.csv:\n        x: fpr\n"
+    )
+    files = ["dvc.lock", "reports/metrics.json", "reports/figures/roc.png", "pipeline/train.py", "params.yaml"]
+    for name in files:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("v1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    head = git("rev-parse", "HEAD").strip()
+    trial = project / "sweeps" / "s1" / "t01"
+    trial.mkdir(parents=True)
+    for name in files[:3]:  # what a run rewrites
+        (project / name).write_text("v2\n")
+    for where in (project, trial):
+        monkeypatch.chdir(where)
+        assert git_commit() == head
+    (project / "params.yaml").write_text("v2\n")
+    assert git_commit() == f"{head}-dirty"
+    git("checkout", "-q", "--", "proj/params.yaml")
+    (project / "pipeline" / "train.py").write_text("v2\n")
+    monkeypatch.chdir(project)
+    assert git_commit() == f"{head}-dirty"

@@ -305,6 +305,22 @@ def test_three_class_task(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
     assert out.shape == (2, 3) and np.allclose(out.sum(axis=1), 1, atol=1e-5)
 
 
+def test_each_training_logs_to_its_own_tensorboard_folder(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
+    """Outside DVC (a distributed flow, the Kubernetes Job, a manual run) nothing clears train.tensorboard_dir:
+    each training writes under its own key there, and the MLflow run uploads that folder only, never the event
+    files of the trainings before it."""
+    tmp, index = synthetic_index
+    folders = []
+    for seed in (11, 12):
+        params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.epochs=1", f"train.seed={seed}")
+        logs = training.train(params, index).tensorboard_logs
+        assert logs is not None and logs.parent == Path(params.train.tensorboard_dir)
+        events = sorted(str(p.parent.relative_to(logs)) for p in logs.rglob("events.out*"))
+        assert events == ["full/train", "full/validation"], events  # a from-scratch model: one phase
+        folders.append(logs)
+    assert folders[0] != folders[1]
+
+
 def test_empty_split_is_one_clear_error(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
     tmp, index = synthetic_index
     params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN)

@@ -165,6 +165,8 @@ class ModelParams(Strict):
     def _consistent(self) -> ModelParams:
         if self.width != 1.0 and self.architecture not in FROM_SCRATCH:
             raise ValueError(f"width: only the from-scratch architectures are widened, not {self.architecture}")
+        if self.lung_crop_jitter and not self.lung_crop:
+            raise ValueError(f"lung_crop_jitter: {self.lung_crop_jitter} moves the lung-field box: set model.lung_crop")
         if self.clahe and self.equalize:
             raise ValueError("clahe: use it or model.equalize, not both (each re-maps the grey levels)")
         if self.clahe:
@@ -415,12 +417,26 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
+    def _fine_tuning_has_a_backbone(self) -> Params:
+        if self.train.fine_tune_epochs and self.model.architecture in FROM_SCRATCH:
+            raise ValueError(
+                f"train.fine_tune_epochs: {self.train.fine_tune_epochs} would do nothing: {self.model.architecture} "
+                "trains whole from the first epoch (fine-tuning unfreezes a backbone); set it to 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _image_levers_see_images(self) -> Params:
-        """Mixup and the class reframing act on image batches: with a backbone whose head trains on cached
-        features and no fine-tuning, no batch ever gets them."""
+        """Mixup, the class reframing and the lung-crop jitter act on training image batches: with a backbone
+        whose head trains on cached features and no fine-tuning, no batch ever gets them."""
         t = self.train
         cached_only = self.model.architecture not in FROM_SCRATCH and t.cache_features and not t.fine_tune_epochs
-        for key, value in (("train.mixup", t.mixup), ("train.augment.class_aspect", t.augment.class_aspect)):
+        levers = (
+            ("train.mixup", t.mixup),
+            ("train.augment.class_aspect", t.augment.class_aspect),
+            ("model.lung_crop_jitter", self.model.lung_crop_jitter),
+        )
+        for key, value in levers:
             if cached_only and value:
                 raise ValueError(
                     f"{key}: {value} would do nothing: the head trains on cached backbone features "

@@ -76,9 +76,13 @@ class StandardizeIntensity(keras.layers.Layer):
     """
 
     def call(self, x):
-        mean = keras.ops.mean(x, axis=(1, 2, 3), keepdims=True)
-        std = keras.ops.std(x, axis=(1, 2, 3), keepdims=True)
-        return keras.ops.clip((x - mean) / keras.ops.maximum(std, 1.0) * 48.0 + 128.0, 0.0, 255.0)
+        # In float32 whatever the policy: under mixed_float16 (training on a GPU) the squared deviations of
+        # 0-255 pixels summed over an image overflow float16, std becomes inf and every image a flat 128.
+        x32 = keras.ops.cast(x, "float32")
+        mean = keras.ops.mean(x32, axis=(1, 2, 3), keepdims=True)
+        std = keras.ops.std(x32, axis=(1, 2, 3), keepdims=True)
+        out = keras.ops.clip((x32 - mean) / keras.ops.maximum(std, 1.0) * 48.0 + 128.0, 0.0, 255.0)
+        return keras.ops.cast(out, self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="pneumo")

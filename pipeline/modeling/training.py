@@ -56,6 +56,7 @@ class TrainOutcome:
     seconds: float = 0.0
     images_trained: int = 0
     input_cache: str = ""  # how the train split was read after its first epoch (``cache_note``)
+    tensorboard_logs: Path | None = None  # this training's TensorBoard folder (train.tensorboard_dir/<state key>)
 
     @property
     def best_val_auc(self) -> float:
@@ -349,13 +350,16 @@ def _train(
         "the head phase sees no augmentation, mixup or class reframing"
     )
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size(), replicas=replicas)
+    # TensorBoard logs by the same key: a resumed training appends to its own, another never mixes in (the
+    # folder outlives a run where DVC does not clear it: a distributed flow, the Kubernetes Job, a manual run).
     place = _Place(
         state_dir=shared_state if scratch is None else scratch / "state",
-        tensorboard_dir=Path(tp.tensorboard_dir) if scratch is None else scratch / "tensorboard",
+        tensorboard_dir=(Path(tp.tensorboard_dir) if scratch is None else scratch / "tensorboard") / shared_state.name,
         shared_state_dir=shared_state,
         strategy=strategy,
         chief=scratch is None,
     )
+    outcome.tensorboard_logs = place.tensorboard_dir
     start = time.perf_counter()
 
     def fit_on_images(

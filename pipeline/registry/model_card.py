@@ -149,6 +149,24 @@ def _ood(check: dict[str, Any]) -> list[str]:
     ]
 
 
+KERMANY = (
+    "Kermany et al. 2018, *Chest X-Ray Images (Pneumonia)*, CC BY 4.0: retrospective pediatric images from one "
+    "hospital (Guangzhou Women and Children's Medical Center), labelled by two physicians, the test split checked "
+    "by a third."
+)
+
+
+def _data_source(source: str) -> str:
+    if source == "synthetic":
+        return (
+            "The pipeline's synthetic demo images (`data.source: synthetic`, `pipeline/data/synthetic.py`): seeded "
+            "drawings in the Kaggle layout and file naming of the real data set, not X-rays."
+        )
+    if source == "local":
+        return f"A local folder in the Kaggle layout (`data.local_path`), the layout of {KERMANY}"
+    return KERMANY
+
+
 def render(facts: CardFacts) -> str:
     info, ev = facts.info, facts.evaluation
     name = f"{info.name} version {info.version}" if info.version else info.name or "model"
@@ -181,9 +199,7 @@ def render(facts: CardFacts) -> str:
         "",
         "## Data",
         "",
-        "Kermany et al. 2018, *Chest X-Ray Images (Pneumonia)*, CC BY 4.0: retrospective pediatric images from "
-        "one hospital (Guangzhou Women and Children's Medical Center), labelled by two physicians, the test "
-        "split checked by a third. Splits are grouped by patient (no patient in two splits).",
+        _data_source(facts.data_source) + " Splits are grouped by patient (no patient in two splits).",
         "",
         "| split | images |",
         "|---|---|",

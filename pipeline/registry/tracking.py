@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import tenacity
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -105,15 +106,41 @@ def parent_tags() -> dict[str, str]:
     return {PARENT_RUN_TAG: parent, **({"sweep_trial": trial} if trial else {})} if parent else {}
 
 
-def git_commit() -> str:
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
+    """dvc.lock and every path dvc.yaml's stages write (outs, metrics, plots): a run changes them, not the code."""
+    found = {"dvc.lock"}
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return found
+    for spec in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            found |= {next(iter(item)) if isinstance(item, dict) else str(item) for item in spec.get(key) or []}
+    return found
+
+
+def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files other than the pipeline's own outputs differ from it (a run of
+    the committed code rewrites dvc.lock and the committed reports: that is not a change of the code). The
+    outputs are those of the nearest dvc.yaml at or above the current folder (a sweep trial runs below it)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        out, top = git("rev-parse", "HEAD"), git("rev-parse", "--show-toplevel")
+        changed = git("diff", "HEAD", "--name-only", "-z").stdout.split("\0")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    if out.returncode != 0 or top.returncode != 0:
+        return "unknown"
+    root, here = Path(top.stdout.strip()).resolve(), Path.cwd().resolve()
+    above = [f for f in (here, *here.parents) if f.is_relative_to(root)]
+    project = next((f for f in above if (f / "dvc.yaml").is_file()), root)
+    prefix = project.relative_to(root).as_posix()
+    outputs = {(o if prefix == "." else f"{prefix}/{o}").rstrip("/") for o in pipeline_outputs(project / "dvc.yaml")}
+    own = [c for c in changed if c and not any(c == o or c.startswith(f"{o}/") for o in outputs)]
+    return out.stdout.strip() + ("-dirty" if own else "")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

@@ -165,7 +165,8 @@ def predict_files(
                 row.update({f"p_{name}": p for name, p in probabilities.items()})
             if explain_dir is not None:
                 name = _heatmap_name(item.file, used)
-                title = f"{Path(item.file).name}: P(pneumonia) {pred.probability:.3f} -> {pred.label}"
+                said = pred.label or "no label (refused: out of distribution)"
+                title = f"{Path(item.file).name}: P(pneumonia) {pred.probability:.3f} -> {said}"
                 figure = explain(classifier, item, f"{title} (threshold {info.threshold:.3f})", pred.label)
                 write_bytes(Path(explain_dir) / name, figure)
                 row["heatmap"] = str(Path(explain_dir) / name)

@@ -66,6 +66,7 @@ class ExternalResult:
     scores: list[float] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     prior: dict[str, Any] | None = None  # the class-balance adjustment, when one was asked for
+    refused: list[str] = field(default_factory=list)  # out of distribution: served without a label, not in the figures
 
     def summary(self, name: str) -> str:
         t, c = self.at_threshold, self.ci95
@@ -86,6 +87,13 @@ class ExternalResult:
                 f"  probabilities adjusted to a pneumonia fraction of {self.prior['target']:.3f} "
                 f"({self.prior['how']}; calibrated at {self.prior['source']:.3f})"
             )
+        if self.refused:
+            lines.append(
+                f"  refused as out of distribution: {len(self.refused)} of {self.n + len(self.refused)} readable "
+                "images (the service gives them no label; not in these figures)"
+            )
+        lines += [f"  refused: {r}" for r in self.refused[:10]]
+        lines += [f"  ... and {len(self.refused) - 10} more (report.json)"] if len(self.refused) > 10 else []
         lines += [f"  unreadable: {u}" for u in self.unreadable]
         return "\n".join(lines)
 
@@ -141,17 +149,26 @@ def score(
     """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored.
     With `prior`, the probabilities are first moved to that class balance (see prior_shift.py)."""
     label_of = dict(items)
-    files, labels, scores, unreadable = [], [], [], []
+    files, labels, scores, unreadable, refused = [], [], [], [], []
     for batch in prepared_batches([f for f, _ in items], classifier.info.image_size, batch_size, workers=4):
         ok = [item for item in batch if item.x is not None]
         unreadable += [f"{item.file}: {item.error}" for item in batch if item.error]
         if ok:
             for item, pred in zip(ok, classifier.predict(np.stack([i.x for i in ok])), strict=True):
+                if pred.refused:  # served without a label: a figure at the threshold would count one it never gave
+                    refused.append(f"{item.file}: {pred.refused}")
+                    continue
                 files.append(item.file)
                 labels.append(label_of[item.file])
                 scores.append(pred.probability)
     if len(set(labels)) < 2:
-        raise PipelineError("external validation needs readable images of both NORMAL and PNEUMONIA")
+        why = (
+            f" ({len(refused)} of {len(refused) + len(files)} readable images were refused as out of distribution "
+            "by this version: the images are unlike its training images)"
+            if refused
+            else ""
+        )
+        raise PipelineError(f"external validation needs labelled images of both NORMAL and PNEUMONIA{why}")
     y, s = np.array(labels), np.array(scores)
     adjusted = None
     if prior is not None:
@@ -175,4 +192,5 @@ def score(
         scores=[round(float(v), 6) for v in s],
         unreadable=unreadable,
         prior=adjusted,
+        refused=refused,
     )

@@ -48,6 +48,12 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
             f"temperature and threshold {t.threshold:.4f}); MLflow run `{run_id}` in experiment `{EXPERIMENT}`. "
             f"95% intervals: {result.ci_method}."
             + (
+                f" **{len(result.refused)} more images were refused as out of distribution** (served without a "
+                "label) and are not in these figures."
+                if result.refused
+                else ""
+            )
+            + (
                 f" Probabilities adjusted to a pneumonia fraction of {result.prior['target']:.3f} "
                 f"({result.prior['how']}; calibrated at {result.prior['source']:.3f})."
                 if result.prior
@@ -69,8 +75,9 @@ def card_section(name: str, path: str, result: scoring.ExternalResult, run_id: s
 
 def record(
     model: Classifier, name: str, path: str, result: scoring.ExternalResult, written: list[Path], params: Params
-) -> str:
-    """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id.
+) -> tuple[str, str]:
+    """Log the validation as an MLflow run, tag the model version, extend its model card; returns the run id and
+    the card extended (its ``runs:/`` URI; "" when the version has none).
     All of it under the registration lock: waiting past `registry.lock_timeout_seconds` records nothing (75).
     The run gets the files this command `written`, never the rest of their folder (-o may hold images)."""
     out = written[0].parent
@@ -83,6 +90,7 @@ def record(
     # The registration lock of the version's model: the card is read, extended and written back, as
     # `register` renders it anew; one of them at a time, so neither loses the other's change
     lock_params = params.registry.model_copy(update={"model_name": info.name or params.registry.model_name})
+    extended: list[str] = []
     with contextlib.ExitStack() as held:
         try:
             still_held = held.enter_context(registry_lock(lock_params, what="external-validation"))
@@ -95,7 +103,7 @@ def record(
         try:
             mlflow.set_tags({"model_name": info.name, "model_version": str(info.version), "dataset": name})
             mlflow.log_params({"model_uri": info.uri, "data_path": path, "images": result.n, "threshold": t.threshold})
-            mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece})
+            mlflow.log_metrics({**scores, "brier": result.brier, "ece": result.ece, "refused": len(result.refused)})
             if result.prior:
                 mlflow.log_params({"prior_source": result.prior["source"], "prior_adjustment": result.prior["how"]})
                 mlflow.log_metric("prior_target", result.prior["target"])
@@ -106,6 +114,9 @@ def record(
                 def tag_version() -> None:
                     for key, value in {**scores, "brier": result.brier}.items():
                         client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
+                    client.set_model_version_tag(
+                        info.name, info.version, f"external.{name}.refused", str(len(result.refused))
+                    )
                     client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
                     card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
                     match = re.match(r"runs:/([^/]+)/(.+)$", card)
@@ -118,6 +129,7 @@ def record(
                         client.log_text(card_run, text, card_path)
                         for png in ("roc.png", "reliability.png"):
                             client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
+                        extended[:] = [card]
 
                 champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
             status = "FINISHED"
@@ -129,7 +141,7 @@ def record(
         finally:
             with contextlib.suppress(Exception) if status == "FAILED" else contextlib.nullcontext():
                 mlflow.end_run(status)  # a server gone for good leaves the failed run RUNNING; the error names it
-    return run.info.run_id
+    return run.info.run_id, "".join(extended)
 
 
 def run(args: argparse.Namespace, params: Params) -> int:
@@ -171,6 +183,9 @@ def run(args: argparse.Namespace, params: Params) -> int:
         for made in written:
             os.replace(staged / made.name, made)
     print(result.summary(name))  # before recording, which may wait for the registration lock
-    run_id = record(model, name, args.path, result, written, params)
+    run_id, card = record(model, name, args.path, result, written, params)
     print(f"  report and figures: {out}/; MLflow run {run_id} (experiment {EXPERIMENT})")
+    if card:
+        version = f"{model.info.name} version {model.info.version}"
+        print(f"  model card of {version}, section 'External validation: {name}': {card}")
     return 0

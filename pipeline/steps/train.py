@@ -153,8 +153,8 @@ def _train_and_track(
         mlflow.log_metrics({"best_val_auc": outcome.best_val_auc, "train_images_per_second": images_per_s})
         mlflow.log_artifact(str(Path(HISTORY_DIR) / "history.png"), "training")
         mlflow.log_artifact(str(Path(params.train.model_dir) / model_store.METADATA_FILE), "model_metadata")
-        if Path(params.train.tensorboard_dir).is_dir():
-            mlflow.log_artifacts(params.train.tensorboard_dir, "tensorboard")
+        if outcome.tensorboard_logs is not None and outcome.tensorboard_logs.is_dir():  # this training's only
+            mlflow.log_artifacts(str(outcome.tensorboard_logs), "tensorboard")
         size = params.model.image_size
         example = np.zeros((1, size, size, 1), dtype="float32")
         # input_example= crashes mlflow.keras.log_model (mlflow/mlflow#16183): log the example beside the model.
