@@ -29,7 +29,7 @@ from prefect.tasks import exponential_backoff
 from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
 from flows.turns import project_turn
 from pipeline.core.config import Params, load_params, write_overrides
-from pipeline.core.errors import TransientError
+from pipeline.core.errors import ConfigError, TransientError
 from pipeline.registry import model_card
 from pipeline.registry.tracking import load_run_ref
 from pipeline.steps import stages as stage_list
@@ -145,6 +145,7 @@ def summary_markdown(params: Params, runs: list[StageRun]) -> str:
 def pneumonia_pipeline(
     ingest: bool = True,
     overrides: dict[str, Any] | None = None,
+    params_file: str = PARAMS_FILE,
     workdir: str | None = None,
 ) -> dict[str, str]:
     """Source, ingest, index, validate, shard, train, evaluate, stress and register through DVC; returns each
@@ -153,10 +154,15 @@ def pneumonia_pipeline(
     `overrides` maps dotted params.yaml keys to values, e.g. {"train.epochs": 3}; they are written into
     params.yaml (the file every DVC stage reads) before DVC runs. `ingest=False` leaves the data as it is
     (pulled by `dvc pull`).
-    `workdir` is the project folder to run in (default: the current one).
+    `workdir` is the project folder to run in (default: the current one). `params_file` can only be
+    params.yaml, the file DVC's stages read (pass `overrides` instead of another file).
     """
     if workdir:
         os.chdir(workdir)
+    if Path(params_file).resolve() != Path(PARAMS_FILE).resolve():
+        raise ConfigError(
+            f"params_file {params_file}: every stage runs through DVC, which reads {PARAMS_FILE} (pass `overrides`)"
+        )
     logger = get_run_logger()
     start = time.perf_counter()
     override_list = as_overrides(overrides)

@@ -183,6 +183,8 @@ def test_bad_override_fails_before_any_work(prefect_harness: None, project: Path
     before = (project / "params.yaml").read_text()
     with pytest.raises(ConfigError, match=r"params\.yaml: train\.epochs: Input should be greater than or equal to 1"):
         pneumonia_pipeline(overrides={"train.epochs": 0})
+    with pytest.raises(ConfigError, match=r"^params_file other\.yaml: every stage runs through DVC, which reads"):
+        pneumonia_pipeline(params_file="other.yaml")  # DVC would read params.yaml whatever the flow was given
     assert not (project / "data").exists() and (project / "params.yaml").read_text() == before
 
 

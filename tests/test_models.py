@@ -277,3 +277,17 @@ def test_a_model_trained_in_mixed_precision_standardizes_on_a_cpu(tmp_path: Path
     seen = np.asarray(keras.Model(model.input, model.get_layer("standardize").output)(x), np.float32)
     assert np.isfinite(seen).all() and (seen.max(axis=(1, 2, 3)) - seen.min(axis=(1, 2, 3)) > 100).all()
     assert np.ptp(model.predict(x, verbose=0)) > 1e-4  # the images differ, and so do their scores
+
+
+def test_a_weights_file_is_read_from_the_project_in_a_dvc_experiment_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.weights relative to the project, as the source stage fingerprints it: a `dvc exp run --temp` runs
+    in a copy under .dvc/tmp/exps/ that holds no untracked weights file."""
+    saved = build_model("compact_cnn", 32).model
+    saved.save_weights(tmp_path / "start.weights.h5")
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    loaded = build_model("compact_cnn", 32, weights="start.weights.h5").model
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), loaded.get_weights(), strict=True))

@@ -187,6 +187,9 @@ def test_a_failed_download_is_transient_and_a_missing_model_is_not(tmp_path: Pat
     assert str(download_error("runs:/r/bundle", gone)) == "runs:/r/bundle: cannot download the model (no such artifact)"
     with pytest.raises(PipelineError, match=r"^my models/v1: no such model folder$"):
         load("my models/v1")
+    for uri in (f"file:{tmp_path}/gone", f"file://{tmp_path}/gone"):  # URIs MLflow reads, not folders: downloaded
+        with pytest.raises(PipelineError, match=r"cannot download the model"):
+            load(uri)
 
 
 def test_external_validation_counts_no_refused_image_and_says_how_many(tmp_path: Path) -> None:

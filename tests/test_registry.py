@@ -392,3 +392,25 @@ def test_a_run_of_the_committed_code_is_not_dirty_a_changed_module_is(
     (project / "pipeline" / "train.py").write_text("v2\n")
     monkeypatch.chdir(project)
     assert git_commit() == f"{head}-dirty"
+
+
+def test_a_champion_the_store_cannot_hand_over_fails_the_stage_for_a_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-scoring the champion: a dropped download is transient (exit 75, the flow retries the stage), not a sign
+    of a version from before serving bundles, whose Keras flavour would be loaded instead."""
+    import mlflow
+
+    from pipeline.core.config import load_params
+    from pipeline.core.errors import TransientError
+    from pipeline.steps import register
+    from tests.conftest import REPO
+
+    def unreachable(uri: str) -> None:
+        raise TransientError(f"{uri}: cannot download the model (Connection reset by peer)")
+
+    fallbacks: list[str] = []
+    monkeypatch.setattr(register.classifier, "load", unreachable)
+    monkeypatch.setattr(mlflow.keras, "load_model", lambda uri: fallbacks.append(uri))
+    rescore = register.rescorer(load_params(REPO / "params.yaml", ["registry.retry_backoff_seconds=0.01"]))
+    with pytest.raises(TransientError, match="Connection reset by peer"):
+        rescore("models:/pneumo-chest-xray/1", 0.5)
+    assert fallbacks == []

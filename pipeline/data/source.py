@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.core.config import DataParams, ModelParams, StressParams
 from pipeline.core.errors import DataError
+from pipeline.core.hashing import file_sha256
 from pipeline.core.project import project_path
 from pipeline.data.labelled_folders import class_folders
 
@@ -145,8 +146,4 @@ def weights_fingerprint(params: ModelParams) -> dict[str, Any]:
     path = project_path(params.weights)
     if not path.is_file():
         return {"weights": params.weights, "kind": UNREACHABLE}
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"weights": params.weights, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"weights": params.weights, "bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.errors import PipelineError
+from pipeline.core.hashing import file_sha256
 from pipeline.modeling import models  # noqa: F401 - registers the custom preprocessing layer for loading
-from pipeline.modeling.records import file_sha256
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"

@@ -20,6 +20,7 @@ from pipeline.core.config import ARCHITECTURES, ModelParams
 from pipeline.core.config import FROM_SCRATCH as SCRATCH_NAMES
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import file_lock
+from pipeline.core.project import project_path
 from pipeline.modeling.clahe import ContrastLimitedEqualization
 from pipeline.modeling.lung_crop import LungFieldCrop, crop_to_boxes
 
@@ -333,8 +334,8 @@ def build_model(
         ours = {layer.name for layer in keras.Model(inputs, x).layers}  # the input and preprocessing layers
         names = [layer.name for layer in base.layers if layer.name not in ours]
         built = BuiltModel(_head(inputs, base.output, n_out, dropout, architecture), names, spec.last_conv)
-    if weights not in ("none", "imagenet"):
-        _load_weights_file(built, Path(weights), architecture)
+    if weights not in ("none", "imagenet"):  # relative to the project, as the source stage fingerprints it
+        _load_weights_file(built, project_path(weights), architecture)
     return built
 
 

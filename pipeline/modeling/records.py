@@ -26,6 +26,7 @@ import tensorflow as tf
 from pipeline.core.atomic import staged_dir
 from pipeline.core.config import SPLITS, ShardsParams
 from pipeline.core.errors import DataError
+from pipeline.core.hashing import file_sha256
 from pipeline.data.version import index_fingerprint
 
 MANIFEST = "manifest.json"
@@ -67,14 +68,6 @@ def _read_checked(root: Path, row: pd.Series) -> bytes:
     if hashlib.sha256(data).hexdigest() != row["sha256"]:
         raise DataError(f"shard: {file} changed since it was indexed (sha256 differs); re-run `pneumo index`")
     return data
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shards(index: pd.DataFrame, root: str | Path, params: ShardsParams) -> dict:

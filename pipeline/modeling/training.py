@@ -39,7 +39,9 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
+from pipeline.core.hashing import file_sha256
 from pipeline.core.imports import imported_by
+from pipeline.core.project import project_path
 from pipeline.modeling import distributed, records, selection, snapshots
 from pipeline.modeling import inputs as dp
 from pipeline.modeling.models import BuiltModel, build_from_params, set_backbone_trainable
@@ -553,9 +555,9 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1, replicas: i
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))
-    weights = Path(params.model.weights)
+    weights = project_path(params.model.weights)  # as the model loads it
     if params.model.weights not in ("none", "imagenet") and weights.is_file():  # the file's bytes, not its name
-        settings.append(records.file_sha256(weights))
+        settings.append(file_sha256(weights))
     code = [Path(origin).read_bytes().decode() for origin in training_code()]
     blob = json.dumps([data, settings, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import keras
 import mlflow
@@ -250,7 +251,7 @@ def load(uri: str, tracking_uri: str | None = None, *, version: str | None = Non
         mv = resolve_version(MlflowClient(), name, version or number, None if version else alias)
         registry.update(name=name, version=str(mv.version), alias=alias)
         source = f"models:/{name}/{mv.version}"  # pinned: an alias moving mid-download cannot mix versions
-    elif "://" not in uri and not uri.startswith(("runs:/", "models:/")):  # a path: no download to try
+    elif len(urlparse(uri).scheme) <= 1:  # a path (or a Windows drive letter), not a URI: no download to try
         raise PipelineError(f"{uri}: no such model folder")
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-model-"))
     try:

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
 from pipeline.modeling import inputs as dp
@@ -87,6 +87,8 @@ def rescorer(params: Params) -> Any:
                 loaded = classifier.load(model_uri)
                 info = loaded.info  # the threshold is on calibrated scores of its views' average
                 return loaded.model, (info.temperature, info.calibration_bias), loaded.views
+            except TransientError:  # the store unreachable mid-download: the stage fails for a retry (75)
+                raise
             except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
                 return mlflow.keras.load_model(model_uri), (1.0, 0.0), tta.Views()
 
