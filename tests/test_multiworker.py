@@ -312,7 +312,8 @@ def test_kubernetes_indexed_job_builds_tf_config_from_its_completion_index() -> 
     variables = {e["name"]: e["value"] for e in container["env"]}
     workers = int(variables["WORKERS"])
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == workers
-    assert container["args"][0] == "pneumo" and container["args"][-1] == "train"
+    assert container["args"][:3] == ["python", "-m", "pipeline.steps.cli"] and container["args"][-1] == "train"
+    assert variables["PYTHONPATH"] == "/shared/project"  # the CLI's code, from the volume (the image lacks it)
     # The pod's shell prologue, run for index 1, with a command that prints what it got instead of pneumo.
     shown = subprocess.run(
         [*container["command"], sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"],
