@@ -30,6 +30,7 @@ from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
 from flows.turns import project_turn
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, TransientError
+from pipeline.modeling.metrics import interval
 from pipeline.registry import model_card
 from pipeline.registry.tracking import load_run_ref
 from pipeline.steps import stages as stage_list
@@ -124,9 +125,9 @@ def summary_markdown(params: Params, runs: list[StageRun]) -> str:
             "|---|---|---|---|",
         ]
         for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc", "brier"):
-            lo_hi = ci.get(key)
-            ci_text = f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
-            lines.append(f"| {key} | {m['test'][key]:.3f} | {ci_text} | {m['test_at_half'][key]:.3f} |")
+            lines.append(
+                f"| {key} | {m['test'][key]:.3f} | {interval(ci, key).strip()} | {m['test_at_half'][key]:.3f} |"
+            )
         lines.append("")
     if decision_file.is_file():
         d = json.loads(decision_file.read_text())

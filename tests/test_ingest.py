@@ -185,7 +185,10 @@ def test_source_fingerprint_follows_the_files(
     assert originals["files"] == len(list((folder / "train").rglob("*.jpeg")))
     assert originals["originals"] == str(folder / "train")
     # Read as external validation reads a folder: the Kaggle layout (its test/) and any letter case will do
-    assert source.originals_folder(params_in(f"stress.originals={folder}").stress) == folder
+    # (of the Kaggle layout, its test/ only: the stress stage copies, counts and scores that, not train/ and val/)
+    kaggle = params_in(f"stress.originals={folder}").stress
+    assert source.originals_folder(kaggle) == folder / "test"
+    assert source.originals_fingerprint(kaggle)["files"] == len(list((folder / "test").rglob("*.jpeg")))
     (folder / "val" / "NORMAL").rename(folder / "val" / "normal")
     assert source.originals_folder(params_in(f"stress.originals={folder / 'val'}").stress) == folder / "val"
     unlabelled = params_in(f"stress.originals={folder / 'train' / 'NORMAL'}").stress  # images, no class folders

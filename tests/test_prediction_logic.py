@@ -222,5 +222,8 @@ def test_external_validation_counts_no_refused_image_and_says_how_many(tmp_path:
     (tn, fp), (fn, tp) = result.at_threshold.confusion
     assert (tn, fp, fn, tp) == (2, 0, 0, 2)
     assert "refused as out of distribution: 1 of 5 readable images" in result.summary("h")
+    # The stress sets score every image (how the model ranks ones unlike its training images), and count refusals
+    stress = score(Stand(), files, bootstrap=0, leave_out_refused=False)  # type: ignore[arg-type]
+    assert stress.n == 5 and len(stress.refused) == 1
     with pytest.raises(PipelineError, match=r"both NORMAL and PNEUMONIA \(3 of 5 readable images were refused"):
         score(Stand(), [*files[:2], (files[4][0], 1)] + [(files[4][0], 1)] * 2, bootstrap=0)  # type: ignore[arg-type]

@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+TEMPORARY = ".*.tmp*"  # a glob matching every temporary file or folder these writers make (copies skip them)
+
 
 def _sibling(path: Path, suffix: str) -> Path:
     """A new name beside `path`: ``.<name>.<random><suffix>``."""
@@ -21,23 +23,15 @@ def _sibling(path: Path, suffix: str) -> Path:
 
 def _new_file(path: Path, suffix: str) -> tuple[int, Path]:
     """A new empty file beside `path`, mode 0o666 less the umask: (open descriptor, path)."""
-    while True:
-        tmp = _sibling(path, suffix)
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
+    tmp = _sibling(path, suffix)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def _new_dir(path: Path, suffix: str) -> Path:
     """A new empty folder beside `path`, mode 0o777 less the umask."""
-    while True:
-        tmp = _sibling(path, suffix)
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:  # pragma: no cover
-            continue
+    tmp = _sibling(path, suffix)
+    tmp.mkdir()
+    return tmp
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

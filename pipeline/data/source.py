@@ -111,18 +111,19 @@ def fingerprint(params: DataParams) -> dict[str, Any]:
 
 
 def originals_folder(params: StressParams) -> Path | None:
-    """stress.originals (relative to the project), or None; a path that is no folder, or no labelled folder (see
-    ``labelled_folders``), is a DataError."""
+    """The folder of stress.originals (relative to the project) that holds the class folders, or None; a path that
+    is no folder, or no labelled folder (see ``labelled_folders``), is a DataError."""
     if not params.originals:
         return None
     path = project_path(params.originals)
     if not path.is_dir():
         raise DataError(f"stress.originals: {shown(params.originals, path)}: no such folder")
-    if class_folders(path) is None:  # as external validation reads a folder: any letter case, or under test/
+    folders = class_folders(path)  # as external validation reads a folder: any letter case, or under test/
+    if folders is None:
         raise DataError(
             f"stress.originals: {shown(params.originals, path)}: no NORMAL/ and PNEUMONIA/ folders in it (or in test/)"
         )
-    return path
+    return next(iter(folders.values())).parent  # the Kaggle layout's test/: only what the stress stage scores
 
 
 def originals_fingerprint(params: StressParams) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from pipeline.core import atomic
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.config import Params, TrainParams
 from pipeline.core.hashing import file_sha256
@@ -220,7 +221,7 @@ def copy_shared_state(shared: Path, phase_dir: Path) -> None:
     """A non-chief worker's private copy of the chief's phase state; not the files the chief is writing right
     now (atomic writes' temporaries), which it may rename mid-copy and so fail the copy."""
     shutil.rmtree(phase_dir, ignore_errors=True)
-    shutil.copytree(shared, phase_dir, ignore=shutil.ignore_patterns(".*.tmp*"))
+    shutil.copytree(shared, phase_dir, ignore=shutil.ignore_patterns(atomic.TEMPORARY))
 
 
 def _fit_phase(

@@ -145,8 +145,11 @@ def score(
     bootstrap: int = 1000,
     seed: int = 0,
     prior: float | str | None = None,
+    leave_out_refused: bool = True,
 ) -> ExternalResult:
-    """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored.
+    """Predict every labelled file as served and compute the figures; unreadable files are listed, not scored,
+    and so are images refused as out of distribution (served without a label), unless `leave_out_refused` is
+    False (the stress sets: how the model ranks images unlike its training ones is what they measure).
     With `prior`, the probabilities are first moved to that class balance (see prior_shift.py)."""
     label_of = dict(items)
     files, labels, scores, unreadable, refused = [], [], [], [], []
@@ -157,7 +160,8 @@ def score(
             for item, pred in zip(ok, classifier.predict(np.stack([i.x for i in ok])), strict=True):
                 if pred.refused:  # served without a label: a figure at the threshold would count one it never gave
                     refused.append(f"{item.file}: {pred.refused}")
-                    continue
+                    if leave_out_refused:
+                        continue
                 files.append(item.file)
                 labels.append(label_of[item.file])
                 scores.append(pred.probability)

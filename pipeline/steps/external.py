@@ -90,7 +90,7 @@ def record(
     # The registration lock of the version's model: the card is read, extended and written back, as
     # `register` renders it anew; one of them at a time, so neither loses the other's change
     lock_params = params.registry.model_copy(update={"model_name": info.name or params.registry.model_name})
-    extended: list[str] = []
+    extended = ""
     with contextlib.ExitStack() as held:
         try:
             still_held = held.enter_context(registry_lock(lock_params, what="external-validation"))
@@ -111,7 +111,7 @@ def record(
                 mlflow.log_artifact(str(made), "external")
             if info.name and info.version:
 
-                def tag_version() -> None:
+                def tag_version() -> str:
                     for key, value in {**scores, "brier": result.brier}.items():
                         client.set_model_version_tag(info.name, info.version, f"external.{name}.{key}", f"{value:.4f}")
                     client.set_model_version_tag(
@@ -129,9 +129,11 @@ def record(
                         client.log_text(card_run, text, card_path)
                         for png in ("roc.png", "reliability.png"):
                             client.log_artifact(card_run, str(out / png), f"{Path(card_path).parent}/{figure_dir}")
-                        extended[:] = [card]
+                        return card
+                    return ""
 
-                champion.with_retries(tag_version, "recording the validation on the model version", params.registry)
+                what = "recording the validation on the model version"
+                extended = champion.with_retries(tag_version, what, params.registry)
             status = "FINISHED"
         except TransientError as exc:
             raise TransientError(
@@ -141,7 +143,7 @@ def record(
         finally:
             with contextlib.suppress(Exception) if status == "FAILED" else contextlib.nullcontext():
                 mlflow.end_run(status)  # a server gone for good leaves the failed run RUNNING; the error names it
-    return run.info.run_id, "".join(extended)
+    return run.info.run_id, extended
 
 
 def run(args: argparse.Namespace, params: Params) -> int:

@@ -51,7 +51,8 @@ def run(params: Params) -> str:
         counts = build_stress_set(picked, tmp, originals)
     sets: dict[str, dict[str, Any]] = {}
     for name in counts:
-        r = scoring.score(classifier, scoring.labelled_files(Path(s.out) / name), params.serve.batch_size, bootstrap=0)
+        files = scoring.labelled_files(Path(s.out) / name)
+        r = scoring.score(classifier, files, params.serve.batch_size, bootstrap=0, leave_out_refused=False)
         t = r.at_threshold
         (_, fp), (fn, _) = t.confusion
         sets[name] = {
@@ -60,6 +61,7 @@ def run(params: Params) -> str:
             "images": r.n,
             "missed": int(fn),
             "false_alarms": int(fp),
+            "refused": len(r.refused),  # out of distribution: scored here, served without a label
         }
     report = {"threshold": round(ev.threshold, 6), "summary": summarize(sets), "sets": sets}
     write_text(s.report, json.dumps(report, indent=2) + "\n")
