@@ -76,6 +76,9 @@ LEVERS: dict[str, list[str]] = {
     "width-1.25": ["model.width=1.25"],  # 1.5x the channels' products: about 1.5x the train time
     "width-1.5": ["model.width=1.5"],
     "epochs-18": ["train.epochs=18"],
+    # Finer detail for the compact CNN: 1.56x / 2.25x the pixels (the shared images are 224 px)
+    "image-size-160": ["model.image_size=160"],
+    "image-size-192": ["model.image_size=192"],
     "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, 1.1-1.4x the train time
     "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
     "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],
@@ -222,6 +225,9 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir.resolve()}/mlflow.db"
+    # The clone's code, not this checkout's: the venv's editable install would import this working tree, which
+    # may change while the queue runs (and would not be the commit the experiments' dvc.lock records).
+    env["PYTHONPATH"] = str(args.workdir.resolve())
     if args.add:
         if not (args.workdir / "dvc.yaml").exists():
             sys.exit(f"--add: {args.workdir} holds no ablation (run without --add first)")

@@ -314,3 +314,118 @@ def test_external_patients_are_named_ids_or_each_file_its_own() -> None:
     ]
     keys = patient_keys(files)
     assert len(set(keys)) == 4 and keys[2] == keys[3] == "person7" and keys[0] != keys[1]
+
+
+def test_non_finite_scores_are_refused_not_made_a_threshold() -> None:
+    """NaN sorted first and became the threshold (or was skipped silently, elsewhere in the order)."""
+    for scores in ([np.nan, 0.9, 0.2, 0.1], [0.9, 0.8, np.inf, 0.1]):
+        with pytest.raises(PipelineError, match="1 validation scores are not finite"):
+            choose_threshold(np.array([1, 1, 0, 0]), np.array(scores), 0.5)
+
+
+def test_undefined_figures_are_nan_like_specificity() -> None:
+    """No positive image: sensitivity, precision and F1 are undefined (NaN), as specificity is without negatives;
+    0.0 read as a model that misses every pneumonia."""
+    none_positive = binary_metrics(np.array([0, 0, 0]), np.array([0.9, 0.2, 0.6]), 0.5)
+    assert np.isnan(none_positive.sensitivity) and np.isnan(none_positive.roc_auc)
+    assert none_positive.precision == 0.0 and none_positive.f1 == 0.0  # two flagged, both wrong: defined
+    nothing_flagged = binary_metrics(np.array([0, 1, 1]), np.array([0.1, 0.2, 0.3]), 0.5)
+    assert np.isnan(nothing_flagged.precision) and nothing_flagged.sensitivity == 0.0 and nothing_flagged.f1 == 0.0
+    empty = binary_metrics(np.array([0, 0]), np.array([0.1, 0.2]), 0.5)
+    assert np.isnan([empty.sensitivity, empty.precision, empty.f1]).all()
+    assert np.isnan(binary_metrics(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.6]), 0.5).specificity)
+
+
+def test_the_bootstrap_says_how_many_resamples_it_kept() -> None:
+    """One positive in ten images: about a third of the resamples have no positive and are skipped, which the
+    interval method says (the sensitivity interval is (1, 1) from the rest)."""
+    import json
+
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import Evaluation, evaluate
+    from pipeline.modeling.metrics import interval_method
+
+    y, s = np.array([1] + [0] * 9), np.linspace(0.9, 0.0, 10)
+    ci = bootstrap_ci(y, s, 0.5, n=1000)
+    assert 500 < ci.kept < 800 and ci.drawn == 1000 and set(ci) == {"roc_auc", "sensitivity", "specificity"}
+    method = interval_method(ci, None)
+    assert method.startswith("bootstrap over images, ") and f"{ci.kept} of 1000 resamples kept" in method
+    rng = np.random.default_rng(1)
+    y2, s2 = rng.integers(0, 2, 200), rng.random(200)
+    full = bootstrap_ci(y2, s2, 0.5, n=100)
+    assert full.kept == 100 and interval_method(full, 40) == "bootstrap over 40 patients"
+    ev = evaluate(y2, s2, y, s, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=200))
+    assert "of 200 resamples kept" in ev.ci_method and "of 200 resamples kept" in ev.summary()
+    again = Evaluation.from_dict(json.loads(json.dumps(ev.as_dict())))  # ci95 keys and JSON as before
+    assert again.ci95 == ev.ci95 and again.ci_method == ev.ci_method and again.flat().keys() == ev.flat().keys()
+
+
+def test_a_test_split_without_pneumonia_is_refused_by_name() -> None:
+    """Its sensitivity is undefined (NaN), which the registry's sensitivity floor cannot judge."""
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import evaluate
+
+    rng = np.random.default_rng(2)
+    with pytest.raises(PipelineError, match=r"^test: the split has no PNEUMONIA image"):
+        evaluate(rng.integers(0, 2, 50), rng.random(50), np.zeros(20), rng.random(20), ("N", "P"), EvaluateParams())
+
+
+def test_non_finite_model_outputs_name_the_split_count_and_an_image() -> None:
+    from pipeline.modeling.evaluation import require_finite
+    from pipeline.modeling.inputs import SplitData
+
+    data = SplitData("val", ["v/a.jpeg", "v/b.jpeg", "v/c.jpeg"], np.array([0, 1, 1]), ("NORMAL", "PNEUMONIA"))
+    fine = np.array([[0.1], [0.5], [0.9]], dtype=np.float32)
+    assert require_finite(fine, data) is not None
+    bad = fine.copy()
+    bad[1:] = np.nan
+    with pytest.raises(PipelineError, match=r"^val: the model gave non-finite outputs for 2 images, e\.g\. v/b\.jpeg"):
+        require_finite(bad, data)
+    three = np.array([[0.2, 0.3, 0.5], [0.2, np.inf, 0.5], [0.1, 0.1, 0.8]])
+    with pytest.raises(PipelineError, match=r"for 1 images, e\.g\. v/b\.jpeg"):
+        require_finite(three, data)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "trained", "task", "n_classes"),
+    [
+        (np.full((4, 3), 1 / 3), "three_class", "binary", 2),  # task changed, model not retrained
+        (np.full((4, 1), 0.5), "binary", "three_class", 3),
+        (np.full((4, 3), 1 / 3), None, "binary", 2),  # no task in the metadata: the width tells
+        (np.full((4, 1), 0.5), "three_class", "binary", 2),  # metadata says another task
+    ],
+)
+def test_a_model_of_another_task_is_refused_naming_its_folder(outputs, trained, task, n_classes) -> None:
+    from pipeline.modeling.evaluation import check_task
+
+    with pytest.raises(PipelineError, match=r"^models/model: the model was trained for task .* run the train stage$"):
+        check_task(outputs, trained, task, n_classes, "models/model")
+
+
+def test_a_model_of_the_task_passes() -> None:
+    from pipeline.modeling.evaluation import check_task
+
+    check_task(np.full((4, 1), 0.5), "binary", "binary", 2, "m")
+    check_task(np.full((4,), 0.5), None, "binary", 2, "m")
+    check_task(np.full((4, 3), 1 / 3), "three_class", "three_class", 3, "m")
+
+
+def test_the_evaluate_stage_refuses_a_model_of_another_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """params.task edited to binary, a three-class model still in models/: refused by the stage before any
+    calibration is fitted on P(bacteria) as if it were P(pneumonia)."""
+    from pipeline.modeling import evaluation, model_store
+    from pipeline.modeling.inputs import SplitData
+    from pipeline.registry import tracking
+    from pipeline.steps import evaluate as stage
+    from tests.conftest import rooted_params
+
+    params = rooted_params(tmp_path, "task=binary")
+    val = SplitData("val", ["v/a.jpeg", "v/b.jpeg"], np.array([0, 1]), ("NORMAL", "PNEUMONIA"))
+    monkeypatch.setattr(model_store, "load", lambda d: (object(), {"task": "three_class", "mlflow_run_id": "r"}))
+    monkeypatch.setattr(tracking, "load_run_ref", lambda f: tracking.RunRef("r", "0", "file:x"))
+    monkeypatch.setattr(stage, "read_index", lambda p: None)
+    monkeypatch.setattr(stage.dp, "split_data", lambda *a, **k: val)
+    monkeypatch.setattr(evaluation, "predict_split", lambda *a, **k: np.full((2, 3), 1 / 3))
+    monkeypatch.setattr(evaluation, "calibrate", lambda *a: pytest.fail("calibrated a model of another task"))
+    with pytest.raises(PipelineError, match=rf"^{tmp_path / 'models'}: the model was trained for task 'three_class'"):
+        stage._evaluate(params)

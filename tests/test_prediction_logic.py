@@ -227,3 +227,21 @@ def test_external_validation_counts_no_refused_image_and_says_how_many(tmp_path:
     assert stress.n == 5 and len(stress.refused) == 1
     with pytest.raises(PipelineError, match=r"both NORMAL and PNEUMONIA \(3 of 5 readable images were refused"):
         score(Stand(), [*files[:2], (files[4][0], 1)] + [(files[4][0], 1)] * 2, bootstrap=0)  # type: ignore[arg-type]
+
+
+def test_the_public_model_info_carries_undefined_figures_as_null() -> None:
+    """GET /model answers ModelInfo.public(): JSON has no NaN, so an undefined test figure must be null, not a 500."""
+    info = ModelInfo(
+        0.5,
+        ("NORMAL", "PNEUMONIA"),
+        32,
+        "binary",
+        "c",
+        "relu3",
+        metrics={"sensitivity": 0.97, "specificity": float("nan")},
+        ci95={"specificity": [float("nan"), float("nan")], "sensitivity": [0.9, 1.0]},
+    )
+    public = info.public()
+    assert public["metrics"] == {"sensitivity": 0.97, "specificity": None}
+    assert public["ci95"]["specificity"] == [None, None] and public["ci95"]["sensitivity"] == [0.9, 1.0]
+    json.dumps(public, allow_nan=False)  # raises on any NaN left

@@ -414,3 +414,255 @@ def test_a_champion_the_store_cannot_hand_over_fails_the_stage_for_a_retry(monke
     with pytest.raises(TransientError, match="Connection reset by peer"):
         rescore("models:/pneumo-chest-xray/1", 0.5)
     assert fallbacks == []
+
+
+# --- rollback, the challenger rule and champions without figures (review findings) ----------------------
+
+
+def test_a_failure_before_any_alias_call_leaves_a_persons_champion_alone(
+    store: tuple[str, Any], tmp_path: Path
+) -> None:
+    """The card fails after a person moved @champion mid-registration: no alias call was made, so the rollback
+    deletes the version and touches no alias (it used to put @champion back on v1, over the person)."""
+    _, client = store
+    params = policy(tmp_path, promotion="auto", retries=0)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    champion.register(client, log_candidate(0.85, 0.95), params, never)  # v2, rejected
+
+    def finalize(decision: champion.Decision) -> None:
+        assert decision.outcome == "champion" and decision.previous_champion == "1"
+        client.set_registered_model_alias("pneumo-test", "champion", "2")  # a person, in the UI
+        raise PipelineError("register: the model card cannot be written")
+
+    with pytest.raises(PipelineError, match="model card"):
+        champion.register(client, log_candidate(0.99, 0.95), params, never, log=lambda _: None, finalize=finalize)
+    assert aliases(client) == {"champion": "2"}
+    assert client.get_registered_model("pneumo-test").tags[champion.PIPELINE_CHAMPION_TAG] == "1"
+    assert sorted(str(v.version) for v in client.search_model_versions("name='pneumo-test'")) == ["1", "2"]
+
+
+def test_a_lost_lock_never_touches_an_alias(
+    store: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock's session dropped and another registration promoted its own version meanwhile: still_held() fails
+    and the rollback leaves that promotion alone."""
+    import contextlib
+
+    from pipeline.core.errors import TransientError
+
+    _, client = store
+    params = policy(tmp_path, promotion="auto", retries=0)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    champion.register(client, log_candidate(0.85, 0.95), params, never)  # v2: "the other registration's" version
+    lost = {"now": False}
+
+    def still_held() -> None:
+        if lost["now"]:
+            raise TransientError("register: lost the registration lock")
+
+    @contextlib.contextmanager
+    def lock(*_: Any, **__: Any) -> Any:
+        yield still_held
+
+    def other_registration_wins(decision: champion.Decision) -> None:
+        client.set_registered_model_alias("pneumo-test", "champion", "2")
+        client.set_registered_model_tag("pneumo-test", champion.PIPELINE_CHAMPION_TAG, "2")
+        lost["now"] = True
+
+    monkeypatch.setattr(champion, "registry_lock", lock)
+    with pytest.raises(TransientError, match="lost the registration lock"):
+        champion.register(client, log_candidate(0.99, 0.95), params, never, lambda _: None, other_registration_wins)
+    assert aliases(client) == {"champion": "2"}
+    assert client.get_registered_model("pneumo-test").tags[champion.PIPELINE_CHAMPION_TAG] == "2"
+    assert sorted(str(v.version) for v in client.search_model_versions("name='pneumo-test'")) == ["1", "2"]
+
+
+class LostRepliesFor(FailingAliases):
+    """The real client; every alias move reaches the registry, but the replies for one version are lost."""
+
+    def __init__(self, client: Any, version: str) -> None:
+        super().__init__(client)
+        self.version = version
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+        if str(version) == self.version:
+            self.alias_calls += 1
+            raise ConnectionError("Connection reset by peer")
+
+
+def test_a_failed_challenger_move_puts_the_previous_challenger_back(store: tuple[str, Any], tmp_path: Path) -> None:
+    """v3 took @challenger from v2 with every reply lost: the rollback puts @challenger back on v2 before deleting
+    v3 (deleting v3 alone would leave no challenger)."""
+    _, client = store
+    params = policy(tmp_path, retries=1)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    champion.register(client, log_candidate(0.95, 0.95), params, never)  # v2: @challenger
+    with pytest.raises(PipelineError, match=r"^register: setting @challenger failed after 2 attempts"):
+        champion.register(LostRepliesFor(client, "3"), log_candidate(0.97, 0.95), params, never, log=lambda _: None)
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert sorted(str(v.version) for v in client.search_model_versions("name='pneumo-test'")) == ["1", "2"]
+
+
+def test_a_winner_takes_challenger_only_from_a_weaker_one(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    champion.register(client, log_candidate(0.90, 0.95), params, never)
+    strong = log_candidate(0.97, 0.95)
+    assert champion.register(client, strong, params, never).outcome == "challenger"  # v2
+    weaker = champion.register(client, log_candidate(0.91, 0.95), params, never)
+    assert weaker.outcome == "rejected" and weaker.challenger.version == "2"
+    assert weaker.reason.endswith("; roc_auc 0.9100 does not beat challenger v2 0.9700; challenger v2 stays")
+    assert client.get_model_version("pneumo-test", "3").tags["decision"] == "rejected"
+    stronger = champion.register(client, log_candidate(0.99, 0.95), params, never)
+    assert (stronger.outcome, stronger.previous_challenger) == ("challenger", "2")
+    assert aliases(client) == {"champion": "1", "challenger": "4"}
+    # A re-run of v2's registration finds it complete, but does not take @challenger back from v4.
+    again = champion.register(client, strong, params, never, log=lambda _: None)
+    assert again.resumed and again.version == "2" and "@challenger changed" in again.warnings[0]
+    assert aliases(client) == {"champion": "1", "challenger": "4"}
+
+
+def test_a_challenger_scored_on_another_test_set_is_rescored_too(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    champion.register(client, log_candidate(0.90, 0.95, test_set="old", threshold=0.3), params, never)
+    champion.register(client, log_candidate(0.95, 0.95, test_set="old", threshold=0.4), params, never)  # v2
+    rescored = {"models:/pneumo-test/1": 0.80, "models:/pneumo-test/2": 0.93}
+    calls: list[tuple[str, float]] = []
+
+    def rescore(model_uri: str, threshold: float) -> dict[str, float]:
+        calls.append((model_uri, threshold))
+        return {k: 0.8 for k in champion.SCORE_KEYS} | {"roc_auc": rescored[model_uri]}
+
+    # 0.92 beats the champion's 0.80 on the new set but not the challenger's 0.93.
+    decision = champion.register(client, log_candidate(0.92, 0.95, test_set="new"), params, rescore)
+    assert calls == [("models:/pneumo-test/1", 0.3), ("models:/pneumo-test/2", 0.4)]
+    assert decision.outcome == "rejected" and decision.challenger_rescored
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+
+@pytest.mark.parametrize("tag_value", [None, "n/a"])
+def test_a_champion_without_a_numeric_primary_metric_is_rescored(
+    store: tuple[str, Any], tmp_path: Path, tag_value: str | None
+) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    champion.register(client, log_candidate(0.97, 0.95, threshold=0.3), params, never)
+    if tag_value is None:
+        client.delete_model_version_tag("pneumo-test", "1", "test_roc_auc")
+    else:
+        client.set_model_version_tag("pneumo-test", "1", "test_roc_auc", tag_value)
+    calls: list[tuple[str, float]] = []
+
+    def rescore(model_uri: str, threshold: float) -> dict[str, float]:
+        calls.append((model_uri, threshold))
+        return {k: 0.8 for k in champion.SCORE_KEYS} | {"roc_auc": 0.88}
+
+    logs: list[str] = []
+    decision = champion.register(client, log_candidate(0.92, 0.95), params, rescore, log=logs.append)
+    assert calls == [("models:/pneumo-test/1", 0.3)] and decision.outcome == "challenger"
+    assert "register: champion v1 has no numeric tag 'test_roc_auc'; re-scoring it" in logs
+
+
+def test_a_champion_without_a_numeric_threshold_is_one_clear_error(store: tuple[str, Any], tmp_path: Path) -> None:
+    _, client = store
+    params = policy(tmp_path)
+    champion.register(client, log_candidate(0.97, 0.95), params, never)
+    client.set_model_version_tag("pneumo-test", "1", "threshold", "high")
+    with pytest.raises(PipelineError, match=r"^register: champion version 1 has a non-numeric tag 'threshold'"):
+        champion.register(client, log_candidate(0.92, 0.95), params, never)
+    client.delete_model_version_tag("pneumo-test", "1", "threshold")
+    with pytest.raises(PipelineError, match=r"^register: champion version 1 lacks tag 'threshold'$"):
+        champion.register(client, log_candidate(0.92, 0.95), params, never)
+
+
+def test_the_registration_key_covers_the_bundled_code_and_requirements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fix in the served code (or a new pinned requirement) is another served model: a new version, not the
+    old version finished with a new card."""
+    import numpy as np
+
+    from pipeline.core.config import EvaluateParams, load_params
+    from pipeline.modeling.evaluation import evaluate
+    from pipeline.registry import packaging
+    from pipeline.steps.register import serving_digest
+    from tests.conftest import REPO
+
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "predict.py").write_text("x = 1\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"1")
+    code = packaging.code_digest(tmp_path)
+    (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"2")
+    assert packaging.code_digest(tmp_path) == code  # caches are not code
+    (tmp_path / "serving" / "predict.py").write_text("x = 2\n")
+    assert packaging.code_digest(tmp_path) != code
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 60), rng.random(60)
+    ev = evaluate(y, p, y, p, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=0))
+    params = load_params(REPO / "params.yaml", [])
+    base = serving_digest(ev, params)
+    monkeypatch.setattr(packaging, "code_digest", lambda: "another")
+    changed_code = serving_digest(ev, params)
+    monkeypatch.setattr(packaging, "pyfunc_requirements", lambda: ["keras==0.0.1"])
+    assert len({base, changed_code, serving_digest(ev, params)}) == 3
+
+
+def test_logging_the_pyfunc_keeps_the_training_runs_status_and_end_time(
+    store: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import mlflow
+
+    from pipeline.registry import packaging
+
+    _, client = store
+    with mlflow.start_run() as run:
+        pass
+    ended = client.get_run(run.info.run_id).info
+    assert ended.status == "FINISHED"
+
+    def fail(**_: Any) -> Any:
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", fail)
+    with pytest.raises(ConnectionError):
+        packaging.log_pyfunc(tmp_path, run.info.run_id)
+    after = client.get_run(run.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", ended.end_time)  # not FAILED, not re-ended
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda **_: types.SimpleNamespace(model_uri="models:/m-1"))
+    assert packaging.log_pyfunc(tmp_path, run.info.run_id) == "models:/m-1"
+    after = client.get_run(run.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", ended.end_time)
+
+
+def test_a_rerun_under_manual_promotion_finishes_a_first_version_as_champion(
+    store: tuple[str, Any], tmp_path: Path
+) -> None:
+    """Under manual promotion the first version becomes champion (nothing to compare with); a re-run after its
+    alias never landed must still set it, or the model would have no champion at all."""
+    _, client = store
+    first = log_candidate(0.90, 0.95)
+    assert champion.register(client, first, policy(tmp_path), never).outcome == "champion"
+    client.delete_registered_model_alias("pneumo-test", "champion")  # as if the alias never landed
+    again = champion.register(client, first, policy(tmp_path), never, log=lambda _: None)
+    assert again.resumed and not again.warnings
+    assert aliases(client) == {"champion": "1"}
+
+
+def test_a_rerun_under_manual_promotion_does_not_apply_a_recorded_champion_outcome(
+    store: tuple[str, Any], tmp_path: Path
+) -> None:
+    _, client = store
+    champion.register(client, log_candidate(0.90, 0.95), policy(tmp_path), never)
+    won = log_candidate(0.95, 0.95)
+    assert champion.register(client, won, policy(tmp_path, promotion="auto"), never).outcome == "champion"  # v2
+    client.set_registered_model_alias("pneumo-test", "champion", "1")  # as if v2's alias never landed
+    client.set_registered_model_tag("pneumo-test", champion.PIPELINE_CHAMPION_TAG, "1")
+    again = champion.register(client, won, policy(tmp_path, promotion="manual"), never, log=lambda _: None)
+    assert again.resumed and again.warnings[0].startswith("promotion: manual never sets @champion itself")
+    assert aliases(client) == {"champion": "1"}

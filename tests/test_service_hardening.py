@@ -530,7 +530,7 @@ def test_a_version_that_cannot_load_is_downloaded_once_per_alias_move(bundles: B
 
     try:
         assert answered_by() == v1
-        for broken, reason in ((corrupt, "cannot load the model (JSONDecodeError"), (plain, "no serving.json")):
+        for broken, reason in ((corrupt, "invalid serving.json (JSONDecodeError"), (plain, "no serving.json")):
             registry.point(broken)
             wait_for(lambda b=broken: f"version {b}" in str(health()["last_error"]), f"version {broken} reported")
             time.sleep(2.0)  # ten more polls

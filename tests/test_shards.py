@@ -99,6 +99,28 @@ def test_shards_of_another_index_are_refused(sharded) -> None:
         records.load_manifest(out.parent / "none")
 
 
+def test_shards_of_an_index_whose_decodable_flags_changed_are_refused_by_path(sharded) -> None:
+    """The fingerprint (path, split, sha256) does not see `decodable`: a row that became decodable (a new decoder)
+    is missing from the shards, one that became undecodable is still in them. Either is named, before training
+    fails inside TensorFlow on a record count."""
+    _, index, out, manifest = sharded
+    assert manifest["undecodable"] == sorted(index.loc[~index["decodable"], "path"])
+    records.check_manifest(manifest, index, out)  # the index the shards were written from
+    path = records.usable_rows(index, "train")["path"].iloc[3]
+    flipped = index.assign(decodable=index["decodable"] & (index["path"] != path))
+    with pytest.raises(DataError, match=rf"^the shards in .* still hold {path} .*: run `pneumo shard`") as err:
+        records.check_manifest(manifest, flipped, out)
+    assert "\n" not in str(err.value)
+    stale = {**manifest, "undecodable": sorted([*manifest["undecodable"], path])}  # written while `path` failed
+    with pytest.raises(DataError, match=rf"^the shards in .* lack {path} .*: run `pneumo shard`"):
+        records.check_manifest(stale, index, out)
+    with pytest.raises(DataError, match=r"format 'pneumo-shards/1', expected 'pneumo-shards/2': run `pneumo shard`"):
+        older = out.parent / "older"
+        older.mkdir(exist_ok=True)
+        (older / records.MANIFEST).write_text(json.dumps({**manifest, "format": "pneumo-shards/1"}))
+        records.load_manifest(older)
+
+
 def test_streamed_dataset_matches_files(sharded) -> None:
     folder, index, out, manifest = sharded
     files = dp.split_data(index, "train", _root(folder), "binary")

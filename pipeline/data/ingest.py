@@ -51,7 +51,7 @@ class IngestResult:
             lines.append(f"  {split:<5} {per}")
         if self.skipped:
             shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
-            lines.append(f"  skipped {len(self.skipped)} non-image or duplicate entries: {shown}")
+            lines.append(f"  skipped {len(self.skipped)} non-image, duplicate or case-clashing entries: {shown}")
         for root, n in sorted(self.nested.items()):
             lines.append(f"  ignored a nested copy of the data set: {root}/ ({n} files)")
         return "\n".join(lines)
@@ -77,15 +77,36 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
             yield _Entry(PurePosixPath(info.filename.replace("\\", "/")), lambda info=info: archive.open(info))
 
 
-def _placement(path: PurePosixPath) -> tuple[tuple[str, ...], str | None, str] | None:
-    """(source root, split or None for a flat layout, label) when `path` sits in a class folder."""
-    parts = path.parts
-    if len(parts) < 2 or parts[-2].upper() not in LABELS:
-        return None
-    label = parts[-2].upper()
-    if len(parts) >= 3 and parts[-3].lower() in SPLITS:
-        return parts[:-3], parts[-3].lower(), label
-    return parts[:-2], None, label
+# Other names hospital exports give the split folders; the official archive uses train/, val/ and test/ only.
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where an entry sits: the tree it belongs to, its split (None: a flat layout) and class, and any folders
+    between the class folder and the file (``below``: none for an image in its place)."""
+
+    root: tuple[str, ...]
+    split: str | None
+    label: str
+    class_dir: tuple[str, ...]
+    below: tuple[str, ...]
+
+
+def _split_name(folder: str) -> str | None:
+    name = folder.lower()
+    return name if name in SPLITS else SPLIT_ALIASES.get(name)
+
+
+def _placement(path: PurePosixPath) -> _Place | None:
+    """Where `path` sits under its nearest class folder (NORMAL/ or PNEUMONIA/, any case), or None outside one."""
+    folders = path.parts[:-1]
+    for i in range(len(folders) - 1, -1, -1):
+        if folders[i].upper() in LABELS:
+            split = _split_name(folders[i - 1]) if i > 0 else None
+            root = folders[: i - 1] if split else folders[:i]
+            return _Place(root, split, folders[i].upper(), folders[: i + 1], folders[i + 1 :])
+    return None
 
 
 def _data_set_root(roots: set[tuple[str, ...]]) -> tuple[str, ...]:
@@ -98,35 +119,88 @@ def _data_set_root(roots: set[tuple[str, ...]]) -> tuple[str, ...]:
     return outer[0]
 
 
-def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result: IngestResult) -> None:
-    """Copy the images of the shallowest Kaggle-layout tree in `entries` into `out_dir`."""
-    placed = []
+def _folder(parts: tuple[str, ...]) -> str:
+    return "/".join(parts) + "/" if parts else "./"
+
+
+def _copy_of(place: _Place, copies: set[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The innermost nested copy of the data set that `place` lies in, if any."""
+    return max((c for c in copies if place.root[: len(c)] == c), key=len, default=None)
+
+
+def _misplaced(place: _Place, split_layout: bool) -> str | None:
+    """Why an image in the chosen tree would be ignored (a one-line error), or None if it is in its place."""
+    if place.below:
+        return (
+            f"{_folder(place.class_dir + place.below)}: images below the class folder {_folder(place.class_dir)} "
+            "would be ignored: move them up into it"
+        )
+    if split_layout and place.split is None:
+        return (
+            f"{_folder(place.class_dir)}: a class folder outside the train/ val/ test/ folders would be ignored: "
+            "move it into one of them"
+        )
+    return None
+
+
+def _check_split_folders(chosen: list[tuple[_Entry, _Place]]) -> None:
+    """val/ and validation/ (or test/ and testing/) side by side: which one is the split is not known."""
+    names: dict[str, set[str]] = {}
+    for _, place in chosen:
+        if place.split is not None:
+            names.setdefault(place.split, set()).add(_folder(place.class_dir[:-1]).lower())
+    for split, found in names.items():
+        if len(found) > 1:
+            raise DataError(f"{' and '.join(sorted(found))}: two folders for the {split} split, keep one")
+
+
+def _select(entries: list[_Entry], result: IngestResult) -> list[tuple[_Entry, _Place]]:
+    """The images of the shallowest Kaggle-layout tree in `entries`; nested copies are counted, anything else
+    that would be left out silently (class folders beside the split folders, images in subfolders) is an error."""
+    placed: list[tuple[_Entry, _Place]] = []
     for entry in entries:
         if naming.is_junk(entry.path):
             continue
-        where = _placement(entry.path)
-        if where is None:
+        place = _placement(entry.path)
+        image = entry.path.suffix.lower() in IMAGE_SUFFIXES
+        if place is None or (place.below and not image):
             result.skipped.append(str(entry.path))
         else:
-            placed.append((entry, *where))
-    if not placed:
+            placed.append((entry, place))
+    in_place = [p for _, p in placed if not p.below]
+    if not in_place:
         raise DataError("no images in a {train,val,test}/{NORMAL,PNEUMONIA}/ or {NORMAL,PNEUMONIA}/ layout")
-    split_layout = [p for p in placed if p[2] is not None]
-    candidates = split_layout or placed
-    chosen = _data_set_root({p[1] for p in candidates})
-    seen: set[Path] = set()
-    for entry, root, split, label in tqdm(candidates, desc="import", unit="file", mininterval=1.0):
-        if root != chosen:  # a nested copy, as the real archive's chest_xray/chest_xray/
-            result.nested["/".join(root)] += 1
-            continue
+    split_layout = any(p.split is not None for p in in_place)
+    roots = {p.root for p in in_place if (p.split is not None) == split_layout}
+    chosen_root = _data_set_root(roots)
+    copies = roots - {chosen_root}
+    chosen = []
+    for entry, place in placed:
+        copy = _copy_of(place, copies)
+        if copy is not None:  # a nested copy, as the real archive's chest_xray/chest_xray/
+            result.nested["/".join(copy)] += 1
+        elif (why := _misplaced(place, split_layout)) is not None:
+            raise DataError(why)
+        else:  # every other root in place is the chosen one or a copy (see _data_set_root)
+            chosen.append((entry, place))
+    _check_split_folders(chosen)
+    return chosen
+
+
+def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result: IngestResult) -> None:
+    """Copy the images of the shallowest Kaggle-layout tree in `entries` into `out_dir`."""
+    seen: set[str] = set()
+    for entry, place in tqdm(_select(entries, result), desc="import", unit="file", mininterval=1.0):
         if entry.path.suffix.lower() not in IMAGE_SUFFIXES:
             result.skipped.append(str(entry.path))
             continue
-        target = out_dir / (split or flat_split) / label / entry.path.name
-        if target in seen:  # e.g. NORMAL/ and normal/ both present
+        split = place.split or flat_split
+        target = out_dir / split / place.label / entry.path.name
+        # NORMAL/ and normal/ both present, or names differing in case only (one file on macOS and Windows)
+        if target.as_posix().lower() in seen:
             result.skipped.append(str(entry.path))
             continue
-        seen.add(target)
+        seen.add(target.as_posix().lower())
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as dst:
             try:
@@ -136,7 +210,7 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
             except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, NotImplementedError,
                     RuntimeError) as exc:  # fmt: skip
                 raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
-        result.counts[(split or flat_split, label)] += 1
+        result.counts[(split, place.label)] += 1
 
 
 def import_local(source: Path, out_dir: Path, flat_split: str, result: IngestResult) -> None:

@@ -1,17 +1,21 @@
 """Where a labelled folder keeps its classes: NORMAL/ and PNEUMONIA/ in any letter case, directly or under
 one split of the Kaggle layout (``test/``). External validation, the stress stage's originals and the
-check of ``stress.originals`` all read a folder this one way."""
+check of ``stress.originals`` all read a folder this one way; two case variants of one folder are an error."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.core.config import LABELS
+from pipeline.core.errors import DataError
 
 
 def child(folder: Path, name: str) -> Path | None:
-    """A subfolder by name, in any letter case."""
+    """A subfolder by name, in any letter case; two case variants (NORMAL/ and normal/) are a DataError."""
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == name.lower()] if folder.is_dir() else []
+    if len(found) > 1:
+        shown = " and ".join(sorted(f"{p.name}/" for p in found))
+        raise DataError(f"{folder}: both {shown}, which one holds the {name} images is unclear: merge them")
     return found[0] if found else None
 
 

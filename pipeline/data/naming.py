@@ -2,6 +2,8 @@
 
 ``person123_bacteria_456.jpeg`` -> (``person123``, ``bacteria``); ``IM-0115-0001.jpeg`` ->
 (``IM-0115``, ``none``); ``NORMAL2-IM-0588-0001-0002.jpeg`` -> (``NORMAL2-IM-0588``, ``none``).
+Ids take the archive's letter case whatever the name's (``Person123`` -> ``person123``, ``im-0115`` ->
+``IM-0115``), so a renamed or lower-cased copy of a child's file stays that child.
 
 A patient id is unique only within one numbering: the official ``val/`` folder continues ``train/``'s,
 while ``test/`` numbers its own patients (``person100`` in train and in test are different children).
@@ -20,10 +22,11 @@ _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 def named_patient(filename: str) -> str | None:
     """The patient id a Kermany file name gives, or None for a name of another pattern."""
     stem = PurePath(filename).stem
-    for pattern in (_PERSON, _IM):
-        m = pattern.match(stem)
-        if m:
-            return m.group(1)
+    # In the archive's own letter case, so a renamed or lower-cased copy of a child's file stays that child
+    if m := _PERSON.match(stem):
+        return m.group(1).lower()
+    if m := _IM.match(stem):
+        return m.group(1).upper()
     return None
 
 

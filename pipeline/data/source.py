@@ -49,8 +49,8 @@ def local_path(params: DataParams) -> Path:
 def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
     """(file, its stat) for every regular file under `root`, following linked folders (a split or class folder
     may be a link to where the images are) but never into a folder it is already inside (a link loop); broken
-    links and files gone mid-walk are left out."""
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    links and files or folders gone mid-walk are left out; a folder that cannot be listed is a DataError."""
+    for folder, dirs, files in os.walk(root, onerror=_unlisted, followlinks=True):
         here = Path(folder)
         ancestors = {_key(p) for p in (here, *here.parents) if p.is_relative_to(root)}
         dirs[:] = sorted(d for d in dirs if _key(here / d) not in ancestors)
@@ -62,6 +62,12 @@ def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
                 continue
             if stat_module.S_ISREG(stat.st_mode):
                 yield path, stat
+
+
+def _unlisted(error: OSError) -> None:
+    """os.walk's onerror: an unreadable folder (permissions, a failing share) would drop its files unseen."""
+    if not isinstance(error, FileNotFoundError):  # gone mid-walk, as a file can be
+        raise DataError(f"{error.filename}: cannot be listed ({error.strerror or error})")
 
 
 def _key(path: Path) -> tuple[int, int] | None:

@@ -1,10 +1,10 @@
 """Validation of the index with Great Expectations 1.x (ephemeral context, pandas data source).
 
 Two suites: ``index`` checks every row (decodes, labels, splits, sizes, modes, no image and no
-patient in two splits); ``split_summary`` checks one row per split and class (a minimum count,
-the class ratio). Results go to a compact JSON report and GX's HTML Data Docs, both replaced
-atomically. Failures come back as a short summary naming each expectation, its row count and a
-few example paths.
+patient in two splits, no image under two labels); ``split_summary`` checks one row per split and
+class (a minimum count, the class ratio). Results go to a compact JSON report and GX's HTML Data
+Docs, both replaced atomically. Failures come back as a short summary naming each expectation, its
+row count and a few example paths.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def validation_frame(index: pd.DataFrame) -> pd.DataFrame:
     bad = ~df["decodable"]
     # Only images count: two empty or unreadable files share a hash but are no image in two splits (quarantined)
     df["sha256_split_count"] = df[~bad].groupby("sha256")["split"].transform("nunique").reindex(df.index)
+    df["sha256_label_count"] = df[~bad].groupby("sha256")["label"].transform("nunique").reindex(df.index)
     df["patient_split_count"] = df.groupby("patient_id")["split"].transform("nunique")
     df["patient_in_name"] = [naming.named_patient(PurePath(p).name) is not None for p in df["path"]]
     df["width"] = df["width"].astype("Float64").mask(bad)  # sizes of undecodable files are unknown
@@ -139,6 +140,9 @@ def _suites(params: ValidationParams) -> dict[str, list[Any]]:
             ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="sha256_split_count", max_value=1, meta={"check": "no image (sha256) in two splits"}
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="sha256_label_count", max_value=1, meta={"check": "no image (sha256) under two labels"}
             ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="patient_split_count", max_value=1, meta={"check": "no patient in two splits"}

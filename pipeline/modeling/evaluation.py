@@ -145,9 +145,34 @@ def predict_split(
     """The model's outputs for every image of a split, in the split's order (averaged over `views`)."""
     ds = make_dataset(data, image_size, batch_size, cache=False).map(lambda x, y: x)
     if views is None or not views.enabled:
-        return model.predict(ds, verbose=0)
+        return require_finite(model.predict(ds, verbose=0), data)
     run = tta.predictor(model, views, image_size)
-    return np.concatenate([np.asarray(run(x)) for x in ds])
+    return require_finite(np.concatenate([np.asarray(run(x)) for x in ds]), data)
+
+
+def require_finite(outputs: np.ndarray, data: SplitData) -> np.ndarray:
+    """`outputs` (one row per image of `data`), refused by split, count and an example when any is NaN or
+    infinite (a diverged model): they would pass as a NaN threshold, or fail deep in scikit-learn."""
+    outputs = np.asarray(outputs)
+    bad = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if bad.any():
+        raise PipelineError(
+            f"{data.split}: the model gave non-finite outputs for {int(bad.sum())} images, "
+            f"e.g. {data.paths[int(bad.argmax())]} (a diverged model? run the train stage again)"
+        )
+    return outputs
+
+
+def check_task(outputs: np.ndarray, trained_task: object, task: str, n_classes: int, model_dir: str) -> None:
+    """Refuse a model trained for another task than `task` (its metadata's "task", or its output width: 1 for
+    binary, one per class otherwise), e.g. params.yaml edited and evaluate run before training again."""
+    width = int(np.asarray(outputs).reshape(len(outputs), -1).shape[1])
+    expected = 1 if task == "binary" else n_classes
+    if trained_task not in (None, task) or width != expected:
+        raise PipelineError(
+            f"{model_dir}: the model was trained for task {trained_task!r} ({width} outputs), params.task is "
+            f"{task!r} ({expected} outputs): run the train stage"
+        )
 
 
 def pneumonia_score(probs: np.ndarray) -> np.ndarray:
@@ -213,6 +238,8 @@ def evaluate(
         p_val, p_test = calibrated.p_val, calibrated.p_test
     s_val, s_test = pneumonia_score(p_val), pneumonia_score(p_test)
     b_val, b_test = (np.asarray(y_val) > 0).astype(int), (np.asarray(y_test) > 0).astype(int)
+    if b_test.size and not b_test.any():  # sensitivity undefined (NaN): the registry's floor could not judge it
+        raise PipelineError("test: the split has no PNEUMONIA image, so test sensitivity is undefined")
     threshold = choose_threshold(b_val, s_val, params.target_sensitivity)
     views = tta.Views.of(params.tta)
     multiclass = None

@@ -24,6 +24,10 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity:
     if not 0 < target_sensitivity < 1:
         raise PipelineError(f"evaluate.target_sensitivity: must be in (0, 1), got {target_sensitivity}")
     y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
+    if not np.isfinite(scores).all():  # NaN sorts first and would become the threshold
+        raise PipelineError(
+            f"cannot choose a threshold: {int((~np.isfinite(scores)).sum())} validation scores are not finite"
+        )
     positives = np.sort(scores[y_true == 1])[::-1]
     if positives.size == 0:
         raise PipelineError("cannot choose a threshold: the validation split has no PNEUMONIA image")
@@ -74,15 +78,23 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
     return BinaryMetrics(
         threshold=float(threshold),
         accuracy=float(skm.accuracy_score(y_true, y_pred)),
-        precision=float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        sensitivity=float(skm.recall_score(y_true, y_pred, zero_division=0)),
+        # Undefined figures (no positive image, none predicted) are NaN, as specificity is without negatives.
+        precision=float(skm.precision_score(y_true, y_pred, zero_division=np.nan)),
+        sensitivity=float(skm.recall_score(y_true, y_pred, zero_division=np.nan)),
         specificity=specificity(y_true, y_pred),
-        f1=float(skm.f1_score(y_true, y_pred, zero_division=0)),
+        f1=float(skm.f1_score(y_true, y_pred, zero_division=np.nan)),
         roc_auc=float(skm.roc_auc_score(y_true, scores)) if both else float("nan"),
         pr_auc=float(skm.average_precision_score(y_true, scores)) if both else float("nan"),
         brier=float(skm.brier_score_loss(y_true, scores)),
         confusion=skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist(),
     )
+
+
+class Intervals(dict[str, tuple[float, float]]):
+    """bootstrap_ci's intervals by figure, and how many resamples they come from (`kept` of `drawn`)."""
+
+    kept: int = 0
+    drawn: int = 0
 
 
 def bootstrap_ci(
@@ -93,11 +105,12 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = 0.95,
     groups: np.ndarray | list[str] | None = None,
-) -> dict[str, tuple[float, float]]:
+) -> Intervals:
     """Percentile bootstrap intervals for ROC AUC, sensitivity and specificity.
 
     With `groups` (patient ids) whole patients are resampled, all their images together: images of
     one child are not independent, and resampling them one by one makes the intervals too narrow.
+    Resamples with one class are skipped; the result's `kept` says how many were used.
     """
     y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
     rng = np.random.default_rng(seed)
@@ -119,14 +132,21 @@ def bootstrap_ci(
         draws["sensitivity"].append(float(np.mean(pred[yt == 1])))
         draws["specificity"].append(float(np.mean(~pred[yt == 0])))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if v}
+    out = Intervals({k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if v})
+    out.kept, out.drawn = len(draws["roc_auc"]), n
+    return out
 
 
 def interval_method(ci95: dict[str, tuple[float, float]], patients: int | None) -> str:
-    """How `ci95` was made, for reports: over `patients` (None: over images), or why there is none."""
+    """How `ci95` was made, for reports: over `patients` (None: over images), or why there is none; with
+    bootstrap_ci's result, also how many resamples were kept when some had one class (a rare class)."""
     if not ci95:
         return "none (no bootstrap resamples, or none with both classes)"
-    return f"bootstrap over {patients} patients" if patients else "bootstrap over images"
+    method = f"bootstrap over {patients} patients" if patients else "bootstrap over images"
+    kept, drawn = getattr(ci95, "kept", 0), getattr(ci95, "drawn", 0)
+    if kept < drawn:
+        method += f", {kept} of {drawn} resamples kept (the rest had one class; the interval may be too narrow)"
+    return method
 
 
 def interval(ci95: dict[str, tuple[float, float]], key: str) -> str:

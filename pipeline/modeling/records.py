@@ -3,7 +3,8 @@
 Each record holds one image's ORIGINAL encoded bytes (the JPEG folder stays the source of truth: nothing
 is re-encoded or resized) and its index fields. A split's usable (decodable) rows are written sorted by
 path, ``images_per_shard`` to a file named ``<split>-NNNNN-of-NNNNN.tfrecord``, beside ``manifest.json``
-(shard files with their sha256 and counts, counts per split and label, the index fingerprint). Same
+(shard files with their sha256 and counts, counts per split and label, the index fingerprint, and the
+paths left out as undecodable: the fingerprint does not cover ``decodable``). Same
 index and bytes give byte-identical shards: no timestamps, a fixed record layout, a fixed order. The
 folder is written to a temporary sibling and renamed into place, so a failure leaves the old set or none.
 
@@ -30,7 +31,7 @@ from pipeline.core.hashing import file_sha256
 from pipeline.data.version import index_fingerprint
 
 MANIFEST = "manifest.json"
-FORMAT = "pneumo-shards/1"
+FORMAT = "pneumo-shards/2"  # 2: the manifest lists the undecodable paths left out
 TEXT_FIELDS = ("path", "split", "label", "subtype", "patient_id", "sha256")
 INT_FIELDS = ("width", "height")
 FEATURES = {
@@ -44,6 +45,12 @@ _COMPRESSION = {"none": "", "gzip": "GZIP", "zlib": "ZLIB"}
 def usable_rows(index: pd.DataFrame, split: str) -> pd.DataFrame:
     """One split's decodable rows in path order: what a shard set holds, and the order it holds them in."""
     return index[(index["split"] == split) & index["decodable"]].sort_values("path", kind="stable")
+
+
+def _undecodable(index: pd.DataFrame) -> list[str]:
+    """The indexed paths no shard holds, sorted: with the fingerprint (path, split, sha256), this pins the
+    exact set of paths a shard set holds."""
+    return sorted(index.loc[~index["decodable"].astype(bool), "path"].astype(str))
 
 
 def _example(row: pd.Series, image: bytes) -> bytes:
@@ -79,6 +86,7 @@ def write_shards(index: pd.DataFrame, root: str | Path, params: ShardsParams) ->
         "index_fingerprint": index_fingerprint(index),
         "compression": params.compression,
         "images_per_shard": params.images_per_shard,
+        "undecodable": _undecodable(index),
         "splits": {},
     }
     with staged_dir(out) as tmp:
@@ -126,6 +134,14 @@ def check_manifest(manifest: dict, index: pd.DataFrame, out: str | Path) -> None
         raise DataError(
             f"the shards in {out} were written from another index (fingerprint {manifest['index_fingerprint']}, "
             f"the index is {current}): run `pneumo shard` (dvc repro does)"
+        )
+    # Same rows, but `decodable` flipped since (e.g. a new decoder): the shards hold another set of images.
+    was, now = set(manifest["undecodable"]), set(_undecodable(index))
+    if was != now:
+        path, state = (min(was - now), "lack") if was - now else (min(now - was), "still hold")
+        raise DataError(
+            f"the shards in {out} {state} {path} (decodable changed in the index since they were written): "
+            "run `pneumo shard` (dvc repro does)"
         )
 
 

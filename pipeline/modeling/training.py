@@ -64,7 +64,8 @@ class TrainOutcome:
     @property
     def best_val_auc(self) -> float:
         """The saved model's val AUC where training selects one: a later phase keeps its weights only when it
-        beats every earlier phase's best (of an ensemble: its best network's)."""
+        beats every earlier phase's best. Of an ensemble: its best network's; with snapshots, its best epoch,
+        which may be mid-cycle though only each cycle's last weights join the saved model."""
         return max((h["val_auc"] for h in self.history if "val_auc" in h), default=float("nan"))
 
 

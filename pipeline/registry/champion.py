@@ -5,12 +5,15 @@ registered with its decision but never gets an alias, not even as the first vers
 with no ``@champion`` the candidate becomes champion; with one, both are scored on the same test
 set: the champion's recorded figures when its ``test_set`` tag matches, else the champion is
 re-scored on the candidate's test set at its own registered threshold. The candidate wins when its
-primary metric beats the champion's by ``min_improvement``. A winner gets ``@challenger`` for a
-human to promote (``promotion: manual``) or takes ``@champion`` itself (``auto``; the previous
-champion is recorded), unless a person moved ``@champion`` since the pipeline last set it (the
-registered model's ``pipeline_champion`` tag): a person's choice is never overridden, the winner
-gets ``@challenger``. ``promotion: candidate`` (a sweep's winner) never takes ``@champion``, not even
-as the first version: a winner gets ``@challenger`` at most, and the decision names where it came from.
+primary metric beats the champion's by ``min_improvement`` (a champion without a numeric
+``test_<primary_metric>`` tag is re-scored too). A winner gets ``@challenger`` for a human to promote
+(``promotion: manual``) or takes ``@champion`` itself (``auto``; the previous champion is recorded),
+unless a person moved ``@champion`` since the pipeline last set it (the registered model's
+``pipeline_champion`` tag): a person's choice is never overridden, the winner gets ``@challenger``.
+``promotion: candidate`` (a sweep's winner) never takes ``@champion``, not even as the first version: a
+winner gets ``@challenger`` at most, and the decision names where it came from. A winner takes
+``@challenger`` only if it beats its current holder too, by the same rule on the same test set (re-scored
+likewise); else it is rejected and that challenger stays.
 
 Safety, on one machine or many. Registrations of a model take turns under the registration lock
 (registry_lock: a lock file, or a PostgreSQL advisory lock shared by every machine), from reading
@@ -27,12 +30,16 @@ retried (retrying: tenacity, transient errors only), so every step is idempotent
 - the decision is computed before anything is written; the version is created ``pending`` with all its
   tags in one call, then the model card (``finalize``), then it is marked ``complete``, and only then
   are aliases set: a ``pending`` version never holds an alias;
-- a failure after the version exists, once its retries are spent, rolls back (the previous champion
-  restored, the version deleted), so the registry is not left half-updated;
+- a failure after the version exists, once its retries are spent, rolls back (the version deleted; if this
+  run made an alias call and the alias still points to its version, the alias's previous holder restored
+  first), so the registry is not left half-updated; an alias another registration or a person has moved
+  since is never touched, nor any alias once the lock is found lost;
 - if the process died before it could roll back, the next register for the same run cleans up: a
   ``pending`` version is deleted and the registration starts over (decided afresh, under the lock);
   a ``complete`` one is kept and finished: its recorded decision's alias is set if ``@champion`` is
-  still the version it was decided against (``pneumo.compared_with``), else left alone with a warning.
+  still the version it was decided against (``pneumo.compared_with``), and for ``@challenger`` if that is still
+  where it was (``pneumo.challenger_was``), else left alone with a warning; a recorded champion outcome
+  sets ``@champion`` only under ``promotion: auto``.
   A re-run for a registered evaluation therefore never adds a second version.
 """
 
@@ -59,6 +66,7 @@ PIPELINE_CHAMPION_TAG = "pipeline_champion"  # the version this pipeline last ga
 KEY_TAG = "pneumo.registration_key"  # Candidate.key: one version per evaluation of a training run
 STATE_TAG = "pneumo.registration"  # pending (created) -> complete (tags and card written); aliases only then
 COMPARED_TAG = "pneumo.compared_with"  # the @champion version the decision was made against ("": none)
+CHALLENGER_TAG = "pneumo.challenger_was"  # the @challenger version a challenger outcome replaces ("": none)
 PENDING, COMPLETE = "pending", "complete"
 SCORE_KEYS = ("roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "brier")
 
@@ -86,6 +94,9 @@ class Decision:
     aliases: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed: bool = False  # this run's version was already registered (a re-run): finished, not duplicated
+    challenger: Scores | None = None  # the @challenger a challenger outcome had to beat too
+    challenger_rescored: bool = False
+    previous_challenger: str | None = None  # the version that held @challenger before this one took it
 
     def summary(self) -> str:
         head = f"register: {self.model_name} version {self.version}: {self.outcome} ({self.reason})"
@@ -95,7 +106,7 @@ class Decision:
 def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -> tuple[str, str, list[str]]:
     """(outcome, reason, warnings) for a candidate against the champion on the same test set."""
     sens, floor = candidate.metrics["sensitivity"], params.sensitivity_floor
-    if sens < floor:  # the clinical floor comes first: not even a first version may serve below it
+    if not sens >= floor:  # the clinical floor first (an undefined, NaN sensitivity fails it too)
         where = "no champion is set" if champion is None else f"champion v{champion.version} stays"
         return "rejected", f"test sensitivity {sens:.4f} is below the floor {floor}; {where}", []
     if champion is None:
@@ -112,14 +123,57 @@ def decide(candidate: Scores, champion: Scores | None, params: RegisterParams) -
     return "rejected", f"{key} {cand:.4f} does not beat champion v{champion.version} {champ:.4f}", []
 
 
-def version_scores(version: Any) -> Scores:
-    """A registered version's recorded figures (from the tags register wrote)."""
-    tags = version.tags
+def version_scores(version: Any, role: str = CHAMPION) -> Scores:
+    """A registered version's recorded figures (from the tags register wrote); a metric tag that is not a number
+    is left out, so a missing or unreadable primary metric means re-scoring (see recorded_or_rescored)."""
+    tags, v = version.tags, version.version
+    metrics = {k: number(tags[f"test_{k}"]) for k in SCORE_KEYS if f"test_{k}" in tags}
+    for tag in ("threshold", "test_set"):
+        if tag not in tags:
+            raise PipelineError(f"register: {role} version {v} lacks tag {tag!r}")
     try:
-        metrics = {k: float(tags[f"test_{k}"]) for k in SCORE_KEYS if f"test_{k}" in tags}
-        return Scores(metrics, float(tags["threshold"]), tags["test_set"], str(version.version))
-    except KeyError as exc:
-        raise PipelineError(f"register: champion version {version.version} lacks tag {exc.args[0]!r}") from None
+        threshold = float(tags["threshold"])
+    except ValueError:
+        raise PipelineError(
+            f"register: {role} version {v} has a non-numeric tag 'threshold': {tags['threshold']!r}"
+        ) from None
+    return Scores({k: m for k, m in metrics.items() if m is not None}, threshold, tags["test_set"], str(v))
+
+
+def number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def recorded_or_rescored(
+    version: Any,
+    role: str,
+    candidate: Scores,
+    params: RegisterParams,
+    rescore: Callable[[str, float], dict[str, float]],
+    log: Callable[[str], None],
+) -> tuple[Scores, bool]:
+    """A registered version's figures on the candidate's test set: its recorded ones when they were taken on that
+    set and hold the primary metric as a number, else it is re-scored at its own registered threshold."""
+    scores, tag = version_scores(version, role), f"test_{params.primary_metric}"
+    if scores.test_set == candidate.test_set and params.primary_metric in scores.metrics:
+        return scores, False
+    why = "was scored on another test set" if scores.test_set != candidate.test_set else f"has no numeric tag {tag!r}"
+    log(f"register: {role} v{scores.version} {why}; re-scoring it")
+    metrics = rescore(f"models:/{params.model_name}/{scores.version}", scores.threshold)
+    return Scores(metrics, scores.threshold, candidate.test_set, scores.version), True
+
+
+def beats_challenger(candidate: Scores, challenger: Scores, params: RegisterParams) -> tuple[bool, str]:
+    """Whether a winner also beats the current @challenger (the rule it beat the champion by), and why."""
+    key = params.primary_metric
+    cand, chal = candidate.metrics[key], challenger.metrics[key]
+    v = challenger.version
+    if cand > chal + params.min_improvement:
+        return True, f"{key} {cand:.4f} beats challenger v{v} {chal:.4f}"
+    return False, f"{key} {cand:.4f} does not beat challenger v{v} {chal:.4f}; challenger v{v} stays"
 
 
 def champion_version(client: Any, name: str) -> Any | None:
@@ -186,12 +240,7 @@ def register(
         current = retry(lambda: champion_version(client, name), "reading @champion")
         champion, rescored = None, False
         if current is not None:
-            champion = version_scores(current)
-            if champion.test_set != candidate.scores.test_set:
-                log(f"register: champion v{champion.version} was scored on another test set; re-scoring it")
-                metrics = rescore(f"models:/{name}/{champion.version}", champion.threshold)
-                champion = Scores(metrics, champion.threshold, candidate.scores.test_set, champion.version)
-                rescored = True
+            champion, rescored = recorded_or_rescored(current, CHAMPION, candidate.scores, params, rescore, log)
         outcome, reason, warnings = decide(candidate.scores, champion, params)
         reason += f"; {candidate.origin}" if candidate.origin else ""
         if outcome == CHAMPION and current is not None:
@@ -201,18 +250,23 @@ def register(
                 outcome = CHALLENGER
                 reason += f"; @champion v{current.version} was set by a person, so only @challenger moves"
         decision = Decision(outcome, reason, candidate.scores, champion, rescored, model_name=name, warnings=warnings)
+        if outcome == CHALLENGER:
+            holder = retry(lambda: alias_version(client, name, CHALLENGER), "reading @challenger")
+            _against_challenger(decision, holder, current, params, rescore, log)
         tags = {
             **candidate.tags,
-            "decision": outcome,
-            "decision_reason": reason,
+            "decision": decision.outcome,
+            "decision_reason": decision.reason,
             KEY_TAG: candidate.key,
             STATE_TAG: PENDING,
             COMPARED_TAG: str(current.version) if current is not None else "",
+            CHALLENGER_TAG: decision.previous_challenger or "",
         }
-        if outcome == CHAMPION and current is not None:
+        if decision.outcome == CHAMPION and current is not None:
             decision.previous_champion = tags["previous_champion"] = str(current.version)
         version = retry(_idempotent_create(client, name, candidate, tags, log), "creating the model version")
         decision.version = str(version.version)
+        moved = False  # whether an alias call was made: only then may the rollback touch an alias
         try:
             if finalize is not None:
                 finalize(decision)
@@ -221,25 +275,54 @@ def register(
                 "marking the version complete",
             )
             still_held()  # a lock lost with its connection: another registration may be deciding right now
+            moved = True
             _set_aliases(client, decision, retry)
         except BaseException:
-            _roll_back(client, decision)
+            _roll_back(client, decision, moved)
             raise
     return decision
 
 
-def _roll_back(client: Any, decision: Decision) -> None:
-    """Best effort after a failure: @champion back on the previous champion, then the new version deleted.
+def _against_challenger(
+    decision: Decision,
+    holder: Any | None,
+    current: Any | None,
+    params: RegisterParams,
+    rescore: Callable[[str, float], dict[str, float]],
+    log: Callable[[str], None],
+) -> None:
+    """A winner takes @challenger only if it also beats the version holding it now (unless that is the champion,
+    already beaten); else it is rejected and the challenger stays."""
+    if holder is None:
+        return
+    decision.previous_challenger = str(holder.version)
+    if current is not None and str(holder.version) == str(current.version):
+        return
+    challenger, rescored = recorded_or_rescored(holder, CHALLENGER, decision.candidate, params, rescore, log)
+    decision.challenger, decision.challenger_rescored = challenger, rescored
+    won, why = beats_challenger(decision.candidate, challenger, params)
+    decision.reason += f"; {why}"
+    if not won:
+        decision.outcome, decision.previous_challenger = "rejected", None
 
-    The previous champion is put back whenever this version was to take its place, whether or not a reply said
-    @champion moved (a move can land with every reply lost; putting it back is idempotent). The version is
-    deleted only once that worked: deleting the version @champion may point to would leave no champion; a
-    version left behind is cleaned up by a re-run."""
-    name = decision.model_name
-    if decision.outcome == CHAMPION and decision.previous_champion:
+
+def _roll_back(client: Any, decision: Decision, moved: bool) -> None:
+    """Best effort after a failure: the alias this run moved put back on its previous holder, then the new version
+    deleted.
+
+    Aliases are touched only if this run made an alias call (`moved`), and then only while the alias still points
+    to this version: a move can land with every reply lost, so no reply is trusted, but an alias that another
+    registration or a person has moved since is theirs. If the alias cannot be read or put back, the version is
+    left for a re-run (deleting it would take the alias with it)."""
+    name, alias = decision.model_name, decision.outcome
+    if moved and alias in (CHAMPION, CHALLENGER):
+        previous = decision.previous_champion if alias == CHAMPION else decision.previous_challenger
         try:
-            client.set_registered_model_alias(name, CHAMPION, decision.previous_champion)
-            client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, decision.previous_champion)
+            holder = alias_version(client, name, alias)
+            if holder is not None and str(holder.version) == decision.version and previous:
+                client.set_registered_model_alias(name, alias, previous)
+                if alias == CHAMPION:
+                    client.set_registered_model_tag(name, PIPELINE_CHAMPION_TAG, previous)
         except Exception:  # noqa: BLE001 - the registry is down: leave the version for a re-run
             return
     with contextlib.suppress(Exception):
@@ -281,18 +364,31 @@ def _finish(
         version=str(version.version),
         model_name=name,
         resumed=True,
+        previous_challenger=tags.get(CHALLENGER_TAG) or None,
     )
     log(f"register: run {candidate.run_id} is already version {decision.version} ({decision.outcome}); finishing it")
     alias = {CHAMPION: CHAMPION, CHALLENGER: CHALLENGER}.get(decision.outcome)
     if alias is None:
         return decision
-    if alias == CHAMPION and params.promotion == "candidate":
-        decision.warnings.append("promotion: candidate never sets @champion; its recorded @champion was not set")
+    # Recorded under auto, a replacement of the champion may only be finished under auto; a first version became
+    # champion under manual too (decide), but never under candidate.
+    replaced = bool(tags.get(COMPARED_TAG))
+    if alias == CHAMPION and (params.promotion == "candidate" or (replaced and params.promotion != "auto")):
+        decision.warnings.append(
+            f"promotion: {params.promotion} never sets @champion itself; its recorded @champion was not set"
+        )
         return decision
     holder = retry(lambda: alias_version(client, name, alias), f"reading @{alias}")
     current = retry(lambda: champion_version(client, name), "reading @champion")
+    held = holder is not None and str(holder.version) == decision.version
     unchanged = (str(current.version) if current is not None else "") == tags.get(COMPARED_TAG)
-    if (holder is not None and str(holder.version) == decision.version) or unchanged:
+    if alias == CHALLENGER and not held and unchanged:  # and @challenger is still where it was decided against
+        unchanged = (str(holder.version) if holder is not None else "") == tags.get(CHALLENGER_TAG, "")
+        if not unchanged:
+            now = f"v{holder.version}" if holder is not None else "none"
+            decision.warnings.append(f"@challenger changed since this version was decided (now {now}); it was not set")
+            return decision
+    if held or unchanged:
         still_held()
         _set_aliases(client, decision, retry)
     else:

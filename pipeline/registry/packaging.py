@@ -5,6 +5,7 @@ Called by the register stage, because only after evaluation is the threshold kno
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -198,22 +199,42 @@ SERVING_DISTRIBUTIONS = (
 )
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the pipeline package: the pyfunc's code_paths
+
+
+def code_digest(root: Path = PACKAGE_ROOT) -> str:
+    """A digest of the code the pyfunc bundles (every file of the package by path and content, caches aside)."""
+    digest = hashlib.sha256()
+    for path in sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def pyfunc_requirements() -> list[str]:
     """The logged pyfunc's pip requirements, pinned to the versions installed here."""
     return [f"{name}=={metadata.version(name)}" for name in SERVING_DISTRIBUTIONS]
 
 
 def log_pyfunc(bundle: Path, run_id: str) -> str:
-    """Log the bundle as an MLflow pyfunc model in the run; returns its model URI."""
+    """Log the bundle as an MLflow pyfunc model in the run; returns its model URI. The training run keeps its
+    status and end time (start_run would end it anew: FINISHED now, or FAILED if the logging fails)."""
     requirements = pyfunc_requirements()
-    with mlflow.start_run(run_id=run_id):
-        logged = mlflow.pyfunc.log_model(
-            name="classifier",
-            python_model=pyfunc_entry.__file__,  # models-from-code: no pickled object, no pickle warning
-            artifacts={BUNDLE_ARTIFACT: str(bundle)},
-            code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole pipeline package
-            signature=signature(),
-            input_example=example_input(),
-            pip_requirements=requirements,
-        )
+    client = mlflow.MlflowClient()
+    before = client.get_run(run_id).info
+    try:
+        with mlflow.start_run(run_id=run_id):
+            logged = mlflow.pyfunc.log_model(
+                name="classifier",
+                python_model=pyfunc_entry.__file__,  # models-from-code: no pickled object, no pickle warning
+                artifacts={BUNDLE_ARTIFACT: str(bundle)},
+                code_paths=[str(PACKAGE_ROOT)],  # the whole pipeline package (code_digest)
+                signature=signature(),
+                input_example=example_input(),
+                pip_requirements=requirements,
+            )
+    finally:
+        if before.end_time:
+            client.set_terminated(run_id, before.status, before.end_time)
+        else:
+            client.update_run(run_id, status=before.status)
     return logged.model_uri

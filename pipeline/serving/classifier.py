@@ -9,6 +9,7 @@ they share one preprocessing path and one threshold.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -65,7 +66,16 @@ class ModelInfo:
     uri: str = ""
 
     def public(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON can carry it: an undefined figure (NaN, e.g. specificity of a test set without NORMAL) is null."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 OOD_CAP = 999.0  # the score reported for a constant image (JSON has no infinity)
@@ -128,13 +138,11 @@ class Classifier:
         if not serving.is_file():
             raise PipelineError(f"{folder}: no {SERVING_FILE}: not a serving bundle written by `pneumo register`")
 
-        raw = json.loads(serving.read_text())
-        raw["class_names"] = tuple(raw["class_names"])
-        info = ModelInfo(**{**raw, **{k: v for k, v in registry.items() if v is not None}})
+        info = read_info(serving, registry)
         try:
             model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
         except Exception as exc:  # noqa: BLE001
-            raise PipelineError(f"{folder / MODEL_FILE}: cannot load the model ({type(exc).__name__})") from None
+            raise PipelineError(f"{folder / MODEL_FILE}: cannot load the model ({one_line(exc)})") from None
         drift = folder / DRIFT_FILE
         return cls(model, info, json.loads(drift.read_text()) if drift.is_file() else None)
 
@@ -187,6 +195,23 @@ class Classifier:
             self._explainer = Explainer(self.model, self.info.last_conv_layer)
         names = self.info.class_names
         return self._explainer(image, names.index(label) if len(names) > 2 and label in names else None)
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, for an error raised from inside a library."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__
+
+
+def read_info(serving: Path, registry: dict[str, Any]) -> ModelInfo:
+    """The bundle's serving.json as ModelInfo (registry facts over it); one line naming the file if it is not
+    JSON or does not fit this pipeline's ModelInfo (a bundle from a newer pipeline, a key missing)."""
+    try:
+        raw = json.loads(serving.read_text())
+        raw["class_names"] = tuple(raw["class_names"])
+        return ModelInfo(**{**raw, **{k: v for k, v in registry.items() if v is not None}})
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        raise PipelineError(f"{serving}: invalid {SERVING_FILE} ({one_line(exc)})") from None
 
 
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:

@@ -1,20 +1,22 @@
 """Reading images for prediction: JPEG, PNG and DICOM, checked before decoding, each failure one line.
 
-JPEG and PNG are decoded once, by the TensorFlow decoder training used, and resized by the same
+JPEG and PNG are decoded once, by training's ``modeling.preprocess.decode_gray`` (a 16-bit PNG of 12-bit data
+scaled by its sBIT or stretched, not cut to its high byte), and resized by the same
 ``modeling.preprocess.resize_square``; an EXIF orientation other than upright is then undone with numpy, so
 an upright file gives exactly the training pixels. CMYK and YCCK JPEGs, which TensorFlow cannot decode, go
 through Pillow to RGB and then to grey with TensorFlow's luma weights.
 
 DICOM is read with its header checked before any pixel is decoded: pixel count and decoded size, one
-frame, 8- or 16-bit samples, a decoder installed for its transfer syntax (JPEG baseline and lossless,
-JPEG-LS, JPEG 2000 and RLE through the pydicom plugin packages), and a compressed frame's own dimensions
-equal to the header's, since decoders allocate what the codestream claims. Element values over
-``DEFER_SIZE`` (the pixel data, large private blobs) stay in the upload until used. A deflated data set is
-inflated here, a chunk at a time, and refused past ``MAX_INFLATED_BYTES``: a small upload cannot inflate to
-gigabytes. Grayscale pixels go through the file's own modality LUT or rescale and VOI LUT or window, then
-min-max, MONOCHROME1 inverted, computed once per stored value as a lookup table; colour (RGB, or YBR which
-pydicom hands back as RGB) goes to grey with TensorFlow's luma weights. DICOM header fields that put an
-image outside the model's intended use (not a chest radiograph, not AP/PA, not a young child) do not stop
+frame and 8- or 16-bit samples (otherwise ``UnsupportedImage``), a decoder installed for its transfer syntax
+(JPEG baseline and lossless, JPEG-LS, JPEG 2000 and RLE through the pydicom plugin packages; a plugin missing is
+``DecoderMissing``, the server's fault), and a compressed frame's own dimensions equal to the header's, since
+decoders allocate what the codestream claims. Sequence items are counted, in both byte orders, before pydicom
+parses any. Element values over ``DEFER_SIZE`` (the pixel data, large private blobs) stay in the upload until
+used. A deflated data set is inflated here, a chunk at a time, and refused past ``MAX_INFLATED_BYTES``: a small
+upload cannot inflate to gigabytes. Grayscale pixels go through the file's own modality LUT or rescale and VOI
+LUT or window, then min-max, MONOCHROME1 inverted, computed once per stored value as a lookup table; colour (RGB,
+or YBR which pydicom hands back as RGB) goes to grey with TensorFlow's luma weights. DICOM header fields that put
+an image outside the model's intended use (not a chest radiograph, not AP/PA, not aged one to five) do not stop
 the prediction: they come back as warnings next to it, as does an unreadable EXIF block.
 """
 
@@ -41,7 +43,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pipeline.core.errors import DataError
-from pipeline.modeling.preprocess import resize_square
+from pipeline.modeling.preprocess import decode_gray, resize_square
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MAX_PIXELS = 50_000_000  # a larger header is a decompression bomb, not an X-ray
@@ -49,13 +51,14 @@ MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # decoded DICOM pixel data: 16-bit grayscale a
 MAX_INFLATED_BYTES = MAX_PIXEL_BYTES + 16 * 2**20  # a deflated DICOM data set: those pixels and 16 MiB of header
 MAX_FILE_BYTES = MAX_INFLATED_BYTES  # no image within the pixel limit is a larger file (a multi-frame CT may be)
 ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian: a sequence item, or a fragment of encapsulated pixels
+ITEM_TAG_BIG_ENDIAN = b"\xff\xfe\xe0\x00"  # the same tag in Explicit VR Big Endian, which pydicom still reads
 MAX_SEQUENCE_ITEMS = 10_000  # a radiograph's header holds tens; its pixels a few fragments
 INFLATE_CHUNK = 2**20
 DEFER_SIZE = 64 * 1024  # DICOM element values over this are read from the upload only when used
 MIN_SIDE = 16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RADIOGRAPHY = {"CR", "DX", "DR", "RG"}
-MAX_AGE_YEARS = 5  # the Kermany cohort: children aged one to five
+MIN_AGE_YEARS, MAX_AGE_YEARS = 1, 5  # the Kermany cohort: children aged one to five
 LUMA = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)  # TensorFlow's rgb_to_grayscale weights
 COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}  # pydicom decodes all of these to RGB
 JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # frame headers: JPEG SOF0-15, JPEG-LS SOF55
@@ -82,6 +85,10 @@ class UnsupportedImage(ImageError):
 
 class ImageTooLarge(ImageError):
     """More pixels than any X-ray has (HTTP 413)."""
+
+
+class DecoderMissing(ImageError):
+    """A supported encoding whose decoder plugin is not installed on this server: the server's fault (HTTP 501)."""
 
 
 @dataclass
@@ -152,7 +159,7 @@ def _orientation(img: Image.Image) -> tuple[int, list[str]]:
 
 def _tf_decode(data: bytes, kind: str) -> np.ndarray:
     try:  # the training decoder; a truncated or corrupt body fails here, not silently as grey pixels
-        return tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8).numpy()
+        return decode_gray(data).numpy()
     except tf.errors.InvalidArgumentError as exc:
         reason = str(exc.message).split("}} ")[-1].splitlines()[0][:100]
         raise ImageError(f"corrupt {kind.upper()} ({reason})") from None
@@ -211,9 +218,17 @@ def intended_use_warnings(ds: object) -> list[str]:
     if view and view.upper() not in {"AP", "PA"}:
         warnings.append(f"view position {view} is not AP/PA")
     age = _age_years(str(getattr(ds, "PatientAge", "") or ""))
-    if age is not None and age > MAX_AGE_YEARS:
-        warnings.append(f"patient age {age:.0f} years is outside the training cohort (1-{MAX_AGE_YEARS} years)")
+    if age is not None and not MIN_AGE_YEARS <= age <= MAX_AGE_YEARS:
+        cohort = f"{MIN_AGE_YEARS}-{MAX_AGE_YEARS} years"
+        warnings.append(f"patient age {_age_text(age)} is outside the training cohort ({cohort})")
     return warnings
+
+
+def _age_text(years: float) -> str:
+    """Days below a month, months below two years (11 months, not 1 year), else years to one decimal (5.1, 45)."""
+    if years < 1 / 12:
+        return f"{years * 365.25:.0f} days"
+    return f"{years * 12:.0f} months" if years < 2 else f"{round(years, 1):g} years"
 
 
 def _monochrome(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
@@ -240,7 +255,7 @@ def dicom_to_uint8(ds: Dataset) -> np.ndarray:
     colour (RGB, or YBR which pydicom converts to RGB) to grey with TensorFlow's weights."""
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in COLOUR and not photometric.startswith("MONOCHROME"):
-        raise ImageError(f"DICOM photometric interpretation {photometric} is not supported")
+        raise UnsupportedImage(f"DICOM photometric interpretation {photometric} is not supported")
     arr = ds.pixel_array
     if photometric not in COLOUR:
         return _monochrome(arr, ds, photometric)
@@ -300,7 +315,7 @@ def _count(buffer: bytes | memoryview, pattern: bytes, chunk: int = 1 << 24) -> 
 def _check_items(buffer: bytes | memoryview) -> None:
     """Refuse a data set with more sequence items than any radiograph's header holds before pydicom builds them
     (each is a Python object: a few MB of items, or a few KB deflated, took gigabytes and half a minute)."""
-    items = _count(buffer, ITEM_TAG)
+    items = _count(buffer, ITEM_TAG) + _count(buffer, ITEM_TAG_BIG_ENDIAN)
     if items > MAX_SEQUENCE_ITEMS:
         raise ImageTooLarge(f"DICOM with {items:,} sequence items is over the limit of {MAX_SEQUENCE_ITEMS:,}")
 
@@ -331,10 +346,10 @@ def _check_dicom_header(ds: Dataset) -> tuple[int, int]:
         width, height = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
         bits, samples = int(ds.get("BitsAllocated", 0)), int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
-        raise ImageError(f"multi-frame DICOM ({frames} frames) is not a radiograph")
+        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not a radiograph")
     _check_size(width, height)
     if bits not in (8, 16):
-        raise ImageError(f"DICOM with {bits}-bit pixels is not supported (8 or 16)")
+        raise UnsupportedImage(f"DICOM with {bits}-bit pixels is not supported (8 or 16)")
     decoded = width * height * frames * samples * bits // 8
     if decoded > MAX_PIXEL_BYTES:
         raise ImageTooLarge(
@@ -356,10 +371,10 @@ def _check_decoder(ds: FileDataset) -> str:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise ImageError(f"no decoder for DICOM transfer syntax {name}") from None
+        raise UnsupportedImage(f"no decoder for DICOM transfer syntax {name}") from None
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies)
-        raise ImageError(f"no decoder installed for DICOM transfer syntax {name} (one of: {needs})")
+        raise DecoderMissing(f"no decoder installed for DICOM transfer syntax {name} (one of: {needs})")
     return name
 
 

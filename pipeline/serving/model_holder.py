@@ -25,11 +25,6 @@ class Loader(Protocol):
     def __call__(self, uri: str, *, version: str | None = None) -> clf.Classifier: ...
 
 
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
 def ready(model: clf.Classifier) -> clf.Classifier:
     """One prediction on a blank input: traces the graph now and proves the version can answer at all."""
     size = model.info.image_size
@@ -51,7 +46,7 @@ class ModelHolder:
         except PipelineError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken bundle raises many types; the CLI prints one line
-            raise PipelineError(f"{uri}: cannot load the model ({_one_line(exc)})") from None
+            raise PipelineError(f"{uri}: cannot load the model ({clf.one_line(exc)})") from None
         self.loaded_at = time.time()
         self.reloads = 0
         self.last_error: str | None = None
@@ -84,7 +79,7 @@ class ModelHolder:
             if isinstance(exc, PipelineError):
                 self.last_error = str(exc)
             else:
-                self.last_error = f"{self.uri} (version {version}): cannot load the model ({_one_line(exc)})"
+                self.last_error = f"{self.uri} (version {version}): cannot load the model ({clf.one_line(exc)})"
             self._failed_version = version
             self._on_event("model_load_failed", version=version, error=self.last_error)
             return False
@@ -100,7 +95,7 @@ class ModelHolder:
                 try:
                     self.check()
                 except Exception as exc:  # noqa: BLE001 - the poller must outlive any one bad check
-                    self.last_error = f"reload failed: {_one_line(exc)}"
+                    self.last_error = f"reload failed: {clf.one_line(exc)}"
 
         thread = threading.Thread(target=loop, name="alias-poller", daemon=True)
         thread.start()

@@ -48,17 +48,32 @@ class Prepared:
 HEATMAP_SUFFIX = ".gradcam.png"  # the figures `--explain` writes
 
 
+def _skipped(path: Path, root: Path) -> bool:
+    """Heat maps of an earlier `--explain` (a folder inside the inputs would otherwise feed them back in), macOS
+    forks and hidden files (judged on the path below `root`)."""
+    return path.name.endswith(HEATMAP_SUFFIX) or naming.is_junk(path.relative_to(root))
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder` (any depth, by suffix), sorted; macOS forks, hidden files and the heat maps
-    of an earlier `--explain` (a folder inside the inputs would otherwise feed them back in) skipped."""
+    """The image files under `folder` (any depth, by suffix), sorted; what ``_skipped`` names left out."""
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in image_io.SUFFIXES
-        and not p.name.endswith(HEATMAP_SUFFIX)
-        and not naming.is_junk(p.relative_to(folder))
+        if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not _skipped(p, folder)
     )
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files a glob matches, sorted; what ``_skipped`` names left out, as for folders."""
+    root = Path(glob_root(pattern))
+    return sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file() and not _skipped(Path(p), root))
+
+
+def glob_root(pattern: str) -> str:
+    """The part of a glob pattern before its first wildcard component: what junk is judged below."""
+    parts = Path(pattern).parts
+    plain = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return str(Path(*parts[:plain])) if plain else "."
 
 
 def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -75,7 +90,7 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         elif path.is_file():
             files.append(item)
         elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = glob_files(item)
             if not found:
                 missing.append((item, "the pattern matches no files"))
             files += found

@@ -5,8 +5,9 @@ loaded (``model_holder``). POST /predict takes the image as a multipart field ``
 (``curl -F file=@xray.jpeg``) or as the raw request body. Everything that is the client's fault gets a
 4xx and one line: 401 no or wrong API key, 408 an upload slower than ``serve.body_timeout_seconds``,
 411 no Content-Length or a chunked upload, 413 over ``serve.max_upload_mb`` (or too many pixels), 415 not an
-image, 422 a corrupt image. The body is counted as it arrives: no more than the limit is ever read. At most
-``serve.max_concurrent_decodes`` images are decoded and predicted at once.
+image (or a DICOM the model does not take), 422 a corrupt image. A DICOM whose decoder plugin this server lacks
+is the server's fault: 501, counted as ``no_decoder``. The body is counted as it arrives: no more than the limit
+is ever read. At most ``serve.max_concurrent_decodes`` images are decoded and predicted at once.
 
 With ``PNEUMO_API_KEY`` (or ``PNEUMO_API_KEY_FILE``) set, /predict and /model need the key; /health and
 /metrics stay open for probes and scrapers. Nothing of an upload is logged (``request_log``).
@@ -42,6 +43,7 @@ CLOSE = {"Connection": "close"}  # the rest of an unread upload is not worth rea
 IMAGE_ERRORS: tuple[tuple[type[image_io.ImageError], int, str], ...] = (  # most specific first
     (image_io.UnsupportedImage, 415, "unsupported"),
     (image_io.ImageTooLarge, 413, "too_large"),
+    (image_io.DecoderMissing, 501, "no_decoder"),  # the deployment lacks a pydicom plugin, not the client's fault
     (image_io.ImageError, 422, "corrupt"),
 )
 
@@ -118,7 +120,7 @@ async def read_upload(request: Request, cap: int, limit_mb: float) -> tuple[byte
     """(image bytes, file name); at most `cap` bytes of the body are ever read, multipart included."""
     filename = request.query_params.get("filename", "")
     body = await read_capped(request, cap, limit_mb)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # RFC 9110: any case
         return body, filename
     # Parsed from the bounded bytes, never from the socket: Starlette would spool any size to disk.
     async with Request(request.scope, replay(body)).form(max_files=1, max_fields=4) as form:

@@ -28,7 +28,7 @@ from pipeline.serving import drift
 from pipeline.serving.classifier import Classifier, Prediction
 from pipeline.serving.model_holder import ModelHolder
 
-DECODE_FAILURES = ("unsupported", "too_large", "corrupt")  # 415, 413, 422: the only reason labels
+DECODE_FAILURES = ("unsupported", "too_large", "corrupt", "no_decoder")  # 415, 413, 422, 501: the only reasons
 VERDICTS = ("ok", "warn", "drift", "too_few")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROBABILITY_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))

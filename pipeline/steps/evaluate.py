@@ -48,6 +48,7 @@ def _evaluate(params: Params) -> str:
     test = dp.split_data(index, "test", params.data.root, params.task)
     views = tta.Views.of(params.evaluate.tta)
     p_val = evaluation.predict_split(model, val, size, params.train.batch_size, views)
+    evaluation.check_task(p_val, metadata.get("task"), params.task, len(val.class_names), params.train.model_dir)
     p_test = evaluation.predict_split(model, test, size, params.train.batch_size, views)
     calibrated = evaluation.calibrate(val.labels, p_val, test.labels, p_test) if params.evaluate.calibrate else None
     ev = evaluation.evaluate(

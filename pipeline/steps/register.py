@@ -31,12 +31,14 @@ from pipeline.serving import classifier
 
 
 def serving_digest(ev: Evaluation, params: Params) -> str:
-    """What the served bundle holds beyond the training run: the evaluation (threshold, calibration, views) and
-    the packaging settings that go into it (drift reference, out-of-distribution limits; not the card's example
-    count). Part of the registration key: a change to either registers the bundle it now builds as a new version,
-    never a new card on a version that serves the old one."""
+    """What the served bundle holds beyond the training run: the evaluation (threshold, calibration, views), the
+    packaging settings that go into it (drift reference, out-of-distribution limits; not the card's example
+    count), the pipeline code it bundles and its pinned requirements. Part of the registration key: a change to
+    any of them registers the bundle it now builds as a new version, never a new card on a version that serves
+    the old one."""
     package = params.package.model_dump(exclude={"gradcam_examples"})
-    text = json.dumps({"evaluation": ev.digest(), "package": package}, sort_keys=True)
+    served = {"code": packaging.code_digest(), "requirements": packaging.pyfunc_requirements()}
+    text = json.dumps({"evaluation": ev.digest(), "package": package, **served}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -55,6 +55,13 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _ensemble_note(params: Params) -> str:
+    """What the best val AUC is of, for an ensemble: val AUC is logged per network and epoch, not for the mean."""
+    if params.train.snapshots:  # a mid-cycle epoch may be the best, though only the cycles' last weights are kept
+        return " (its best epoch of any cycle; evaluate scores the ensemble)"
+    return " (of its best network; evaluate scores the ensemble)" if params.train.members > 1 else ""
+
+
 def run(params: Params, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> str:
     cluster = distributed.cluster_from_env()
     if cluster is not None and not cluster.is_chief:
@@ -167,10 +174,9 @@ def _train_and_track(
         mlflow.log_dict({"inputs": example.tolist(), "shape": list(example.shape)}, "model_input_example.json")
         ref = tracking.RunRef(ref.run_id, ref.experiment_id, ref.tracking_uri, logged.model_uri)
         tracking.save_run_ref(params.mlflow.run_file, ref)
-    ensemble = params.train.members > 1 or params.train.snapshots > 0  # val AUC is logged per network and epoch
     return (
         f"trained {metadata['architecture']} ({params.task}) on {outcome.device}: best val AUC "
-        f"{outcome.best_val_auc:.4f}{' (of its best network)' if ensemble else ''} after "
+        f"{outcome.best_val_auc:.4f}{_ensemble_note(params)} after "
         f"{len(outcome.history)} epochs, {images_per_s:.0f} images/s; train images {outcome.input_cache}\n"
         f"model: {params.train.model_dir}/{model_store.MODEL_FILE}; MLflow run {ref.run_id}"
     )

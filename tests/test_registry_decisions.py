@@ -1,0 +1,64 @@
+"""Which registry errors are retried (pure logic: real MLflow exception objects, no server)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from mlflow.exceptions import MlflowException, RestException
+
+from pipeline.registry.retrying import is_io_error
+
+
+def rest(code: str, message: str) -> RestException:
+    return RestException({"error_code": code, "message": message})
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        # The server's database busy or gone (MLflow answers 503 TEMPORARILY_UNAVAILABLE), any 5xx, a rate limit.
+        (
+            rest("TEMPORARILY_UNAVAILABLE", "(psycopg2.OperationalError) server closed the connection unexpectedly"),
+            True,
+        ),
+        (rest("INTERNAL_ERROR", "(psycopg2.errors.DeadlockDetected) deadlock detected"), True),
+        (rest("REQUEST_LIMIT_EXCEEDED", "too many requests"), True),
+        (rest("DEADLINE_EXCEEDED", "gateway timeout"), True),
+        (
+            MlflowException("API request to /api/2.0/mlflow/x failed with error code 502 != 200. Response body: ''"),
+            True,
+        ),
+        (MlflowException("API request to http://h/api failed with exception HTTPConnectionPool: Max retries"), True),
+        (MlflowException("API request to http://h/api failed with exception ('connection aborted.')"), True),
+        (MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE"), True),
+        (ConnectionError("Connection refused"), True),
+        (requests.exceptions.ConnectionError("connection refused"), True),
+        # Bad input: never retried, whatever numbers its text holds.
+        (rest("INVALID_PARAMETER_VALUE", "Model version 50 tag value too long"), False),
+        (rest("RESOURCE_DOES_NOT_EXIST", "Model Version (name=pneumo, version= 501) not found"), False),
+        (rest("RESOURCE_ALREADY_EXISTS", "Registered Model (name=pneumo) already exists; Connection"), False),
+        (rest("BAD_REQUEST", "malformed"), False),
+        (rest("PERMISSION_DENIED", "no"), False),
+        (
+            MlflowException("API request to /api/2.0/mlflow/x failed with error code 404 != 200. Response body: ''"),
+            False,
+        ),
+        (MlflowException("Model version 50 is invalid", error_code="INVALID_PARAMETER_VALUE"), False),
+        (MlflowException("something unexpected"), False),
+        (ValueError("connection"), False),
+    ],
+)
+def test_transient_and_permanent_registry_errors(exc: BaseException, transient: bool) -> None:
+    assert is_io_error(exc) is transient
+
+
+def test_an_undefined_sensitivity_fails_the_clinical_floor() -> None:
+    """A test set without pneumonia gives a NaN sensitivity, which must not pass the floor (NaN < floor is False)."""
+    from pipeline.core.config import RegisterParams
+    from pipeline.registry.champion import Scores, decide
+
+    undefined = Scores({"sensitivity": float("nan"), "roc_auc": float("nan")}, 0.5, "test:abc")
+    outcome, reason, _ = decide(undefined, None, RegisterParams())
+    assert outcome == "rejected" and "below the floor" in reason
+    met = Scores({"sensitivity": 0.95, "roc_auc": 0.97}, 0.5, "test:abc")
+    assert decide(met, None, RegisterParams())[0] != "rejected"
