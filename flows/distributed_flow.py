@@ -27,6 +27,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.dvc_runner import last_error
+from flows.gpus import gpu_env
 from flows.pipeline_flow import as_overrides
 from flows.turns import project_turn
 
@@ -69,7 +70,8 @@ def run_workers(
     """Start `command` once per host with its TF_CONFIG, stream prefixed lines to `echo`, wait for all.
 
     When a worker fails (or `timeout` seconds pass), the others are stopped: they would otherwise wait
-    in a collective for a peer that never comes.
+    in a collective for a peer that never comes. Worker i grows its GPU memory on demand and, where
+    CUDA_VISIBLE_DEVICES lists several devices, sees only device i mod n (flows/gpus.py).
     """
     base = {**os.environ, **(env or {})}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
@@ -78,7 +80,7 @@ def run_workers(
         proc = subprocess.Popen(
             list(command),
             cwd=cwd,
-            env={**base, "TF_CONFIG": tf_config(hosts, i), "PYTHONUNBUFFERED": "1"},
+            env={**base, **gpu_env(i, base), "TF_CONFIG": tf_config(hosts, i), "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -178,6 +180,21 @@ def run_cluster(
     raise AssertionError("unreachable")
 
 
+def outside_dvc(overrides: dict[str, Any] | None, params_file: str, workdir: str | None = None) -> str:
+    """What to tell the user after a successful run: the model is not in dvc.lock, and how to record it."""
+    folder = Path(workdir or ".")
+    if overrides or (folder / params_file).resolve() != (folder / "params.yaml").resolve():
+        return (
+            "dvc: the train stage's outputs are not in dvc.lock, and the overrides / params file this run trained "
+            "with are not in params.yaml (`dvc commit train` would record the wrong params): the next pipeline "
+            "run retrains over this model"
+        )
+    return (
+        f"dvc: the train stage's outputs are not in dvc.lock: run `dvc commit train` in {folder.resolve()} "
+        "before the next pipeline run, or it retrains over this model"
+    )
+
+
 @flow(name="pneumonia-distributed-train", log_prints=True)
 def distributed_train(
     workers: int = 2,
@@ -187,12 +204,19 @@ def distributed_train(
     workdir: str | None = None,
     timeout_seconds: float | None = None,
 ) -> str:
-    """Train with `workers` processes of `pneumo train` on this machine; returns the chief's summary line.
+    """Train with `workers` processes of `pneumo train` on this machine; returns the chief's summary lines and
+    a note on recording the model in DVC.
 
     `hosts` (host:port each, one per worker) are the cluster's addresses; default: loopback on free
     ports. `overrides` maps dotted params.yaml keys to values (passed as `pneumo -S`, the file is not
     changed), e.g. {"train.batch_size": 16}: train.batch_size is per worker, the global batch is
     batch_size x workers.
+
+    The workers run `pneumo train` outside DVC: the model and reports they write are not in dvc.lock, so the
+    next pipeline run sees the train stage as changed and retrains (or restores the cached model) over them.
+    The flow does not commit them (it cannot know they are what the pipeline wants); the summary it returns
+    ends with what to run: `dvc commit train` in the project folder when no `overrides` were given (and
+    `params_file` is params.yaml), else the note that the overrides are not recorded in params.yaml.
     """
     logger = get_run_logger()
     if hosts is not None and len(hosts) != workers:
@@ -209,7 +233,12 @@ def distributed_train(
     if why:
         raise RuntimeError(why)
     chief = runs[0].output.strip().splitlines()
-    return "\n".join(line for line in chief if line.startswith(("trained", "model:"))) or (chief[-1] if chief else "")
+    trained = "\n".join(line for line in chief if line.startswith(("trained", "model:"))) or (
+        chief[-1] if chief else ""
+    )
+    note = outside_dvc(overrides, params_file, workdir)
+    logger.warning(note)
+    return f"{trained}\n{note}" if trained else note
 
 
 if __name__ == "__main__":

@@ -21,9 +21,17 @@ from typing import NoReturn
 
 import yaml
 
-from pipeline.core.errors import EXIT_TRANSIENT, EXIT_VALIDATION, DataError, PipelineError, TransientError
+from pipeline.core.errors import (
+    EXIT_TRANSIENT,
+    EXIT_VALIDATION,
+    ConfigError,
+    DataError,
+    PipelineError,
+    TransientError,
+)
 
 _EXITED = re.compile(r"exited with (-?\d+)")
+_FAILED = "failed to reproduce"  # DVC's own last line when a stage's command fails
 
 
 @dataclass
@@ -104,16 +112,41 @@ def last_error(output: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def exit_status(output: str) -> int | None:
+    """The stage command's exit status as DVC reports it: from its `failed to reproduce` line, else the last
+    "exited with N" (a stage may print such words itself, earlier)."""
+    lines = [line for line in output.splitlines() if _FAILED in line] or [output]
+    found = _EXITED.findall(lines[-1]) or _EXITED.findall(output)
+    return int(found[-1]) if found else None
+
+
 def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> StageRun:
     """`dvc repro --single-item NAME`: DVC runs the stage or says it is unchanged, and updates dvc.lock."""
     start = time.perf_counter()
     code, out = dvc("repro", "--single-item", name, cwd=cwd, echo=echo)
     seconds = time.perf_counter() - start
     if code != 0:
-        exited = _EXITED.search(out)
-        status = int(exited.group(1)) if exited else None
-        _raise_typed(status, last_error(out), f"stage {name}")
+        _raise_typed(exit_status(out), last_error(out), f"stage {name}")
     return StageRun(name, f"Running stage '{name}'" in out, seconds, out, lock_outs(name, cwd))
+
+
+def require_remote(cwd: str | Path = ".") -> str:
+    """The name of the project's default DVC remote; a ConfigError naming .dvc/config when there is none."""
+    code, out = dvc("remote", "default", cwd=cwd)
+    if code != 0 or not out.strip():
+        config = Path(cwd).resolve() / ".dvc" / "config"
+        raise ConfigError(f"dvc push: {config}: no default remote (`pneumo remote URL --default` sets one)")
+    return out.strip()
+
+
+def push_outputs(cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> str:
+    """`dvc push --run-cache`: the stage outputs and DVC's run history to the default remote, so a fresh
+    clone's `dvc pull --run-cache` restores unchanged stages instead of running them again."""
+    require_remote(cwd)
+    code, out = dvc("push", "--run-cache", cwd=cwd, echo=echo)
+    if code != 0:
+        raise PipelineError(f"dvc push --run-cache: {last_error(out)}")
+    return out
 
 
 def run_pneumo(

@@ -8,8 +8,9 @@ cached without starting anything, and from there each stage is a task running
 dvc.lock. Flow parameter overrides are written into params.yaml first (comments kept), so dvc.lock
 and the MLflow run record the values that ran. Stages doing I/O that can fail for a while (ingest's
 download, register's tracking server) are retried with exponential backoff, and only for transient
-errors. The run ends with a markdown artifact: which stages ran or were cached with their dvc.lock
-hashes, the test metrics, the champion decision and the MLflow run.
+errors. With ``push`` (the team deployments), a successful run ends with `dvc push --run-cache`, so the
+next run's fresh clone pulls what this one computed. The run ends with a markdown artifact: which stages
+ran or were cached with their dvc.lock hashes, the test metrics, the champion decision and the MLflow run.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.dvc_runner import StageRun, changed_stages, lock_outs, repro_stage
+from flows.dvc_runner import StageRun, changed_stages, lock_outs, push_outputs, repro_stage, require_remote
 from flows.turns import project_turn
 from pipeline.core.config import Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, TransientError
@@ -38,6 +40,11 @@ from pipeline.steps import stages as stage_list
 PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read (`pneumo <stage>` and their `params:`)
 
 IO_STAGES = {"ingest": 3, "register": 3}  # stage -> task retries
+# The S3 keys for `dvc push`, as prefect.yaml's pull steps read them for `dvc pull` (environment variable -> block).
+REMOTE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "pneumo-s3-access-key-id",
+    "AWS_SECRET_ACCESS_KEY": "pneumo-s3-secret-access-key",
+}
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -90,6 +97,30 @@ def run_changed(names: list[str], always: Collection[str], logger: Any) -> list[
             runs.append(stage_task(name, cached=not started)(name))
         logger.info("%s: %s", name, runs[-1].status)
     return runs
+
+
+def _secret(name: str) -> str | None:
+    """A Prefect Secret block's value, None when there is no such block."""
+    try:
+        return Secret.load(name).get()
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        return None
+
+
+def remote_credentials() -> None:
+    """The remote's keys from the Secret blocks into this process's environment, where it has none of them
+    (a team deployment's flow run: its pull step got them for `dvc pull` only)."""
+    if any(os.environ.get(var) for var in REMOTE_SECRETS):
+        return
+    found = {var: _secret(block) for var, block in REMOTE_SECRETS.items()}
+    os.environ.update({var: value for var, value in found.items() if value})
+
+
+def push_run(logger: Any) -> None:
+    """What the run computed, to the DVC remote: outputs and run-cache (`dvc push --run-cache`)."""
+    remote_credentials()
+    push_outputs(echo=logger.info)
+    logger.info("dvc push --run-cache: done")
 
 
 def as_overrides(overrides: dict[str, Any] | None) -> list[str]:
@@ -148,6 +179,7 @@ def pneumonia_pipeline(
     overrides: dict[str, Any] | None = None,
     params_file: str = PARAMS_FILE,
     workdir: str | None = None,
+    push: bool = False,
 ) -> dict[str, str]:
     """Source, ingest, index, validate, shard, train, evaluate, stress and register through DVC; returns each
     stage's status.
@@ -157,6 +189,9 @@ def pneumonia_pipeline(
     (pulled by `dvc pull`).
     `workdir` is the project folder to run in (default: the current one). `params_file` can only be
     params.yaml, the file DVC's stages read (pass `overrides` instead of another file).
+    `push=True` (the team deployments, whose clone is gone after the run): once every stage succeeded,
+    `dvc push --run-cache` to the default remote, with the S3 keys from the Secret blocks prefect.yaml's
+    `dvc pull` uses when the environment has none; a ConfigError when no default remote is configured.
     """
     if workdir:
         os.chdir(workdir)
@@ -168,6 +203,8 @@ def pneumonia_pipeline(
     start = time.perf_counter()
     override_list = as_overrides(overrides)
     load_params(PARAMS_FILE, override_list)  # a bad key fails here, before any work
+    if push:
+        require_remote()  # and a missing remote
     with project_turn("pneumonia-pipeline", logger.info):
         params = load_params(PARAMS_FILE, override_list)  # as it is now: another flow may have changed it
         if override_list:
@@ -176,6 +213,8 @@ def pneumonia_pipeline(
         always = stage_list.always_run(params)
         runs = run_changed(flow_stage_names(params, ingest), always, logger)
         summary = summary_markdown(params, runs)  # of this run's outputs, before another flow's turn
+        if push:
+            push_run(logger)
     create_markdown_artifact(
         summary,
         key="pneumonia-pipeline-summary",

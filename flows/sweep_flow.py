@@ -52,6 +52,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import run_pneumo
+from flows.gpus import gpu_env, gpu_slot
 from flows.pipeline_flow import PARAMS_FILE, as_overrides, flow_stage_names, retry_on_transient, run_changed
 from flows.turns import project_turn
 from pipeline.core import atomic
@@ -87,8 +88,9 @@ def _draw(key: str, spec: Any, rng: Random) -> Any:
                 return rng.randint(lo, hi)
             if kind == "uniform":
                 return float(f"{rng.uniform(lo, hi):.6g}")
-            if lo > 0:
-                return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.6g}")
+            if lo <= 0:
+                raise ConfigError(f"sweep: random {key}: loguniform needs low > 0 (got {arg!r})")
+            return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.6g}")
     raise ConfigError(
         f"sweep: random {key}: expected a list of values or one of {{uniform|loguniform|randint: [low, high]}}, "
         f"{{choice: [values]}} (got {spec!r})"
@@ -190,8 +192,10 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
     written to the folder's trial.json (where a sweep reads the rows of trials other workers ran)."""
     logger = get_run_logger()
     start = time.perf_counter()
-    for stage in ("train", "evaluate"):
-        run_pneumo([stage], folder, env, echo=lambda line: logger.info("%s: %s", trial, line))
+    with gpu_slot() as slot:  # trials running side by side on this worker get their own GPU where it has several
+        env = {**env, **gpu_env(slot, {**os.environ, **env})}
+        for stage in ("train", "evaluate"):
+            run_pneumo([stage], folder, env, echo=lambda line: logger.info("%s: %s", trial, line))
     params = load_params(Path(folder) / "params.yaml")
     trained = json.loads((Path(folder) / "reports" / "train.json").read_text())
     metrics = json.loads((Path(folder) / params.evaluate.metrics).read_text())
@@ -244,7 +248,7 @@ def run_trial_on_pool(deployment: str, parameters: dict[str, Any]) -> dict[str, 
 
 def run_register(folder: str, env: dict[str, str]) -> dict[str, Any]:
     logger = get_run_logger()
-    run_pneumo(["register"], folder, env, echo=logger.info)
+    run_pneumo(["register"], folder, {**env, **gpu_env(0, {**os.environ, **env})}, echo=logger.info)
     params = load_params(Path(folder) / "params.yaml")
     return json.loads((Path(folder) / params.registry.decision_file).read_text())
 
