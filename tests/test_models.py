@@ -37,6 +37,16 @@ def test_builds_and_runs_forward(architecture: str) -> None:
         assert any(built.model.get_layer(n).trainable_weights for n in top)
 
 
+def test_fine_tune_layers_past_the_backbone_unfreeze_all_of_it() -> None:
+    """A count past the backbone's size (vgg16 has 18 layers, the default is 30) unfreezes the whole backbone, not
+    the top (count - size) layers a negative slice start would give."""
+    built = build_model("vgg16", 32, 2, "none")
+    size = len(built.backbone_layers)
+    for top_n in (size, size + 1, 30, 2 * size + 1):
+        set_backbone_trainable(built, top_n)
+        assert all(built.model.get_layer(n).trainable for n in built.backbone_layers), top_n
+
+
 @pytest.mark.parametrize("architecture", ["compact_cnn", "residual_cnn"])
 def test_width_scales_every_layers_channels(architecture: str) -> None:
     def channels(width: float) -> dict[str, int]:

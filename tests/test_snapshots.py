@@ -117,9 +117,12 @@ def test_training_keeps_each_cycles_end_and_resumes_with_them(synthetic_index: t
 
 def test_a_missing_snapshot_is_one_clear_error(tmp_path: Path) -> None:
     members = _members(2)
-    members[0].save_weights(snapshots.snapshot_path(tmp_path, 1))
-    with pytest.raises(PipelineError, match=r"snapshot-2\.weights\.h5: snapshot 2 of 2 was not written"):
-        snapshots.load_members(lambda: build_model("compact_cnn", SIZE, standardize=True).model, tmp_path, 2)
+    folder = tmp_path / "key" / "full"  # train.resume_dir/<key>/<phase>
+    folder.mkdir(parents=True)
+    members[0].save_weights(snapshots.snapshot_path(folder, 1))
+    message = r"snapshot-2\.weights\.h5: snapshot 2 of 2 was not written; .* delete .*key \(train\.resume_dir/<key>\)"
+    with pytest.raises(PipelineError, match=message):
+        snapshots.load_members(lambda: build_model("compact_cnn", SIZE, standardize=True).model, folder, 2)
 
 
 def test_member_settings_are_checked(params_in: Callable[..., Params]) -> None:

@@ -361,9 +361,11 @@ def build_from_params(
 
 
 def set_backbone_trainable(built: BuiltModel, top_n: int | None) -> None:
-    """Freeze the whole backbone (top_n=0), or unfreeze its top N layers (None: all). BatchNorm stays frozen."""
+    """Freeze the whole backbone (top_n=0), or unfreeze its top N layers (None, or N past its size: all).
+    BatchNorm stays frozen."""
     names = built.backbone_layers
-    unfrozen = set(names if top_n is None else names[len(names) - top_n :] if top_n else [])
+    # max(0, ...): an N past the backbone's size would make a negative start, counted from the end
+    unfrozen = set(names if top_n is None else names[max(0, len(names) - top_n) :] if top_n else [])
     for name in names:
         layer = built.model.get_layer(name)
         layer.trainable = name in unfrozen and not isinstance(layer, keras.layers.BatchNormalization)

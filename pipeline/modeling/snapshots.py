@@ -16,7 +16,8 @@ evaluation use it as they use one network; a prediction costs K forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import keras
@@ -24,6 +25,7 @@ import numpy as np
 
 from pipeline.core.atomic import staged_file
 from pipeline.core.errors import PipelineError
+from pipeline.modeling.selection import epochs_done
 
 ENSEMBLE_CONV = "ensemble_conv"
 
@@ -54,18 +56,42 @@ class SnapshotSaver(keras.callbacks.Callback):
     """Writes the weights at the end of every cycle (after weight averaging swapped its average in).
 
     Each file is staged and renamed, so an interrupted run never leaves a half-written snapshot for its
-    resume to join.
+    resume to join. A kill between a cycle end's backup and its snapshot: the resume writes the snapshot from
+    the weights the backup restored (`average`: the optimizer's weight average, as the epoch's end saved it).
     """
 
-    def __init__(self, folder: Path, cycle: int) -> None:
+    def __init__(self, folder: Path, cycle: int, average: bool = False) -> None:
         super().__init__()
-        self.folder, self.cycle = folder, cycle
+        self.folder, self.cycle, self.average = folder, cycle, average
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        done = epochs_done(self.model)  # after BackupAndRestore restored the weights
+        if done and not done % self.cycle and not snapshot_path(self.folder, done // self.cycle).is_file():
+            with averaged_weights(self.model) if self.average else nullcontext():
+                self._save(done)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if (epoch + 1) % self.cycle:
-            return
-        with staged_file(snapshot_path(self.folder, (epoch + 1) // self.cycle)) as tmp:
+        if not (epoch + 1) % self.cycle:
+            self._save(epoch + 1)
+
+    def _save(self, epochs: int) -> None:
+        with staged_file(snapshot_path(self.folder, epochs // self.cycle)) as tmp:
             self.model.save_weights(tmp)
+
+
+@contextmanager
+def averaged_weights(model: keras.Model) -> Iterator[None]:
+    """The optimizer's weight averages (``use_ema``) in the model's trainable weights, the raw ones back after."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under a LossScaleOptimizer
+    pairs = list(zip(optimizer._trainable_variables, optimizer._model_variables_moving_average, strict=True))
+    raw = [keras.ops.convert_to_numpy(var) for var, _ in pairs]
+    for var, average in pairs:
+        var.assign(average)
+    try:
+        yield
+    finally:
+        for (var, _), value in zip(pairs, raw, strict=True):
+            var.assign(value)
 
 
 def load_members(build: Callable[[], keras.Model], folder: Path, snapshots: int) -> list[keras.Model]:
@@ -74,7 +100,10 @@ def load_members(build: Callable[[], keras.Model], folder: Path, snapshots: int)
     for number in range(1, snapshots + 1):
         path = snapshot_path(folder, number)
         if not path.is_file():
-            raise PipelineError(f"{path}: snapshot {number} of {snapshots} was not written; train again")
+            raise PipelineError(
+                f"{path}: snapshot {number} of {snapshots} was not written; as a last resort delete "
+                f"{folder.parent} (train.resume_dir/<key>) and train again from the start"
+            )
         member = build()
         member.load_weights(path)
         members.append(member)

@@ -104,6 +104,12 @@ class _PhaseRecorder(keras.callbacks.Callback):
         self.phase, self.path, self.sink, self.offset = phase, path, sink, offset
         # Only the chief's copy is the shared state; a non-chief worker's is a private copy of it.
         self.rows: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
+        self.trained = 0  # epochs this process trained (not restored)
+
+    def send(self, rows: list[dict[str, float]]) -> None:
+        """Restored rows to the sink (MLflow logs them at their own steps), so the run's curves are complete."""
+        for row in rows if self.sink else []:
+            self.sink(row)
 
     def done(self, epochs: int) -> list[dict[str, float]]:
         """The rows of the phase's first `epochs` epochs (those the backup restored). A row written just before a
@@ -120,6 +126,7 @@ class _PhaseRecorder(keras.callbacks.Callback):
         }
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         write_text(self.path, json.dumps(self.rows))  # a kill mid-write leaves the previous epoch's rows
+        self.trained += 1
         if self.sink:
             self.sink(row)
 
@@ -215,7 +222,8 @@ def _selection_callbacks(
 
 
 def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> list[keras.callbacks.Callback]:
-    return [snapshots.SnapshotSaver(phase_dir, snapshots.cycle_epochs(epochs, params.snapshots))]
+    cycle = snapshots.cycle_epochs(epochs, params.snapshots)
+    return [snapshots.SnapshotSaver(phase_dir, cycle, average=bool(params.ema_epochs))]
 
 
 def copy_shared_state(shared: Path, phase_dir: Path) -> None:
@@ -238,11 +246,12 @@ def _fit_phase(
     extra: list[keras.callbacks.Callback],
     floor: float | None = None,
     **fit_kwargs: object,
-) -> list[dict[str, float]]:
+) -> tuple[list[dict[str, float]], int]:
     """Fit one phase with early stopping and a best checkpoint on val AUC, LR decay, TensorBoard, resume.
 
     `floor`: the best val AUC of the phase before (fine-tuning after the head), whose weights the model holds
-    now: they stay the phase's best until an epoch beats them, so fine-tuning never ends on a worse model."""
+    now: they stay the phase's best until an epoch beats them, so fine-tuning never ends on a worse model.
+    Returns the phase's history rows (restored ones included) and the epochs this process trained."""
     phase_dir = place.state_dir / phase
     shared = place.shared_state_dir / phase
     if not place.chief and shared.is_dir():
@@ -254,7 +263,8 @@ def _fit_phase(
     done = phase_dir / "done.weights.h5"
     if done.is_file():  # finished before an interruption in a later phase or ensemble member
         model.load_weights(done)
-        return recorder.rows
+        recorder.send(recorder.rows)
+        return recorder.rows, 0
     best = phase_dir / "best.weights.h5"
     to_beat = selection.settle(best)
     if floor is not None and not params.snapshots and to_beat is None:
@@ -266,6 +276,10 @@ def _fit_phase(
         # Two states kept: a kill mid-save leaves the previous epoch's to resume from.
         keras.callbacks.BackupAndRestore(
             str(phase_dir / "backup"), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True
+        ),
+        # The epochs the backup restored, trained by an earlier process, to the sink
+        keras.callbacks.LambdaCallback(
+            on_train_begin=lambda logs: recorder.send(recorder.done(selection.epochs_done(model)))
         ),
         # Weight averaging: the average is swapped in for validation and for the callbacks below it at each
         # epoch's end (the backup above keeps the raw weights, and the average with the optimizer, to resume).
@@ -292,7 +306,7 @@ def _fit_phase(
         model.load_weights(best)
     with staged_file(done) as tmp:
         model.save_weights(tmp)
-    return recorder.rows
+    return recorder.rows, recorder.trained
 
 
 def train(
@@ -364,13 +378,17 @@ def _train(
         chief=scratch is None,
     )
     outcome.tensorboard_logs = place.tensorboard_dir
+    if place.chief and not shared_state.is_dir():  # fresh: a finished run's events of this key are not ours
+        shutil.rmtree(place.tensorboard_dir, ignore_errors=True)
     start = time.perf_counter()
+    trained = 0  # epochs this process trained: restored ones took none of its seconds
 
     def fit_on_images(
         model: keras.Model, phase: str, epochs: int, learning_rate: float, seed: int, floor: float | None = None
     ) -> None:
         """Compile at `learning_rate` and fit `epochs` on the (augmented) image batches, shuffled by `seed`;
         `floor`: see ``_fit_phase``."""
+        nonlocal trained
         outcome.input_cache = cache_note(len(train_data), mp.image_size, tp.memory_cache_mb)
         steps = dp.steps_per_epoch(len(train_data), global_batch)
         with strategy.scope():
@@ -395,23 +413,23 @@ def _train(
         if place.multi_worker:  # the batches are global: the strategy gives each worker its share
             train_ds = distributed.distribute_options(train_ds, SHARD_POLICY)
             val_ds = distributed.distribute_options(val_ds, SHARD_POLICY)
-        outcome.history.extend(
-            _fit_phase(
-                model,
-                phase,
-                train_ds,
-                val_ds,
-                epochs,
-                tp,
-                place,
-                len(outcome.history),
-                sink,
-                extra,
-                floor,
-                steps_per_epoch=steps,  # the training batches never end: an epoch is one pass
-                shuffle=False,
-            )
+        rows, epochs_trained = _fit_phase(
+            model,
+            phase,
+            train_ds,
+            val_ds,
+            epochs,
+            tp,
+            place,
+            len(outcome.history),
+            sink,
+            extra,
+            floor,
+            steps_per_epoch=steps,  # the training batches never end: an epoch is one pass
+            shuffle=False,
         )
+        outcome.history.extend(rows)
+        trained += epochs_trained
 
     if not built.backbone_layers:  # from scratch: one phase, every layer, per member of an ensemble
         networks: list[keras.Model] = []
@@ -432,16 +450,19 @@ def _train(
     else:
         set_backbone_trainable(built, 0)
         if tp.cache_features and not place.multi_worker:  # multi-worker: the head trains on images
-            outcome.history += _train_head_on_features(built, train_data, val_data, params, place, weights, sink, extra)
+            rows, trained = _train_head_on_features(built, train_data, val_data, params, place, weights, sink, extra)
+            outcome.history += rows
         else:
             fit_on_images(built.model, "head", tp.epochs, tp.learning_rate, tp.seed)
         if tp.fine_tune_epochs:
+            if note := fine_tune_note(built, tp.fine_tune_layers, mp.architecture):
+                print(f"train: {note}")
             set_backbone_trainable(built, tp.fine_tune_layers)
             head_best = outcome.best_val_auc
             floor = None if np.isnan(head_best) else head_best
             fit_on_images(built.model, "fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate, tp.seed, floor)
     outcome.seconds = time.perf_counter() - start
-    outcome.images_trained = len(train_data) * len(outcome.history)
+    outcome.images_trained = len(train_data) * trained
     if place.chief:  # finished: nothing is left for a later run to pick up
         shutil.rmtree(place.state_dir, ignore_errors=True)
     return outcome
@@ -456,7 +477,7 @@ def _train_head_on_features(
     weights: dict[int, float] | None,
     sink: EpochSink | None,
     extra: list[keras.callbacks.Callback],
-) -> list[dict[str, float]]:
+) -> tuple[list[dict[str, float]], int]:
     """Frozen backbone: run it once over train and val, then fit the head (dropout + dense) on the features.
 
     The head layers are the full model's own, so its weights land in the full model. Augmentation
@@ -496,6 +517,17 @@ def _train_head_on_features(
         batch_size=batch,
         class_weight=weights,
         shuffle=True,
+    )
+
+
+def fine_tune_note(built: BuiltModel, layers: int, architecture: str) -> str | None:
+    """What fine-tuning unfreezes where train.fine_tune_layers is past the backbone's size (None otherwise)."""
+    size = len(built.backbone_layers)
+    if layers <= size:
+        return None
+    return (
+        f"train.fine_tune_layers {layers} is more than {architecture}'s {size} backbone layers: "
+        "fine-tuning unfreezes the whole backbone"
     )
 
 
