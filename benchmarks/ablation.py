@@ -79,6 +79,8 @@ LEVERS: dict[str, list[str]] = {
     # Finer detail for the compact CNN: 1.56x / 2.25x the pixels (the shared images are 224 px)
     "image-size-160": ["model.image_size=160"],
     "image-size-192": ["model.image_size=192"],
+    # Occlusion: one random patch per image erased, against any single-region shortcut (fifteenth round)
+    "erase": ["train.augment.erase=0.5"],
     "residual-cnn": ["model.architecture=residual_cnn"],  # whole-image receptive field, 1.1-1.4x the train time
     "residual+class-aspect": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.5"],
     "residual+class-aspect-0.25": ["model.architecture=residual_cnn", "train.augment.class_aspect=0.25"],

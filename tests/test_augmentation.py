@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline.core.config import AugmentParams, TrainParams
-from pipeline.modeling.inputs import IntensityJitter, SplitData, make_dataset, mix_batch
+from pipeline.modeling.inputs import IntensityJitter, SplitData, augmenter, make_dataset, mix_batch
 from pipeline.modeling.training import learning_rate_schedule
 
 
@@ -26,6 +26,20 @@ def test_intensity_jitter_stays_in_range_and_varies_per_image() -> None:
     # Gamma keeps black and white and the order of the grey levels.
     assert np.allclose(only_gamma[:, :, 0], 0, atol=1e-3) and np.allclose(only_gamma[:, :, -1], 255, atol=1e-2)
     assert (np.diff(only_gamma[0, 0, :, 0]) >= 0).all()
+
+
+def test_random_erasing_replaces_one_patch_in_about_the_asked_share_of_images() -> None:
+    """`erase` is the share of images touched (not an upper bound), each losing one rectangle of 3-30% of
+    its area; with it at 0 no erasing layer is built."""
+    plain = AugmentParams(rotation=0, zoom=0, translation=0, contrast=0)
+    assert augmenter(plain, seed=0) is None
+    erase = augmenter(plain.model_copy(update={"erase": 0.5}), seed=0)
+    x = np.full((400, 64, 64, 1), 200.0, np.float32)
+    changed = (erase(x, training=True).numpy() != 200.0).mean(axis=(1, 2, 3))
+    touched = changed[changed > 0]
+    assert 0.4 < len(touched) / len(x) < 0.6
+    assert touched.min() > 0.01 and touched.max() < 0.35, "one patch of 2-33% of the area, not the whole image"
+    assert (erase(x, training=False).numpy() == 200.0).all(), "inference leaves images alone"
 
 
 def test_mixup_mixes_images_labels_and_weights_by_the_same_amount() -> None:

@@ -195,6 +195,9 @@ class AugmentParams(Strict):
     gamma: float = Field(0.0, ge=0, lt=1, description="gamma drawn from [1 - g, 1 / (1 - g)] (log-uniform)")
     blur: float = Field(0.0, ge=0, le=3, description="Gaussian blur sigma up to this many pixels")
     noise: float = Field(0.0, ge=0, le=0.2, description="Gaussian noise, sd up to this fraction of 255")
+    erase: float = Field(
+        0.0, ge=0, le=1, description="share of images with one rectangle (3-30% of the area) replaced by noise"
+    )
 
 
 class TrainParams(Strict):

@@ -177,6 +177,8 @@ def augmenter(params: AugmentParams, seed: int) -> tf.keras.Sequential | None:
         )
     if params.contrast:
         layers.append(keras.layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 3))
+    if params.erase:  # random erasing: no single patch (a marker, a border, one lobe) can carry the label
+        layers.append(keras.layers.RandomErasing((params.erase, params.erase), value_range=(0, 255), seed=seed + 8))
     if params.brightness or params.gamma or params.blur or params.noise:
         layers.append(IntensityJitter(params, seed + 4, name="intensity"))
     return keras.Sequential(layers, name="augment") if layers else None
