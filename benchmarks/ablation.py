@@ -60,7 +60,7 @@ LEVERS: dict[str, list[str]] = {
     "class-aspect-0.25": ["train.augment.class_aspect=0.25"],
     "trim-margins": ["model.trim_margins=true"],  # dark side margins are commoner on normal images
     "lung-crop": ["model.lung_crop=true"],  # neck, abdomen, arms and air cut away: the same framing everywhere
-    "no-lung-crop": ["model.lung_crop=false"],  # the default before the tenth round (README, Robustness)
+    "no-lung-crop": ["model.lung_crop=false"],  # the default before the tenth round (docs/robustness.md)
     # The box moved by up to 5% / 10% of its side per edge in training: the network learns to ignore where it lands
     "lung-crop+jitter-0.05": ["model.lung_crop=true", "model.lung_crop_jitter=0.05"],
     "lung-crop+jitter-0.1": ["model.lung_crop=true", "model.lung_crop_jitter=0.1"],

@@ -45,7 +45,7 @@ def test_champion_holds_up_on_the_shift_stress_set(real_champion: Champion) -> N
     assert sets["fullres"]["images"] == 48 and all(v["images"] == 60 for k, v in sets.items() if k != "fullres")
     aucs = np.array([v["roc_auc"] for v in sets.values()])
     assert np.isclose(report["summary"]["roc_auc_min"], aucs.min(), atol=1e-4)
-    # The aspect sets measure the stretch shortcut, which the default model has (README, Robustness: specificity
+    # The aspect sets measure the stretch shortcut, which the default model has (docs/robustness.md: specificity
     # 0.27-0.45 on normal images framed as wider originals, ranking 0.52-0.73 with the frame's shape against the
     # class, aspect_against_class); they are reported, not guarded.
     specs = np.array([v["specificity"] for k, v in sets.items() if not k.startswith("aspect_")])

@@ -12,7 +12,7 @@ the figures are transductive: they say how the model does after seeing that fold
 Measured, not offered: ``benchmarks/adaptation.py`` scores the stress sets with it. It raised the ranking
 of the set framed against the class for every model tried, but moved each model's operating point its
 own way (four of six lost much of their sensitivity at the registered threshold), and a threshold for
-adapted scores would need labels from the hospital (README, Robustness, thirteenth round).
+adapted scores would need labels from the hospital (docs/robustness.md, thirteenth round).
 """
 
 from __future__ import annotations
