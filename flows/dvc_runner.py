@@ -3,7 +3,8 @@
 DVC owns caching and lineage (one cache, one dvc.lock for `dvc repro`, a deployment run and a
 test alike); the flow only decides where and when. A stage's failure comes back as the error the
 stage itself printed (``error: ...``), typed by `pneumo`'s exit status: 1 failed validation,
-75 transient I/O (worth a retry), anything else a pipeline error.
+75 transient I/O (worth a retry), anything else a pipeline error. `dvc push` exits 1 whatever failed, so
+its failures are typed by DVC's own `ERROR:` lines instead (push_failure_is_transient).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+import tenacity
 import yaml
 
 from pipeline.core.errors import (
@@ -32,6 +34,28 @@ from pipeline.core.errors import (
 
 _EXITED = re.compile(r"exited with (-?\d+)")
 _FAILED = "failed to reproduce"  # DVC's own last line when a stage's command fails
+
+# `dvc push` failures, told apart by DVC's `ERROR:` lines (lower case): what no wait fixes (credentials, a
+# bucket or folder that is missing or not writable, no remote), checked first, and what may pass (the remote
+# unreachable, slow or failing: connection, timeout, throttling, 5xx). An error matching neither is permanent:
+# retrying it would only delay its message.
+PUSH_PERMANENT = (
+    "unable to locate credentials", "no credentials", "invalidaccesskeyid", "signaturedoesnotmatch",
+    "accessdenied", "access denied", "forbidden", "(403)", "nosuchbucket", "no such bucket",
+    "permission denied", "not a directory", "read-only file system", "no space left", "no default remote",
+    "certificate verify failed",
+)  # fmt: skip
+PUSH_TRANSIENT = (
+    "could not connect", "connection", "timed out", "timeout", "temporarily unavailable", "temporary failure",
+    "slowdown", "slow down", "throttl", "service unavailable", "bad gateway", "internalerror",
+    "internal error", "reset by peer", "broken pipe",
+)  # fmt: skip
+_HTTP_5XX = re.compile(r"\(5\d\d\)|\b5\d\d (?:server error|internal|bad gateway|service unavailable|gateway)")
+_QUOTED = re.compile(r"'[^']*'")  # file names in DVC's lines ("failed to transfer '<path>'"): not a cause
+# Not in params.yaml (DVC's stage parameters, and push is not a stage): constants, as IO_STAGES' task retries.
+PUSH_ATTEMPTS = 4  # the first push and 3 retries
+PUSH_BACKOFF_SECONDS = 5.0  # waits 5, 10, 20 s between them (exponential, at most PUSH_MAX_WAIT_SECONDS)
+PUSH_MAX_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -139,14 +163,62 @@ def require_remote(cwd: str | Path = ".") -> str:
     return out.strip()
 
 
-def push_outputs(cwd: str | Path = ".", echo: Callable[[str], None] | None = None) -> str:
+def push_failure_is_transient(output: str) -> bool:
+    """Whether a failed `dvc push`'s output says a later try may succeed (see PUSH_TRANSIENT)."""
+    errors = [line for line in output.splitlines() if line.lstrip().startswith("ERROR")] or [output]
+    text = _QUOTED.sub("", "\n".join(errors)).lower()
+    if any(marker in text for marker in PUSH_PERMANENT):
+        return False
+    return bool(_HTTP_5XX.search(text)) or any(marker in text for marker in PUSH_TRANSIENT)
+
+
+def remote_url(name: str, cwd: str | Path = ".") -> str:
+    """The URL of DVC remote `name` as configured (`dvc config remote.NAME.url`), '?' when DVC does not say."""
+    code, out = dvc("config", f"remote.{name}.url", cwd=cwd)
+    return out.strip() if code == 0 and out.strip() else "?"
+
+
+def push_outputs(
+    cwd: str | Path = ".", echo: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep
+) -> str:
     """`dvc push --run-cache`: the stage outputs and DVC's run history to the default remote, so a fresh
-    clone's `dvc pull --run-cache` restores unchanged stages instead of running them again."""
-    require_remote(cwd)
-    code, out = dvc("push", "--run-cache", cwd=cwd, echo=echo)
-    if code != 0:
-        raise PipelineError(f"dvc push --run-cache: {last_error(out)}")
-    return out
+    clone's `dvc pull --run-cache` restores unchanged stages instead of running them again.
+
+    Transient failures (push_failure_is_transient) are retried, PUSH_ATTEMPTS in all with exponential backoff
+    (`sleep` waits). Pushing again is safe: the remote is content-addressed (files and run-cache entries are
+    named by their hash), so a retry uploads only what is missing and never changes what is there. A failure
+    is one line naming the remote: a TransientError once every attempt failed so, else a PipelineError at once.
+    """
+    remote = require_remote(cwd)
+
+    def attempt() -> str:
+        code, out = dvc("push", "--run-cache", cwd=cwd, echo=echo)
+        if code == 0:
+            return out
+        raise (TransientError if push_failure_is_transient(out) else PipelineError)(last_error(out))
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if echo:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            n = state.attempt_number
+            echo(f"dvc push --run-cache: {exc}; retry {n}/{PUSH_ATTEMPTS - 1} in {delay:.0f} s")
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TransientError),
+        stop=tenacity.stop_after_attempt(PUSH_ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=PUSH_BACKOFF_SECONDS, min=0, max=PUSH_MAX_WAIT_SECONDS),
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        return retrying(attempt)
+    except TransientError as exc:
+        where = f"remote '{remote}' ({remote_url(remote, cwd)})"
+        raise TransientError(f"dvc push --run-cache to {where}: failed {PUSH_ATTEMPTS} times: {exc}") from None
+    except PipelineError as exc:
+        raise PipelineError(f"dvc push --run-cache to remote '{remote}' ({remote_url(remote, cwd)}): {exc}") from None
 
 
 def run_pneumo(

@@ -8,9 +8,10 @@ cached without starting anything, and from there each stage is a task running
 dvc.lock. Flow parameter overrides are written into params.yaml first (comments kept), so dvc.lock
 and the MLflow run record the values that ran. Stages doing I/O that can fail for a while (ingest's
 download, register's tracking server) are retried with exponential backoff, and only for transient
-errors. With ``push`` (the team deployments), a successful run ends with `dvc push --run-cache`, so the
-next run's fresh clone pulls what this one computed. The run ends with a markdown artifact: which stages
-ran or were cached with their dvc.lock hashes, the test metrics, the champion decision and the MLflow run.
+errors. With ``push`` (the team deployments), a successful run ends with `dvc push --run-cache` (retried
+with backoff on transient errors too, in dvc_runner.push_outputs), so the next run's fresh clone pulls what
+this one computed. The run ends with a markdown artifact: which stages ran or were cached with their
+dvc.lock hashes, the test metrics, the champion decision and the MLflow run.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def remote_credentials() -> None:
 
 
 def push_run(logger: Any) -> None:
-    """What the run computed, to the DVC remote: outputs and run-cache (`dvc push --run-cache`)."""
+    """What the run computed, to the DVC remote: outputs and run-cache (`dvc push --run-cache`). Transient
+    failures are retried inside push_outputs (tenacity, as registry I/O), not by a Prefect task: the push runs
+    in the flow, within the project's turn, after the stage tasks."""
     remote_credentials()
     push_outputs(echo=logger.info)
     logger.info("dvc push --run-cache: done")
@@ -191,7 +194,8 @@ def pneumonia_pipeline(
     params.yaml, the file DVC's stages read (pass `overrides` instead of another file).
     `push=True` (the team deployments, whose clone is gone after the run): once every stage succeeded,
     `dvc push --run-cache` to the default remote, with the S3 keys from the Secret blocks prefect.yaml's
-    `dvc pull` uses when the environment has none; a ConfigError when no default remote is configured.
+    `dvc pull` uses when the environment has none; a ConfigError when no default remote is configured. The
+    push is retried on transient errors (dvc_runner.PUSH_ATTEMPTS, exponential backoff).
     """
     if workdir:
         os.chdir(workdir)

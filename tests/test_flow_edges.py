@@ -1,5 +1,6 @@
 """Edges of the flows found in review: GPUs for the processes a flow starts, DVC's own exit status, a bad
-loguniform, `dvc push --run-cache` after a team deployment's run, and the distributed model outside DVC.
+loguniform, `dvc push --run-cache` after a team deployment's run (retried when the remote is unreachable),
+and the distributed model outside DVC.
 Pure logic, a tiny real DVC repository and stand-in worker processes: no training, no Prefect server."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows import distributed_flow, gpus, pipeline_flow, sweep_flow
+from flows import distributed_flow, dvc_runner, gpus, pipeline_flow, sweep_flow
 from flows.distributed_flow import WorkerRun, outside_dvc, run_workers
 from flows.dvc_runner import exit_status, push_outputs, repro_stage
 from flows.gpus import gpu_env, gpu_slot
@@ -166,6 +167,30 @@ def test_the_flow_pushes_after_a_successful_run(flow_in: tuple[Path, list[str]],
     pipeline_flow.pneumonia_pipeline.fn(ingest=False, push=True)
     assert any((remote / "files").rglob("*")) and any((remote / "runs").rglob("*"))
     assert os.environ["AWS_ACCESS_KEY_ID"] == "from block pneumo-s3-access-key-id"  # the pull step's keys
+
+
+def test_the_flows_push_outlasts_a_transient_failure(
+    flow_in: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The remote unreachable for the first push: the flow's push is tried again (and logs so), then succeeds."""
+    repo, _ = flow_in
+    remote = tmp_path / "remote"
+    sh(repo, sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(remote))
+    real, pushes = dvc_runner.dvc, []
+
+    def dvc(*args: str, **kwargs: Any) -> tuple[int, str]:
+        if args[0] == "push":
+            pushes.append(1)
+            if len(pushes) == 1:
+                return 1, 'ERROR: unexpected error - Could not connect to the endpoint URL: "http://s3:9000/b"'
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dvc_runner, "dvc", dvc)
+    monkeypatch.setattr(dvc_runner, "PUSH_BACKOFF_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="test"):
+        pipeline_flow.pneumonia_pipeline.fn(ingest=False, push=True)
+    assert len(pushes) == 2 and any((remote / "runs").rglob("*"))
+    assert "Could not connect to the endpoint URL" in caplog.text and "retry 1/3 in 0 s" in caplog.text
 
 
 def test_the_flow_without_a_remote_fails_before_any_stage(flow_in: tuple[Path, list[str]]) -> None:

@@ -337,25 +337,29 @@ def test_undefined_figures_are_nan_like_specificity() -> None:
 
 
 def test_the_bootstrap_says_how_many_resamples_it_kept() -> None:
-    """One positive in ten images: about a third of the resamples have no positive and are skipped, which the
-    interval method says (the sensitivity interval is (1, 1) from the rest)."""
+    """One positive in ten images: an unstratified resample lacks it about a third of the time; the stratified
+    bootstrap keeps every resample, and the interval method says so by saying nothing about kept resamples."""
     import json
 
     from pipeline.core.config import EvaluateParams
     from pipeline.modeling.evaluation import Evaluation, evaluate
-    from pipeline.modeling.metrics import interval_method
+    from pipeline.modeling.metrics import Intervals, interval_method
 
     y, s = np.array([1] + [0] * 9), np.linspace(0.9, 0.0, 10)
     ci = bootstrap_ci(y, s, 0.5, n=1000)
-    assert 500 < ci.kept < 800 and ci.drawn == 1000 and set(ci) == {"roc_auc", "sensitivity", "specificity"}
-    method = interval_method(ci, None)
-    assert method.startswith("bootstrap over images, ") and f"{ci.kept} of 1000 resamples kept" in method
-    rng = np.random.default_rng(1)
-    y2, s2 = rng.integers(0, 2, 200), rng.random(200)
-    full = bootstrap_ci(y2, s2, 0.5, n=100)
-    assert full.kept == 100 and interval_method(full, 40) == "bootstrap over 40 patients"
-    ev = evaluate(y2, s2, y, s, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=200))
-    assert "of 200 resamples kept" in ev.ci_method and "of 200 resamples kept" in ev.summary()
+    assert ci.kept == ci.drawn == 1000 and set(ci) == {"roc_auc", "sensitivity", "specificity"}
+    assert ci["sensitivity"] == (1.0, 1.0)  # the one positive (0.9) is in every resample
+    assert interval_method(ci, None) == "bootstrap over images"
+    partial = Intervals(ci)  # an Intervals with resamples dropped (one class only, before stratification)
+    partial.kept, partial.drawn = 600, 1000
+    assert interval_method(partial, 40) == (
+        "bootstrap over 40 patients, 600 of 1000 resamples kept"
+        " (the rest had one class; the interval may be too narrow)"
+    )
+    one_class = bootstrap_ci(np.zeros(10, dtype=int), s, 0.5, n=50)
+    assert one_class == {} and (one_class.kept, one_class.drawn) == (0, 50)
+    ev = evaluate(y, s, y, s, ("NORMAL", "PNEUMONIA"), EvaluateParams(bootstrap=200))
+    assert ev.ci_method == "bootstrap over images" and "resamples kept" not in ev.summary()
     again = Evaluation.from_dict(json.loads(json.dumps(ev.as_dict())))  # ci95 keys and JSON as before
     assert again.ci95 == ev.ci95 and again.ci_method == ev.ci_method and again.flat().keys() == ev.flat().keys()
 

@@ -97,6 +97,16 @@ class Intervals(dict[str, tuple[float, float]]):
     drawn: int = 0
 
 
+def _strata(y_true: np.ndarray, clusters: list[np.ndarray]) -> list[list[int]]:
+    """Cluster indices by stratum: the set of classes among a cluster's images. A patient with images of one
+    class is in that class's stratum; one with images of both is in a separate "mixed" stratum (each draw of
+    such a patient brings both classes, so it is never folded into either class)."""
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for k, c in enumerate(clusters):
+        by_key.setdefault(tuple(np.unique(y_true[c]).tolist()), []).append(k)
+    return [by_key[key] for key in sorted(by_key)]  # a fixed order: the draws depend on the seed only
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -110,7 +120,10 @@ def bootstrap_ci(
 
     With `groups` (patient ids) whole patients are resampled, all their images together: images of
     one child are not independent, and resampling them one by one makes the intervals too narrow.
-    Resamples with one class are skipped; the result's `kept` says how many were used.
+    The resampling is stratified: patients (or images, without `groups`) are drawn with replacement within
+    their stratum (NORMAL only, PNEUMONIA only, both: see _strata), each stratum keeping its size, so every
+    resample has both classes whenever the data do and `kept` == `drawn`. With one class only, no resample
+    has an AUC: the result is empty with `kept` 0.
     """
     y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
     rng = np.random.default_rng(seed)
@@ -120,13 +133,14 @@ def bootstrap_ci(
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         clusters = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    strata = [np.asarray(s) for s in _strata(y_true, clusters)]
     draws: dict[str, list[float]] = {"roc_auc": [], "sensitivity": [], "specificity": []}
     for _ in range(n):
-        picked = rng.integers(0, len(clusters), len(clusters))
-        i = np.concatenate([clusters[k] for k in picked])
+        picked = np.concatenate([s[rng.integers(0, len(s), len(s))] for s in strata]) if strata else []
+        i = np.concatenate([clusters[k] for k in picked]) if len(picked) else np.array([], dtype=int)
         yt, ys = y_true[i], scores[i]
-        if yt.min() == yt.max():
-            continue  # a resample with one class has no AUC
+        if yt.size == 0 or yt.min() == yt.max():
+            continue  # a resample with one class has no AUC (only when the data have one class)
         pred = ys >= threshold
         draws["roc_auc"].append(skm.roc_auc_score(yt, ys))
         draws["sensitivity"].append(float(np.mean(pred[yt == 1])))
@@ -139,7 +153,8 @@ def bootstrap_ci(
 
 def interval_method(ci95: dict[str, tuple[float, float]], patients: int | None) -> str:
     """How `ci95` was made, for reports: over `patients` (None: over images), or why there is none; with
-    bootstrap_ci's result, also how many resamples were kept when some had one class (a rare class)."""
+    bootstrap_ci's result, also how many resamples were kept when some had one class (bootstrap_ci's stratified
+    resamples all have both classes when the data do: only an Intervals with `kept` < `drawn` says so)."""
     if not ci95:
         return "none (no bootstrap resamples, or none with both classes)"
     method = f"bootstrap over {patients} patients" if patients else "bootstrap over images"
@@ -236,6 +251,9 @@ def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
         x0=[np.log(t), 0.0],
         bounds=[tuple(np.log(TEMPERATURE_RANGE)), BIAS_RANGE],
         method="L-BFGS-B",
+        # Tight: temperature and bias trade off along a flat valley when val scores bunch up, and SciPy's default
+        # tolerances stop partway along it at a point that depends on the CPU's floating-point paths.
+        options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000},
     )
     return float(np.exp(result.x[0])), float(result.x[1])
 

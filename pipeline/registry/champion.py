@@ -40,7 +40,9 @@ retried (retrying: tenacity, transient errors only), so every step is idempotent
   still the version it was decided against (``pneumo.compared_with``), and for ``@challenger`` if that is still
   where it was (``pneumo.challenger_was``), else left alone with a warning; a recorded champion outcome
   sets ``@champion`` only under ``promotion: auto``.
-  A re-run for a registered evaluation therefore never adds a second version.
+  A re-run for a registered evaluation therefore never adds a second version, and reports the figures its
+  decision was made against (``pneumo.comparison``), as the first run did. The register step looks for a
+  ``complete`` version of the key before the lock too, so a re-run uploads no serving model it will not use.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ KEY_TAG = "pneumo.registration_key"  # Candidate.key: one version per evaluation
 STATE_TAG = "pneumo.registration"  # pending (created) -> complete (tags and card written); aliases only then
 COMPARED_TAG = "pneumo.compared_with"  # the @champion version the decision was made against ("": none)
 CHALLENGER_TAG = "pneumo.challenger_was"  # the @challenger version a challenger outcome replaces ("": none)
+COMPARISON_TAG = "pneumo.comparison"  # the champion's / challenger's figures the decision used (JSON), for a re-run
 PENDING, COMPLETE = "pending", "complete"
 SCORE_KEYS = ("roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "brier")
 
@@ -261,6 +264,7 @@ def register(
             STATE_TAG: PENDING,
             COMPARED_TAG: str(current.version) if current is not None else "",
             CHALLENGER_TAG: decision.previous_challenger or "",
+            COMPARISON_TAG: comparison_json(decision),
         }
         if decision.outcome == CHAMPION and current is not None:
             decision.previous_champion = tags["previous_champion"] = str(current.version)
@@ -281,6 +285,54 @@ def register(
             _roll_back(client, decision, moved)
             raise
     return decision
+
+
+def registered_version(client: Any, name: str, candidate: Candidate) -> Any | None:
+    """The complete version already registered under the candidate's key, if any. A read without the lock (to skip
+    work a re-run does not need): `register` looks again under the lock before it decides anything."""
+    complete = [v for v in _versions_of_key(client, name, candidate) if v.tags.get(STATE_TAG) == COMPLETE]
+    return complete[0] if complete else None
+
+
+def served_model_uri(version: Any) -> str:
+    """The model a registered version serves (its logged model when it names one)."""
+    model_id = getattr(version, "model_id", None)
+    return f"models:/{model_id}" if model_id else str(version.source)
+
+
+def comparison_json(decision: Decision) -> str:
+    """The figures a decision was made against, recorded on the version so a re-run reports the same ones."""
+    fields = ("champion", "champion_rescored", "challenger", "challenger_rescored")
+    return json.dumps({k: v for k, v in asdict(decision).items() if k in fields}, sort_keys=True)
+
+
+def _recorded_comparison(
+    client: Any, version: Any, candidate: Scores, retry: Callable[[Callable[[], Any], str], Any]
+) -> dict[str, Any]:
+    """The figures a complete version was decided against (Decision fields), read back from the registry: its
+    COMPARISON_TAG; for a version registered before that tag, the compared champion's recorded figures when taken
+    on the candidate's test set (what the decision used unless it re-scored; nothing is re-scored on a re-run)."""
+    text = version.tags.get(COMPARISON_TAG)
+    if text:
+        recorded = json.loads(text)
+        for role in (CHAMPION, CHALLENGER):
+            recorded[role] = Scores(**recorded[role]) if recorded.get(role) else None
+        return recorded
+    compared = version.tags.get(COMPARED_TAG)
+    if not compared:
+        return {}
+    name = version.name
+    try:
+        old = retry(lambda: client.get_model_version(name, compared), "reading the compared champion")
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):  # deleted since: nothing to report
+            return {}
+        raise
+    try:
+        scores = version_scores(old)
+    except PipelineError:  # its tags unreadable: nothing to report
+        return {}
+    return {CHAMPION: scores} if scores.test_set == candidate.test_set else {}
 
 
 def _against_challenger(
@@ -365,6 +417,7 @@ def _finish(
         model_name=name,
         resumed=True,
         previous_challenger=tags.get(CHALLENGER_TAG) or None,
+        **_recorded_comparison(client, version, candidate.scores, retry),
     )
     log(f"register: run {candidate.run_id} is already version {decision.version} ({decision.outcome}); finishing it")
     alias = {CHAMPION: CHAMPION, CHALLENGER: CHALLENGER}.get(decision.outcome)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
-from pipeline.core.config import Params
+from pipeline.core.config import Params, RegisterParams
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
@@ -78,6 +78,25 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
     )
     origin = f"from sweep {sweep}" if sweep else ""
     return champion.Candidate(ref.run_id, ref.model_uri, scores, tags, description, origin, serving_digest(ev, params))
+
+
+def with_serving_model(
+    client: Any, candidate: champion.Candidate, bundle: Path, registry: RegisterParams
+) -> champion.Candidate:
+    """The candidate with the model it serves: the bundle logged to the run as a pyfunc, unless a complete version
+    already holds this registration key (a re-run), whose model it keeps, so nothing unused is uploaded. Only a
+    read: register looks again under the lock, and the key ensures that model serves this very bundle."""
+    done = champion.with_retries(
+        lambda: champion.registered_version(client, registry.model_name, candidate),
+        "looking for this candidate's version",
+        registry,
+    )
+    if done is not None:
+        return dataclasses.replace(candidate, model_uri=champion.served_model_uri(done))
+    model_uri = champion.with_retries(
+        lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", registry
+    )
+    return dataclasses.replace(candidate, model_uri=model_uri)
 
 
 def rescorer(params: Params) -> Any:
@@ -190,10 +209,7 @@ def _register(params: Params) -> str:
             write_bytes(
                 examples_dir / Path(model_card.RELIABILITY_FIGURE).name, reliability_png(ev.calibration, ev.temperature)
             )
-        model_uri = champion.with_retries(
-            lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", params.registry
-        )
-        candidate = dataclasses.replace(candidate, model_uri=model_uri)
+        candidate = with_serving_model(client, candidate, bundle, params.registry)
         facts = model_card.CardFacts(
             info=classifier.info,
             evaluation=ev,
