@@ -43,15 +43,18 @@ PUSH_PERMANENT = (
     "unable to locate credentials", "no credentials", "invalidaccesskeyid", "signaturedoesnotmatch",
     "accessdenied", "access denied", "forbidden", "(403)", "nosuchbucket", "no such bucket",
     "permission denied", "not a directory", "read-only file system", "no space left", "no default remote",
-    "certificate verify failed",
+    "certificate verify failed", "(501)", "not implemented",
 )  # fmt: skip
 PUSH_TRANSIENT = (
     "could not connect", "connection", "timed out", "timeout", "temporarily unavailable", "temporary failure",
     "slowdown", "slow down", "throttl", "service unavailable", "bad gateway", "internalerror",
-    "internal error", "reset by peer", "broken pipe",
+    "internal error", "reset by peer", "broken pipe", "(429)", "too many requests", "proxy",
+    "cannot connect", "connect call failed",
 )  # fmt: skip
 _HTTP_5XX = re.compile(r"\(5\d\d\)|\b5\d\d (?:server error|internal|bad gateway|service unavailable|gateway)")
-_QUOTED = re.compile(r"'[^']*'")  # file names in DVC's lines ("failed to transfer '<path>'"): not a cause
+# DVC's own file names ("failed to transfer '<path>'"): not a cause. Other quoted text may be (aiohttp's
+# "Connect call failed ('127.0.0.1', 9000)"), so only these are dropped.
+_QUOTED = re.compile(r"(?<=failed to transfer )'[^']*'|(?<=failed to upload )'[^']*'")
 # Not in params.yaml (DVC's stage parameters, and push is not a stage): constants, as IO_STAGES' task retries.
 PUSH_ATTEMPTS = 4  # the first push and 3 retries
 PUSH_BACKOFF_SECONDS = 5.0  # waits 5, 10, 20 s between them (exponential, at most PUSH_MAX_WAIT_SECONDS)
@@ -173,9 +176,11 @@ def push_failure_is_transient(output: str) -> bool:
 
 
 def remote_url(name: str, cwd: str | Path = ".") -> str:
-    """The URL of DVC remote `name` as configured (`dvc config remote.NAME.url`), '?' when DVC does not say."""
+    """The URL of DVC remote `name` as configured (`dvc config remote.NAME.url`) without any user:password part,
+    for messages; '?' when DVC does not say."""
     code, out = dvc("config", f"remote.{name}.url", cwd=cwd)
-    return out.strip() if code == 0 and out.strip() else "?"
+    url = out.strip() if code == 0 else ""
+    return re.sub(r"(?<=://)[^/@]*@", "", url) or "?"
 
 
 def push_outputs(

@@ -27,6 +27,9 @@ TRANSIENT = [  # what DVC 3 printed (S3 lines as botocore words them)
     " encountered an internal error. Please try again.",
     'ERROR: unexpected error - Read timeout on endpoint URL: "https://s3.amazonaws.com/b/files/md5/4a"',
     "ERROR: unexpected error - [Errno 104] Connection reset by peer",
+    "ERROR: unexpected error - Cannot connect to host 127.0.0.1:9000 ssl:default [Connect call failed ('127.0.0.1',"
+    " 9000)]",
+    "ERROR: unexpected error - An error occurred (429) when calling the PutObject operation: Too Many Requests",
 ]
 PERMANENT = [
     TRANSFER + "Unable to locate credentials\nERROR: unexpected error - Unable to locate credentials",
@@ -36,6 +39,7 @@ PERMANENT = [
     "ERROR: failed to transfer '/srv/timeout/connection/x' - [Errno 28] No space left on device",
     "ERROR: failed to transfer '/srv/connection-tests/x' - something DVC never said before",  # unknown: fail fast
     "ERROR: unexpected error - 3 files failed to upload",
+    "ERROR: unexpected error - An error occurred (501) when calling the PutObject operation: Not Implemented",
 ]
 
 
@@ -150,3 +154,10 @@ def test_missing_s3_credentials_are_not_retried(s3_remote: Path, monkeypatch: py
     ) as failed:
         push_outputs(s3_remote, sleep=waits.append)
     assert not isinstance(failed.value, TransientError) and len(calls) == 1 and waits == []
+
+
+def test_the_remote_url_in_messages_carries_no_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"team": "https://alice:s3cret@dav.example.org/dvc", "plain": "s3://bucket/x", "none": ""}
+    monkeypatch.setattr(dvc_runner, "dvc", lambda *args, **kwargs: (0, answers[args[1].split(".")[1]] + "\n"))
+    assert dvc_runner.remote_url("team") == "https://dav.example.org/dvc"
+    assert dvc_runner.remote_url("plain") == "s3://bucket/x" and dvc_runner.remote_url("none") == "?"

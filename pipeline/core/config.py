@@ -196,7 +196,7 @@ class AugmentParams(Strict):
     blur: float = Field(0.0, ge=0, le=3, description="Gaussian blur sigma up to this many pixels")
     noise: float = Field(0.0, ge=0, le=0.2, description="Gaussian noise, sd up to this fraction of 255")
     erase: float = Field(
-        0.0, ge=0, le=1, description="share of images with one rectangle (3-30% of the area) replaced by noise"
+        0.0, ge=0, le=1, description="share of images with one rectangle (2-33% of the area) replaced by noise"
     )
 
 

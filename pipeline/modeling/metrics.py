@@ -8,10 +8,12 @@ Test figures are reported at that threshold and at 0.5.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
+from scipy.special import expit
 from sklearn import metrics as skm
 
 from pipeline.core.errors import PipelineError
@@ -95,6 +97,10 @@ class Intervals(dict[str, tuple[float, float]]):
 
     kept: int = 0
     drawn: int = 0
+    fewest: int = 0  # patients (or images) in the smaller class: the intervals are conditional on them
+
+
+FEW_PER_CLASS = 10  # fewer patients in a class than this: the stratified intervals get a caveat
 
 
 def _strata(y_true: np.ndarray, clusters: list[np.ndarray]) -> list[list[int]]:
@@ -148,6 +154,7 @@ def bootstrap_ci(
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     out = Intervals({k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if v})
     out.kept, out.drawn = len(draws["roc_auc"]), n
+    out.fewest = min(sum(1 for c in clusters if (y_true[c] == k).any()) for k in (0, 1))
     return out
 
 
@@ -161,6 +168,10 @@ def interval_method(ci95: dict[str, tuple[float, float]], patients: int | None) 
     kept, drawn = getattr(ci95, "kept", 0), getattr(ci95, "drawn", 0)
     if kept < drawn:
         method += f", {kept} of {drawn} resamples kept (the rest had one class; the interval may be too narrow)"
+    fewest = getattr(ci95, "fewest", 0)
+    if 0 < fewest < FEW_PER_CLASS:  # stratified, each class keeps its few members: the spread is understated
+        unit = ("patient" if patients else "image") + ("s" if fewest > 1 else "")
+        method += f", only {fewest} {unit} in one class (its interval may be too narrow)"
     return method
 
 
@@ -240,6 +251,27 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
+def _platt_loss(y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """The smoothed log loss of sigmoid(logit / T + b) as a function of (log T, b), with its exact gradient: a
+    numerical one is too noisy for a tight fit where val scores bunch up (T and b then trade off along a flat
+    valley, and where a finite-difference fit stops depends on the CPU's floating-point paths)."""
+    full = np.clip(class_probabilities(probs), 1e-12, 1.0)
+    z0 = np.log(full[:, 1]) - np.log(full[:, 0])
+    y = np.asarray(y, dtype=int)
+    counts = np.bincount(y, minlength=2)
+    high = (counts[y] + 1.0) / (counts[y] + 2.0)  # log_loss's smoothed target for the true class
+    target = np.where(y == 1, high, 1.0 - high)  # ...as P(pneumonia)
+
+    def loss(v: np.ndarray) -> tuple[float, np.ndarray]:
+        scale = np.exp(-v[0])
+        z = z0 * scale + v[1]
+        value = np.mean(np.logaddexp(0.0, z) - target * z)  # -t log sigmoid(z) - (1 - t) log sigmoid(-z)
+        residual = expit(z) - target
+        return float(value), np.array([np.mean(residual * -z0 * scale), np.mean(residual)])
+
+    return loss
+
+
 def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """(temperature, bias) minimising the smoothed log loss on val: both for two classes (Platt scaling,
     which also corrects probabilities that are too low or too high overall), the temperature alone for more."""
@@ -247,12 +279,11 @@ def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     if class_probabilities(probs).shape[1] != 2:
         return t, 0.0
     result = minimize(
-        lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1])), smoothed=True),
+        _platt_loss(y, probs),
         x0=[np.log(t), 0.0],
+        jac=True,
         bounds=[tuple(np.log(TEMPERATURE_RANGE)), BIAS_RANGE],
         method="L-BFGS-B",
-        # Tight: temperature and bias trade off along a flat valley when val scores bunch up, and SciPy's default
-        # tolerances stop partway along it at a point that depends on the CPU's floating-point paths.
         options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000},
     )
     return float(np.exp(result.x[0])), float(result.x[1])
