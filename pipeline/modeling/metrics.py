@@ -229,12 +229,18 @@ def log_loss(y: np.ndarray, probs: np.ndarray, smoothed: bool = False) -> float:
     y = np.asarray(y, dtype=int)
     if not smoothed:
         return float(-np.mean(np.log(p[np.arange(len(p)), y])))
-    k = p.shape[1]
+    return float(-np.mean(np.sum(smoothed_targets(y, p.shape[1]) * np.log(p), axis=1)))
+
+
+def smoothed_targets(y: np.ndarray, k: int) -> np.ndarray:
+    """Platt's targets, (n, k): (n_c + 1) / (n_c + 2) for the true class of a class with n_c images, the rest
+    shared by the other classes (log_loss and the Platt fit's gradient use the same ones)."""
+    y = np.asarray(y, dtype=int)
     counts = np.bincount(y, minlength=k)
     high = (counts[y] + 1.0) / (counts[y] + 2.0)
     targets = np.repeat(((1.0 - high) / (k - 1))[:, None], k, axis=1)
-    targets[np.arange(len(p)), y] = high
-    return float(-np.mean(np.sum(targets * np.log(p), axis=1)))
+    targets[np.arange(len(y)), y] = high
+    return targets
 
 
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -257,10 +263,7 @@ def _platt_loss(y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], tupl
     valley, and where a finite-difference fit stops depends on the CPU's floating-point paths)."""
     full = np.clip(class_probabilities(probs), 1e-12, 1.0)
     z0 = np.log(full[:, 1]) - np.log(full[:, 0])
-    y = np.asarray(y, dtype=int)
-    counts = np.bincount(y, minlength=2)
-    high = (counts[y] + 1.0) / (counts[y] + 2.0)  # log_loss's smoothed target for the true class
-    target = np.where(y == 1, high, 1.0 - high)  # ...as P(pneumonia)
+    target = smoothed_targets(y, 2)[:, 1]  # log_loss's smoothed target, as P(pneumonia)
 
     def loss(v: np.ndarray) -> tuple[float, np.ndarray]:
         scale = np.exp(-v[0])
