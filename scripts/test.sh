@@ -7,4 +7,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 ruff check pipeline flows tests benchmarks scripts
 ruff format --check pipeline flows tests benchmarks scripts
 lint-imports --no-cache >/dev/null || lint-imports --no-cache  # layer contracts (pyproject.toml), quiet when kept
-exec python -m pytest "$@"
+# Two test processes (pytest-xdist) on CI's two cores: a test spends most of its time in one process importing
+# TensorFlow or waiting on a server, so a second one nearly halves the wall time. PYTEST_WORKERS=0: one process.
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -277,3 +277,15 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
         yield server
     finally:
         server.stop()
+
+
+# Session fixtures too slow to build once per test process (pytest-xdist): every test that uses one runs in
+# the same process (`--dist loadgroup`), so the real-data champion is trained once, not once per worker.
+SHARED_BY_GROUP = ("real_champion", "official_layout")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = [name for name in SHARED_BY_GROUP if name in getattr(item, "fixturenames", ())]
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
