@@ -52,7 +52,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import run_pneumo
-from flows.gpus import gpu_env, gpu_slot
+from flows.gpus import DEVICES, gpu_env, gpu_slot
 from flows.pipeline_flow import PARAMS_FILE, as_overrides, flow_stage_names, retry_on_transient, run_changed
 from flows.turns import project_turn
 from pipeline.core import atomic
@@ -191,11 +191,12 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
     """`pneumo train` and `pneumo evaluate` in the trial's folder; the trial's row of the comparison, also
     written to the folder's trial.json (where a sweep reads the rows of trials other workers ran)."""
     logger = get_run_logger()
-    start = time.perf_counter()
-    with gpu_slot() as slot:  # trials running side by side on this worker get their own GPU where it has several
+    start, started = time.perf_counter(), time.time()
+    with gpu_slot() as slot:  # trials running side by side on this machine get their own GPU where it has several
         env = {**env, **gpu_env(slot, {**os.environ, **env})}
         for stage in ("train", "evaluate"):
             run_pneumo([stage], folder, env, echo=lambda line: logger.info("%s: %s", trial, line))
+    ended = time.time()
     params = load_params(Path(folder) / "params.yaml")
     trained = json.loads((Path(folder) / "reports" / "train.json").read_text())
     metrics = json.loads((Path(folder) / params.evaluate.metrics).read_text())
@@ -212,7 +213,14 @@ def run_trial(trial: str, folder: str, overrides: dict[str, Any], env: dict[str,
         "run_id": trained["mlflow_run_id"],
         "folder": folder,
         "seconds": round(time.perf_counter() - start, 1),
-        "ran_on": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()},
+        "ran_on": {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "parent_pid": os.getppid(),
+            "gpu_slot": slot,
+            "gpu": env.get(DEVICES),  # the one device its slot gave it, or all of them (or none) as given
+            "between": [round(started, 3), round(ended, 3)],  # epoch seconds, to tell which trials overlapped
+        },
     }
     atomic.write_text(Path(folder) / TRIAL_ROW, json.dumps(row, indent=2))
     return row

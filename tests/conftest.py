@@ -279,13 +279,38 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
         server.stop()
 
 
-# Session fixtures too slow to build once per test process (pytest-xdist): every test that uses one runs in
-# the same process (`--dist loadgroup`), so the real-data champion is trained once, not once per worker.
+# Fixtures too slow to build once per test process (pytest-xdist, `--dist loadgroup`): the tests that share
+# one run in the same process. The session fixtures below are shared across modules (the real-data champion
+# is trained once, not once per worker); a module-scoped fixture (a module's server stack, say) keeps its
+# module's tests together.
 SHARED_BY_GROUP = ("real_champion", "official_layout")
 
 
+def xdist_group(item: pytest.Item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    shared = [name for name in SHARED_BY_GROUP if name in names]
+    if shared:
+        return shared[0]
+    definitions = getattr(item, "_fixtureinfo", None)
+    scopes = {d[-1].scope for n, d in (definitions.name2fixturedefs.items() if definitions else ()) if n in names}
+    return item.nodeid.split("::")[0] if "module" in scopes else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        groups = [name for name in SHARED_BY_GROUP if name in getattr(item, "fixturenames", ())]
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(groups[0]))
+        if group := xdist_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop where xdist would silently ignore the groups (and train the champion in every worker)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    broken = Version(version("pytest")) >= Version("9.2") and Version(version("pytest-xdist")) <= Version("3.8.0")
+    if config.getoption("dist", None) == "loadgroup" and broken:
+        raise pytest.UsageError(
+            "--dist loadgroup: pytest-xdist 3.8 loses the groups on pytest 9.2 (#1386); pin pytest<9.2"
+        )

@@ -281,6 +281,8 @@ def test_sweep_trials_fan_out_to_the_workers_of_the_trial_pool(stack: Stack) -> 
     project = copy_project(stack.root / "sweep-project", *SWEEP_PROJECT)
     shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
     env = {**stack.env, "PWD": str(project), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    # Workers on one machine with two GPUs listed: trials that overlap must each get their own device.
+    env |= {"CUDA_VISIBLE_DEVICES": "0,1", "PNEUMO_GPU_SLOTS_DIR": str(stack.root / "gpu-slots")}
     run = lambda *args: subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
     created = run("prefect", "work-pool", "create", "pneumo-trials", "--type", "process")
     assert created.returncode == 0, created.stdout + created.stderr
@@ -335,6 +337,17 @@ def test_sweep_trials_fan_out_to_the_workers_of_the_trial_pool(stack: Stack) -> 
     ran_by = [row["ran_on"]["parent_pid"] for row in rows]
     assert set(ran_by) == trial_pids, f"trials started by {ran_by}, workers {trial_pids}"
     assert all(row["ran_on"]["pid"] != os.getpid() for row in rows)
+    # The two workers' trials are processes of their own; those that ran at the same time had different GPUs.
+    overlapping = [
+        (a, b)
+        for i, a in enumerate(rows)
+        for b in rows[i + 1 :]
+        if a["ran_on"]["between"][0] < b["ran_on"]["between"][1]
+        and b["ran_on"]["between"][0] < a["ran_on"]["between"][1]
+    ]
+    assert overlapping, [row["ran_on"]["between"] for row in rows]  # two at a time: some trials overlapped
+    assert all(a["ran_on"]["gpu"] != b["ran_on"]["gpu"] for a, b in overlapping), [r["ran_on"] for r in rows]
+    assert {row["ran_on"]["gpu"] for row in rows} <= {"0", "1"}
 
     best = max(rows, key=lambda r: r["val_roc_auc"])
     tags = client.get_run(parent).data.tags

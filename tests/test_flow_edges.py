@@ -39,14 +39,47 @@ def test_each_slot_gets_its_own_listed_gpu_and_grows_memory() -> None:
     assert gpu_env(0, {"TF_FORCE_GPU_ALLOW_GROWTH": "false"})["TF_FORCE_GPU_ALLOW_GROWTH"] == "false"
 
 
-def test_trials_side_by_side_hold_different_slots() -> None:
+@pytest.fixture
+def slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A slot folder of this test's own (the default one is the machine's, shared with other test processes)."""
+    monkeypatch.setenv(gpus.SLOTS_DIR, str(tmp_path / "gpu-slots"))
+    return tmp_path / "gpu-slots"
+
+
+def test_trials_side_by_side_hold_different_slots(slots: Path) -> None:
     with gpu_slot() as first, gpu_slot() as second:
         assert (first, second) == (0, 1)
     with gpu_slot() as again:
         assert again == 0  # a finished trial's slot is free again
 
 
-def test_a_trial_runs_on_the_gpu_of_its_slot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+HOLD_SLOT = """import sys
+from flows.gpus import gpu_slot
+with gpu_slot() as slot:
+    print(slot, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_slot_held_by_another_process_is_skipped_until_that_process_dies(slots: Path) -> None:
+    """Flow runs a work-pool worker starts are processes of their own: the slot is the machine's, not the
+    process's, and a trial killed mid-run (no cleanup) frees it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SLOT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "0"
+        with gpu_slot() as slot:
+            assert slot == 1
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with gpu_slot() as slot:
+        assert slot == 0
+
+
+def test_a_trial_runs_on_the_gpu_of_its_slot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, slots: Path) -> None:
     seen: list[dict[str, str]] = []
 
     def pneumo(args: list[str], cwd: str, env: dict[str, str], echo: Any = None) -> str:
@@ -59,7 +92,9 @@ def test_a_trial_runs_on_the_gpu_of_its_slot(monkeypatch: pytest.MonkeyPatch, tm
     with gpu_slot(), pytest.raises(PipelineError, match="stop here"):  # another trial holds slot 0
         sweep_flow.run_trial.fn("t02", str(tmp_path), {}, {"MLFLOW_TRACKING_URI": "x"})
     assert seen[0]["CUDA_VISIBLE_DEVICES"] == "1" and seen[0]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
-    assert seen[0]["MLFLOW_TRACKING_URI"] == "x" and not gpus._busy
+    assert seen[0]["MLFLOW_TRACKING_URI"] == "x"
+    with gpu_slot() as slot:
+        assert slot == 0  # the failed trial gave its slot back
 
 
 SHOW_ENV = (

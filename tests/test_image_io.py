@@ -130,6 +130,17 @@ def test_the_pyfunc_wrapper_turns_any_decoding_failure_into_its_row_error(
         wrapper.predict(None, rows)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
+    # Asked to, it answers each row instead (no model call: nothing was decodable), with the same reasons.
+    wrapper.classifier.info.threshold = 0.61
+    answered = wrapper.predict(None, rows, params={"on_error": "row"})
+    assert list(answered.columns) == list(pyfunc_model.OUTPUT_COLUMNS)
+    assert answered["status"].tolist() == ["error", "error"]
+    assert answered["error"].tolist() == ["cannot decode (KeyError)"] * 2
+    assert answered["probability"].tolist() == [None, None] and answered["label"].tolist() == [None, None]
+    assert answered["threshold"].tolist() == [0.61, 0.61]
+    with pytest.raises(MlflowException, match=r"^params: on_error: 'skip' is not one of \['raise', 'row'\]$"):
+        wrapper.predict(None, rows, params={"on_error": "skip"})
+
 
 @pytest.mark.parametrize(
     ("name", "error", "reason"),

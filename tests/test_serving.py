@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import subprocess
 import sys
 import threading
@@ -117,20 +118,32 @@ def test_cli_rest_and_mlflow_serve_agree(real_champion: Champion, inputs: Path, 
             json={"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}},
             timeout=60,
         )
+        # Asked to answer per row, the unreadable row gets its reason and the others are still predicted.
+        mixed = [*payload["dataframe_split"]["data"][:1], [base64.b64encode(b"not an image").decode()]]
+        per_row = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_split": {"columns": ["image"], "data": mixed}, "params": {"on_error": "row"}},
+            timeout=60,
+        )
     finally:
         service.stop()
     for f, pred in zip(files, served, strict=True):
         assert abs(pred["probability"] - float(rows[f.name]["probability"])) < 1e-5, f.name
         assert pred["label"] == rows[f.name]["label"] and pred["threshold"] == pytest.approx(threshold, abs=1e-6)
-    assert bad.status_code == 400 and "not a JPEG, PNG or DICOM" in bad.text
+        assert (pred["status"], pred["error"]) == ("ok", "")
+    assert bad.status_code == 400 and "row 0: not a JPEG, PNG or DICOM" in bad.text
+    assert per_row.status_code == 200, per_row.text
+    strict = json.loads(per_row.text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # no NaN
+    good, unreadable = strict["predictions"]
+    assert good["status"] == "ok" and abs(good["probability"] - served[0]["probability"]) < 1e-6
+    assert unreadable["status"] == "error" and unreadable["error"] == "not a JPEG, PNG or DICOM image"
+    assert unreadable.get("probability") is None and unreadable.get("label") is None
 
 
 def test_cli_lists_unreadable_inputs_with_reasons(real_champion: Champion, inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "bad.json"
     done = cli_predict(real_champion, str(inputs / "bad"), str(tmp_path / "missing.jpeg"), "-o", str(out))
     assert done.returncode == 2  # nothing was predictable
-    import json
-
     rows = json.loads(out.read_text())
     reasons = {Path(r["file"]).name: r["error"] for r in rows}
     assert len({tuple(sorted(r)) for r in rows}) == 1, "a missing input's row has every field the others have"

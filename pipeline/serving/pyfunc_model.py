@@ -5,6 +5,10 @@ does: the wrapper owns decoding (JPEG, PNG, DICOM), resizing and the threshold. 
 ``image`` holding the file's bytes (base64 in JSON, which MLflow decodes for a binary column)::
 
     {"dataframe_split": {"columns": ["image"], "data": [["<base64 of the file>"]]}}
+
+An unreadable row fails the whole request (400, naming the row) unless the request asks for
+``"params": {"on_error": "row"}``: then that row comes back with ``status=error`` and its reason, and the
+others are predicted, as ``pneumo predict`` does for files.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from pipeline.serving import image_io
 from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier
 
-OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings")
+OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings", "status", "error")
+ON_ERROR = ("raise", "row")  # the `on_error` param: fail the request, or answer the row with its reason
 
 
 class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
@@ -36,25 +41,47 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if "image" not in model_input.columns:
             raise MlflowException("input needs a column 'image' with the image file's bytes", INVALID_PARAMETER_VALUE)
+        on_error = (params or {}).get("on_error", "raise")
+        if on_error not in ON_ERROR:
+            raise MlflowException(
+                f"params: on_error: {on_error!r} is not one of {list(ON_ERROR)}", INVALID_PARAMETER_VALUE
+            )
         info = self.classifier.info
-        batch: list[np.ndarray] = []
-        warnings: list[list[str]] = []
+        rows: list[tuple[np.ndarray, list[str]] | str] = []  # (model input, warnings), or why not predicted
         for row, value in enumerate(model_input["image"]):
-            try:
-                data = _as_bytes(value)
-                image = image_io.load(data)
-                batch.append(image_io.model_input(image, info.image_size))
-                warnings.append(image.warnings)
-            except (image_io.ImageError, ValueError) as exc:
-                raise MlflowException(f"row {row}: {exc}", INVALID_PARAMETER_VALUE) from None
-            except Exception as exc:  # noqa: BLE001 - a decoder failing in an unexpected way is still a bad image
-                reason = f"cannot decode ({type(exc).__name__})"  # as REST answers it: one line, no traceback
-                raise MlflowException(f"row {row}: {reason}", INVALID_PARAMETER_VALUE) from None
-        predictions = self.classifier.predict(np.stack(batch)) if batch else []
-        records = [p.record(info, w) for p, w in zip(predictions, warnings, strict=True)]
-        for record in records:
+            rows.append(prepared := _prepare(value, info.image_size))
+            if isinstance(prepared, str) and on_error == "raise":
+                raise MlflowException(f"row {row}: {prepared}", INVALID_PARAMETER_VALUE)
+        batch = [item[0] for item in rows if not isinstance(item, str)]
+        predictions = iter(self.classifier.predict(np.stack(batch)) if batch else [])
+        records = []
+        for item in rows:
+            if isinstance(item, str):
+                records.append(
+                    {"threshold": round(info.threshold, 6), "warnings": "", "status": "error", "error": item}
+                )
+                continue
+            prediction = next(predictions)
+            record = prediction.record(info, item[1])
             record["warnings"] = "; ".join(record["warnings"])
-        return pd.DataFrame(records, columns=list(OUTPUT_COLUMNS))
+            records.append({**record, "status": "refused" if prediction.refused else "ok", "error": ""})
+        frame = pd.DataFrame(records, columns=list(OUTPUT_COLUMNS))
+        for column in frame.columns:  # an empty field (an error row's, a label refused) is null in JSON, not NaN
+            if frame[column].isna().any():
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+        return frame
+
+
+def _prepare(value: Any, image_size: int) -> tuple[np.ndarray, list[str]] | str:
+    """The row's model input and decoding warnings (full-size pixels not kept), or its one-line reason (as
+    REST answers it: no traceback)."""
+    try:
+        image = image_io.load(_as_bytes(value))
+        return image_io.model_input(image, image_size), list(image.warnings)
+    except (image_io.ImageError, ValueError) as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a decoder failing in an unexpected way is still a bad image
+        return f"cannot decode ({type(exc).__name__})"
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -86,6 +113,9 @@ def signature() -> Any:
                 ColSpec("double", "ood_score", required=False),
                 ColSpec("string", "refused", required=False),
                 ColSpec("string", "warnings"),
+                ColSpec("string", "status"),  # ok, refused (out of distribution) or error
+                ColSpec("string", "error"),
             ]
         ),
+        params=ParamSchema([ParamSpec("on_error", "string", "raise")]),
     )
