@@ -3,7 +3,7 @@ demand instead of mapping it all, and, where CUDA_VISIBLE_DEVICES lists several 
 device i mod n. Without several listed devices (a CPU worker, one GPU, or GPUs not listed) only the growth
 setting is added, which TensorFlow ignores on CPU.
 
-A slot is a lock file in a folder of the machine (GPU_SLOTS_DIR), held while the trial runs: so trials
+A slot is a lock file in a folder of the machine ($PNEUMO_GPU_SLOTS_DIR), held while the trial runs: so trials
 that run side by side get different slots whether they are threads of one sweep or flow runs that a
 work-pool worker (`--limit 2` and up) or several workers started as processes of their own. The kernel
 drops a lock when its holder dies, so a killed trial frees its slot."""
