@@ -304,7 +304,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Stop where xdist would silently ignore the groups (and train the champion in every worker)."""
+    """Stop where xdist would silently ignore the groups (and train the champion in every worker). The group
+    marker is declared here too, so that ``-p no:xdist`` (xdist not loaded) still passes ``--strict-markers``."""
+    config.addinivalue_line("markers", "xdist_group(name): tests that share an expensive fixture run in one process")
     from importlib.metadata import version
 
     from packaging.version import Version

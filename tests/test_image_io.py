@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from pipeline.modeling import preprocess
 from pipeline.serving import image_io, pyfunc_model
+from pipeline.serving.classifier import ModelInfo
 from tests.images import bad_inputs, cmyk_jpeg, dicom_bytes, oriented, png_bytes, stretched, ycck_jpeg
 
 pytestmark = pytest.mark.realdata
@@ -116,7 +117,8 @@ def test_the_pyfunc_wrapper_turns_any_decoding_failure_into_its_row_error(
 ) -> None:
     """As REST does: an ImageError keeps its reason, anything else a decoder raises is "cannot decode (Type)"."""
     wrapper = pyfunc_model.ChestXrayClassifier()
-    wrapper.classifier = SimpleNamespace(info=SimpleNamespace(image_size=64))  # type: ignore[assignment]
+    info = ModelInfo(0.61, ("NORMAL", "PNEUMONIA"), 64, "binary", "compact_cnn", "relu3", name="pneumo", version="3")
+    wrapper.classifier = SimpleNamespace(info=info)  # type: ignore[assignment]
     rows = pd.DataFrame({"image": [png_bytes(stretched(xray, 64)), two_valued_transfer_syntax(xray)]})
     with pytest.raises(MlflowException, match=r"^row 1: corrupt DICOM header \(the transfer syntax") as caught:
         wrapper.predict(None, rows)
@@ -131,7 +133,6 @@ def test_the_pyfunc_wrapper_turns_any_decoding_failure_into_its_row_error(
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
     # Asked to, it answers each row instead (no model call: nothing was decodable), with the same reasons.
-    wrapper.classifier.info.threshold = 0.61
     answered = wrapper.predict(None, rows, params={"on_error": "row"})
     assert list(answered.columns) == list(pyfunc_model.OUTPUT_COLUMNS)
     assert answered["status"].tolist() == ["error", "error"]

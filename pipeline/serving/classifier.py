@@ -105,6 +105,27 @@ class Prediction:
             "warnings": [*warnings, *([self.flagged] if self.flagged else [])],
         }
 
+    @property
+    def status(self) -> str:
+        """A row's status: ``ok`` (labelled) or ``refused`` (out of distribution); ``error_record`` has the third."""
+        return "refused" if self.refused else "ok"
+
+
+def error_record(info: ModelInfo, error: str) -> dict[str, Any]:
+    """The record of an input that could not be predicted: the model's fields, no label, the reason."""
+    return {
+        "probability": None,
+        "label": None,
+        "refused": None,
+        "ood_score": None,
+        "threshold": round(info.threshold, 6),
+        "model": info.name or info.uri,
+        "model_version": info.version or "",
+        "warnings": "",
+        "status": "error",
+        "error": error,
+    }
+
 
 class Classifier:
     """The Keras model with its threshold; inference is one compiled function, safe across threads."""

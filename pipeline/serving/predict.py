@@ -28,7 +28,7 @@ from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.data import naming
 from pipeline.serving import gradcam, image_io
-from pipeline.serving.classifier import Classifier, ModelInfo
+from pipeline.serving.classifier import Classifier, ModelInfo, error_record
 
 COLUMNS = [
     "file", "probability", "label", "threshold", "ood_score", "refused", "model", "model_version", "status", "error",
@@ -173,8 +173,7 @@ def predict_files(
             pred = next(predictions)
             record = pred.record(info, item.image.warnings if item.image else ())
             probabilities = record.pop("class_probabilities")
-            status = "refused" if pred.refused else "ok"
-            row: dict[str, Any] = {"file": item.file, **record, "status": status, "error": ""}
+            row: dict[str, Any] = {"file": item.file, **record, "status": pred.status, "error": ""}
             row["warnings"] = "; ".join(record["warnings"])
             if len(info.class_names) > 2:
                 row.update({f"p_{name}": p for name, p in probabilities.items()})
@@ -193,19 +192,7 @@ def predict_files(
 
 def error_row(file: str, info: ModelInfo, error: str) -> dict[str, Any]:
     """The row of an input that could not be predicted: the model's fields, no label, the reason."""
-    return {
-        "file": file,
-        "probability": None,
-        "label": None,
-        "threshold": round(info.threshold, 6),
-        "ood_score": None,
-        "refused": None,
-        "model": info.name or info.uri,
-        "model_version": info.version or "",
-        "status": "error",
-        "error": error,
-        "warnings": "",
-    }
+    return {"file": file, **error_record(info, error)}
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:

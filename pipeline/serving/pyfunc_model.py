@@ -28,7 +28,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from pipeline.serving import image_io
-from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier
+from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier, error_record
 
 OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings", "status", "error")
 ON_ERROR = ("raise", "row")  # the `on_error` param: fail the request, or answer the row with its reason
@@ -57,14 +57,12 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
         records = []
         for item in rows:
             if isinstance(item, str):
-                records.append(
-                    {"threshold": round(info.threshold, 6), "warnings": "", "status": "error", "error": item}
-                )
+                records.append(error_record(info, item))
                 continue
             prediction = next(predictions)
             record = prediction.record(info, item[1])
             record["warnings"] = "; ".join(record["warnings"])
-            records.append({**record, "status": "refused" if prediction.refused else "ok", "error": ""})
+            records.append({**record, "status": prediction.status, "error": ""})
         frame = pd.DataFrame(records, columns=list(OUTPUT_COLUMNS))
         for column in frame.columns:  # an empty field (an error row's, a label refused) is null in JSON, not NaN
             if frame[column].isna().any():
