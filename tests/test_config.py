@@ -43,6 +43,8 @@ def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() ->
         ("split.val_fraction=1.5", "params.yaml: split.val_fraction: Input should be less than 1 (got 1.5)"),
         ("data.source=ftp", "params.yaml: data.source: Input should be 'synthetic', 'local' or 'kaggle'"),
         ("data.source=local", "params.yaml: data.local_path: must be set when data.source is 'local'"),
+        ("data.local_path=/data/x.zip", "params.yaml: data.local_path: set, but data.source is 'synthetic' (set"),
+        ("index.patient_scopes.val=trian", "params.yaml: index.patient_scopes.val: Input should be 'train', 'val'"),
         ("validation.width.min=5000", "params.yaml: validation.width.min: 5000.0 must not exceed max"),
         ("data.synthetic.counts.train.normal=-1", "params.yaml: data.synthetic.counts.train.normal: Input should be"),
         ("model.clahe=-1", "params.yaml: model.clahe: Input should be greater than or equal to 0"),
@@ -92,6 +94,26 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: line \d+ is not valid YAML"):
         load_params(bad)
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path: Path) -> None:
+    """YAML 1.2, as DVC's ruamel reads params.yaml: a key given twice is an error naming its line (PyYAML kept
+    the last one, so `pneumo` ran with a value `dvc repro` refused), and 1e-3, yes and 010 mean the same to both."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = (REPO / "params.yaml").read_text()
+    doubled = tmp_path / "params.yaml"
+    doubled.write_text(text.replace("split:\n", "split:\n  val_fraction: 0.3\n", 1))
+    with pytest.raises(
+        ConfigError, match=r'params.yaml: line \d+ is not valid YAML \(found duplicate key "val_fraction"'
+    ):
+        load_params(doubled)
+    same = "a: 1e-3\nb: yes\nc: 010\n"
+    assert (
+        apply_overrides({}, ["a=1e-3", "b=yes", "c=010"])
+        == parse_yaml(same, "x.yaml")
+        == {"a": 0.001, "b": "yes", "c": 10}
+    )
 
 
 def test_overrides_parse_yaml_values() -> None:

@@ -94,6 +94,31 @@ def test_the_official_quirks_still_import_and_a_nested_copy_is_counted_whatever_
     assert result.skipped == ["chest_xray/train/NORMAL/Thumbs/notes.txt"]
 
 
+def test_images_in_a_format_ingest_does_not_import_are_an_error_and_text_alone_is_no_data_set(tmp_path: Path) -> None:
+    """A .tif beside the JPEGs would change the class balance unseen; a class folder of notes is not a data set."""
+    tif = _tree(tmp_path / "tif", "train/NORMAL/a.jpeg", "train/PNEUMONIA/person1_virus_1.tif")
+    with pytest.raises(DataError, match=r"^train/PNEUMONIA/person1_virus_1.tif: .tif images are not imported \("):
+        _import(tif, tmp_path)
+    notes = _tree(tmp_path / "notes", "train/NORMAL/readme.txt", "train/PNEUMONIA/labels.csv")
+    with pytest.raises(DataError, match=r"^no images in a \{train,val,test\}/\{NORMAL,PNEUMONIA\}/"):
+        _import(notes, tmp_path)
+    training = _tree(tmp_path / "export", "Training/NORMAL/a.jpeg", "Testing/PNEUMONIA/b.jpeg")  # a hospital's names
+    assert dict(_import(training, tmp_path / "t").counts) == {("train", "NORMAL"): 1, ("test", "PNEUMONIA"): 1}
+
+
+def test_a_full_disk_names_the_target_not_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import shutil
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    src = _tree(tmp_path / "src", "train/NORMAL/a.jpeg")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: cannot write the images \(No space left on device\)$"):
+        _import(src, tmp_path)
+
+
 def test_names_differing_only_in_case_are_one_file_not_two_counted(tmp_path: Path) -> None:
     """On macOS and Windows b.JPEG and B.jpeg are one file: the second would overwrite the first."""
     src = _tree(tmp_path / "src", "train/NORMAL/B.jpeg", "train/NORMAL/b.JPEG", "train/PNEUMONIA/c.jpeg")

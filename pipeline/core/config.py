@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import ConfigError
@@ -66,6 +66,10 @@ class DataParams(Strict):
     def _local_needs_path(self) -> DataParams:
         if self.source == "local" and not self.local_path:
             raise ValueError("local_path: must be set when data.source is 'local'")
+        if self.source != "local" and self.local_path:  # else the images there would be silently ignored
+            raise ValueError(
+                f"local_path: set, but data.source is {self.source!r} (set data.source: local, or local_path: null)"
+            )
         return self
 
 
@@ -73,7 +77,7 @@ class IndexParams(Strict):
     path: str = "data/index.parquet"
     quarantine: str = "reports/quarantine.csv"
     workers: int = Field(0, ge=0, description="0: one per CPU core, times two")
-    patient_scopes: dict[Literal["train", "val", "test"], str] = Field(
+    patient_scopes: dict[Literal["train", "val", "test"], Literal["train", "val", "test"]] = Field(
         default_factory=lambda: {"train": "train", "val": "train", "test": "test"},
         description="folder -> patient numbering it shares; Kaggle's test/ numbers its own patients",
     )
@@ -489,12 +493,18 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}" + (f" (and {more} more)" if more else "")
 
 
+def read_yaml(text: str) -> Any:
+    """YAML as DVC reads params.yaml (ruamel, YAML 1.2): ``1e-3`` is a number, ``yes`` and ``010`` are what
+    they look like, and a key given twice is an error, so ``pneumo`` and ``dvc repro`` never disagree."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def override_value(value: str) -> Any:
     """An override's value parsed as YAML (``3``, ``true``, ``[a, b]``, ``null``); text YAML cannot parse
     (``@x.zip``, ``*``, ``2024-02-30``) is taken as the string it is, and the schema then says whether it fits."""
     try:
-        return yaml.safe_load(value)
-    except (yaml.YAMLError, ValueError):  # ValueError: a date that cannot be (2024-02-30), a bad explicit tag
+        return read_yaml(value)
+    except (YAMLError, ValueError):  # ValueError: a date that cannot be (2024-02-30), a bad explicit tag
         return value
 
 
@@ -517,16 +527,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (run from the project root or pass --params)") from None
     except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not text
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(f"{path}: cannot read the params file ({reason})") from None
-    except yaml.YAMLError as exc:
+    except (YAMLError, ValueError) as exc:  # ValueError: a date that cannot be (2024-02-30)
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where} is not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, overrides or [])

@@ -10,6 +10,7 @@ stage's outputs before running it, so the data then comes back from the DVC cach
 
 from __future__ import annotations
 
+import errno
 import lzma
 import shutil
 import zipfile
@@ -30,6 +31,9 @@ from pipeline.data import kaggle, naming, synthetic
 from pipeline.data.source import local_path, walk_files
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+# Images in formats ingest does not import: in a class folder they are an error, not a silent change of the data
+OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # the copy's target, not its source, at fault
 
 
 @dataclass
@@ -78,7 +82,7 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
 
 
 # Other names hospital exports give the split folders; the official archive uses train/, val/ and test/ only.
-SPLIT_ALIASES = {"validation": "val", "valid": "val", "testing": "test"}
+SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,15 @@ def _select(entries: list[_Entry], result: IngestResult) -> list[tuple[_Entry, _
         if naming.is_junk(entry.path):
             continue
         place = _placement(entry.path)
-        image = entry.path.suffix.lower() in IMAGE_SUFFIXES
+        suffix = entry.path.suffix.lower()
+        image = suffix in IMAGE_SUFFIXES
+        if place is not None and suffix in OTHER_IMAGE_SUFFIXES:
+            raise DataError(f"{entry.path}: {suffix} images are not imported (convert to PNG or JPEG)")
         if place is None or (place.below and not image):
             result.skipped.append(str(entry.path))
         else:
             placed.append((entry, place))
-    in_place = [p for _, p in placed if not p.below]
+    in_place = [p for e, p in placed if not p.below and e.path.suffix.lower() in IMAGE_SUFFIXES]
     if not in_place:
         raise DataError("no images in a {train,val,test}/{NORMAL,PNEUMONIA}/ or {NORMAL,PNEUMONIA}/ layout")
     split_layout = any(p.split is not None for p in in_place)
@@ -206,8 +213,12 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
             try:
                 with entry.open() as src:
                     shutil.copyfileobj(src, dst)
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    raise DataError(f"{out_dir.parent}: cannot write the images ({exc.strerror})") from None
+                raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
             # A damaged entry (any compression), one compressed in a way zipfile cannot read, or encrypted
-            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, NotImplementedError,
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
                     RuntimeError) as exc:  # fmt: skip
                 raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
         result.counts[(split, place.label)] += 1
