@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.modeling.models import build_model
 from pipeline.serving import drift, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo, parse_registry_uri
@@ -245,3 +245,89 @@ def test_the_public_model_info_carries_undefined_figures_as_null() -> None:
     assert public["metrics"] == {"sensitivity": 0.97, "specificity": None}
     assert public["ci95"]["specificity"] == [None, None] and public["ci95"]["sensitivity"] == [0.9, 1.0]
     json.dumps(public, allow_nan=False)  # raises on any NaN left
+
+
+@pytest.mark.parametrize("uri", ["models:/pneumo@", "models:/@champion"])
+def test_a_registry_uri_without_its_name_or_alias_is_a_one_line_error(uri: str) -> None:
+    """Not "MLflow registry unreachable" (exit 75, which a flow would retry forever)."""
+    with pytest.raises(PipelineError, match=rf"^{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION$"):
+        parse_registry_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "error", "said"),
+    [
+        ("INVALID_PARAMETER_VALUE", "Registered model alias champion not found.", PipelineError, "no @champion in the"),
+        ("RESOURCE_DOES_NOT_EXIST", "Registered Model with name=pneumo not found", PipelineError, "no @champion in"),
+        ("INVALID_PARAMETER_VALUE", "Invalid alias name: 'champ/1'.", PipelineError, "Invalid alias name"),
+        ("ENDPOINT_NOT_FOUND", "404 Not Found", TransientError, "MLflow registry unreachable: ENDPOINT_NOT_FOUND: 404"),
+        ("TEMPORARILY_UNAVAILABLE", "database is locked", TransientError, "MLflow registry unreachable"),
+    ],
+)
+def test_the_registry_answer_decides_whether_a_missing_model_is_retried(
+    code: str, message: str, error: type, said: str
+) -> None:
+    from mlflow.exceptions import RestException
+
+    from pipeline.serving.classifier import resolve_version
+
+    class Client:
+        def get_model_version_by_alias(self, name: str, alias: str) -> None:
+            raise RestException({"error_code": code, "message": message})
+
+    with pytest.raises(error, match=said) as caught:
+        resolve_version(Client(), "pneumo", None, "champion")
+    assert type(caught.value) is error and "\n" not in str(caught.value)
+
+
+def test_a_large_batch_is_predicted_in_bounded_passes_with_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pyfunc frame or a Spark batch of thousands of rows is not one forward pass (memory); chunks change nothing."""
+    from pipeline.serving import classifier as clf
+
+    monkeypatch.setattr(clf, "MAX_BATCH", 8)
+    model = Classifier(
+        build_model("compact_cnn", 32).model, ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3")
+    )
+    seen: list[int] = []
+    infer = model._infer
+    monkeypatch.setattr(model, "_infer", lambda x: seen.append(len(x)) or infer(x))
+    batch = np.random.default_rng(3).uniform(0, 255, (19, 32, 32, 1)).astype(np.float32)
+    together = model.probabilities(batch)
+    assert seen == [8, 8, 3]
+    alone = np.concatenate([model.probabilities(batch[i : i + 1]) for i in range(len(batch))])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert model.embed(batch).shape[0] == 19
+
+
+def test_health_keeps_the_reason_a_version_failed_after_a_registry_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """@champion on a broken v3, then one poll with the registry down, then back with the alias still on v3: /health
+    says again why v3 is not served, not "registry unreachable" for good."""
+    from types import SimpleNamespace
+
+    from pipeline.serving import classifier as clf
+    from pipeline.serving.model_holder import ModelHolder
+
+    info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3", name="pneumo", version="1")
+    served = SimpleNamespace(info=info, predict=lambda batch: [])
+    answers = iter(["3", TransientError("MLflow registry unreachable: Connection refused"), "3", "3"])
+
+    def resolve(client: object, name: str, version: object, alias: object) -> SimpleNamespace:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return SimpleNamespace(version=answer)
+
+    def load(uri: str, version: str | None = None) -> SimpleNamespace:
+        if version == "3":
+            raise PipelineError("models:/pneumo@champion (version 3): no serving.json")
+        return served
+
+    monkeypatch.setattr(clf, "resolve_version", resolve)
+    holder = ModelHolder("models:/pneumo@champion", load)
+    said = []
+    for _ in range(4):
+        holder.check()
+        said.append(holder.last_error)
+    broken = "models:/pneumo@champion (version 3): no serving.json"
+    assert said == [broken, "MLflow registry unreachable: Connection refused", broken, broken]
+    assert holder.current is served

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.core.config import RegisterParams
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, TransientError
 from pipeline.registry import champion
 
 pytestmark = pytest.mark.slow
@@ -180,6 +180,7 @@ def test_real_rescore_loads_the_registered_model(
     store: tuple[str, Any], tmp_path: Path, synthetic_index: tuple[Path, Any]
 ) -> None:
     from pipeline.core.config import load_params
+    from pipeline.data.version import split_fingerprint
     from pipeline.steps.register import rescorer
     from tests.conftest import REPO, SMALL_SYNTHETIC
 
@@ -191,8 +192,12 @@ def test_real_rescore_loads_the_registered_model(
         [*SMALL_SYNTHETIC, f"data.root={data_dir / 'data' / 'raw'}", f"index.path={tmp_path / 'index.parquet'}"],
     )
     champion.register(client, log_candidate(0.9, 0.95), policy(tmp_path), never)
-    figures = rescorer(params)("models:/pneumo-test/1", 0.5)
+    figures = rescorer(params, split_fingerprint(index, "test"))("models:/pneumo-test/1", 0.5)
     assert set(figures) == set(champion.SCORE_KEYS) and 0.0 <= figures["roc_auc"] <= 1.0
+    assert all(v == round(v, 6) for v in figures.values() if v == v)  # at the tags' precision (NaN aside)
+    # The index rebuilt since the candidate's evaluation: the champion is not scored on other images than it
+    with pytest.raises(PipelineError, match=r"index.parquet: its test split is not the one .* was scored on; run"):
+        rescorer(params, "a-test-set-evaluated-before")("models:/pneumo-test/1", 0.5)
 
 
 def _race(uri: str, lock: str, candidate: champion.Candidate, out: Any) -> None:
@@ -394,24 +399,40 @@ def test_a_run_of_the_committed_code_is_not_dirty_a_changed_module_is(
     assert git_commit() == f"{head}-dirty"
 
 
-def test_a_champion_the_store_cannot_hand_over_fails_the_stage_for_a_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Re-scoring the champion: a dropped download is transient (exit 75, the flow retries the stage), not a sign
-    of a version from before serving bundles, whose Keras flavour would be loaded instead."""
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (TransientError("{uri}: cannot download the model (Connection reset by peer)"), "Connection reset by peer"),
+        (PipelineError("{uri} (version 1): cannot load the model (TypeError: Unknown layer)"), "Unknown layer"),
+    ],
+    ids=["store-unreachable", "bundle-broken"],
+)
+def test_a_champion_that_cannot_be_loaded_says_why_instead_of_trying_the_keras_flavour(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, synthetic_index: tuple[Path, Any], failure: Exception, said: str
+) -> None:
+    """Re-scoring the champion: a dropped download is transient (exit 75, the flow retries the stage), and a
+    bundle that does not load is that error; neither is a version from before serving bundles, whose Keras
+    flavour would be loaded instead (and fail with 'no keras flavour', the real cause lost)."""
     import mlflow
 
     from pipeline.core.config import load_params
-    from pipeline.core.errors import TransientError
+    from pipeline.data.version import split_fingerprint
     from pipeline.steps import register
     from tests.conftest import REPO
 
-    def unreachable(uri: str) -> None:
-        raise TransientError(f"{uri}: cannot download the model (Connection reset by peer)")
+    def failing(uri: str) -> None:
+        raise type(failure)(str(failure).format(uri=uri))
 
     fallbacks: list[str] = []
-    monkeypatch.setattr(register.classifier, "load", unreachable)
+    monkeypatch.setattr(register.classifier, "load", failing)
     monkeypatch.setattr(mlflow.keras, "load_model", lambda uri: fallbacks.append(uri))
-    rescore = register.rescorer(load_params(REPO / "params.yaml", ["registry.retry_backoff_seconds=0.01"]))
-    with pytest.raises(TransientError, match="Connection reset by peer"):
+    _, index = synthetic_index
+    index.to_parquet(tmp_path / "index.parquet")
+    params = load_params(
+        REPO / "params.yaml", ["registry.retry_backoff_seconds=0.01", f"index.path={tmp_path / 'index.parquet'}"]
+    )
+    rescore = register.rescorer(params, split_fingerprint(index, "test"))
+    with pytest.raises(type(failure), match=said):
         rescore("models:/pneumo-chest-xray/1", 0.5)
     assert fallbacks == []
 

@@ -62,3 +62,44 @@ def test_an_undefined_sensitivity_fails_the_clinical_floor() -> None:
     assert outcome == "rejected" and "below the floor" in reason
     met = Scores({"sensitivity": 0.95, "roc_auc": 0.97}, 0.5, "test:abc")
     assert decide(met, None, RegisterParams())[0] != "rejected"
+
+
+def test_an_evaluation_registered_again_does_not_beat_its_own_recorded_figures() -> None:
+    """The champion's figures come back from tags written at 6 decimals; the candidate's are rounded the same way,
+    so the same evaluation under a new registration key is not a coin flip between "beats" and "rejected"."""
+    from pipeline.core.config import RegisterParams
+    from pipeline.registry.champion import Scores, decide, recorded, version_scores
+
+    params = RegisterParams()
+    for value in (0.994413407821229, 0.9933333333333333, 0.9812345649999, 0.5000004999):
+        figures = {"roc_auc": value, "sensitivity": 0.96}
+        tags = {**{f"test_{k}": f"{v:.6f}" for k, v in figures.items()}, "threshold": "0.5", "test_set": "t"}
+        champion = version_scores(type("Version", (), {"tags": tags, "version": "3"})())
+        candidate = Scores({k: recorded(v) for k, v in figures.items()}, 0.5, "t")
+        outcome, reason, _ = decide(candidate, champion, params)
+        assert outcome == "rejected" and "does not beat champion v3" in reason, (value, reason)
+    assert any(value > float(f"{value:.6f}") for value in (0.994413407821229, 0.9933333333333333))  # the old flip
+
+
+@pytest.mark.parametrize(
+    ("exc", "no_alias"),
+    [
+        (rest("INVALID_PARAMETER_VALUE", "Registered model alias champion not found."), True),
+        (rest("RESOURCE_DOES_NOT_EXIST", "Registered Model with name=pneumo not found"), True),
+        # A proxy's bare 404 mid-rollout is not "no champion": it would promote an uncompared candidate
+        (MlflowException("API request to /x failed with error code 404 != 200. Response body: 'Not Found'"), False),
+        (rest("ENDPOINT_NOT_FOUND", "404 Not Found"), False),
+    ],
+)
+def test_only_the_registry_saying_so_means_no_alias(exc: MlflowException, no_alias: bool) -> None:
+    from pipeline.registry.champion import alias_version
+
+    class Client:
+        def get_model_version_by_alias(self, name: str, alias: str) -> None:
+            raise exc
+
+    if no_alias:
+        assert alias_version(Client(), "pneumo", "champion") is None
+    else:
+        with pytest.raises(MlflowException):
+            alias_version(Client(), "pneumo", "champion")

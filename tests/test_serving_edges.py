@@ -198,6 +198,53 @@ def test_a_keras_load_failure_says_why(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("drift", "said"),
+    [
+        (None, "serving.json sets ood_threshold 3.0 but there is no 'ood' reference here"),
+        ('{"ood": ', "invalid drift_reference.json (JSONDecodeError: Expecting value"),
+        ("[1, 2]", "invalid drift_reference.json (not a JSON object)"),
+        ('{"features": {}}', "serving.json sets ood_threshold 3.0 but there is no 'ood' reference here"),
+    ],
+    ids=["missing", "not-json", "not-an-object", "no-ood-part"],
+)
+def test_a_bundle_that_would_serve_without_its_ood_guard_says_so_naming_the_file(
+    tmp_path: Path, drift: str | None, said: str
+) -> None:
+    """serving.json promises refusals above an OOD threshold: without the reference, blank pages and photos would
+    get a label and nothing would say the guard is off."""
+    from pipeline.modeling.models import build_model
+    from pipeline.serving.classifier import DRIFT_FILE
+
+    build_model("compact_cnn", 32).model.save(tmp_path / MODEL_FILE)
+    info = {"threshold": 0.5, "class_names": ["NORMAL", "PNEUMONIA"], "image_size": 32, "task": "binary"}
+    serving = {**info, "architecture": "compact_cnn", "last_conv_layer": "relu3", "ood_threshold": 3.0}
+    (tmp_path / SERVING_FILE).write_text(json.dumps(serving))
+    if drift is not None:
+        (tmp_path / DRIFT_FILE).write_text(drift)
+    with pytest.raises(PipelineError) as caught:
+        Classifier.from_bundle(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / DRIFT_FILE}: {said}") and "\n" not in str(caught.value)
+    (tmp_path / SERVING_FILE).write_text(json.dumps({**serving, "ood_threshold": None}))  # no guard promised
+    if drift is None or drift.startswith('{"f'):
+        assert Classifier.from_bundle(tmp_path).ood_reference is None
+
+
+def test_the_ood_histogram_keeps_a_finite_sum_after_a_blank_upload() -> None:
+    """A constant image scores inf; the metric takes it capped, as the answer does, so the mean stays usable."""
+    from pipeline.serving.classifier import OOD_CAP, ModelInfo, Prediction
+    from pipeline.serving.service_metrics import ServiceMetrics
+
+    info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3", version="1")
+    holder = SimpleNamespace(current=SimpleNamespace(info=info), reloads=0, last_error=None, loaded_at=0.0)
+    metrics = ServiceMetrics(holder, drift_window=0)  # type: ignore[arg-type]
+    blank = Prediction(0.4, None, {"NORMAL": 0.6, "PNEUMONIA": 0.4}, ood_score=float("inf"), refused="constant")
+    metrics.observe_prediction("1", blank)
+    text = metrics.render()[0].decode()
+    total = next(line for line in text.splitlines() if line.startswith("pneumo_prediction_ood_score_sum"))
+    assert float(total.split()[-1]) == OOD_CAP
+
+
+@pytest.mark.parametrize(
     ("age", "warning"),
     [
         ("006M", "patient age 6 months"),

@@ -143,6 +143,12 @@ def version_scores(version: Any, role: str = CHAMPION) -> Scores:
     return Scores({k: m for k, m in metrics.items() if m is not None}, threshold, tags["test_set"], str(v))
 
 
+def recorded(value: float) -> float:
+    """A figure at the precision a version's tags record it (``f"{v:.6f}"``), so that a candidate and a champion
+    compare like with like: otherwise an identical evaluation beats its own rounded tag half the time."""
+    return round(float(value), 6)
+
+
 def number(text: str) -> float | None:
     try:
         return float(text)
@@ -187,7 +193,10 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        # No such model, or no such alias (MLflow says so as an invalid parameter). Not any "not found": a proxy's
+        # bare 404 (ENDPOINT_NOT_FOUND) mid-rollout would read as "no champion" and promote an uncompared model.
+        missing_alias = exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc).lower()
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
             return None
         raise
 

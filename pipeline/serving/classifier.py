@@ -38,6 +38,11 @@ DRIFT_FILE = "drift_reference.json"
 MODEL_FILE = "model.keras"
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc artifact key (and folder name under artifacts/)
 DEFAULT_URI = "models:/{name}@champion"
+MAX_BATCH = 64  # images per forward pass, whatever a caller hands over (a pyfunc frame, a Spark batch)
+
+
+class NotABundle(PipelineError):
+    """The folder or model holds no serving bundle (a model registered before bundles, or another flavour)."""
 
 
 @dataclass(frozen=True)
@@ -157,23 +162,25 @@ class Classifier:
             folder = folder / "artifacts" / BUNDLE_ARTIFACT
         serving = folder / SERVING_FILE
         if not serving.is_file():
-            raise PipelineError(f"{folder}: no {SERVING_FILE}: not a serving bundle written by `pneumo register`")
+            raise NotABundle(f"{folder}: no {SERVING_FILE}: not a serving bundle written by `pneumo register`")
 
         info = read_info(serving, registry)
         try:
             model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
         except Exception as exc:  # noqa: BLE001
             raise PipelineError(f"{folder / MODEL_FILE}: cannot load the model ({one_line(exc)})") from None
-        drift = folder / DRIFT_FILE
-        return cls(model, info, json.loads(drift.read_text()) if drift.is_file() else None)
+        return cls(model, info, read_reference(folder, info))
 
     def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, size, size, 1) float32 in [0, 255] -> calibrated probabilities (n, classes), features (n, d)."""
         if len(batch) == 0:
             return np.zeros((0, len(self.info.class_names))), np.zeros((0, 0))
-        out, features = self._infer(np.asarray(batch, np.float32))
-        probs = apply_temperature(np.asarray(out, np.float64), self.info.temperature, self.info.calibration_bias)
-        return class_probabilities(probs), np.asarray(features)
+        passes = [
+            self._infer(np.asarray(batch[i : i + MAX_BATCH], np.float32)) for i in range(0, len(batch), MAX_BATCH)
+        ]
+        out = np.concatenate([np.asarray(o, np.float64) for o, _ in passes])
+        probs = apply_temperature(out, self.info.temperature, self.info.calibration_bias)
+        return class_probabilities(probs), np.concatenate([np.asarray(f) for _, f in passes])
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self._forward(batch)[0]
@@ -235,6 +242,23 @@ def read_info(serving: Path, registry: dict[str, Any]) -> ModelInfo:
         raise PipelineError(f"{serving}: invalid {SERVING_FILE} ({one_line(exc)})") from None
 
 
+def read_reference(folder: Path, info: ModelInfo) -> dict[str, Any] | None:
+    """The bundle's drift and out-of-distribution reference; one line naming the file if it is not JSON, or if
+    serving.json sets an OOD threshold it lacks (else every blank page or photo would get a label, unsaid)."""
+    drift = folder / DRIFT_FILE
+    try:
+        reference = json.loads(drift.read_text()) if drift.is_file() else None
+    except ValueError as exc:  # JSONDecodeError, or text that is not UTF-8
+        raise PipelineError(f"{drift}: invalid {DRIFT_FILE} ({one_line(exc)})") from None
+    if reference is not None and not isinstance(reference, dict):
+        raise PipelineError(f"{drift}: invalid {DRIFT_FILE} (not a JSON object)")
+    if info.ood_threshold is not None and not (reference or {}).get("ood"):
+        raise PipelineError(
+            f"{drift}: {SERVING_FILE} sets ood_threshold {info.ood_threshold} but there is no 'ood' reference here"
+        )
+    return reference
+
+
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     """models:/name@alias or models:/name/version -> (name, version, alias); None for anything else."""
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
@@ -242,6 +266,8 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     rest = uri.removeprefix("models:/")
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
+        if not name or not alias:
+            raise PipelineError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         return name, None, alias
     name, _, version = rest.rpartition("/")
     return (name, version, None) if name and version.isdigit() else None
@@ -254,13 +280,15 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except MlflowException as exc:
-        text = str(exc)
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in text.lower():
+        text, uri = str(exc), f"models:/{name}{'@' + alias if alias else '/' + str(version)}"
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (alias and "alias" in text.lower() and "not found" in text):
             what = f"@{alias}" if alias else f"version {version}"
             raise PipelineError(
-                f"models:/{name}{'@' + alias if alias else '/' + str(version)}: no {what} in the registry "
+                f"{uri}: no {what} in the registry "
                 "(register one with `dvc repro` or promote a version in the MLflow UI)"
             ) from None
+        if exc.error_code == "INVALID_PARAMETER_VALUE":  # a name or alias the registry cannot take: no retry helps
+            raise PipelineError(f"{uri}: {text.splitlines()[0][:160]}") from None
         raise TransientError(f"MLflow registry unreachable: {text.splitlines()[0][:160]}") from None
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
         raise TransientError(f"MLflow registry unreachable ({type(exc).__name__}: {str(exc)[:160]})") from None
@@ -307,8 +335,8 @@ def load(uri: str, tracking_uri: str | None = None, *, version: str | None = Non
             raise download_error(uri, exc) from None
         try:
             return Classifier.from_bundle(local, **registry)
-        except PipelineError as exc:
+        except PipelineError as exc:  # the same kind, named by the URI rather than the temporary folder
             at = f" (version {registry['version']})" if registry.get("version") else ""
-            raise PipelineError(f"{uri}{at}: {str(exc).split(': ', 1)[-1]}") from None
+            raise type(exc)(f"{uri}{at}: {str(exc).split(': ', 1)[-1]}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

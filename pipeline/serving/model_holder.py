@@ -52,6 +52,7 @@ class ModelHolder:
         self.last_error: str | None = None
         self.last_check: float | None = None
         self._failed_version: str | None = None  # not retried until the alias moves again
+        self._failed_error: str | None = None  # why, said again while the alias stays there
         self._stop = threading.Event()
 
     def check(self) -> bool:
@@ -68,7 +69,8 @@ class ModelHolder:
         if version == self.current.info.version:
             self.last_error = self._failed_version = None
             return False
-        if version == self._failed_version:
+        if version == self._failed_version:  # not the error of a poll in between (the registry was down)
+            self.last_error = self._failed_error
             return False
         try:
             fresh = ready(self._loader(self.uri, version=version))
@@ -80,7 +82,7 @@ class ModelHolder:
                 self.last_error = str(exc)
             else:
                 self.last_error = f"{self.uri} (version {version}): cannot load the model ({clf.one_line(exc)})"
-            self._failed_version = version
+            self._failed_version, self._failed_error = version, self.last_error
             self._on_event("model_load_failed", version=version, error=self.last_error)
             return False
         self.current, self.loaded_at = fresh, time.time()  # one reference swap

@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import io
 import json
+import os
 import re
 import sys
 from collections import deque
@@ -206,12 +207,35 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return buffer.getvalue()
 
 
-def check_outputs(output: str | None, explain_dir: str | None) -> None:
-    """Refuse, before any prediction, an output file that is a folder and a heat-map folder that is a file."""
-    if output and Path(output).is_dir():
-        raise PipelineError(f"-o {output}: is a folder; name the .csv or .json file to write")
-    if explain_dir and Path(explain_dir).exists() and not Path(explain_dir).is_dir():
-        raise PipelineError(f"--explain {explain_dir}: is a file; name a folder for the heat maps")
+def check_outputs(output: str | None, explain_dir: str | None, kind: str = ".csv or .json") -> None:
+    """Refuse, before any prediction, an output file that is a folder or cannot be written there, and a heat-map
+    folder that is a file: the work is not lost at the end for a path that could never be written."""
+    if output:
+        if Path(output).is_dir():
+            raise PipelineError(f"-o {output}: is a folder; name the {kind} file to write")
+        check_writable(f"-o {output}", Path(output).absolute().parent)
+    if explain_dir:
+        if Path(explain_dir).exists() and not Path(explain_dir).is_dir():
+            raise PipelineError(f"--explain {explain_dir}: is a file; name a folder for the heat maps")
+        check_writable(f"--explain {explain_dir}", Path(explain_dir).absolute())
+
+
+def check_writable(flag: str, folder: Path) -> None:
+    """`folder`, or the nearest of its parents that exists (the writers make the rest), must be a folder this
+    process can write in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PipelineError(f"{flag}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag}: cannot write in {existing} (permission denied)")
+
+
+def write_output(output: str, text: str) -> None:
+    """The report, atomically; a failure names the -o path (not the temporary sibling) in one line."""
+    try:
+        write_text(output, text)
+    except OSError as exc:  # a read-only file system, a full disk: what os.access cannot foresee
+        raise PipelineError(f"-o {output}: cannot write ({exc.strerror or type(exc).__name__})") from None
 
 
 def run(
@@ -233,7 +257,7 @@ def run(
     rows += [error_row(item, classifier.info, why) for item, why in missing]
     text = render(rows, fmt)
     if output:
-        write_text(output, text)
+        write_output(output, text)
     else:
         sys.stdout.write(text)
     failed = [row for row in rows if row["status"] == "error"]

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pipeline.serving import drift
-from pipeline.serving.classifier import Classifier, Prediction
+from pipeline.serving.classifier import OOD_CAP, Classifier, Prediction
 from pipeline.serving.model_holder import ModelHolder
 
 DECODE_FAILURES = ("unsupported", "too_large", "corrupt", "no_decoder")  # 415, 413, 422, 501: the only reasons
@@ -159,7 +159,8 @@ class ServiceMetrics:
         self.predictions.labels(version, pred.label or "refused").inc()
         self.probability.labels(version).observe(pred.probability)
         if pred.ood_score is not None:
-            self.ood_score.labels(version).observe(pred.ood_score)
+            # capped as the answer caps it: one blank upload (score inf) would make the sum +Inf for good
+            self.ood_score.labels(version).observe(min(pred.ood_score, OOD_CAP))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

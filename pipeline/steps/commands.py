@@ -32,8 +32,8 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
         return 0
     if args.command == "predict":
         predict.check_outputs(args.output, args.explain)  # before the predictions, not after
-    elif args.output and Path(args.output).is_dir():  # drift's report: refused before the work, not after
-        raise PipelineError(f"-o {args.output}: is a folder; name the .json file to write")
+    else:  # drift's report: refused before the work, not after
+        predict.check_outputs(args.output, None, kind=".json")
     model = classifier.load(uri)
     if args.command == "predict":
         status, summary = predict.run(model, args.paths, args.output, args.format, cfg.batch_size, args.explain)
@@ -44,7 +44,7 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
     for line in skipped:
         print(f"  unreadable: {line}")
     if args.output:
-        write_text(args.output, json.dumps({**report.to_dict(), "unreadable": skipped}, indent=2) + "\n")
+        predict.write_output(args.output, json.dumps({**report.to_dict(), "unreadable": skipped}, indent=2) + "\n")
     return 1 if report.verdict == "drift" else 0
 
 

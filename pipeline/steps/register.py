@@ -21,6 +21,7 @@ from pipeline.core.config import Params, RegisterParams
 from pipeline.core.errors import PipelineError, TransientError
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
+from pipeline.data.version import split_fingerprint
 from pipeline.modeling import inputs as dp
 from pipeline.modeling import tta
 from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
@@ -50,7 +51,8 @@ def candidate_from_outputs(params: Params, client: Any, ev: Evaluation) -> champ
         raise PipelineError(f"{params.mlflow.run_file}: no logged model recorded; run the train stage again")
     run = champion.with_retries(lambda: client.get_run(ref.run_id), "reading the run", params.registry)
     run_tags = run.data.tags
-    metrics = {k: float(getattr(ev.test, k)) for k in champion.SCORE_KEYS}
+    # At the precision the tags keep: a re-registered evaluation must not "beat" its own recorded figures
+    metrics = {k: champion.recorded(getattr(ev.test, k)) for k in champion.SCORE_KEYS}
     scores = champion.Scores(metrics, ev.threshold, ev.test_set)
     tags = {
         **{f"test_{k}": f"{v:.6f}" for k, v in metrics.items()},
@@ -99,27 +101,42 @@ def with_serving_model(
     return dataclasses.replace(candidate, model_uri=model_uri)
 
 
-def rescorer(params: Params) -> Any:
-    """Scores a registered model on the current test split at a given threshold."""
+PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow errors no retry mends
+
+
+def rescorer(params: Params, test_set: str) -> Any:
+    """Scores a registered model on the current test split at a given threshold; that split must be the one the
+    candidate was evaluated on (`test_set`), or the two would be compared on different images."""
 
     def rescore(model_uri: str, threshold: float) -> dict[str, float]:
+        index = read_index(params.index.path)
+        if split_fingerprint(index, "test") != test_set:
+            raise PipelineError(
+                f"{params.index.path}: its test split is not the one {params.evaluate.metrics} was scored on; "
+                "run the evaluate stage again (dvc repro)"
+            )
+
         def load() -> tuple[Any, tuple[float, float], tta.Views]:
             try:
                 loaded = classifier.load(model_uri)
                 info = loaded.info  # the threshold is on calibrated scores of its views' average
                 return loaded.model, (info.temperature, info.calibration_bias), loaded.views
-            except TransientError:  # the store unreachable mid-download: the stage fails for a retry (75)
-                raise
-            except PipelineError:  # a version registered before serving bundles: the plain Keras flavour
-                return mlflow.keras.load_model(model_uri), (1.0, 0.0), tta.Views()
+            except classifier.NotABundle:  # a version registered before serving bundles: the plain Keras flavour
+                try:
+                    return mlflow.keras.load_model(model_uri), (1.0, 0.0), tta.Views()
+                except Exception as exc:  # noqa: BLE001 - the store's client and Keras raise many types
+                    why = classifier.one_line(exc)
+                    if isinstance(exc, MlflowException) and exc.error_code not in PERMANENT:
+                        raise TransientError(f"{model_uri}: cannot load the model ({why})") from None
+                    raise PipelineError(f"{model_uri}: neither a serving bundle nor a Keras model ({why})") from None
 
         model, calibration, views = champion.with_retries(load, "loading the champion", params.registry)
         size = int(model.input_shape[1])
-        test = dp.split_data(read_index(params.index.path), "test", params.data.root, params.task)
+        test = dp.split_data(index, "test", params.data.root, params.task)
         outputs = predict_split(model, test, size, params.train.batch_size, views)
         scores = pneumonia_score(apply_temperature(outputs, *calibration))
         figures = binary_metrics((test.labels > 0).astype(int), scores, threshold)
-        return {k: float(getattr(figures, k)) for k in champion.SCORE_KEYS}
+        return {k: champion.recorded(getattr(figures, k)) for k in champion.SCORE_KEYS}
 
     return rescore
 
@@ -224,7 +241,9 @@ def _register(params: Params) -> str:
             stress=json.loads(Path(params.stress.report).read_text()) if Path(params.stress.report).is_file() else {},
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
-        decision = champion.register(client, candidate, params.registry, rescorer(params), finalize=finalize)
+        decision = champion.register(
+            client, candidate, params.registry, rescorer(params, ev.test_set), finalize=finalize
+        )
     record = champion.decision_json(decision)  # one text for the DVC-tracked file and the run
     write_text(params.registry.decision_file, record)
 
