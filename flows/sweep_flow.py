@@ -172,8 +172,10 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
 
 def own_outputs(project: Params) -> dict[str, str]:
     """The stage outputs the project names by absolute path, put back to their (relative) defaults: each
-    trial writes its own model and reports, not one shared folder (whose stage lock would refuse the others)."""
-    keys = (*STAGE_OUTPUT_FOLDERS, *STAGE_OUTPUT_FILES)
+    trial writes its own model and reports, not one shared folder (whose stage lock would refuse the others), and
+    its own resume state: trials whose settings differ only outside the state key (``evaluate.*``) would otherwise
+    train at once in one ``train.resume_dir/<key>`` folder, each overwriting the other's best weights."""
+    keys = (*STAGE_OUTPUT_FOLDERS, "train.resume_dir", *STAGE_OUTPUT_FILES)
     return {k: project.default_of(k) for k in keys if Path(project.setting(k)).expanduser().is_absolute()}
 
 

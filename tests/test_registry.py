@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 from collections.abc import Callable
@@ -413,7 +414,6 @@ def test_a_champion_that_cannot_be_loaded_says_why_instead_of_trying_the_keras_f
     """Re-scoring the champion: a dropped download is transient (exit 75, the flow retries the stage), and a
     bundle that does not load is that error; neither is a version from before serving bundles, whose Keras
     flavour would be loaded instead (and fail with 'no keras flavour', the real cause lost)."""
-    import mlflow
 
     from pipeline.core.config import load_params
     from pipeline.data.version import split_fingerprint
@@ -425,7 +425,8 @@ def test_a_champion_that_cannot_be_loaded_says_why_instead_of_trying_the_keras_f
 
     fallbacks: list[str] = []
     monkeypatch.setattr(register.classifier, "load", failing)
-    monkeypatch.setattr(mlflow.keras, "load_model", lambda uri: fallbacks.append(uri))
+    # the module itself: `mlflow.keras` may still be MLflow's lazy loader, which would not forward the patch
+    monkeypatch.setattr(importlib.import_module("mlflow.keras"), "load_model", lambda uri: fallbacks.append(uri))
     _, index = synthetic_index
     index.to_parquet(tmp_path / "index.parquet")
     params = load_params(

@@ -118,14 +118,22 @@ def test_each_trial_writes_its_own_outputs_even_where_the_project_names_absolute
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     work = copy_project(
-        tmp_path / "project", f"train.model_dir={tmp_path / 'models'}", f"evaluate.metrics={tmp_path / 'm.json'}"
+        tmp_path / "project",
+        f"train.model_dir={tmp_path / 'models'}",
+        f"evaluate.metrics={tmp_path / 'm.json'}",
+        f"train.resume_dir={tmp_path / 'resume'}",  # trials differing in evaluate.* only share a state key
     )
     monkeypatch.chdir(work)
     project = load_params("params.yaml")
-    assert own_outputs(project) == {"train.model_dir": "models", "evaluate.metrics": "reports/metrics.json"}
+    assert own_outputs(project) == {
+        "train.model_dir": "models",
+        "train.resume_dir": ".cache/train-resume",
+        "evaluate.metrics": "reports/metrics.json",
+    }
     folder = trial_folder(work / "sweeps" / "s", "t00", "params.yaml", {"train.learning_rate": 0.01}, "sqlite:///x.db")
     trial = load_params(folder / "params.yaml")
     assert (trial.train.model_dir, trial.evaluate.metrics) == ("models", "reports/metrics.json")
+    assert trial.train.resume_dir == ".cache/train-resume"
     assert trial.train.learning_rate == 0.01 and trial.evaluate.plots_dir == project.evaluate.plots_dir
     assert trial.mlflow.artifact_root == str((work / project.mlflow.artifact_root).resolve())  # still shared
     # A starting weights file named relative to the project is found from the trial's folder too.

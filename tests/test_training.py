@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -121,6 +122,42 @@ def test_interrupted_training_resumes_from_checkpoint(synthetic_index: tuple[Pat
     assert not any(Path(params.train.resume_dir).iterdir()), "a finished training leaves no state behind"
 
 
+def test_a_train_stage_that_fails_after_its_last_epoch_resumes_without_training_again(
+    synthetic_index: tuple[Path, pd.DataFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracking server down for the model upload (or a full disk at the save): the finished training's state
+    stays until the model is saved and logged, so the stage's re-run loads it and trains no epoch again."""
+
+    from pipeline.core.errors import TransientError
+    from pipeline.steps import train as train_stage
+
+    tmp, index = synthetic_index
+    index.to_parquet(tmp_path / "index.parquet")
+    own = [f"index.path={tmp_path / 'index.parquet'}", f"train.resume_dir={tmp_path / 'resume'}"]
+    own += [f"train.model_dir={tmp_path / 'models'}", f"train.tensorboard_dir={tmp_path / 'tb'}"]
+    own += [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_root={tmp_path / 'art'}"]
+    own += [f"mlflow.run_file={tmp_path / 'run.json'}"]
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.early_stopping_patience=10", *own)
+    monkeypatch.chdir(tmp_path)  # the stage's relative reports
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise TransientError("MLflow: 503 Service Unavailable")
+
+    with monkeypatch.context() as patched:
+        # the module itself: `mlflow.keras` may still be MLflow's lazy loader, which would not forward the patch
+        patched.setattr(importlib.import_module("mlflow.keras"), "log_model", unreachable)
+        with pytest.raises(TransientError, match="503"):
+            train_stage.run(params)
+    kept = list((tmp_path / "resume").rglob("done.weights.h5"))
+    assert len(kept) == 1, "the finished training's state is kept while its model is not logged"
+
+    counter = CountEpochs()
+    summary = train_stage.run(params, extra_callbacks=[counter])
+    assert counter.started == [], "the re-run loads the finished training, it does not train again"
+    assert "after 2 epochs" in summary and (tmp_path / "run.json").is_file()
+    assert not any((tmp_path / "resume").iterdir()), "the model is logged: the state is gone"
+
+
 def test_a_kill_mid_save_still_resumes(synthetic_index: tuple[Path, pd.DataFrame]) -> None:
     """A kill while the epoch's state is written leaves a truncated file: the newest backup (the previous one
     is resumed from) or the pending best weights (never promoted). History and best weights stay whole."""
@@ -220,7 +257,11 @@ def test_resume_state_is_keyed_by_data_settings_and_code(
         training.state_key(rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "split.seed=1"), index),
         training.state_key(params, index, replicas=2),  # two local GPUs: another global batch
     ]
-    assert len({key, *others}) == 7
+    # A GPU's mixed precision: the optimizer is wrapped for loss scaling, so its state would not load on a CPU
+    monkeypatch.setattr(keras.mixed_precision, "global_policy", lambda: keras.mixed_precision.Policy("mixed_float16"))
+    others.append(training.state_key(params, index))
+    monkeypatch.undo()
+    assert len({key, *others}) == 8
     # Folders are not content: moving them (the same shards elsewhere included) keeps the key.
     elsewhere = rooted_params(tmp / "elsewhere", *SMALL_SYNTHETIC, *FAST_TRAIN)
     shutil.copytree(params.shards.out, elsewhere.shards.out, dirs_exist_ok=True)

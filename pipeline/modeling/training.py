@@ -60,6 +60,7 @@ class TrainOutcome:
     images_trained: int = 0
     input_cache: str = ""  # how the train split was read after its first epoch (``cache_note``)
     tensorboard_logs: Path | None = None  # this training's TensorBoard folder (train.tensorboard_dir/<state key>)
+    state_dir: Path | None = None  # the chief's resume state (train.resume_dir/<state key>), kept until discard_state
 
     @property
     def best_val_auc(self) -> float:
@@ -315,19 +316,24 @@ def train(
     sink: EpochSink | None = None,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     hardware: tuple[tf.distribute.Strategy, str] | None = None,
+    keep_state: bool = False,
 ) -> TrainOutcome:
     """Train the configured model on the index's train split, selecting on its val split.
 
     Under TF_CONFIG every worker calls this; only the chief's outputs (resume state, checkpoints,
     TensorBoard logs, `sink`) are real, the other workers' go to a temporary folder removed at the end.
     `hardware`: ``configure_hardware``'s result where the caller made it first (once per process).
+    `keep_state`: the resume state outlives the call, for the caller to ``discard_state`` once the model is saved.
     """
     extra = extra_callbacks or []
     strategy, device = hardware or configure_hardware(params.train)
     cluster = distributed.cluster_from_env()
     scratch = None if cluster is None or cluster.is_chief else Path(tempfile.mkdtemp(prefix="pneumo-worker-"))
     try:
-        return _train(params, index, sink if scratch is None else None, extra, strategy, device, scratch)
+        outcome = _train(params, index, sink if scratch is None else None, extra, strategy, device, scratch)
+        if not keep_state:
+            discard_state(outcome)
+        return outcome
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -463,9 +469,16 @@ def _train(
             fit_on_images(built.model, "fine_tune", tp.fine_tune_epochs, tp.fine_tune_learning_rate, tp.seed, floor)
     outcome.seconds = time.perf_counter() - start
     outcome.images_trained = len(train_data) * trained
-    if place.chief:  # finished: nothing is left for a later run to pick up
-        shutil.rmtree(place.state_dir, ignore_errors=True)
+    if place.chief:
+        outcome.state_dir = place.state_dir
     return outcome
+
+
+def discard_state(outcome: TrainOutcome) -> None:
+    """The finished training's resume state, removed once its model is safe: until then a run that fails (the
+    tracking server down for the model upload, a full disk) is resumed, its finished phases loaded, not retrained."""
+    if outcome.state_dir is not None:
+        shutil.rmtree(outcome.state_dir, ignore_errors=True)
 
 
 def _train_head_on_features(
@@ -570,8 +583,11 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1, replicas: i
     The data (path, label, split and bytes of every usable train/val image), the task, model, train
     and split params (output folders aside), a weights file's bytes (``model.weights``), where the images are
     read from (``train.input``; for shards, their manifest: the shard files' hashes), the source of every
-    module training runs (``training_code``), and the number of workers and of replicas (a cluster of another
-    size, or another number of local GPUs, splits the batches differently: the global batch is per replica).
+    module training runs (``training_code``), the number of workers and of replicas (a cluster of another
+    size, or another number of local GPUs, splits the batches differently: the global batch is per replica), the
+    dtype policy (mixed precision on a GPU wraps the optimizer for loss scaling: a GPU run resumed on a CPU, or the
+    reverse, would load the weights but drop the optimizer's state and restart the schedule) and the Keras and
+    TensorFlow versions that wrote the state.
     """
     used = index[index["split"].isin(["train", "val"]) & index["decodable"]]
     data = used.sort_values("path")[["path", "split", "label", "subtype", "sha256"]].to_numpy().tolist()
@@ -586,6 +602,9 @@ def state_key(params: Params, index: pd.DataFrame, workers: int = 1, replicas: i
         params.split.model_dump(),
         workers,
         replicas,
+        keras.mixed_precision.global_policy().name,
+        keras.__version__,
+        tf.__version__,
     ]
     if params.train.input == "shards":
         settings.append(records.manifest_digest(params.shards.out))

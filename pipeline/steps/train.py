@@ -114,7 +114,9 @@ def _train_and_track(
         def log_epoch(row: dict[str, Any]) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=int(row["epoch"]))
 
-        outcome = training.train(params, index, sink=log_epoch, extra_callbacks=extra_callbacks, hardware=hardware)
+        outcome = training.train(
+            params, index, sink=log_epoch, extra_callbacks=extra_callbacks, hardware=hardware, keep_state=True
+        )
         mlflow.set_tags({"device": outcome.device, "train_images_read": outcome.input_cache})
         model = outcome.built.model
         metadata = {
@@ -174,6 +176,7 @@ def _train_and_track(
         mlflow.log_dict({"inputs": example.tolist(), "shape": list(example.shape)}, "model_input_example.json")
         ref = tracking.RunRef(ref.run_id, ref.experiment_id, ref.tracking_uri, logged.model_uri)
         tracking.save_run_ref(params.mlflow.run_file, ref)
+    training.discard_state(outcome)  # the model is saved and logged: a re-run has nothing left to resume
     return (
         f"trained {metadata['architecture']} ({params.task}) on {outcome.device}: best val AUC "
         f"{outcome.best_val_auc:.4f}{_ensemble_note(params)} after "
