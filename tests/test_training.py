@@ -137,7 +137,8 @@ def test_a_train_stage_that_fails_after_its_last_epoch_resumes_without_training_
     own += [f"train.model_dir={tmp_path / 'models'}", f"train.tensorboard_dir={tmp_path / 'tb'}"]
     own += [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_root={tmp_path / 'art'}"]
     own += [f"mlflow.run_file={tmp_path / 'run.json'}"]
-    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.early_stopping_patience=10", *own)
+    limit = "train.max_images_per_split=40"  # the model's metadata counts what training used, not the index
+    params = rooted_params(tmp, *SMALL_SYNTHETIC, *FAST_TRAIN, "train.early_stopping_patience=10", limit, *own)
     monkeypatch.chdir(tmp_path)  # the stage's relative reports
 
     def unreachable(*args: object, **kwargs: object) -> None:
@@ -156,6 +157,9 @@ def test_a_train_stage_that_fails_after_its_last_epoch_resumes_without_training_
     assert counter.started == [], "the re-run loads the finished training, it does not train again"
     assert "after 2 epochs" in summary and (tmp_path / "run.json").is_file()
     assert not any((tmp_path / "resume").iterdir()), "the model is logged: the state is gone"
+    sizes = json.loads((tmp_path / "models" / "metadata.json").read_text())["split_sizes"]
+    in_index = {s: int(((index["split"] == s) & index["decodable"]).sum()) for s in ("train", "val", "test")}
+    assert sizes == {"train": 40, "val": min(40, in_index["val"]), "test": in_index["test"]} and in_index["train"] > 40
 
 
 def test_a_kill_mid_save_still_resumes(synthetic_index: tuple[Path, pd.DataFrame]) -> None:

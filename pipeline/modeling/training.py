@@ -61,6 +61,7 @@ class TrainOutcome:
     input_cache: str = ""  # how the train split was read after its first epoch (``cache_note``)
     tensorboard_logs: Path | None = None  # this training's TensorBoard folder (train.tensorboard_dir/<state key>)
     state_dir: Path | None = None  # the chief's resume state (train.resume_dir/<state key>), kept until discard_state
+    images: dict[str, int] = field(default_factory=dict)  # the train and val images it used (a limit applied)
 
     @property
     def best_val_auc(self) -> float:
@@ -368,7 +369,9 @@ def _train(
         built = build()
     cache_train = dp.fits_in_memory(len(train_data), mp.image_size, tp.memory_cache_mb, training=True)
     cache_val = dp.fits_in_memory(len(val_data), mp.image_size, tp.memory_cache_mb, training=False)
-    outcome = TrainOutcome(built, train_data.class_names, device)
+    outcome = TrainOutcome(
+        built, train_data.class_names, device, images={"train": len(train_data), "val": len(val_data)}
+    )
     outcome.input_cache = (
         "decoded once for the frozen backbone's features (train.cache_features): "
         "the head phase sees no augmentation, mixup or class reframing"

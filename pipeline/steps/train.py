@@ -138,9 +138,8 @@ def _train_and_track(
             "output": "P(PNEUMONIA)" if params.task == "binary" else "softmax over class_names",
             "data_version": data_version,
             "index_fingerprint": fingerprint,
-            "split_sizes": {
-                s: int(((index["split"] == s) & index["decodable"]).sum()) for s in ("train", "val", "test")
-            },
+            # what training used (train.max_images_per_split applied); test's is what the index holds
+            "split_sizes": {**outcome.images, "test": int(((index["split"] == "test") & index["decodable"]).sum())},
             "best_val_auc": outcome.best_val_auc,
             "epochs": len(outcome.history),
             "device": outcome.device,
