@@ -112,6 +112,24 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     local = (real_champion.root / real_champion.params.train.model_dir / "model_card.md").read_text()
     assert rendered.startswith(local) and "## External validation" not in local  # the training's copy
 
+    # Another hospital's folder of the same name: refused in one line before any scoring, the first record kept
+    other = tmp_path / "elsewhere" / "hospital-x"
+    shutil.copytree(hospital, other)
+    refused = _pneumo(real_champion, "external-validation", str(other), "-o", str(tmp_path / "out-other"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: --name hospital-x: {real_champion.name} version {version.version} already has a validation of "
+        f"that name, of {hospital.resolve()}; give this one of {other.resolve()} another --name (nothing was recorded)"
+    ]
+    kept = client.get_model_version(real_champion.name, version.version).tags
+    assert kept["external.hospital-x.data_path"] == str(hospital.resolve()) and not (tmp_path / "out-other").exists()
+
+
+def test_a_kaggle_layouts_other_split_is_another_validation_by_default() -> None:
+    from pipeline.steps.external import default_name
+
+    assert default_name("/data/chest_xray", "test") == "chest_xray"
+    assert default_name("/data/chest_xray/", "val") == "chest_xray-val"
+
 
 def test_a_held_registration_lock_records_nothing(real_champion: Champion, hospital: Path, tmp_path: Path) -> None:
     """The card is read, extended and written back under the registration lock that `register` takes to render

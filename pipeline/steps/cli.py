@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("path", metavar="PATH", help="folder with NORMAL/ and PNEUMONIA/ (or train/val/test/ of them)")
     ev.add_argument("--model", help=model_help)
     ev.add_argument("--split", default="test", help="for the Kaggle layout: the split to score (default: test)")
-    ev.add_argument("--name", help="a short name for this data set (default: the folder's name)")
+    ev.add_argument(
+        "--name", help="a short name for this data set (default: the folder's name, plus -SPLIT for another --split)"
+    )
     ev.add_argument("-o", "--output", help="report and figures folder (default: reports/external/NAME)")
     ev.add_argument(
         "--prior",

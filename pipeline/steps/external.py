@@ -96,6 +96,8 @@ def record(
             still_held = held.enter_context(registry_lock(lock_params, what="external-validation"))
         except TransientError as exc:  # nothing is recorded yet; the report in `out` stands
             raise TransientError(f"{exc}; the report is in {out}/, nothing was recorded in MLflow") from None
+        source = str(Path(path).resolve())
+        check_name(client, info, name, source, params)  # again under the lock: another writer may have been first
         # The version's tags and card are written while the run is open: a failure there (the server gone) ends
         # the run FAILED, not FINISHED beside a version that never heard of it; the command says so and exits 75
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{info.name}-v{info.version}")
@@ -118,6 +120,7 @@ def record(
                         info.name, info.version, f"external.{name}.refused", str(len(result.refused))
                     )
                     client.set_model_version_tag(info.name, info.version, f"external.{name}.run_id", run.info.run_id)
+                    client.set_model_version_tag(info.name, info.version, f"external.{name}.data_path", source)
                     card = client.get_model_version(info.name, info.version).tags.get(model_card.CARD_TAG, "")
                     match = re.match(r"runs:/([^/]+)/(.+)$", card)
                     if match:  # the card lives in the training run: append the section and the pictures there
@@ -146,10 +149,32 @@ def record(
     return run.info.run_id, extended
 
 
+def check_name(client: MlflowClient, info: classifier.ModelInfo, name: str, source: str, params: Params) -> None:
+    """One name, one data set: another folder under a name the version already holds would replace its record."""
+    if not (info.name and info.version):  # not a registered version: nothing recorded to replace
+        return
+    tags = champion.with_retries(
+        lambda: client.get_model_version(info.name, info.version).tags, "reading the version", params.registry
+    )
+    before = tags.get(f"external.{name}.data_path")
+    if before and before != source:
+        raise PipelineError(
+            f"--name {name}: {info.name} version {info.version} already has a validation of that name, of "
+            f"{before}; give this one of {source} another --name (nothing was recorded)"
+        )
+
+
+def default_name(path: str, split: str) -> str:
+    """The data set's name when --name is not given: its folder's, and the split's where a Kaggle layout is scored
+    on another split than test/ (so that its val/ and test/ are two validations, not one replacing the other)."""
+    folder = Path(path).resolve()
+    return folder.name if split == "test" else f"{folder.name}-{split}"
+
+
 def run(args: argparse.Namespace, params: Params) -> int:
     mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
     uri = args.model or classifier.DEFAULT_URI.format(name=params.registry.model_name)
-    name = args.name or Path(args.path).resolve().name
+    name = args.name or default_name(args.path, args.split)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
         given = "--name" if args.name else "the folder's name (give --name)"
         raise PipelineError(f"{given} {name!r}: use letters, digits, '.', '_' and '-' only, not only dots")
@@ -159,6 +184,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
         raise PipelineError(f"-o {out}: is a file; name a folder for the report and figures")
     items = scoring.labelled_files(args.path, args.split)
     model = classifier.load(uri)
+    check_name(MlflowClient(), model.info, name, str(Path(args.path).resolve()), params)  # before the scoring
     result = scoring.score(
         model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed, prior=prior
     )
