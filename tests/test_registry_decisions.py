@@ -103,3 +103,29 @@ def test_only_the_registry_saying_so_means_no_alias(exc: MlflowException, no_ali
     else:
         with pytest.raises(MlflowException):
             alias_version(Client(), "pneumo", "champion")
+
+
+def test_stage_files_that_are_not_what_they_should_be_are_one_line_naming_them(tmp_path) -> None:
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.files import read_json
+    from pipeline.steps.register import predicted_files
+
+    cut = tmp_path / "stress.json"
+    cut.write_text('{"sets": {"dark')
+    with pytest.raises(PipelineError, match=rf"^{cut}: not valid JSON \(JSONDecodeError: .*\); run the stress stage"):
+        read_json(cut, "run the stress stage again")
+    old = tmp_path / "predictions.csv"
+    old.write_text("file,label,score\na.png,NORMAL,0.1\n")
+    with pytest.raises(PipelineError, match=rf"^{old}: no column path, pneumonia_score; run the evaluate stage again$"):
+        predicted_files(str(old))
+    old.write_text("path,label,pneumonia_score\na.png,NORMAL,0.1\n")
+    assert predicted_files(str(old)) == ["a.png"]
+
+
+def test_a_comparison_tag_edited_by_hand_is_one_line_naming_the_version() -> None:
+    from pipeline.core.errors import PipelineError
+    from pipeline.registry.champion import COMPARISON_TAG, _recorded_comparison
+
+    version = type("Version", (), {"tags": {COMPARISON_TAG: "{not json"}, "version": "4"})()
+    with pytest.raises(PipelineError, match=r"^register: version 4's tag .* is not the comparison register wrote"):
+        _recorded_comparison(None, version, None, lambda call, what: call())  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from pipeline.core.atomic import staged_file, write_text
 from pipeline.core.errors import PipelineError
+from pipeline.core.files import read_json
 from pipeline.core.hashing import file_sha256
 from pipeline.modeling import models  # noqa: F401 - registers the custom preprocessing layer for loading
 
@@ -44,7 +45,7 @@ def load(model_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - a corrupt zip or config fails in many ways
         raise PipelineError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:120]})") from None
     meta_path = Path(model_dir) / METADATA_FILE
-    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    metadata = read_json(meta_path, "run the train stage again") if meta_path.is_file() else {}
     if HASH_KEY in metadata and metadata[HASH_KEY] != file_sha256(path):
         raise PipelineError(
             f"{meta_path}: describes another model than {path} (a save was interrupted): run the train stage again"

@@ -323,9 +323,15 @@ def _recorded_comparison(
     on the candidate's test set (what the decision used unless it re-scored; nothing is re-scored on a re-run)."""
     text = version.tags.get(COMPARISON_TAG)
     if text:
-        recorded = json.loads(text)
-        for role in (CHAMPION, CHALLENGER):
-            recorded[role] = Scores(**recorded[role]) if recorded.get(role) else None
+        try:
+            recorded = json.loads(text)
+            for role in (CHAMPION, CHALLENGER):
+                recorded[role] = Scores(**recorded[role]) if recorded.get(role) else None
+        except (ValueError, TypeError, AttributeError) as exc:  # a tag edited by hand in the UI
+            raise PipelineError(
+                f"register: version {version.version}'s tag {COMPARISON_TAG!r} is not the comparison register wrote "
+                f"({type(exc).__name__}); restore it or delete the version"
+            ) from None
         return recorded
     compared = version.tags.get(COMPARED_TAG)
     if not compared:

@@ -168,7 +168,10 @@ def build_bundle(params: Params, ev: Evaluation, run_id: str, dest: Path) -> tup
     source = f"{params.train.model_dir}/{model_store.METADATA_FILE}"
     tracking.require_same_run(run_id, str(metadata.get("mlflow_run_id", "")), source, params.mlflow.run_file)
     pp = params.package
-    info = model_info(metadata, ev, run_id, params.registry.model_name, pp.ood_threshold, pp.ood_warning)
+    try:
+        info = model_info(metadata, ev, run_id, params.registry.model_name, pp.ood_threshold, pp.ood_warning)
+    except (KeyError, IndexError, TypeError) as exc:  # a metadata file of another pipeline version, or edited
+        raise PipelineError(f"{source}: lacks {exc} or holds it in another form; run the train stage again") from None
     files = reference_sample(read_index(params.index.path), params.data.root, params.package.reference_images, 0)
     classifier = Classifier(model, info, drift_reference(Classifier(model, info), files))
     write_bundle(dest, Path(params.train.model_dir) / model_store.MODEL_FILE, info, classifier.drift_reference)

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params, RegisterParams
 from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.files import read_json
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
 from pipeline.data.version import split_fingerprint
@@ -203,6 +204,20 @@ def card_writer(
     return finalize
 
 
+def predicted_files(predictions: str) -> list[str]:
+    """The test images the evaluate stage predicted (its predictions CSV: path, label, score ...)."""
+    try:
+        frame = pd.read_csv(predictions)
+    except (OSError, ValueError) as exc:  # missing, empty, not CSV
+        raise PipelineError(
+            f"{predictions}: cannot read the predictions ({type(exc).__name__}); run evaluate again"
+        ) from None
+    missing = [c for c in ("path", "label", "pneumonia_score") if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{predictions}: no column {', '.join(missing)}; run the evaluate stage again")
+    return frame["path"].astype(str).tolist()
+
+
 def run(params: Params) -> str:
     with folder_lock("register", outputs=params.stage_folders()):
         return _register(params)
@@ -218,7 +233,7 @@ def _register(params: Params) -> str:
     with tempfile.TemporaryDirectory(prefix="pneumo-register-") as tmp:
         bundle, examples_dir = Path(tmp) / "bundle", Path(tmp) / "examples"
         classifier, metadata = packaging.build_bundle(params, ev, candidate.run_id, bundle)
-        test_files = pd.read_csv(params.evaluate.predictions)["path"].astype(str).tolist()
+        test_files = predicted_files(params.evaluate.predictions)
         ood_check = packaging.ood_validation(classifier, test_files)
         picks = packaging.pick_examples(params.evaluate.predictions, ev.threshold, params.package.gradcam_examples)
         examples = packaging.gradcam_examples(classifier, picks, examples_dir)
@@ -238,7 +253,9 @@ def _register(params: Params) -> str:
             examples=[(f"model_card/{name}", caption) for name, caption in examples],
             ood=ood_check,
             preprocessing=preprocessing_of(classifier.model),
-            stress=json.loads(Path(params.stress.report).read_text()) if Path(params.stress.report).is_file() else {},
+            stress=read_json(params.stress.report, "run the stress stage again")
+            if Path(params.stress.report).is_file()
+            else {},
         )
         finalize = card_writer(params, client, candidate, facts, examples_dir)
         decision = champion.register(
