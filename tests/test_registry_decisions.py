@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
@@ -105,7 +107,7 @@ def test_only_the_registry_saying_so_means_no_alias(exc: MlflowException, no_ali
             alias_version(Client(), "pneumo", "champion")
 
 
-def test_stage_files_that_are_not_what_they_should_be_are_one_line_naming_them(tmp_path) -> None:
+def test_stage_files_that_are_not_what_they_should_be_are_one_line_naming_them(tmp_path: Path) -> None:
     from pipeline.core.errors import PipelineError
     from pipeline.core.files import read_json
     from pipeline.steps.register import predicted_files
