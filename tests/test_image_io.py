@@ -242,3 +242,23 @@ def test_unreadable_exif_is_a_warning_not_an_error(xray: Path) -> None:
     Image.fromarray(stretched(xray)).save(buffer, format="JPEG", exif=b"Exif\x00\x00not a TIFF header")
     image = image_io.load(buffer.getvalue())
     assert image.warnings == ["unreadable EXIF block: the image is predicted as stored, orientation not applied"]
+
+
+def test_the_pyfunc_answers_each_class_probability_of_a_three_class_model(xray: Path) -> None:
+    """As `pneumo predict` writes p_<class> columns and REST class_probabilities: why BACTERIAL over VIRAL."""
+    from pipeline.modeling.models import build_model
+    from pipeline.serving.classifier import Classifier
+
+    names = ("NORMAL", "BACTERIAL", "VIRAL")
+    wrapper = pyfunc_model.ChestXrayClassifier()
+    info = ModelInfo(0.5, names, 32, "three_class", "compact_cnn", "relu3")
+    wrapper.classifier = Classifier(build_model("compact_cnn", 32, n_classes=3).model, info)
+    rows = pd.DataFrame({"image": [png_bytes(stretched(xray, 64)), b"not an image"]})
+    answered = wrapper.predict(None, rows, params={"on_error": "row"})
+    columns = [*pyfunc_model.OUTPUT_COLUMNS, "p_NORMAL", "p_BACTERIAL", "p_VIRAL"]
+    assert list(answered.columns) == columns == [c.name for c in pyfunc_model.signature(names).outputs.inputs]
+    first = answered.iloc[0]
+    assert first["status"] == "ok" and sum(first[f"p_{n}"] for n in names) == pytest.approx(1.0, abs=1e-5)
+    flagged = 1 - first["p_NORMAL"] >= 0.5  # the served rule: NORMAL below the threshold, else the likelier kind
+    assert first["label"] == (max(names[1:], key=lambda n: first[f"p_{n}"]) if flagged else "NORMAL")
+    assert answered.iloc[1]["status"] == "error" and answered.iloc[1]["p_VIRAL"] is None

@@ -651,15 +651,22 @@ def test_logging_the_pyfunc_keeps_the_training_runs_status_and_end_time(
     def fail(**_: Any) -> Any:
         raise ConnectionError("Connection reset by peer")
 
+    (tmp_path / "serving.json").write_text(json.dumps({"class_names": ["NORMAL", "PNEUMONIA"]}))
     monkeypatch.setattr(mlflow.pyfunc, "log_model", fail)
     with pytest.raises(ConnectionError):
-        packaging.log_pyfunc(tmp_path, run.info.run_id)
+        packaging.log_pyfunc(tmp_path, run.info.run_id, ended)
     after = client.get_run(run.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", ended.end_time)  # not FAILED, not re-ended
-    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda **_: types.SimpleNamespace(model_uri="models:/m-1"))
-    assert packaging.log_pyfunc(tmp_path, run.info.run_id) == "models:/m-1"
+    # An attempt whose own restore failed left the run RUNNING: the retry restores what it was before the first
+    client.update_run(run.info.run_id, status="RUNNING")
+    logged: dict[str, Any] = {}
+    monkeypatch.setattr(
+        mlflow.pyfunc, "log_model", lambda **kw: logged.update(kw) or types.SimpleNamespace(model_uri="models:/m-1")
+    )
+    assert packaging.log_pyfunc(tmp_path, run.info.run_id, ended) == "models:/m-1"
     after = client.get_run(run.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", ended.end_time)
+    assert [c.name for c in logged["signature"].outputs.inputs][-1] == "error"  # two classes: no p_ columns
 
 
 def test_a_rerun_under_manual_promotion_finishes_a_first_version_as_champion(

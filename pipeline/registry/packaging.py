@@ -218,12 +218,13 @@ def pyfunc_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in SERVING_DISTRIBUTIONS]
 
 
-def log_pyfunc(bundle: Path, run_id: str) -> str:
+def log_pyfunc(bundle: Path, run_id: str, before: Any) -> str:
     """Log the bundle as an MLflow pyfunc model in the run; returns its model URI. The training run keeps its
-    status and end time (start_run would end it anew: FINISHED now, or FAILED if the logging fails)."""
+    status and end time as they were `before` (its RunInfo, read once before any try: start_run ends the run anew,
+    FINISHED now or FAILED if the logging fails, and a retry reading it again would take that for the truth)."""
     requirements = pyfunc_requirements()
     client = mlflow.MlflowClient()
-    before = client.get_run(run_id).info
+    class_names = json.loads((bundle / SERVING_FILE).read_text())["class_names"]
     try:
         with mlflow.start_run(run_id=run_id):
             logged = mlflow.pyfunc.log_model(
@@ -231,7 +232,7 @@ def log_pyfunc(bundle: Path, run_id: str) -> str:
                 python_model=pyfunc_entry.__file__,  # models-from-code: no pickled object, no pickle warning
                 artifacts={BUNDLE_ARTIFACT: str(bundle)},
                 code_paths=[str(PACKAGE_ROOT)],  # the whole pipeline package (code_digest)
-                signature=signature(),
+                signature=signature(class_names),
                 input_example=example_input(),
                 pip_requirements=requirements,
             )

@@ -62,8 +62,10 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
             prediction = next(predictions)
             record = prediction.record(info, item[1])
             record["warnings"] = "; ".join(record["warnings"])
+            if len(info.class_names) > 2:  # as `pneumo predict` writes them: why BACTERIAL over VIRAL
+                record.update({f"p_{name}": p for name, p in record["class_probabilities"].items()})
             records.append({**record, "status": prediction.status, "error": ""})
-        frame = pd.DataFrame(records, columns=list(OUTPUT_COLUMNS))
+        frame = pd.DataFrame(records, columns=output_columns(info.class_names))
         for column in frame.columns:  # an empty field (an error row's, a label refused) is null in JSON, not NaN
             if frame[column].isna().any():
                 frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
@@ -100,7 +102,12 @@ def example_input() -> pd.DataFrame:
     return pd.DataFrame({"image": [buf.getvalue()]})
 
 
-def signature() -> Any:
+def output_columns(class_names: tuple[str, ...] | list[str]) -> list[str]:
+    """The answer's columns: a model of more than two classes adds each class's probability (``p_<class>``)."""
+    return [*OUTPUT_COLUMNS, *(f"p_{name}" for name in class_names if len(class_names) > 2)]
+
+
+def signature(class_names: tuple[str, ...] | list[str] = ("NORMAL", "PNEUMONIA")) -> Any:
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema(
@@ -113,6 +120,7 @@ def signature() -> Any:
                 ColSpec("string", "warnings"),
                 ColSpec("string", "status"),  # ok, refused (out of distribution) or error
                 ColSpec("string", "error"),
+                *(ColSpec("double", c, required=False) for c in output_columns(class_names)[len(OUTPUT_COLUMNS) :]),
             ]
         ),
         params=ParamSchema([ParamSpec("on_error", "string", "raise")]),

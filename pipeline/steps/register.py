@@ -96,8 +96,9 @@ def with_serving_model(
     )
     if done is not None:
         return dataclasses.replace(candidate, model_uri=champion.served_model_uri(done))
+    before = champion.with_retries(lambda: client.get_run(candidate.run_id).info, "reading the run", registry)
     model_uri = champion.with_retries(
-        lambda: packaging.log_pyfunc(bundle, candidate.run_id), "logging the serving model", registry
+        lambda: packaging.log_pyfunc(bundle, candidate.run_id, before), "logging the serving model", registry
     )
     return dataclasses.replace(candidate, model_uri=model_uri)
 
