@@ -108,6 +108,10 @@ def test_params_are_read_as_dvc_reads_them(tmp_path: Path) -> None:
         ConfigError, match=r'params.yaml: line \d+ is not valid YAML \(found duplicate key "val_fraction"'
     ):
         load_params(doubled)
+    doubled.write_text(text.replace("split:\n", "split:\n  seed: |\n    one\n    two\n", 1))  # a block value
+    with pytest.raises(ConfigError, match=r"found duplicate key \"seed\" .*\"one two \"") as caught:
+        load_params(doubled)
+    assert "\n" not in str(caught.value)
     same = "a: 1e-3\nb: yes\nc: 010\n"
     assert (
         apply_overrides({}, ["a=1e-3", "b=yes", "c=010"])
@@ -153,7 +157,10 @@ def test_cli_prints_one_line_and_exits_2() -> None:
         (["drift", "x.png", "-o", "."], "error: -o .: is a folder; name the .json file to write"),
         (["predict", "x.png", "-o", "params.yaml/out.csv"], f"error: -o params.yaml/out.csv: {REPO}/params.yaml is a"),
         (["drift", "x.png", "-o", "params.yaml/d.json"], f"error: -o params.yaml/d.json: {REPO}/params.yaml is a file"),
-        (["predict", "x.png", "--explain", "params.yaml/heat"], "error: --explain params.yaml/heat: /"),
+        (
+            ["predict", "x.png", "--explain", "params.yaml/h"],
+            f"error: --explain params.yaml/h: {REPO}/params.yaml is a",
+        ),
         (["predict", "x.png", "--model", "models:/pneumo@"], "error: models:/pneumo@: expected models:/NAME@ALIAS or"),
         (["predict", "x.png", "--model", "no model/v1"], "error: no model/v1: no such model folder"),
         (["serve", "--port", "70000"], "error: pneumo serve: port: Input should be less than or equal to 65535"),

@@ -124,11 +124,14 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     assert kept["external.hospital-x.data_path"] == str(hospital.resolve()) and not (tmp_path / "out-other").exists()
 
 
-def test_a_kaggle_layouts_other_split_is_another_validation_by_default() -> None:
+def test_a_kaggle_layouts_other_split_is_another_validation_by_default(tmp_path: Path) -> None:
     from pipeline.steps.external import default_name
 
-    assert default_name("/data/chest_xray", "test") == "chest_xray"
-    assert default_name("/data/chest_xray/", "val") == "chest_xray-val"
+    for folder in ("chest_xray/val/NORMAL", "chest_xray/val/PNEUMONIA", "flat/NORMAL", "flat/PNEUMONIA"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert default_name(str(tmp_path / "chest_xray"), "test") == "chest_xray"
+    assert default_name(f"{tmp_path / 'chest_xray'}/", "val") == "chest_xray-val"
+    assert default_name(str(tmp_path / "flat"), "val") == "flat"  # no split folders: --split changes nothing
 
 
 def test_a_held_registration_lock_records_nothing(real_champion: Champion, hospital: Path, tmp_path: Path) -> None:

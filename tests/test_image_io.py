@@ -262,3 +262,27 @@ def test_the_pyfunc_answers_each_class_probability_of_a_three_class_model(xray: 
     flagged = 1 - first["p_NORMAL"] >= 0.5  # the served rule: NORMAL below the threshold, else the likelier kind
     assert first["label"] == (max(names[1:], key=lambda n: first[f"p_{n}"]) if flagged else "NORMAL")
     assert answered.iloc[1]["status"] == "error" and answered.iloc[1]["p_VIRAL"] is None
+
+
+def test_the_pyfunc_decodes_and_predicts_a_long_frame_in_bounded_chunks(
+    xray: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Spark batch or a big /invocations frame is not decoded and predicted whole (memory); chunks change no
+    answer, and an unreadable row is still named by its place in the whole frame."""
+    from pipeline.modeling.models import build_model
+    from pipeline.serving.classifier import Classifier
+
+    monkeypatch.setattr(pyfunc_model, "MAX_ROWS", 4)
+    wrapper = pyfunc_model.ChestXrayClassifier()
+    info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "compact_cnn", "relu3")
+    wrapper.classifier = Classifier(build_model("compact_cnn", 32).model, info)
+    calls: list[int] = []
+    predict = wrapper.classifier.predict
+    monkeypatch.setattr(wrapper.classifier, "predict", lambda batch: calls.append(len(batch)) or predict(batch))
+    images = [png_bytes(stretched(xray, size)) for size in (40, 48, 56, 64, 72, 80, 88, 96, 104, 112)]
+    frame = wrapper.predict(None, pd.DataFrame({"image": images}))
+    assert calls == [4, 4, 2] and frame["status"].tolist() == ["ok"] * 10
+    alone = [wrapper.predict(None, pd.DataFrame({"image": [one]}))["probability"][0] for one in images]
+    np.testing.assert_allclose(frame["probability"].astype(float), alone, atol=1e-5)
+    with pytest.raises(MlflowException, match=r"^row 9: "):
+        wrapper.predict(None, pd.DataFrame({"image": [*images[:9], b"not an image"]}))

@@ -280,25 +280,6 @@ def test_the_registry_answer_decides_whether_a_missing_model_is_retried(
     assert type(caught.value) is error and "\n" not in str(caught.value)
 
 
-def test_a_large_batch_is_predicted_in_bounded_passes_with_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pyfunc frame or a Spark batch of thousands of rows is not one forward pass (memory); chunks change nothing."""
-    from pipeline.serving import classifier as clf
-
-    monkeypatch.setattr(clf, "MAX_BATCH", 8)
-    model = Classifier(
-        build_model("compact_cnn", 32).model, ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3")
-    )
-    seen: list[int] = []
-    infer = model._infer
-    monkeypatch.setattr(model, "_infer", lambda x: seen.append(len(x)) or infer(x))
-    batch = np.random.default_rng(3).uniform(0, 255, (19, 32, 32, 1)).astype(np.float32)
-    together = model.probabilities(batch)
-    assert seen == [8, 8, 3]
-    alone = np.concatenate([model.probabilities(batch[i : i + 1]) for i in range(len(batch))])
-    np.testing.assert_allclose(together, alone, atol=1e-5)
-    assert model.embed(batch).shape[0] == 19
-
-
 def test_health_keeps_the_reason_a_version_failed_after_a_registry_outage(monkeypatch: pytest.MonkeyPatch) -> None:
     """@champion on a broken v3, then one poll with the registry down, then back with the alias still on v3: /health
     says again why v3 is not served, not "registry unreachable" for good."""

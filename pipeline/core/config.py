@@ -536,7 +536,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     except (YAMLError, ValueError) as exc:  # ValueError: a date that cannot be (2024-02-30)
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = " ".join((getattr(exc, "problem", None) or f"{exc}: a date that does not exist?").split())
         raise ConfigError(f"{path}:{where} is not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")

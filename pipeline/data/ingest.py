@@ -33,7 +33,11 @@ from pipeline.data.source import local_path, walk_files
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 # Images in formats ingest does not import: in a class folder they are an error, not a silent change of the data
 OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # the copy's target, not its source, at fault
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the copy's target, not its source, at fault
+
+
+class OutputError(DataError):
+    """The imported copy cannot be written (a full disk, a read-only folder): the data set is not at fault."""
 
 
 @dataclass
@@ -209,18 +213,17 @@ def import_entries(entries: list[_Entry], out_dir: Path, flat_split: str, result
             continue
         seen.add(target.as_posix().lower())
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as dst:
-            try:
-                with entry.open() as src:
-                    shutil.copyfileobj(src, dst)
-            except OSError as exc:
-                if exc.errno in DISK_FULL:
-                    raise DataError(f"{out_dir.parent}: cannot write the images ({exc.strerror})") from None
-                raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
-            # A damaged entry (any compression), one compressed in a way zipfile cannot read, or encrypted
-            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
-                    RuntimeError) as exc:  # fmt: skip
-                raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        try:
+            with entry.open() as src, open(target, "wb") as dst:  # the close, which writes the last bytes, inside
+                shutil.copyfileobj(src, dst)
+        except OSError as exc:
+            if exc.errno in DISK_FULL or exc.filename == str(target):  # the target's fault, not the source's
+                raise OutputError(f"{out_dir.parent}: cannot write the images ({exc.strerror})") from None
+            raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        # A damaged entry (any compression), one compressed in a way zipfile cannot read, or encrypted
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
+                RuntimeError) as exc:  # fmt: skip
+            raise DataError(f"{entry.path}: cannot be read ({type(exc).__name__}: {exc})") from None
         result.counts[(split, place.label)] += 1
 
 
@@ -253,6 +256,8 @@ def ingest(params: DataParams) -> IngestResult:
         else:
             try:
                 import_local(source, tmp, params.flat_layout_split, result)
+            except OutputError:  # names the folder written to, not the source
+                raise
             except DataError as exc:
                 raise DataError(f"{source}: {exc}" if not str(exc).startswith(str(source)) else str(exc)) from None
         for split in SPLITS:  # the layout is always complete, empty folders included

@@ -38,7 +38,6 @@ DRIFT_FILE = "drift_reference.json"
 MODEL_FILE = "model.keras"
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc artifact key (and folder name under artifacts/)
 DEFAULT_URI = "models:/{name}@champion"
-MAX_BATCH = 64  # images per forward pass, whatever a caller hands over (a pyfunc frame, a Spark batch)
 
 
 class NotABundle(PipelineError):
@@ -175,12 +174,9 @@ class Classifier:
         """(n, size, size, 1) float32 in [0, 255] -> calibrated probabilities (n, classes), features (n, d)."""
         if len(batch) == 0:
             return np.zeros((0, len(self.info.class_names))), np.zeros((0, 0))
-        passes = [
-            self._infer(np.asarray(batch[i : i + MAX_BATCH], np.float32)) for i in range(0, len(batch), MAX_BATCH)
-        ]
-        out = np.concatenate([np.asarray(o, np.float64) for o, _ in passes])
-        probs = apply_temperature(out, self.info.temperature, self.info.calibration_bias)
-        return class_probabilities(probs), np.concatenate([np.asarray(f) for _, f in passes])
+        out, features = self._infer(np.asarray(batch, np.float32))
+        probs = apply_temperature(np.asarray(out, np.float64), self.info.temperature, self.info.calibration_bias)
+        return class_probabilities(probs), np.asarray(features)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self._forward(batch)[0]

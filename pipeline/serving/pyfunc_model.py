@@ -31,6 +31,7 @@ from pipeline.serving import image_io
 from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier, error_record
 
 OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings", "status", "error")
+MAX_ROWS = 64  # rows decoded and predicted at once: memory stays bounded whatever the frame's length
 ON_ERROR = ("raise", "row")  # the `on_error` param: fail the request, or answer the row with its reason
 
 
@@ -46,9 +47,21 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException(
                 f"params: on_error: {on_error!r} is not one of {list(ON_ERROR)}", INVALID_PARAMETER_VALUE
             )
+        values = list(model_input["image"])
+        records: list[dict[str, Any]] = []
+        for start in range(0, len(values), MAX_ROWS):  # bounded chunks: a Spark batch has 10,000 rows
+            records += self._chunk(values[start : start + MAX_ROWS], start, on_error)
+        frame = pd.DataFrame(records, columns=output_columns(self.classifier.info.class_names))
+        for column in frame.columns:  # an empty field (an error row's, a label refused) is null in JSON, not NaN
+            if frame[column].isna().any():
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+        return frame
+
+    def _chunk(self, values: list[Any], first_row: int, on_error: str) -> list[dict[str, Any]]:
+        """The answer rows of `values` (rows `first_row`...): decoded, then predicted in one call."""
         info = self.classifier.info
         rows: list[tuple[np.ndarray, list[str]] | str] = []  # (model input, warnings), or why not predicted
-        for row, value in enumerate(model_input["image"]):
+        for row, value in enumerate(values, first_row):
             rows.append(prepared := _prepare(value, info.image_size))
             if isinstance(prepared, str) and on_error == "raise":
                 raise MlflowException(f"row {row}: {prepared}", INVALID_PARAMETER_VALUE)
@@ -65,11 +78,7 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
             if len(info.class_names) > 2:  # as `pneumo predict` writes them: why BACTERIAL over VIRAL
                 record.update({f"p_{name}": p for name, p in record["class_probabilities"].items()})
             records.append({**record, "status": prediction.status, "error": ""})
-        frame = pd.DataFrame(records, columns=output_columns(info.class_names))
-        for column in frame.columns:  # an empty field (an error row's, a label refused) is null in JSON, not NaN
-            if frame[column].isna().any():
-                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
-        return frame
+        return records
 
 
 def _prepare(value: Any, image_size: int) -> tuple[np.ndarray, list[str]] | str:

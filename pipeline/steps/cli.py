@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help=model_help)
     ev.add_argument("--split", default="test", help="for the Kaggle layout: the split to score (default: test)")
     ev.add_argument(
-        "--name", help="a short name for this data set (default: the folder's name, plus -SPLIT for another --split)"
+        "--name",
+        help="a short name for this data set (default: the folder's name; -SPLIT added for a Kaggle layout's --split)",
     )
     ev.add_argument("-o", "--output", help="report and figures folder (default: reports/external/NAME)")
     ev.add_argument(

@@ -20,8 +20,9 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipeline.core.atomic import write_text
-from pipeline.core.config import Params
+from pipeline.core.config import LABELS, Params
 from pipeline.core.errors import PipelineError, TransientError
+from pipeline.data.labelled_folders import class_folders
 from pipeline.modeling.evaluation import figures
 from pipeline.modeling.metrics import interval
 from pipeline.registry import champion, model_card, tracking
@@ -168,7 +169,9 @@ def default_name(path: str, split: str) -> str:
     """The data set's name when --name is not given: its folder's, and the split's where a Kaggle layout is scored
     on another split than test/ (so that its val/ and test/ are two validations, not one replacing the other)."""
     folder = Path(path).resolve()
-    return folder.name if split == "test" else f"{folder.name}-{split}"
+    folders = class_folders(folder, split)
+    kaggle = folders is not None and folders[LABELS[0]].parent != folder  # NORMAL/ under <split>/, not beside it
+    return f"{folder.name}-{split}" if kaggle and split != "test" else folder.name
 
 
 def run(args: argparse.Namespace, params: Params) -> int:

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.core.atomic import staged_dir, write_bytes, write_text
 from pipeline.core.config import Params, RegisterParams
-from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import read_json
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
@@ -28,7 +28,7 @@ from pipeline.modeling import tta
 from pipeline.modeling.evaluation import Evaluation, pneumonia_score, predict_split, reliability_png
 from pipeline.modeling.metrics import apply_temperature, binary_metrics, interval
 from pipeline.modeling.models import preprocessing_of
-from pipeline.registry import champion, model_card, packaging, tracking
+from pipeline.registry import champion, model_card, packaging, retrying, tracking
 from pipeline.serving import classifier
 
 
@@ -103,9 +103,6 @@ def with_serving_model(
     return dataclasses.replace(candidate, model_uri=model_uri)
 
 
-PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow errors no retry mends
-
-
 def rescorer(params: Params, test_set: str) -> Any:
     """Scores a registered model on the current test split at a given threshold; that split must be the one the
     candidate was evaluated on (`test_set`), or the two would be compared on different images."""
@@ -126,10 +123,10 @@ def rescorer(params: Params, test_set: str) -> Any:
             except classifier.NotABundle:  # a version registered before serving bundles: the plain Keras flavour
                 try:
                     return mlflow.keras.load_model(model_uri), (1.0, 0.0), tta.Views()
-                except Exception as exc:  # noqa: BLE001 - the store's client and Keras raise many types
+                except Exception as exc:  # the store's client and Keras raise many types
+                    if retrying.is_io_error(exc):  # the download dropped: with_retries tries again
+                        raise
                     why = classifier.one_line(exc)
-                    if isinstance(exc, MlflowException) and exc.error_code not in PERMANENT:
-                        raise TransientError(f"{model_uri}: cannot load the model ({why})") from None
                     raise PipelineError(f"{model_uri}: neither a serving bundle nor a Keras model ({why})") from None
 
         model, calibration, views = champion.with_retries(load, "loading the champion", params.registry)
