@@ -244,7 +244,7 @@ def test_unreadable_exif_is_a_warning_not_an_error(xray: Path) -> None:
     assert image.warnings == ["unreadable EXIF block: the image is predicted as stored, orientation not applied"]
 
 
-def test_the_pyfunc_answers_each_class_probability_of_a_three_class_model(xray: Path) -> None:
+def test_the_pyfunc_answers_each_class_probability_of_a_three_class_model(xray: Path, tmp_path: Path) -> None:
     """As `pneumo predict` writes p_<class> columns and REST class_probabilities: why BACTERIAL over VIRAL."""
     from pipeline.modeling.models import build_model
     from pipeline.serving.classifier import Classifier
@@ -262,6 +262,13 @@ def test_the_pyfunc_answers_each_class_probability_of_a_three_class_model(xray: 
     flagged = 1 - first["p_NORMAL"] >= 0.5  # the served rule: NORMAL below the threshold, else the likelier kind
     assert first["label"] == (max(names[1:], key=lambda n: first[f"p_{n}"]) if flagged else "NORMAL")
     assert answered.iloc[1]["status"] == "error" and answered.iloc[1]["p_VIRAL"] is None
+    # `pneumo predict` answers the same row for the same image (one rule, Prediction.row)
+    from pipeline.serving.predict import predict_files
+
+    image = tmp_path / "xray.png"
+    image.write_bytes(png_bytes(stretched(xray, 64)))
+    [row] = predict_files(wrapper.classifier, [str(image)], progress=False)
+    assert {k: row[k] for k in columns} == pytest.approx(first.to_dict())
 
 
 def test_the_pyfunc_decodes_and_predicts_a_long_frame_in_bounded_chunks(

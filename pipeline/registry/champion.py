@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.config import RegisterParams
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, registry_says_missing
 from pipeline.registry.registry_lock import registry_lock
 from pipeline.registry.retrying import with_retries  # also the steps' retry policy (champion.with_retries)
 
@@ -193,10 +193,7 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        # No such model, or no such alias (MLflow says so as an invalid parameter). Not any "not found": a proxy's
-        # bare 404 (ENDPOINT_NOT_FOUND) mid-rollout would read as "no champion" and promote an uncompared model.
-        missing_alias = exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc).lower()
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+        if registry_says_missing(exc):  # not a proxy's 404, which would read as "no champion" and promote
             return None
         raise
 

@@ -24,7 +24,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.core.errors import PipelineError, TransientError
+from pipeline.core.errors import PipelineError, TransientError, registry_says_missing
 from pipeline.modeling import (
     models,  # noqa: F401 - registers the custom layer for loading
     tta,
@@ -113,6 +113,21 @@ class Prediction:
     def status(self) -> str:
         """A row's status: ``ok`` (labelled) or ``refused`` (out of distribution); ``error_record`` has the third."""
         return "refused" if self.refused else "ok"
+
+    def row(self, info: ModelInfo, warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """The record as one flat row (`pneumo predict`'s CSV, the pyfunc's frame): warnings joined, a probability
+        column per class where there are more than two, the status and an empty error."""
+        record = self.record(info, warnings)
+        probabilities = record.pop("class_probabilities")
+        per_class = dict(
+            zip(class_columns(info.class_names), (probabilities[n] for n in info.class_names), strict=False)
+        )
+        return {**record, "warnings": "; ".join(record["warnings"]), **per_class, "status": self.status, "error": ""}
+
+
+def class_columns(class_names: tuple[str, ...] | list[str]) -> list[str]:
+    """A flat row's per-class probability columns (``p_<class>``): only for a model of more than two classes."""
+    return [f"p_{name}" for name in class_names] if len(class_names) > 2 else []
 
 
 def error_record(info: ModelInfo, error: str) -> dict[str, Any]:
@@ -277,7 +292,7 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
         return client.get_model_version(name, version)
     except MlflowException as exc:
         text, uri = str(exc), f"models:/{name}{'@' + alias if alias else '/' + str(version)}"
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (alias and "alias" in text.lower() and "not found" in text):
+        if registry_says_missing(exc):
             what = f"@{alias}" if alias else f"version {version}"
             raise PipelineError(
                 f"{uri}: no {what} in the registry "

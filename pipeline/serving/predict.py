@@ -172,12 +172,7 @@ def predict_files(
                 rows.append(error_row(item.file, info, item.error))
                 continue
             pred = next(predictions)
-            record = pred.record(info, item.image.warnings if item.image else ())
-            probabilities = record.pop("class_probabilities")
-            row: dict[str, Any] = {"file": item.file, **record, "status": pred.status, "error": ""}
-            row["warnings"] = "; ".join(record["warnings"])
-            if len(info.class_names) > 2:
-                row.update({f"p_{name}": p for name, p in probabilities.items()})
+            row: dict[str, Any] = {"file": item.file, **pred.row(info, item.image.warnings if item.image else ())}
             if explain_dir is not None:
                 name = _heatmap_name(item.file, used)
                 said = pred.label or "no label (refused: out of distribution)"

@@ -28,7 +28,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from pipeline.serving import image_io
-from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier, error_record
+from pipeline.serving.classifier import BUNDLE_ARTIFACT, Classifier, class_columns, error_record
 
 OUTPUT_COLUMNS = ("probability", "label", "threshold", "ood_score", "refused", "warnings", "status", "error")
 MAX_ROWS = 64  # rows decoded and predicted at once: memory stays bounded whatever the frame's length
@@ -72,12 +72,7 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
             if isinstance(item, str):
                 records.append(error_record(info, item))
                 continue
-            prediction = next(predictions)
-            record = prediction.record(info, item[1])
-            record["warnings"] = "; ".join(record["warnings"])
-            if len(info.class_names) > 2:  # as `pneumo predict` writes them: why BACTERIAL over VIRAL
-                record.update({f"p_{name}": p for name, p in record["class_probabilities"].items()})
-            records.append({**record, "status": prediction.status, "error": ""})
+            records.append(next(predictions).row(info, item[1]))  # as `pneumo predict` writes it
         return records
 
 
@@ -113,7 +108,7 @@ def example_input() -> pd.DataFrame:
 
 def output_columns(class_names: tuple[str, ...] | list[str]) -> list[str]:
     """The answer's columns: a model of more than two classes adds each class's probability (``p_<class>``)."""
-    return [*OUTPUT_COLUMNS, *(f"p_{name}" for name in class_names if len(class_names) > 2)]
+    return [*OUTPUT_COLUMNS, *class_columns(class_names)]
 
 
 def signature(class_names: tuple[str, ...] | list[str] = ("NORMAL", "PNEUMONIA")) -> Any:
@@ -129,7 +124,7 @@ def signature(class_names: tuple[str, ...] | list[str] = ("NORMAL", "PNEUMONIA")
                 ColSpec("string", "warnings"),
                 ColSpec("string", "status"),  # ok, refused (out of distribution) or error
                 ColSpec("string", "error"),
-                *(ColSpec("double", c, required=False) for c in output_columns(class_names)[len(OUTPUT_COLUMNS) :]),
+                *(ColSpec("double", column, required=False) for column in class_columns(class_names)),
             ]
         ),
         params=ParamSchema([ParamSpec("on_error", "string", "raise")]),
