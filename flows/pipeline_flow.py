@@ -168,7 +168,7 @@ def summary_markdown(params: Params, runs: list[StageRun]) -> str:
         lines += [f"**Registry:** {d['model_name']} version {d['version']}: **{d['outcome']}** ({d['reason']}).", ""]
         card = Path(params.train.model_dir) / "model_card.md"
         if card.is_file():
-            logged = f"{model_card.artifact_dir(d['version'])}/model_card.md"
+            logged = f"{model_card.artifact_dir(d['model_name'], d['version'])}/model_card.md"
             lines += [f"**Model card:** `{card.resolve()}` (and the run artifact `{logged}`).", ""]
     run_file = Path(params.mlflow.run_file)
     if run_file.is_file():

@@ -45,6 +45,7 @@ def test_a_key_left_out_of_params_yaml_gets_the_value_params_yaml_documents() ->
         ("data.source=local", "params.yaml: data.local_path: must be set when data.source is 'local'"),
         ("data.local_path=/data/x.zip", "params.yaml: data.local_path: set, but data.source is 'synthetic' (set"),
         ("index.patient_scopes.val=trian", "params.yaml: index.patient_scopes.val: Input should be 'train', 'val'"),
+        ("registry.model_name=a/b", "params.yaml: registry.model_name: String should match pattern '^[^/:]+$' (got"),
         ("validation.width.min=5000", "params.yaml: validation.width.min: 5000.0 must not exceed max"),
         ("data.synthetic.counts.train.normal=-1", "params.yaml: data.synthetic.counts.train.normal: Input should be"),
         ("model.clahe=-1", "params.yaml: model.clahe: Input should be greater than or equal to 0"),

@@ -195,7 +195,7 @@ def test_push_pull_and_changed_param(repo_copy: Path) -> None:
     cards = [client.download_artifacts(run_id, v.tags["model_card"].split("/", 2)[2], str(repo_copy / f"card{i}"))
              for i, v in enumerate(versions[-2:])]  # fmt: skip
     for v, card in zip(versions[-2:], cards, strict=True):
-        assert v.tags["model_card"] == f"runs:/{run_id}/model_card/v{v.version}/model_card.md"
+        assert v.tags["model_card"] == f"runs:/{run_id}/model_card/pneumo-chest-xray/v{v.version}/model_card.md"
         assert f"pneumo-chest-xray version {v.version}" in Path(card).read_text()
 
 

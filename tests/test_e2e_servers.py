@@ -137,7 +137,7 @@ def test_deployment_registers_a_champion_then_applies_the_policy(stack: Stack) -
     run1 = client.get_run(v1.run_id)
     assert "test_roc_auc" in run1.data.metrics and run1.data.tags["registry_decision"] == "champion"
     assert v1.description.startswith("compact_cnn (binary) trained on data version")
-    assert v1.tags["model_card"] == f"runs:/{v1.run_id}/model_card/v1/model_card.md"
+    assert v1.tags["model_card"] == f"runs:/{v1.run_id}/model_card/{MODEL}/v1/model_card.md"
     # The hospital side loads @champion through the tracking server: bundle, threshold and drift reference.
     from pipeline.serving import classifier
 
@@ -227,7 +227,7 @@ def test_team_remote_on_s3_and_artifacts_in_the_bucket(stack: Stack, s3: Seaweed
     run = client.get_run(champion.run_id).info
     assert run.artifact_uri == f"mlflow-artifacts:/{run.experiment_id}/{run.run_id}/artifacts"  # proxied
     keys = s3.keys(stack.bucket, "mlflow/")
-    card = f"model_card/v{champion.version}/model_card.md"
+    card = f"model_card/{MODEL}/v{champion.version}/model_card.md"
     assert f"mlflow/{run.experiment_id}/{run.run_id}/artifacts/{card}" in keys
     model_files = client.get_model_version_download_uri(MODEL, champion.version).removeprefix("mlflow-artifacts:/")
     assert any(k.startswith(f"mlflow/{model_files}/") and k.endswith(".keras") for k in keys), model_files

@@ -82,7 +82,7 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     # The run holds what the command wrote, not the rest of the -o folder (it may hold the user's images)
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "external")}
     assert logged == {p.name for p in out.iterdir()} - {"mine.txt"} and "report.json" in logged
-    card_path = f"model_card/v{version.version}/model_card.md"
+    card_path = f"model_card/{version.name}/v{version.version}/model_card.md"
     assert tags["model_card"] == f"runs:/{version.run_id}/{card_path}"
     card = client.download_artifacts(version.run_id, card_path, str(tmp_path))
     text = Path(card).read_text()
@@ -90,7 +90,9 @@ def test_external_validation_scores_records_and_matches_hand_counts(
     # Beside the card's other pictures, where its relative links point (model_card/ next to model_card.md).
     figures = {
         a.path
-        for a in client.list_artifacts(version.run_id, f"model_card/v{version.version}/model_card/external/hospital-x")
+        for a in client.list_artifacts(
+            version.run_id, f"model_card/{version.name}/v{version.version}/model_card/external/hospital-x"
+        )
     }
     assert {"roc.png", "reliability.png"} <= {Path(f).name for f in figures}
     assert "(model_card/external/hospital-x/roc.png)" in text
@@ -163,7 +165,9 @@ def test_a_held_registration_lock_records_nothing(real_champion: Champion, hospi
     experiment = client.get_experiment_by_name("external-validation")
     runs = client.search_runs([experiment.experiment_id], "tags.dataset = 'locked-out'") if experiment else []
     assert not runs
-    card = client.download_artifacts(version.run_id, f"model_card/v{version.version}/model_card.md", str(tmp_path))
+    card = client.download_artifacts(
+        version.run_id, f"model_card/{version.name}/v{version.version}/model_card.md", str(tmp_path)
+    )
     assert "locked-out" not in Path(card).read_text()
 
 

@@ -114,10 +114,14 @@ def test_model_card_is_logged_and_kept_beside_the_model(real_champion: Champion,
 
     client = MlflowClient(real_champion.tracking_uri)
     version = client.get_model_version(real_champion.name, "1")
-    assert version.tags["model_card"] == f"runs:/{version.run_id}/model_card/v1/model_card.md"
-    logged = [a.path for a in client.list_artifacts(version.run_id, "model_card/v1/model_card") if not a.is_dir]
+    assert version.tags["model_card"] == f"runs:/{version.run_id}/model_card/{version.name}/v1/model_card.md"
+    logged = [
+        a.path
+        for a in client.list_artifacts(version.run_id, f"model_card/{version.name}/v1/model_card")
+        if not a.is_dir
+    ]
     assert len(logged) == len(images)
-    text = Path(client.download_artifacts(version.run_id, "model_card/v1/model_card.md")).read_text()
+    text = Path(client.download_artifacts(version.run_id, f"model_card/{version.name}/v1/model_card.md")).read_text()
     assert text.startswith(card)  # `pneumo external-validation` (another test) may have appended its section
 
 

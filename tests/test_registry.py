@@ -695,3 +695,37 @@ def test_a_rerun_under_manual_promotion_does_not_apply_a_recorded_champion_outco
     again = champion.register(client, won, policy(tmp_path, promotion="manual"), never, log=lambda _: None)
     assert again.resumed and again.warnings[0].startswith("promotion: manual never sets @champion itself")
     assert aliases(client) == {"champion": "1"}
+
+
+def test_one_training_registered_under_two_names_keeps_two_cards(
+    store: tuple[str, Any], tmp_path: Path, params_in: Callable[..., Any]
+) -> None:
+    """The same run is version 1 of two registered models (a renamed registry.model_name): each version's card
+    is its own file, so the second registration does not overwrite the first one's card."""
+    import mlflow
+    import numpy as np
+
+    from pipeline.core.config import EvaluateParams
+    from pipeline.modeling.evaluation import evaluate
+    from pipeline.registry import model_card
+    from pipeline.serving.classifier import ModelInfo
+    from pipeline.steps import register
+
+    _, client = store
+    candidate = log_candidate(0.90, 0.95)
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    p = np.clip(y * 0.6 + rng.random(40) * 0.4, 0, 1)
+    ev = evaluate(y, np.stack([1 - p, p], 1), y, np.stack([1 - p, p], 1), ("NORMAL", "PNEUMONIA"), EvaluateParams())
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for name in ("pneumo-first", "pneumo-second"):
+        params = params_in(f"registry.model_name={name}", f"registry.lock_file={tmp_path / 'registry.lock'}")
+        info = ModelInfo(ev.threshold, ("NORMAL", "PNEUMONIA"), 32, "binary", "compact_cnn", "last_conv", name=name)
+        facts = model_card.CardFacts(info, ev, {"train": 1, **ev.n}, "local", "abc", "", "")
+        finalize = register.card_writer(params, client, candidate, facts, examples)
+        assert champion.register(client, candidate, params.registry, never, finalize=finalize).version == "1"
+    for name in ("pneumo-first", "pneumo-second"):
+        tag = client.get_model_version(name, "1").tags[model_card.CARD_TAG]
+        assert f"{name} version 1" in mlflow.artifacts.load_text(tag)  # not overwritten by the other name's card
+        assert tag == f"runs:/{candidate.run_id}/model_card/{name}/v1/model_card.md"

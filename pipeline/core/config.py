@@ -320,7 +320,9 @@ def lock_url_problem(url: str) -> str | None:
 
 
 class RegisterParams(Strict):
-    model_name: str = Field("pneumo-chest-xray", min_length=1)
+    model_name: str = Field(
+        "pneumo-chest-xray", min_length=1, pattern=r"^[^/:]+$", description="MLflow refuses / and :"
+    )
     primary_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
     sensitivity_floor: float = Field(0.9, ge=0, le=1, description="a candidate below it never wins")
     min_improvement: float = Field(0.0, ge=0, description="margin the candidate must beat the champion by")

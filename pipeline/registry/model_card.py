@@ -29,14 +29,16 @@ class CardFacts:
 
 
 RELIABILITY_FIGURE = "model_card/reliability.png"
-CARD_TAG = "model_card"  # the version tag register writes: runs:/<run>/model_card/v<version>/model_card.md
+CARD_TAG = "model_card"  # the version tag register writes: runs:/<run>/model_card/<name>/v<version>/model_card.md
 
 
-def artifact_dir(version: str) -> str:
-    """Where a version's card lives in its training run: one folder per version, since two evaluations of one
-    training (another threshold, calibration or test-time views) are two versions with two cards. The card's
-    pictures sit in ``model_card/`` beside it, where its relative links point."""
-    return f"model_card/v{version}"
+def artifact_dir(model_name: str, version: str) -> str:
+    """Where a version's card lives in its training run: one folder per registered model and version, since two
+    evaluations of one training (another threshold, calibration or test-time views) are two versions with two
+    cards, and one training registered under two model names can hold the same version number in both. The
+    card's pictures sit in ``model_card/`` beside it, where its relative links point. MLflow refuses a model name
+    holding '/' or ':', so the name is one path segment."""
+    return f"model_card/{model_name}/v{version}"
 
 
 EXTERNAL_HEADING = "## External validation: "  # `pneumo external-validation` appends these sections to a card

@@ -175,7 +175,7 @@ def card_writer(
             lambda: validations_on_card(client, decision), "reading the model card", params.registry
         )
 
-        folder = model_card.artifact_dir(decision.version)
+        folder = model_card.artifact_dir(decision.model_name, decision.version)
 
         def log() -> None:
             client.log_text(candidate.run_id, logged, f"{folder}/model_card.md")
