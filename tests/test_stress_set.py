@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -49,13 +50,13 @@ def _labelled_test_folder(root: Path) -> None:
 
 def test_the_stress_set_holds_every_transform_for_each_class(tmp_path: Path) -> None:
     _labelled_test_folder(tmp_path / "raw")
-    picked = stress_sources(build_index(tmp_path / "raw", workers=1), tmp_path / "raw", per_class=2)
+    picked = stress_sources(build_index(tmp_path / "raw", workers=1), tmp_path / "raw", per_class=3)
     counts = build_stress_set(picked, tmp_path / "stress")
-    assert counts == dict.fromkeys(SETS, 4) and set(SETS) == {*TRANSFORMS, AGAINST_CLASS}
+    assert counts == dict.fromkeys(SETS, 6) and set(SETS) == {*TRANSFORMS, AGAINST_CLASS}
     for name in SETS:
         for label in ("NORMAL", "PNEUMONIA"):
             files = sorted((tmp_path / "stress" / name / label).iterdir())
-            assert [f.name for f in files] == [f"{label}-0.jpeg.png", f"{label}-1.jpeg.png"], name  # first two
+            assert [f.name for f in files] == [f"{label}-{i}.jpeg.png" for i in range(3)], name
     assert Image.open(tmp_path / "stress" / "aspect_wider_x1.25" / "NORMAL" / "NORMAL-0.jpeg.png").size == (128, 96)
     # The set framed apart: normal images as the wider set's, pneumonia ones as the taller set's
     for label, like in (("NORMAL", "aspect_wider_x1.25"), ("PNEUMONIA", "aspect_taller_x1.25")):
@@ -71,12 +72,33 @@ def test_the_stress_set_skips_what_the_index_quarantined_and_keeps_same_stem_fil
     (raw / "test" / "NORMAL" / "A-cut.jpeg").write_bytes((raw / "test" / "NORMAL" / "NORMAL-0.jpeg").read_bytes()[:300])
     (raw / "test" / "NORMAL" / "A-empty.jpeg").write_bytes(b"")
     Image.open(raw / "test" / "NORMAL" / "NORMAL-2.jpeg").save(raw / "test" / "NORMAL" / "NORMAL-0.png")
-    picked = stress_sources(build_index(raw, workers=1), raw, per_class=3)
-    assert [p.name for p in picked["NORMAL"]] == ["NORMAL-0.jpeg", "NORMAL-0.png", "NORMAL-1.jpeg"]
+    picked = stress_sources(build_index(raw, workers=1), raw, per_class=5)  # 4 decodable NORMAL: all of them
+    assert sorted(p.name for p in picked["NORMAL"]) == [
+        "NORMAL-0.jpeg",
+        "NORMAL-0.png",
+        "NORMAL-1.jpeg",
+        "NORMAL-2.jpeg",
+    ]
     counts = build_stress_set(picked, tmp_path / "stress")
-    assert counts["gamma_0.6"] == 6
+    assert counts["gamma_0.6"] == 7
     written = sorted(p.name for p in (tmp_path / "stress" / "gamma_0.6" / "NORMAL").iterdir())
-    assert written == ["NORMAL-0.jpeg.png", "NORMAL-0.png.png", "NORMAL-1.jpeg.png"]  # two files of one stem: two
+    assert written[:2] == ["NORMAL-0.jpeg.png", "NORMAL-0.png.png"]  # two files of one stem: two
+
+
+def test_the_stress_images_spread_over_children_and_subtypes_whatever_the_file_order() -> None:
+    """A patient-numbered folder's first files are a handful of children: the pick takes one image of every
+    child before a second of any, the subtypes in their share, and does not depend on the order of the index."""
+    from pipeline.data.stress import spread_over_patients
+
+    rows = [(f"person{p}_bacteria_{i}.jpeg", f"person{p}", "bacteria") for p in range(1, 7) for i in range(3)]
+    rows += [(f"person{p}_virus_{i}.jpeg", f"person{p}", "virus") for p in range(7, 10) for i in range(3)]
+    index = pd.DataFrame(rows, columns=["path", "patient_id", "subtype"])
+    picked = spread_over_patients(index, 6)
+    assert picked["patient_id"].nunique() == 6  # the first six by path would be two children
+    assert picked["subtype"].value_counts().to_dict() == {"bacteria": 4, "virus": 2}  # 6 of 9 children bacterial
+    assert spread_over_patients(index, 12)["patient_id"].value_counts().max() == 2  # the ninth child before thirds
+    shuffled = index.sample(frac=1, random_state=0)
+    assert spread_over_patients(shuffled, 6)["path"].tolist() == picked["path"].tolist()
 
 
 def test_a_label_without_a_decodable_test_image_is_one_clear_error(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ originals, when given, are copied as one more set. Every set is scored like an e
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -103,11 +104,33 @@ def small_changes(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _fixed_rank(text: str) -> int:
+    """A pseudo-random rank for a name, the same on every machine: a pick that does not follow the numbering (a
+    folder's first ids are often one clinic's or one period's children, a child's first file one subtype's)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def spread_over_patients(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+    """`n` rows of an index, spread over children: one image of every patient before a second of any, and
+    within each such round the subtypes (bacterial, viral) interleaved in their share of that round's images;
+    patients and each patient's images in `_fixed_rank` order."""
+    rows = rows.assign(rank=rows["patient_id"].map(_fixed_rank), within=rows["path"].map(_fixed_rank))
+    rows = rows.sort_values(["within", "path"]).assign(visit=lambda f: f.groupby("patient_id").cumcount())
+    group = rows.groupby(["visit", "subtype"])["rank"]
+    rows = rows.assign(share=(group.rank(method="first") - 0.5) / group.transform("size"))
+    picked = rows.sort_values(["visit", "share", "subtype", "path"]).head(n)
+    return picked.drop(columns=["rank", "within", "visit", "share"])
+
+
 def stress_sources(index: pd.DataFrame, root: str | Path, per_class: int) -> dict[str, list[Path]]:
-    """The first `per_class` decodable test images of each label in the index (sorted by path): a file the index
-    quarantined (truncated, empty, not an image) is never picked."""
-    test = index[(index["split"] == "test") & index["decodable"]].sort_values("path")
-    picked = {label: [Path(root) / p for p in test.loc[test["label"] == label, "path"][:per_class]] for label in LABELS}
+    """`per_class` decodable test images of each label, spread over children (`spread_over_patients`: a
+    patient-numbered split's first files by path are a handful of children). A file the index quarantined
+    (truncated, empty, not an image) is never picked."""
+    test = index[(index["split"] == "test") & index["decodable"]]
+    picked = {
+        label: [Path(root) / p for p in spread_over_patients(test[test["label"] == label], per_class)["path"]]
+        for label in LABELS
+    }
     for label, files in picked.items():
         if not files:
             raise DataError(f"{Path(root) / 'test' / label}: no decodable test images (a stress set needs both labels)")
