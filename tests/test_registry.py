@@ -279,6 +279,37 @@ def test_a_champion_move_that_landed_with_its_replies_lost_is_put_back(store: tu
     assert rerun.outcome == "champion" and aliases(client) == {"champion": rerun.version}
 
 
+class LateCommit:
+    """The real client; the first create times out on the client and reaches the server only after the retry
+    has looked for it (a slow proxy or database; fault injection)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.late = client, None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return getattr(self.client, name)
+
+    def create_model_version(self, *args: Any, **kwargs: Any) -> Any:
+        if self.late is None:
+            self.late = (args, kwargs)
+            raise TimeoutError("Read timed out")
+        mine = self.client.create_model_version(*args, **kwargs)
+        self.client.create_model_version(*self.late[0], **self.late[1])  # the timed-out try commits now
+        return mine
+
+
+def test_a_create_that_timed_out_and_committed_late_leaves_no_second_version(
+    store: tuple[str, Any], tmp_path: Path
+) -> None:
+    _, client = store
+    logs: list[str] = []
+    decision = champion.register(LateCommit(client), log_candidate(0.90, 0.95), policy(tmp_path), never, logs.append)
+    versions = client.search_model_versions("name='pneumo-test'")
+    assert [str(v.version) for v in versions] == [decision.version] == ["1"]
+    assert aliases(client) == {"champion": "1"} and versions[0].tags[champion.STATE_TAG] == champion.COMPLETE
+    assert any("version 2 was committed by a create that had timed out; deleting it" in line for line in logs), logs
+
+
 def test_tracking_server_unreachable_is_one_clear_error(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

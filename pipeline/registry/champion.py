@@ -274,7 +274,8 @@ def register(
         }
         if decision.outcome == CHAMPION and current is not None:
             decision.previous_champion = tags["previous_champion"] = str(current.version)
-        version = retry(_idempotent_create(client, name, candidate, tags, log), "creating the model version")
+        create = _IdempotentCreate(client, name, candidate, tags, log)
+        version = retry(create, "creating the model version")
         decision.version = str(version.version)
         moved = False  # whether an alias call was made: only then may the rollback touch an alias
         try:
@@ -284,6 +285,8 @@ def register(
                 lambda: client.set_model_version_tag(name, decision.version, STATE_TAG, COMPLETE),
                 "marking the version complete",
             )
+            if create.tries > 1:  # an earlier try may have committed after the retry looked: a second version
+                retry(lambda: _drop_strays(client, name, candidate, decision.version, log), "deleting stray versions")
             still_held()  # a lock lost with its connection: another registration may be deciding right now
             moved = True
             _set_aliases(client, decision, retry)
@@ -464,24 +467,34 @@ def _finish(
     return decision
 
 
-def _idempotent_create(
-    client: Any, name: str, candidate: Candidate, tags: dict[str, str], log: Callable[[str], None]
-) -> Callable[[], Any]:
+class _IdempotentCreate:
     """create_model_version for retrying: after a failed try the server may have committed the version and
-    lost only the response, so a retry first looks for this run's version and reuses it."""
-    tried = False
+    lost only the response, so a retry first looks for this run's version and reuses it. `tries` counts the
+    calls: after more than one, a try that timed out may still commit later (`_drop_strays`)."""
 
-    def create() -> Any:
-        nonlocal tried
-        if tried:
-            found = _versions_of_key(client, name, candidate)
+    def __init__(
+        self, client: Any, name: str, candidate: Candidate, tags: dict[str, str], log: Callable[[str], None]
+    ) -> None:
+        self.client, self.name, self.candidate, self.tags, self.log = client, name, candidate, tags, log
+        self.tries = 0
+
+    def __call__(self) -> Any:
+        self.tries += 1
+        if self.tries > 1:
+            found = _versions_of_key(self.client, self.name, self.candidate)
             if found:
-                log(f"register: version {found[0].version} was created before the response was lost; reusing it")
+                self.log(f"register: version {found[0].version} was created before the response was lost; reusing it")
                 return found[0]
-        tried = True
-        return _create_version(client, name, candidate, tags)
+        return _create_version(self.client, self.name, self.candidate, self.tags)
 
-    return create
+
+def _drop_strays(client: Any, name: str, candidate: Candidate, kept: str, log: Callable[[str], None]) -> None:
+    """Delete the versions of the candidate's key other than `kept` that are still pending: a create that timed
+    out on the client but committed on the server after the retry had looked (never aliased, never complete)."""
+    for stray in _versions_of_key(client, name, candidate):
+        if str(stray.version) != kept and stray.tags.get(STATE_TAG) != COMPLETE:
+            log(f"register: version {stray.version} was committed by a create that had timed out; deleting it")
+            _delete_version(client, name, str(stray.version))
 
 
 DESCRIPTION = (
