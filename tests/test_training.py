@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -238,6 +239,29 @@ def test_a_worker_copies_the_chiefs_state_but_not_the_files_being_written(tmp_pa
     (mine / "stale").mkdir(parents=True)
     training.copy_shared_state(shared, mine)
     assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*") if p.is_file()) == sorted(kept)
+
+
+def test_a_worker_copies_again_when_the_chief_promotes_a_pending_checkpoint_mid_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chief's phase start renames .pending.best over best while a worker copies the folder: the worker's
+    copy must not fail, and must not hold the old best beside nothing (one moment's state)."""
+    shared, mine = tmp_path / "chief" / "head", tmp_path / "worker" / "head"
+    shared.mkdir(parents=True)
+    (shared / "best.weights.h5").write_bytes(b"old best")
+    (shared / ".pending.best.weights.h5").write_bytes(b"new best")
+    copy2, renamed = shutil.copy2, []
+
+    def chief_renames_first(src: str, dst: str) -> object:
+        if not renamed:  # the chief's settle() lands between the listing and this file's copy
+            renamed.append(src)
+            os.replace(shared / ".pending.best.weights.h5", shared / "best.weights.h5")
+        return copy2(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", chief_renames_first)
+    training.copy_shared_state(shared, mine)
+    assert renamed and sorted(p.name for p in mine.iterdir()) == ["best.weights.h5"]
+    assert (mine / "best.weights.h5").read_bytes() == b"new best"
 
 
 def test_resume_state_is_keyed_by_data_settings_and_code(

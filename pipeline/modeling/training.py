@@ -35,6 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import tenacity
 import tensorflow as tf
 
 from pipeline.core import atomic
@@ -228,11 +229,19 @@ def _snapshot_callbacks(phase_dir: Path, epochs: int, params: TrainParams) -> li
     return [snapshots.SnapshotSaver(phase_dir, cycle, average=bool(params.ema_epochs))]
 
 
+@tenacity.retry(
+    retry=tenacity.retry_if_exception_type((shutil.Error, FileNotFoundError)),
+    stop=tenacity.stop_after_attempt(5),
+    wait=tenacity.wait_fixed(0.2),
+    reraise=True,
+)
 def copy_shared_state(shared: Path, phase_dir: Path) -> None:
     """A non-chief worker's private copy of the chief's phase state; not the files the chief is writing right
-    now (atomic writes' temporaries), which it may rename mid-copy and so fail the copy."""
+    now (atomic writes' temporaries). The chief may still rename one the copy listed (its phase start promotes
+    ``.pending.best``): the copy is then made again from the start, so it is one moment's state."""
     shutil.rmtree(phase_dir, ignore_errors=True)
-    shutil.copytree(shared, phase_dir, ignore=shutil.ignore_patterns(atomic.TEMPORARY))
+    ignored = shutil.ignore_patterns(atomic.TEMPORARY)
+    shutil.copytree(shared, phase_dir, ignore=ignored, copy_function=shutil.copy2)  # looked up now: a test races it
 
 
 def _fit_phase(
