@@ -33,6 +33,34 @@ def test_expand_files_folders_globs_and_misses(tmp_path: Path) -> None:
     assert expand([str(tmp_path / "*.gif")])[1][0][1] == "the pattern matches no files"
 
 
+def test_folders_are_followed_through_links_and_take_suffixless_dicom_exports(tmp_path: Path) -> None:
+    """A PACS export names DICOM files without a suffix, and a study folder may be a link to where it lives."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.png").write_bytes(b"x")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "2024").symlink_to(tmp_path / "elsewhere")
+    for name in ("IM0002", "notes.txt"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    files, missing = expand([str(tmp_path / "in")])
+    assert [Path(f).relative_to(tmp_path / "in").as_posix() for f in files] == ["2024/c.png", "IM0002"] and not missing
+
+
+def test_external_validation_scores_or_lists_every_file_of_a_class_folder(tmp_path: Path) -> None:
+    """A file of a class folder left out unseen would change the figures: each is scored or listed unreadable
+    (a .tif, a suffix-less DICOM, a linked folder's images); hidden files and heat maps are no images."""
+    from pipeline.serving.scoring import labelled_files
+
+    for name in ("NORMAL/a.png", "NORMAL/b.tif", "PNEUMONIA/p.png", "PNEUMONIA/IM0002", "linked/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "NORMAL" / "2024").symlink_to(tmp_path / "linked")
+    (tmp_path / "NORMAL" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "PNEUMONIA" / "p.png.gradcam.png").write_bytes(b"x")
+    found = [(Path(f).relative_to(tmp_path).as_posix(), label) for f, label in labelled_files(tmp_path)]
+    assert found == [("NORMAL/2024/c.png", 0), ("NORMAL/a.png", 0), ("NORMAL/b.tif", 0), ("PNEUMONIA/IM0002", 1),
+                     ("PNEUMONIA/p.png", 1)]  # fmt: skip
+
+
 def test_a_file_larger_than_any_image_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder may hold a multi-frame study of gigabytes: it becomes an error row, and is never read."""
     huge = tmp_path / "ct-study.dcm"

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.data import naming
+from pipeline.data.source import walk_files
 from pipeline.serving import gradcam, image_io
 from pipeline.serving.classifier import Classifier, ModelInfo, error_record
 
@@ -55,13 +56,14 @@ def _skipped(path: Path, root: Path) -> bool:
     return path.name.endswith(HEATMAP_SUFFIX) or naming.is_junk(path.relative_to(root))
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder` (any depth, linked folders followed), sorted; what ``_skipped`` names left out."""
+    return sorted(p for p, _ in walk_files(folder) if not _skipped(p, folder))
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder` (any depth, by suffix), sorted; what ``_skipped`` names left out."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in image_io.SUFFIXES and not _skipped(p, folder)
-    )
+    """The image files under `folder`: by suffix, or with none (PACS exports name DICOM files without one)."""
+    return [p for p in folder_files(folder) if p.suffix.lower() in image_io.SUFFIXES or not p.suffix]
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -86,7 +88,7 @@ def expand(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if path.is_dir():
             found = [str(p) for p in image_files(path)]
             if not found:
-                missing.append((item, f"no {'/'.join(image_io.SUFFIXES)} files in this folder"))
+                missing.append((item, f"no {'/'.join(image_io.SUFFIXES)} or suffix-less files in this folder"))
             files += found
         elif path.is_file():
             files.append(item)
@@ -202,12 +204,16 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return buffer.getvalue()
 
 
-def check_outputs(output: str | None, explain_dir: str | None, kind: str = ".csv or .json") -> None:
-    """Refuse, before any prediction, an output file that is a folder or cannot be written there, and a heat-map
-    folder that is a file: the work is not lost at the end for a path that could never be written."""
+def check_outputs(output: str | None, explain_dir: str | None, suffixes: tuple[str, ...] = (".csv", ".json")) -> None:
+    """Refuse, before any prediction, an output file that is a folder, is not named as the report it gets (``-o
+    x2.jpeg`` meant as a second input would overwrite an X-ray) or cannot be written there, and a heat-map folder
+    that is a file: the work is not lost at the end for a path that could never be written."""
     if output:
+        kind = " or ".join(suffixes)
         if Path(output).is_dir():
             raise PipelineError(f"-o {output}: is a folder; name the {kind} file to write")
+        if Path(output).suffix.lower() not in suffixes:
+            raise PipelineError(f"-o {output}: name a {kind} file (the report written there)")
         check_writable(f"-o {output}", Path(output).absolute().parent)
     if explain_dir:
         if Path(explain_dir).exists() and not Path(explain_dir).is_dir():

@@ -29,9 +29,8 @@ from pipeline.modeling.metrics import (
     interval_method,
     reliability,
 )
-from pipeline.serving import image_io
 from pipeline.serving.classifier import Classifier
-from pipeline.serving.predict import image_files, prepared_batches
+from pipeline.serving.predict import folder_files, prepared_batches
 
 
 def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int]]:
@@ -44,9 +43,10 @@ def labelled_files(path: str | Path, split: str = "test") -> list[tuple[str, int
         raise PipelineError(
             f"{root}: expected {'/ and '.join(LABELS)}/ subfolders (or the Kaggle layout, scored on {split}/)"
         )
-    items = [(str(p), label_id) for label_id, label in enumerate(LABELS) for p in image_files(folders[label])]
+    # Every file of a class folder is scored or listed as unreadable: one dropped unseen changes the figures
+    items = [(str(p), label_id) for label_id, label in enumerate(LABELS) for p in folder_files(folders[label])]
     if not items:
-        raise PipelineError(f"{root}: no {'/'.join(image_io.SUFFIXES)} files under NORMAL/ or PNEUMONIA/")
+        raise PipelineError(f"{root}: no files under {'/ or '.join(LABELS)}/")
     return items
 
 

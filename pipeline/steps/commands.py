@@ -33,7 +33,7 @@ def run_model_command(args: argparse.Namespace, params: Params) -> int:
     if args.command == "predict":
         predict.check_outputs(args.output, args.explain)  # before the predictions, not after
     else:  # drift's report: refused before the work, not after
-        predict.check_outputs(args.output, None, kind=".json")
+        predict.check_outputs(args.output, None, suffixes=(".json",))
     model = classifier.load(uri)
     if args.command == "predict":
         status, summary = predict.run(model, args.paths, args.output, args.format, cfg.batch_size, args.explain)
