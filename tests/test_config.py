@@ -158,6 +158,7 @@ def test_cli_prints_one_line_and_exits_2() -> None:
         (["drift", "x.png", "-o", "."], "error: -o .: is a folder; name the .json file to write"),
         (["predict", "x1.png", "-o", "x2.PNG"], "error: -o x2.PNG: name a .csv or .json file (the report written"),
         (["drift", "x.png", "-o", "report.csv"], "error: -o report.csv: name a .json file (the report written there)"),
+        (["external-validation", ".", "-o", "params.yaml/r"], f"error: -o params.yaml/r: {REPO}/params.yaml is a file"),
         (["predict", "x.png", "-o", "params.yaml/out.csv"], f"error: -o params.yaml/out.csv: {REPO}/params.yaml is a"),
         (["drift", "x.png", "-o", "params.yaml/d.json"], f"error: -o params.yaml/d.json: {REPO}/params.yaml is a file"),
         (

@@ -340,3 +340,27 @@ def test_health_keeps_the_reason_a_version_failed_after_a_registry_outage(monkey
     broken = "models:/pneumo@champion (version 3): no serving.json"
     assert said == [broken, "MLflow registry unreachable: Connection refused", broken, broken]
     assert holder.current is served
+
+
+def test_a_prior_the_version_cannot_adjust_is_refused_before_any_image_is_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--prior` on a version with no recorded class balance (uncalibrated): one line, not after a full pass."""
+    import argparse
+
+    from pipeline.core.config import load_params
+    from pipeline.serving import classifier as classifier_module
+    from pipeline.serving import scoring
+    from pipeline.steps import external
+
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "h" / label).mkdir(parents=True)
+        Image.new("L", (40, 40), 90).save(tmp_path / "h" / label / "a.png")
+    info = ModelInfo(0.5, ("NORMAL", "PNEUMONIA"), 32, "binary", "c", "relu3")  # source_prior None
+    monkeypatch.setattr(classifier_module, "load", lambda uri: Classifier(build_model("compact_cnn", 32).model, info))
+    monkeypatch.setattr(scoring, "score", lambda *a, **k: pytest.fail("scored before the prior was checked"))
+    args = argparse.Namespace(
+        model="models:/m/1", name="h", path=str(tmp_path / "h"), split="test", prior="0.6", output=str(tmp_path / "o")
+    )
+    with pytest.raises(PipelineError, match="records no class balance to adjust from"):
+        external.run(args, load_params(Path(__file__).parents[1] / "params.yaml"))

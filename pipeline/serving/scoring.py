@@ -114,18 +114,24 @@ def parse_prior(value: str | None) -> float | str | None:
     return prior
 
 
+def source_prior(classifier: Classifier) -> float:
+    """The class balance the version's probabilities carry; one line where it records none (check it before the
+    images are scored, not after)."""
+    if classifier.info.source_prior is None:
+        raise PipelineError(
+            "--prior: this model version records no class balance to adjust from (it is uncalibrated, or older)"
+        )
+    return classifier.info.source_prior
+
+
 def adjust_for_prior(
     classifier: Classifier, scores: np.ndarray, prior: float | str
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Scores moved to `prior` (a fraction, or 'auto': estimated by EM on the scores themselves)."""
-    source = classifier.info.source_prior
-    if source is None:
-        raise PipelineError(
-            "--prior: this model version records no class balance to adjust from (it is uncalibrated, or older)"
-        )
+    source = source_prior(classifier)
     if prior == "auto":
-        target, steps = prior_shift.estimate_prior(scores, source)
-        how = f"estimated by EM from the unlabelled predictions in {steps} steps"
+        target = prior_shift.estimate_prior(scores, source)
+        how = "estimated from the unlabelled predictions (EM's fixed point)"
     else:
         target, how = float(prior), "given"
     return prior_shift.adjust(scores, source, target), {"source": source, "target": target, "how": how}

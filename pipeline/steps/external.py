@@ -27,7 +27,7 @@ from pipeline.modeling.evaluation import figures
 from pipeline.modeling.metrics import interval
 from pipeline.registry import champion, model_card, tracking
 from pipeline.registry.registry_lock import registry_lock
-from pipeline.serving import classifier, scoring
+from pipeline.serving import classifier, predict, scoring
 from pipeline.serving.classifier import Classifier
 
 EXPERIMENT = "external-validation"
@@ -185,8 +185,11 @@ def run(args: argparse.Namespace, params: Params) -> int:
     out = Path(args.output or f"reports/external/{name}")
     if out.exists() and not out.is_dir():  # before the scoring, not after it
         raise PipelineError(f"-o {out}: is a file; name a folder for the report and figures")
+    predict.check_writable(f"-o {out}", out.absolute())
     items = scoring.labelled_files(args.path, args.split)
     model = classifier.load(uri)
+    if prior is not None:
+        scoring.source_prior(model)
     check_name(MlflowClient(), model.info, name, str(Path(args.path).resolve()), params)  # before the scoring
     result = scoring.score(
         model, items, params.serve.batch_size, params.evaluate.bootstrap, params.evaluate.seed, prior=prior
