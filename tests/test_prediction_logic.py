@@ -364,3 +364,15 @@ def test_a_prior_the_version_cannot_adjust_is_refused_before_any_image_is_scored
     )
     with pytest.raises(PipelineError, match="records no class balance to adjust from"):
         external.run(args, load_params(Path(__file__).parents[1] / "params.yaml"))
+
+
+def test_a_file_name_in_another_encoding_is_written_escaped_not_lost(tmp_path: Path) -> None:
+    """Latin-1 bytes in a name (a Windows share, a zip): the report is written, the name escaped."""
+    import os
+
+    name = os.fsdecode(b"r\xf6ntgen.png")  # as Python lists it: a lone surrogate
+    rows = [{"file": name, "status": "ok"}]
+    for fmt in ("csv", "json"):
+        text = render(rows, fmt)
+        text.encode("utf-8")  # a strict UTF-8 writer takes it
+        assert "r\\xf6ntgen.png" in text.replace("\\\\", "\\"), text

@@ -260,3 +260,22 @@ def test_age_outside_one_to_five_years_warns_without_contradiction(age: str, war
     warnings = image_io.intended_use_warnings(SimpleNamespace(PatientAge=age))
     expected = [f"{warning} is outside the training cohort (1-5 years)"] if warning else []
     assert warnings == expected
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn alone exits 3 with a log line, after the model (maybe a registry download) has loaded."""
+    import socket
+
+    from pipeline.core.config import ServeParams
+    from pipeline.core.errors import PipelineError
+    from pipeline.serving import rest
+
+    monkeypatch.setattr(rest, "ModelHolder", lambda *a, **k: pytest.fail("the model loaded before the bind"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            PipelineError, match=rf"^serve: cannot listen on 127\.0\.0\.1:{port} \(Address already in use\)"
+        ):
+            rest.serve("models:/m/1", ServeParams(host="127.0.0.1", port=port))

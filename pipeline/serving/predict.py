@@ -193,7 +193,14 @@ def error_row(file: str, info: ModelInfo, error: str) -> dict[str, Any]:
     return {"file": file, **error_record(info, error)}
 
 
+def shown_name(file: str) -> str:
+    """A file name as text that can be written: bytes of a name in another encoding than UTF-8 (a Windows share,
+    a zip), which Python holds as lone surrogates, become ``\\xf6`` escapes instead of failing the report."""
+    return file.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    rows = [{**row, "file": shown_name(row["file"])} if "file" in row else row for row in rows]
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     extra = sorted({k for row in rows for k in row} - set(COLUMNS))

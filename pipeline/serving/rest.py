@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ from starlette.types import Message, Receive
 
 from pipeline import __version__
 from pipeline.core.config import ServeParams
+from pipeline.core.errors import PipelineError
 from pipeline.serving import api_key, image_io, request_log
 from pipeline.serving.classifier import Classifier, Prediction
 from pipeline.serving.http_limits import with_header_timeout
@@ -227,10 +229,29 @@ def server_config(app: FastAPI, cfg: ServeParams) -> uvicorn.Config:
     )
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound before the model loads (which may be a registry download): a port in use or a
+    host this machine does not have is one line at once, not uvicorn's exit 3 after the download."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PipelineError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    return sock
+
+
 def serve(uri: str, cfg: ServeParams) -> None:
     request_log.setup()
     key = api_key.from_environment(os.environ)
-    holder = ModelHolder(uri, on_event=request_log.event)
+    sock = listening_socket(cfg.host, cfg.port)
+    try:
+        holder = ModelHolder(uri, on_event=request_log.event)
+    except BaseException:
+        sock.close()
+        raise
     info = holder.current.info
     request_log.event(
         "start",
@@ -251,6 +272,7 @@ def serve(uri: str, cfg: ServeParams) -> None:
         holder.poll(cfg.poll_seconds)
     app = create_app(holder, cfg, key)
     try:
-        uvicorn.Server(server_config(app, cfg)).run()
+        uvicorn.Server(server_config(app, cfg)).run(sockets=[sock])
     finally:
         holder.stop()
+        sock.close()
