@@ -56,8 +56,10 @@ def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, capsys
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_outside_a_dvc_project_says_so(tmp_path: Path) -> None:
-    proc = run(["pneumo", "remote", "s3://bucket/x"], tmp_path, check=False)
+@pytest.mark.parametrize("default", [[], ["--default"]])
+def test_outside_a_dvc_project_says_so(tmp_path: Path, default: list[str]) -> None:
+    """With --default DVC prints a notice on stdout after its error: the error is the reason given."""
+    proc = run(["pneumo", "remote", "s3://bucket/x", *default], tmp_path, check=False)
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()

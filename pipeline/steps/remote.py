@@ -68,15 +68,23 @@ def dvc_commands(args: argparse.Namespace) -> list[list[str]]:
     return commands
 
 
+def dvc_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """DVC's reason for a failed command: its last ``ERROR:`` line (stdout may end with a notice such as "Setting
+    'team' as a default remote."), else the last line of its output."""
+    lines = [line for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR: ")]
+    if errors:
+        return errors[-1].removeprefix("ERROR: ")
+    return lines[-1] if lines else f"exit status {proc.returncode}"
+
+
 def run(args: argparse.Namespace) -> int:
     commands = dvc_commands(args)
     for command in commands:
         print("dvc", shlex.join(command))
         proc = subprocess.run([sys.executable, "-m", "dvc", *command], capture_output=True, text=True)
         if proc.returncode != 0:
-            lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-            reason = lines[-1].removeprefix("ERROR: ") if lines else f"exit status {proc.returncode}"
-            raise PipelineError(f"dvc {command[0]} {command[1]} failed: {reason}")
+            raise PipelineError(f"dvc {command[0]} {command[1]} failed: {dvc_error(proc)}")
     where = ".dvc/config.local (this machine only)" if args.local else ".dvc/config (commit it)"
     role = ", the default for dvc push/pull" if args.default else f"; use it with dvc push/pull -r {args.name}"
     print(f"remote {args.name!r}: {commands[0][-1]} in {where}{role}")
