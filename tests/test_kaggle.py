@@ -92,9 +92,16 @@ def kaggle_server(tmp_path: Path) -> Iterator[str]:
                 self.send_response(401)
                 self.end_headers()
                 return
-            assert self.path == "/api/v1/datasets/download/paultimothymooney/chest-xray-pneumonia"
+            if self.path != "/api/v1/datasets/download/paultimothymooney/chest-xray-pneumonia":
+                self.send_response(404)
+                self.end_headers()
+                return
             body = archive.read_bytes()
             mode = SERVED["mode"]
+            if mode == "busy":
+                self.send_response(503)
+                self.end_headers()
+                return
             if mode == "redirect":
                 self.send_response(302)
                 self.send_header("Location", f"http://localhost:{storage.server_address[1]}/signed/archive.zip")
@@ -161,6 +168,31 @@ def test_only_a_whole_zip_is_kept_and_a_kept_one_needs_no_credentials(
     monkeypatch.delenv("KAGGLE_KEY")
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(cached.parent / "no-config"))
     assert kaggle.download(params.data.kaggle) == cached  # the finished download, no credentials asked
+
+
+def test_a_busy_server_is_retried_a_wrong_name_and_an_unwritable_folder_are_not(
+    kaggle_server: str, monkeypatch: pytest.MonkeyPatch, params_in: Callable[..., Params], tmp_path: Path
+) -> None:
+    """503 is the network's (the flow retries ingest); 404 and a folder this machine cannot write are the user's,
+    each one line naming what to fix, and never blamed on the network or the credentials."""
+    monkeypatch.setenv("KAGGLE_USERNAME", "ann")
+    monkeypatch.setenv("KAGGLE_KEY", "k3y")
+    params = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}")
+    SERVED["mode"] = "busy"
+    with pytest.raises(TransientError, match=r"^kaggle: the server answered HTTP 503 for .*; run again later$"):
+        kaggle.download(params.data.kaggle)
+    SERVED["mode"] = "whole"
+    wrong = params_in("data.source=kaggle", f"data.kaggle.url={kaggle_server}", "data.kaggle.dataset=someone/nope")
+    with pytest.raises(DataError, match=r"^kaggle: no data set at .*someone/nope \(HTTP 404\); check data\.kaggle"):
+        kaggle.download(wrong.data.kaggle)
+    (tmp_path / "a-file").write_text("x")
+    blocked = params_in(
+        "data.source=kaggle",
+        f"data.kaggle.url={kaggle_server}",
+        f"data.kaggle.download_dir={tmp_path / 'a-file' / 'dl'}",
+    )
+    with pytest.raises(DataError, match=r"^data\.kaggle\.download_dir: cannot write in .*a-file/dl \("):
+        kaggle.download(blocked.data.kaggle)
 
 
 def test_the_credentials_never_follow_a_redirect_to_another_host(
