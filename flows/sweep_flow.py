@@ -59,6 +59,7 @@ from pipeline.core import atomic
 from pipeline.core.config import STAGE_OUTPUT_FILES, STAGE_OUTPUT_FOLDERS, Params, load_params, write_overrides
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.project import project_path
+from pipeline.data.dataset_index import read_index
 from pipeline.registry import tracking
 from pipeline.steps import stages as stage_list
 from pipeline.steps.stages import ROOT as CODE_ROOT
@@ -106,7 +107,10 @@ def expand(
     """The trials' overrides. A grid gives every combination (``trials``: a seeded sample of that many);
     ``random`` draws ``trials`` combinations from its distributions with ``seed``."""
     if grid and random:
-        raise ConfigError("sweep: give grid or random, not both")
+        raise ConfigError(
+            "sweep: give grid or random, not both (a run of the sweep deployment keeps its default grid unless its "
+            'parameters set "grid": null)'
+        )
     if trials is not None and trials < 1:
         raise ConfigError(f"sweep: trials: must be at least 1 (got {trials})")
     rng = Random(seed)
@@ -343,11 +347,11 @@ def check_deployment(name: str) -> None:
 
 
 def prepare_data(params: Params, run_stages: bool) -> None:
-    """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are."""
-    logger = get_run_logger()
+    """The data stages up to date through DVC (as the pipeline flow runs them), or required as they are: the index,
+    the validation report, the shards when training reads them, and the val and test images evaluate reads."""
     if run_stages:
         names = [s for s in flow_stage_names(params, ingest=True) if s in DATA_STAGES]
-        run_changed(names, stage_list.always_run(params), logger)
+        run_changed(names, stage_list.always_run(params), get_run_logger())
         return
     needed = [params.index.path, params.validation.report]
     if params.train.input == "shards":
@@ -355,6 +359,14 @@ def prepare_data(params: Params, run_stages: bool) -> None:
     for path in needed:
         if not Path(path).is_file():
             raise PipelineError(f"sweep: {path} is missing: run `dvc repro shard` (or `dvc pull`) first")
+    index = read_index(params.index.path)
+    scored = index.loc[index["split"].isin(["val", "test"]) & index["decodable"], "path"]
+    missing = [p for p in scored if not (Path(params.data.root) / p).is_file()]
+    if missing:  # every trial would train, then fail in evaluate
+        raise PipelineError(
+            f"sweep: {Path(params.data.root) / missing[0]} is missing ({len(missing)} of the {len(scored)} val and "
+            f"test images evaluate reads): `dvc pull {params.data.root}` first"
+        )
 
 
 @flow(name="pneumonia-sweep", log_prints=True)

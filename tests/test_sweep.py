@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from flows.sweep_flow import (
     expand,
     own_outputs,
     pneumonia_sweep,
+    prepare_data,
     store_warning,
     table_markdown,
     trial_folder,
@@ -90,6 +92,25 @@ def test_another_params_file_is_refused_where_dvc_builds_the_data(
     with pytest.raises(ConfigError, match=r"^sweep: params_file .*other\.yaml: the data stages run through DVC"):
         pneumonia_sweep.fn(grid={"train.learning_rate": [0.1]}, params_file=str(other))
     assert list(tmp_path.iterdir()) == [other]
+
+
+def test_without_data_stages_the_images_evaluate_reads_are_required_before_any_trial(
+    synthetic_index: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """A training machine that pulled only the index and shards: every trial would train, then fail to evaluate."""
+    from pipeline.data.dataset_index import write_index
+    from tests.conftest import rooted_params
+
+    data, index = synthetic_index
+    params = rooted_params(tmp_path, f"data.root={data / 'data' / 'raw'}")
+    write_index(index, params.index.path, params.index.quarantine)
+    Path(params.validation.report).write_text("{}")
+    Path(params.shards.out).mkdir(parents=True)
+    (Path(params.shards.out) / "manifest.json").write_text("{}")
+    prepare_data(params, run_stages=False)  # everything there
+    empty = rooted_params(tmp_path, f"data.root={tmp_path / 'nothing'}")
+    with pytest.raises(PipelineError, match=r"^sweep: .*nothing/.* is missing \(\d+ of the \d+ val and"):
+        prepare_data(empty, run_stages=False)
 
 
 def test_trials_on_a_pool_are_warned_off_a_local_sqlite_store() -> None:
