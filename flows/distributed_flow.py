@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,9 @@ class WorkerRun:
     ended: float = 0.0  # when it was seen to end (time.monotonic)
 
 
+STOP_GRACE_SECONDS = 10.0  # from the interrupt to the kill of a worker that is stopped
+
+
 def run_workers(
     command: Sequence[str],
     hosts: Sequence[str],
@@ -66,12 +70,14 @@ def run_workers(
     env: dict[str, str] | None = None,
     echo: Callable[[str], None] = print,
     timeout: float | None = None,
+    grace: float = STOP_GRACE_SECONDS,
 ) -> list[WorkerRun]:
     """Start `command` once per host with its TF_CONFIG, stream prefixed lines to `echo`, wait for all.
 
     When a worker fails (or `timeout` seconds pass), the others are stopped: they would otherwise wait
-    in a collective for a peer that never comes. Worker i grows its GPU memory on demand and, where
-    CUDA_VISIBLE_DEVICES lists several devices, sees only device i mod n (flows/gpus.py).
+    in a collective for a peer that never comes. Each is interrupted first (SIGINT, so the chief ends its
+    MLflow run as failed) and killed if it has not ended within `grace` seconds. Worker i grows its GPU memory
+    on demand and, where CUDA_VISIBLE_DEVICES lists several devices, sees only device i mod n (flows/gpus.py).
     """
     base = {**os.environ, **(env or {})}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
@@ -117,10 +123,15 @@ def run_workers(
     finally:
         for i, p in enumerate(procs):
             if p.poll() is None:
-                p.kill()
+                p.send_signal(signal.SIGINT)  # pneumo ends its MLflow run as failed, not left RUNNING
                 stopped.add(i)
+        stop_by = time.monotonic() + grace
         for p in procs:
-            p.wait()
+            try:
+                p.wait(timeout=max(0.0, stop_by - time.monotonic()))
+            except subprocess.TimeoutExpired:  # stuck in a collective op, where no signal handler runs
+                p.kill()
+                p.wait()
         for r in readers:
             r.join(timeout=10)
     now = time.monotonic()
