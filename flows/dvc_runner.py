@@ -158,12 +158,25 @@ def repro_stage(name: str, cwd: str | Path = ".", echo: Callable[[str], None] | 
 
 
 def require_remote(cwd: str | Path = ".") -> str:
-    """The name of the project's default DVC remote; a ConfigError naming .dvc/config when there is none."""
+    """The name of the project's default DVC remote; a ConfigError naming .dvc/config when there is none, or when
+    it is a folder inside the project (the committed ``local`` remote): a team deployment's clone, and what was
+    pushed into it, is gone after the run, and the next run would pull nothing."""
+    project = Path(cwd).resolve()
+    config = project / ".dvc" / "config"
     code, out = dvc("remote", "default", cwd=cwd)
     if code != 0 or not out.strip():
-        config = Path(cwd).resolve() / ".dvc" / "config"
         raise ConfigError(f"dvc push: {config}: no default remote (`pneumo remote URL --default` sets one)")
-    return out.strip()
+    name = out.strip()
+    code, url = dvc("config", f"remote.{name}.url", cwd=cwd)
+    url = url.strip().removeprefix("file://")
+    if code == 0 and url and "://" not in url:  # a folder; a relative one is relative to .dvc/
+        folder = (project / ".dvc" / Path(url).expanduser()).resolve()
+        if folder.is_relative_to(project):
+            raise ConfigError(
+                f"dvc push: {config}: the default remote {name!r} is {folder}, inside this project folder, which "
+                "a deployment's clone loses after the run; set a shared one (`pneumo remote URL --default`)"
+            )
+    return name
 
 
 def push_failure_is_transient(output: str) -> bool:

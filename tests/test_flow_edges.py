@@ -171,6 +171,13 @@ def test_push_sends_outputs_and_run_cache_to_the_default_remote(tmp_path: Path) 
     sh(repo, sys.executable, "-m", "dvc", "repro", "-q")
     with pytest.raises(ConfigError, match=r"^dvc push: .*/repo/\.dvc/config: no default remote \(`pneumo remote"):
         push_outputs(repo)
+    # The committed kind of remote, a folder in the checkout: pushed into, it goes with a deployment's clone
+    sh(repo, sys.executable, "-m", "dvc", "remote", "add", "-d", "local", ".dvc-storage")
+    with pytest.raises(
+        ConfigError, match=r"^dvc push: .*: the default remote 'local' is .*/repo/\.dvc-storage, inside"
+    ):
+        push_outputs(repo)
+    assert not (repo / ".dvc-storage").exists()
     remote = tmp_path / "remote"
     sh(repo, sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(remote))
     push_outputs(repo)
