@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from random import Random
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -161,7 +161,7 @@ def trial_folder(root: Path, name: str, params_file: str | Path, overrides: dict
         shutil.copy2("dvc.lock", folder / "dvc.lock")
     shared = {
         "validation.report": str(Path(project.validation.report).resolve()),
-        "mlflow.tracking_uri": uri,
+        "mlflow.tracking_uri": without_password(uri),  # a file on a shared disk; the trial's environment wins
         "mlflow.artifact_root": str(project_path(project.mlflow.artifact_root).resolve()),
         "registry.lock_file": str(project_path(project.registry.lock_file).resolve()),
         "registry.promotion": "candidate",  # a sweep's winner never takes @champion by itself
@@ -181,6 +181,16 @@ def own_outputs(project: Params) -> dict[str, str]:
     train at once in one ``train.resume_dir/<key>`` folder, each overwriting the other's best weights."""
     keys = (*STAGE_OUTPUT_FOLDERS, "train.resume_dir", *STAGE_OUTPUT_FILES)
     return {k: project.default_of(k) for k in keys if Path(project.setting(k)).expanduser().is_absolute()}
+
+
+def without_password(uri: str) -> str:
+    """`uri` without the password of its user part (``postgresql://ann:pw@db/mlflow`` -> ``postgresql://ann@db/
+    mlflow``), for what is written down: trial files, Prefect parameters."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
 
 
 def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:
@@ -411,6 +421,12 @@ def pneumonia_sweep(
         uri = tracking.tracking_uri(params.mlflow)
         if trial_deployment and (warning := store_warning(uri)):
             logger.warning(warning)
+        if trial_deployment and without_password(uri) != uri:
+            logger.warning(
+                "sweep: the trials on %s get the tracking URI without its password (their parameters are kept in "
+                "Prefect's database): give their workers MLFLOW_TRACKING_PASSWORD (an MLflow server) or PGPASSWORD",
+                trial_deployment,
+            )
         experiment_id = tracking.configure(params.mlflow)
         client = MlflowClient(uri)
         spec = {"grid": grid, "random": random, "trials": len(combos), "seed": seed, "overrides": overrides or {}}
@@ -438,7 +454,9 @@ def pneumonia_sweep(
                         "trial": name,
                         "folder": str(folder),
                         "overrides": combo,
-                        "env": trial_env(uri, parent, name),
+                        # A pool trial's parameters are kept in Prefect's database: no password in them, the
+                        # trial workers' own environment gives it (MLFLOW_TRACKING_PASSWORD, PGPASSWORD)
+                        "env": trial_env(without_password(uri) if trial_deployment else uri, parent, name),
                     }
                     if trial_deployment:
                         on_pool = run_trial_on_pool.with_options(task_run_name=f"trial {name} on the pool")

@@ -22,6 +22,7 @@ from flows.sweep_flow import (
     trial_folder,
     validate,
     winner_of,
+    without_password,
 )
 from pipeline.core.config import load_params
 from pipeline.core.errors import ConfigError, PipelineError
@@ -167,6 +168,17 @@ def test_each_trial_writes_its_own_outputs_even_where_the_project_names_absolute
     assert weights.is_absolute() and weights.read_bytes() == b"w"
     folder = trial_folder(work / "sweeps" / "s", "t02", "params.yaml", {"model.weights": "none"}, "")
     assert load_params(folder / "params.yaml").model.weights == "none"
+    # A tracking URI's password stays out of the trial's file (the trial's environment carries the URI)
+    folder = trial_folder(work / "sweeps" / "s", "t03", "params.yaml", {}, "postgresql://ann:s3cret@db:5432/mlflow")
+    assert "s3cret" not in (folder / "params.yaml").read_text()
+    assert load_params(folder / "params.yaml").mlflow.tracking_uri == "postgresql://ann@db:5432/mlflow"
+
+
+def test_a_uri_loses_only_its_password() -> None:
+    assert without_password("http://ann:pw@mlflow:5000/x?y=1") == "http://ann@mlflow:5000/x?y=1"
+    assert without_password("postgresql://:pw@db/mlflow") == "postgresql://db/mlflow"
+    for kept in ("http://ann@mlflow:5000", "sqlite:////work/mlruns/mlflow.db", "file:///tmp/x", ""):
+        assert without_password(kept) == kept
 
 
 def test_the_winner_is_chosen_on_validation_never_on_test() -> None:
