@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.core.locks import file_lock
 
 FLOW_LOCK = ".pneumo-flow.lock"  # in the project folder (git-ignored)
-WAIT_SECONDS = 12 * 3600.0  # a flow waiting longer ends with a TransientError (exit 75), for the orchestrator
+WAIT_SECONDS = 12 * 3600.0  # a flow waiting longer fails with a TransientError naming the lock (no flow retries)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import keras
@@ -137,3 +138,10 @@ def test_a_fresh_run_clears_its_tensorboard_folder_and_a_resumed_one_counts_its_
     fresh = training.train(params, index)
     assert fresh.images_trained == 2 * n_train
     assert fresh.tensorboard_logs == resumed.tensorboard_logs and _event_files(fresh.tensorboard_logs) == 1
+    # Under DVC the logs folder (a stage output) is removed before the stage runs again: the resumed training
+    # restores the killed one's events from its resume state, and appends to them.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(params, index, extra_callbacks=[Crash(after=1)])
+    shutil.rmtree(params.train.tensorboard_dir)
+    again = training.train(params, index)
+    assert again.tensorboard_logs is not None and _event_files(again.tensorboard_logs) == 2

@@ -195,6 +195,27 @@ class _Place:
         return distributed.is_multi_worker(self.strategy)
 
 
+TENSORBOARD_KEPT = "tensorboard"  # in the resume state: the events so far, for a resume DVC cleared the logs of
+
+
+class KeptTensorBoard(keras.callbacks.TensorBoard):
+    """TensorBoard whose events are also kept with the resume state at each epoch's end. ``train.tensorboard_dir``
+    is a DVC output, which DVC removes before the stage runs, so a training resumed under DVC restores its earlier
+    epochs' events from there first and appends to them, as one outside DVC appends in place."""
+
+    def __init__(self, log_dir: Path, kept: Path) -> None:
+        if kept.is_dir() and not log_dir.is_dir():
+            shutil.copytree(kept, log_dir)
+        super().__init__(str(log_dir), histogram_freq=0)
+        self.kept = kept
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():  # the epoch's events on disk before they are copied
+            writer.flush()
+        shutil.copytree(self.log_dir, self.kept, dirs_exist_ok=True)
+
+
 def _selection_callbacks(
     best: Path, to_beat: float | None, rows: selection.Rows, params: TrainParams
 ) -> list[keras.callbacks.Callback]:
@@ -301,7 +322,7 @@ def _fit_phase(
             if params.snapshots
             else _selection_callbacks(best, to_beat, recorder.done, params)
         ),
-        keras.callbacks.TensorBoard(str(place.tensorboard_dir / phase), histogram_freq=0),
+        KeptTensorBoard(place.tensorboard_dir / phase, place.state_dir / TENSORBOARD_KEPT / phase),
         *extra,
     ]
     # Keras keeps the epoch BackupAndRestore restored on the model: a later fit of it (fine-tuning after a resumed
@@ -386,8 +407,8 @@ def _train(
         "the head phase sees no augmentation, mixup or class reframing"
     )
     shared_state = Path(tp.resume_dir) / state_key(params, index, workers=_cluster_size(), replicas=replicas)
-    # TensorBoard logs by the same key: a resumed training appends to its own, another never mixes in (the
-    # folder outlives a run where DVC does not clear it: a distributed flow, the Kubernetes Job, a manual run).
+    # TensorBoard logs by the same key: a resumed training appends to its own (under DVC, which clears the folder,
+    # after restoring the events kept with the resume state: KeptTensorBoard), another never mixes in.
     place = _Place(
         state_dir=shared_state if scratch is None else scratch / "state",
         tensorboard_dir=(Path(tp.tensorboard_dir) if scratch is None else scratch / "tensorboard") / shared_state.name,
