@@ -144,8 +144,31 @@ def test_platt_scaling_also_fixes_probabilities_that_are_too_low() -> None:
     fixed = apply_temperature(low, t, b)
     assert reliability(y, fixed)[1] < 0.05 < reliability(y, apply_temperature(low, fit_temperature(y, low)))[1]
     assert (np.argsort(fixed, kind="stable") == np.argsort(low, kind="stable")).all()
-    three = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    assert fit_calibration(np.array([0, 2]), three)[1] == 0.0  # more than two classes: temperature only
+
+
+def test_three_class_calibration_moves_back_the_balanced_prior_of_class_weights() -> None:
+    """A class-weighted three-class model's outputs carry a balanced prior (normal, bacterial, viral): the fitted
+    bias moves P(pneumonia) back to the data's balance, which a temperature alone cannot."""
+    from pipeline.modeling.evaluation import pneumonia_score
+    from pipeline.modeling.metrics import apply_temperature, fit_calibration, fit_temperature, reliability
+
+    rng = np.random.default_rng(1)
+    means = np.array([[0.0, 0.0], [1.5, 0.3], [0.8, 1.4]])
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:  # balanced posteriors of data that is 74% pneumonia
+        y = rng.choice(3, n, p=[0.26, 0.48, 0.26])
+        x = means[y] + rng.normal(0, 1, (n, 2))
+        likelihood = np.exp(-0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1))
+        return y, likelihood / likelihood.sum(1, keepdims=True)
+
+    (y_val, p_val), (y_test, p_test) = draw(700), draw(3000)
+    t, b = fit_calibration(y_val, p_val)
+    assert b > 0.3  # towards pneumonia
+    sick = (y_test > 0).astype(int)
+    both = pneumonia_score(apply_temperature(p_test, t, b))
+    alone = pneumonia_score(apply_temperature(p_test, fit_temperature(y_val, p_val)))
+    assert abs(both.mean() - sick.mean()) < 0.02 < abs(alone.mean() - sick.mean())
+    assert reliability(sick, both)[1] < reliability(sick, alone)[1] / 2
 
 
 def test_calibration_on_perfectly_separated_val_stays_finite() -> None:

@@ -200,10 +200,11 @@ def served_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
 def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
     """Calibrated probabilities, in the shape they came in ((n, 1) sigmoid outputs stay so).
 
-    Two classes: sigmoid(logit / T + bias) (Platt scaling on the logit); more: softmax(log p / T). With
-    T > 0 two classes keep the order of the scores (every ranking metric); more classes keep each image's
-    class order, but 1 - P(first class) can change order between images, so thresholds are chosen on
-    calibrated scores.
+    Two classes: sigmoid(logit / T + bias) (Platt scaling on the logit); more: softmax(log p / T + bias on every
+    class but the first), so the bias moves the log-odds of pneumonia (any kind) against normal in both cases: a
+    class-weighted model's outputs carry a balanced prior that a temperature alone cannot move back. With T > 0
+    two classes keep the order of the scores (every ranking metric); more classes keep each image's class
+    order, but 1 - P(first class) can change order between images, so thresholds are chosen on calibrated scores.
     """
     probs = np.asarray(probs, dtype=float)
     if temperature == 1.0 and bias == 0.0:
@@ -215,6 +216,7 @@ def apply_temperature(probs: np.ndarray, temperature: float, bias: float = 0.0) 
         scaled = np.stack([1.0 - positive, positive], axis=1)
     else:
         logits = np.log(full) / temperature
+        logits[:, 1:] += bias
         logits -= logits.max(axis=1, keepdims=True)
         scaled = np.exp(logits)
         scaled /= scaled.sum(axis=1, keepdims=True)
@@ -276,11 +278,17 @@ def _platt_loss(y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], tupl
 
 
 def fit_calibration(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(temperature, bias) minimising the smoothed log loss on val: both for two classes (Platt scaling,
-    which also corrects probabilities that are too low or too high overall), the temperature alone for more."""
+    """(temperature, bias) minimising the smoothed log loss on val (Platt scaling for two classes; the bias also
+    corrects probabilities that are too low or too high overall, see apply_temperature for more classes)."""
     t = fit_temperature(y, probs)
     if class_probabilities(probs).shape[1] != 2:
-        return t, 0.0
+        result = minimize(
+            lambda v: log_loss(y, apply_temperature(probs, float(np.exp(v[0])), float(v[1])), smoothed=True),
+            x0=[np.log(t), 0.0],
+            bounds=[tuple(np.log(TEMPERATURE_RANGE)), BIAS_RANGE],
+            method="L-BFGS-B",
+        )
+        return float(np.exp(result.x[0])), float(result.x[1])
     result = minimize(
         _platt_loss(y, probs),
         x0=[np.log(t), 0.0],
