@@ -460,3 +460,27 @@ def test_the_evaluate_stage_refuses_a_model_of_another_task(tmp_path: Path, monk
     monkeypatch.setattr(evaluation, "calibrate", lambda *a: pytest.fail("calibrated a model of another task"))
     with pytest.raises(PipelineError, match=rf"^{tmp_path / 'models'}: the model was trained for task 'three_class'"):
         stage._evaluate(params)
+
+
+def test_the_evaluate_stage_refuses_an_index_the_model_was_not_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pneumo index` run again with another split.seed, then evaluate alone: the new val split holds patients the
+    model trained on, so a threshold and calibration fitted there would be too sure. Refused before predicting."""
+    import pandas as pd
+
+    from pipeline.modeling import evaluation, model_store
+    from pipeline.registry import tracking
+    from pipeline.steps import evaluate as stage
+    from tests.conftest import rooted_params
+
+    params = rooted_params(tmp_path)
+    index = pd.DataFrame({"path": ["a.jpeg", "b.jpeg"], "split": ["train", "val"], "sha256": ["1", "2"]})
+    monkeypatch.setattr(
+        model_store, "load", lambda d: (object(), {"task": "binary", "mlflow_run_id": "r", "index_fingerprint": "x"})
+    )
+    monkeypatch.setattr(tracking, "load_run_ref", lambda f: tracking.RunRef("r", "0", "file:x"))
+    monkeypatch.setattr(stage, "read_index", lambda p: index)
+    monkeypatch.setattr(evaluation, "predict_split", lambda *a, **k: pytest.fail("predicted with another index"))
+    with pytest.raises(PipelineError, match=r"index\.parquet: not the index .*metadata\.json was trained on \(fing"):
+        stage._evaluate(params)

@@ -15,7 +15,7 @@ from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import folder_lock
 from pipeline.data.dataset_index import read_index
-from pipeline.data.version import split_fingerprint
+from pipeline.data.version import index_fingerprint, split_fingerprint
 from pipeline.modeling import evaluation, model_store, tta
 from pipeline.modeling import inputs as dp
 from pipeline.registry import tracking
@@ -44,6 +44,12 @@ def _evaluate(params: Params) -> str:
     tracking.require_same_run(ref.run_id, model_run, source, params.mlflow.run_file)
     size = int(metadata.get("input", {}).get("shape", [params.model.image_size])[0])
     index = read_index(params.index.path)
+    trained_on = metadata.get("index_fingerprint")
+    if trained_on and trained_on != (now := index_fingerprint(index)):  # re-split: val may hold training patients
+        raise PipelineError(
+            f"{params.index.path}: not the index {source} was trained on (fingerprint {now}, trained on "
+            f"{trained_on}); run the train stage again (dvc repro)"
+        )
     val = dp.split_data(index, "val", params.data.root, params.task)
     test = dp.split_data(index, "test", params.data.root, params.task)
     views = tta.Views.of(params.evaluate.tta)
