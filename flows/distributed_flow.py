@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -75,7 +74,7 @@ def run_workers(
     """Start `command` once per host with its TF_CONFIG, stream prefixed lines to `echo`, wait for all.
 
     When a worker fails (or `timeout` seconds pass), the others are stopped: they would otherwise wait
-    in a collective for a peer that never comes. Each is interrupted first (SIGINT, so the chief ends its
+    in a collective for a peer that never comes. Each is terminated first (SIGTERM, so the chief ends its
     MLflow run as failed) and killed if it has not ended within `grace` seconds. Worker i grows its GPU memory
     on demand and, where CUDA_VISIBLE_DEVICES lists several devices, sees only device i mod n (flows/gpus.py).
     """
@@ -123,7 +122,7 @@ def run_workers(
     finally:
         for i, p in enumerate(procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)  # pneumo ends its MLflow run as failed, not left RUNNING
+                p.terminate()  # SIGTERM: pneumo ends its MLflow run as failed, not left RUNNING (cli.stop_on_sigterm)
                 stopped.add(i)
         stop_by = time.monotonic() + grace
         for p in procs:

@@ -235,3 +235,27 @@ def test_registry_lock_url_validated_and_the_environment_overrides_it(monkeypatc
     monkeypatch.setenv(LOCK_URL_ENV, "http://db.example.org")
     with pytest.raises(ConfigError, match=f"^{LOCK_URL_ENV}: must be a postgresql://"):
         registry.effective_lock_url()
+
+
+def test_sigterm_ends_an_open_mlflow_run_as_failed(tmp_path: Path) -> None:
+    """A stopped worker or container gets SIGTERM: pneumo takes it as Ctrl-C, so its MLflow run is not left
+    RUNNING (the default action would end the process where it stands)."""
+    script = f"""
+import os, signal, time, mlflow
+from pipeline.steps import cli
+cli.stop_on_sigterm()
+mlflow.set_tracking_uri("sqlite:///{tmp_path / "m.db"}")
+try:
+    with mlflow.start_run() as run:
+        print(run.info.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    from mlflow import MlflowClient
+
+    run_id = done.stdout.split()[-1]
+    assert MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(run_id).info.status == "FAILED"

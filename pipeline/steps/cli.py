@@ -12,7 +12,9 @@ import atexit
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from pipeline import __version__
@@ -162,10 +164,23 @@ def trace_modules(command: str) -> None:
             handle.write(json.dumps({"command": command, "modules": loaded}) + "\n")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (the distributed launcher stopping a worker, Docker or Kubernetes stopping a container, a Prefect
+    cancellation) ends pneumo as Ctrl-C does: an open MLflow run ends as failed, `finally` blocks and locks
+    release, exit 130. Its default would end the process where it stands."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         console.configure(loud=True)
+    stop_on_sigterm()
     atexit.register(trace_modules, args.command)
     try:
         if args.command == "remote":
