@@ -135,7 +135,8 @@ def test_cli_rest_and_mlflow_serve_agree(real_champion: Champion, inputs: Path, 
     assert per_row.status_code == 200, per_row.text
     strict = json.loads(per_row.text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # no NaN
     good, unreadable = strict["predictions"]
-    assert good["status"] == "ok" and abs(good["probability"] - served[0]["probability"]) < 1e-6
+    # Both answers are rounded to 6 decimals from two forward passes over different batches: one unit apart at most
+    assert good["status"] == "ok" and abs(good["probability"] - served[0]["probability"]) < 1.5e-6
     assert unreadable["status"] == "error" and unreadable["error"] == "not a JPEG, PNG or DICOM image"
     assert unreadable.get("probability") is None and unreadable.get("label") is None
 
