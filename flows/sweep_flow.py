@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from random import Random
 from typing import Any
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -61,6 +61,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.project import project_path
 from pipeline.data.dataset_index import read_index
 from pipeline.registry import tracking
+from pipeline.registry.registry_lock import without_password
 from pipeline.steps import stages as stage_list
 from pipeline.steps.stages import ROOT as CODE_ROOT
 
@@ -181,16 +182,6 @@ def own_outputs(project: Params) -> dict[str, str]:
     train at once in one ``train.resume_dir/<key>`` folder, each overwriting the other's best weights."""
     keys = (*STAGE_OUTPUT_FOLDERS, "train.resume_dir", *STAGE_OUTPUT_FILES)
     return {k: project.default_of(k) for k in keys if Path(project.setting(k)).expanduser().is_absolute()}
-
-
-def without_password(uri: str) -> str:
-    """`uri` without the password of its user part (``postgresql://ann:pw@db/mlflow`` -> ``postgresql://ann@db/
-    mlflow``), for what is written down: trial files, Prefect parameters."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
 
 
 def trial_env(uri: str, parent_run_id: str, trial: str) -> dict[str, str]:

@@ -177,6 +177,9 @@ def test_each_trial_writes_its_own_outputs_even_where_the_project_names_absolute
 def test_a_uri_loses_only_its_password() -> None:
     assert without_password("http://ann:pw@mlflow:5000/x?y=1") == "http://ann@mlflow:5000/x?y=1"
     assert without_password("postgresql://:pw@db/mlflow") == "postgresql://db/mlflow"
+    assert without_password("postgresql://ann@db/mlflow?password=pw&sslmode=require") == (
+        "postgresql://ann@db/mlflow?sslmode=require"
+    )
     for kept in ("http://ann@mlflow:5000", "sqlite:////work/mlruns/mlflow.db", "file:///tmp/x", ""):
         assert without_password(kept) == kept
 

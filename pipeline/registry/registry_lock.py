@@ -43,12 +43,27 @@ def lock_key(model_name: str) -> int:
 
 
 def redact(url: str) -> str:
-    """`url` with its password (in the user part or the query) replaced by ***."""
+    """`url` with its password (in the user part or the query) replaced by ***, for messages."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
     query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def without_password(url: str) -> str:
+    """`url` with no password at all (``postgresql://ann:pw@db/mlflow`` -> ``postgresql://ann@db/mlflow``, a
+    ``password=`` query parameter dropped), for what is written down: the password then comes from the
+    environment of whoever uses it (MLFLOW_TRACKING_PASSWORD, PGPASSWORD)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = netloc.rpartition("@")[2]
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # as given: urlunsplit would rewrite sqlite:////abs/path
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
